@@ -1,0 +1,69 @@
+"""The IR-neutral record of one attention candidate, shared by the FX and ONNX passes.
+
+Detectors fill an `AttentionSpec` for every candidate they look at: an accepted match
+(``reason is None``) or a rejected near-miss (``reason`` says why, in words a user can act on).
+Planners and emitters read it; neither needs to know which IR it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+__all__ = ["AttentionSpec", "MaskKind"]
+
+MaskKind = Literal["none", "boolean", "additive", "boolean+additive"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """What was matched (or why not).
+
+    Layout strings name the axes of each operand as the model holds it: ``B`` batch, ``H`` heads,
+    ``L`` sequence, ``D`` head dim, ``(BH)`` a fused batch·heads axis; e.g. K stored already
+    transposed in a heads-first model is ``"BHDL"``.
+    """
+
+    kind: Literal["softmax", "performer"]
+    nodes: tuple[str, ...]
+    reason: str | None = None
+    causal: bool = False
+    causal_offset: int = 0
+    scale: float | None = None
+    mask_kind: MaskKind = "none"
+    mask_fill: float = -math.inf
+    softcap: float | None = None
+    dropout: float = 0.0
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    q_layout: str | None = None
+    k_layout: str | None = None
+    v_layout: str | None = None
+    out_layout: str | None = None
+    seq_len_q: int | None = None
+    seq_len_k: int | None = None
+    head_dim: int | None = None
+    value_head_dim: int | None = None
+    feature_map: str | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return self.reason is None
+
+    @property
+    def masked(self) -> bool:
+        return self.mask_kind != "none"
+
+    def rejected(self, reason: str) -> AttentionSpec:
+        """The same candidate, turned into a near-miss with `reason`."""
+        return dataclasses.replace(self, reason=reason)
+
+    def to_dict(self) -> dict:
+        fields = dataclasses.asdict(self)
+        fields["nodes"] = list(self.nodes)
+        for key in ("mask_fill", "scale", "softcap"):
+            value = fields[key]
+            if isinstance(value, float) and not math.isfinite(value):
+                fields[key] = str(value)
+        return fields

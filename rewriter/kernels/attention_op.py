@@ -1,0 +1,137 @@
+"""`rewriter::attention`: exact softmax attention that never holds the Lq × Lk score matrix.
+
+    out, lse = torch.ops.rewriter.attention(q, k, v, bias, mask, scale, softcap, mask_fill,
+                                            causal, causal_offset, q_chunk, k_chunk)
+
+Semantics are those of `chunked_attention` (scale → soft-cap → +bias → keep-mask → causal).
+Where PyTorch's fused CPU flash kernel computes exactly the same thing, forward and backward call
+it; otherwise both run the blockwise implementation. The backward is its own custom op, so that
+compilers treat both directions as opaque and nothing n × n is saved between them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rewriter.kernels.chunked_attention import (
+    ScoreOptions,
+    chunked_attention_backward,
+    chunked_attention_forward,
+)
+
+__all__ = ["attention", "uses_fused_kernel"]
+
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _options(scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk) -> ScoreOptions:
+    return ScoreOptions(scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk)
+
+
+def uses_fused_kernel(q, k, v, bias, mask, opts: ScoreOptions, bias_grad: bool = False) -> bool:
+    """Whether PyTorch's CPU flash kernel gives exactly this op's result for these inputs.
+
+    It takes one additive mask and top-left causality, not both; it returns 0 (not NaN) for a row
+    whose every key is at −∞, so such rows (checked on the data) stay on the blockwise path.
+    """
+    if q.device.type != "cpu" or q.dtype not in _FUSED_DTYPES or opts.softcap > 0 or bias_grad:
+        return False
+    if not (q.dtype == k.dtype == v.dtype) or q.size(-1) != v.size(-1):
+        return False
+    if opts.causal and (opts.causal_offset != 0 or bias is not None or mask is not None):
+        return False
+    if bias is not None and mask is not None:
+        return False
+    if bias is not None:
+        return bias.dtype == q.dtype and not bool(torch.isneginf(bias).all(-1).any())
+    if mask is not None:
+        return opts.mask_fill == -math.inf and bool(mask.any(-1).all())
+    return True
+
+
+def _fused_inputs(q, k, v, bias, mask):
+    """K/V expanded to the query heads, and the mask as the additive form the kernel takes."""
+    groups = q.size(1) // k.size(1)
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    additive = bias
+    if mask is not None:
+        additive = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, -math.inf)
+    return k, v, additive
+
+
+@torch.library.custom_op("rewriter::attention", mutates_args=())
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    bias: torch.Tensor | None, mask: torch.Tensor | None,
+    scale: float, softcap: float, mask_fill: float, causal: bool, causal_offset: int,
+    q_chunk: int, k_chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    opts = _options(scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk)
+    if uses_fused_kernel(q, k, v, bias, mask, opts):
+        k, v, additive = _fused_inputs(q, k, v, bias, mask)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, causal, attn_mask=additive, scale=scale
+        )
+        return out, lse.float()
+    return chunked_attention_forward(q, k, v, bias, mask, opts)
+
+
+@attention.register_fake
+def _(q, k, v, bias, mask, scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk):
+    out = q.new_empty(q.shape[:-1] + (v.size(-1),))
+    return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("rewriter::attention_backward", mutates_args=())
+def attention_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    bias: torch.Tensor | None, mask: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
+    scale: float, softcap: float, mask_fill: float, causal: bool, causal_offset: int,
+    q_chunk: int, k_chunk: int, bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dbias); dbias is an empty tensor when `bias_grad` is false."""
+    opts = _options(scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk)
+    no_bias_grad = q.new_empty(0)
+    if uses_fused_kernel(q, k, v, bias, mask, opts, bias_grad):
+        groups = q.size(1) // k.size(1)
+        k_full, v_full, additive = _fused_inputs(q, k, v, bias, mask)
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out.contiguous(), q, k_full, v_full, out, lse, 0.0, causal, attn_mask=additive, scale=scale
+        )
+        if groups > 1:
+            dk, dv = (g.unflatten(1, (k.size(1), groups)).sum(2) for g in (dk, dv))
+        return dq, dk, dv, no_bias_grad
+    dq, dk, dv, dbias = chunked_attention_backward(grad_out, q, k, v, bias, mask, out, lse, opts, bias_grad)
+    return dq, dk, dv, no_bias_grad if dbias is None else dbias
+
+
+@attention_backward.register_fake
+def _(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, mask_fill, causal, causal_offset,
+      q_chunk, k_chunk, bias_grad):
+    dbias = torch.empty_like(bias) if bias_grad else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+
+
+_SCALAR_ARGS = ("scale", "softcap", "mask_fill", "causal", "causal_offset", "q_chunk", "k_chunk")
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, mask, *scalars = inputs
+    out, lse = output
+    ctx.scalars = scalars
+    ctx.bias_grad = bias is not None and ctx.needs_input_grad[3]
+    ctx.save_for_backward(q, k, v, bias, mask, out, lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, bias, mask, out, lse = ctx.saved_tensors
+    dq, dk, dv, dbias = torch.ops.rewriter.attention_backward(
+        grad_out, q, k, v, bias, mask, out, lse, *ctx.scalars, ctx.bias_grad
+    )
+    return (dq, dk, dv, dbias if ctx.bias_grad else None, None) + (None,) * len(_SCALAR_ARGS)
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,175 @@
+"""Exact softmax attention in query × key blocks, forward and FlashAttention-2-style backward.
+
+Scores are formed per block in fp32, in the order the `rewriter::attention` op defines:
+
+    S = scale · Q·Kᵀ
+    S = softcap · tanh(S / softcap)              (when softcap > 0)
+    S = S + bias                                 (when a bias is given)
+    S = where(mask, S, mask_fill)                (when a boolean keep-mask is given)
+    S = where(key ≤ query + causal_offset, S, −∞) (when causal)
+    out = softmax(S) · V
+
+The forward keeps a running max, sum and weighted sum per query row (Rabe & Staats) and returns
+the output with the row log-sum-exp; the backward recomputes each block from that log-sum-exp,
+so nothing of size Lq × Lk is ever held. Blocks wholly above a causal diagonal are skipped.
+
+Layouts: q (B, H, Lq, D); k (B, Hkv, Lk, D); v (B, Hkv, Lk, Dv) with H a multiple of Hkv
+(query head h reads key/value head h // (H / Hkv)); bias and mask broadcast to (B, H, Lq, Lk).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+__all__ = ["ScoreOptions", "chunked_attention_forward", "chunked_attention_backward"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreOptions:
+    scale: float
+    softcap: float = 0.0
+    mask_fill: float = -math.inf
+    causal: bool = False
+    causal_offset: int = 0
+    q_chunk: int = 1024
+    k_chunk: int = 4096
+
+
+def _grouped(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """(b, h, x, y) → (b, kv_heads, h // kv_heads or 1, x, y), keeping broadcast axes of size 1."""
+    while t.dim() < 4:
+        t = t.unsqueeze(0)
+    if t.size(1) == 1:
+        return t.unsqueeze(2)
+    return t.unflatten(1, (kv_heads, t.size(1) // kv_heads))
+
+
+def _block(t: torch.Tensor | None, q0: int, q1: int, k0: int, k1: int) -> torch.Tensor | None:
+    """Rows q0:q1 and columns k0:k1 of a broadcastable (.., Lq|1, Lk|1) tensor."""
+    if t is None:
+        return None
+    rows = slice(q0, q1) if t.size(-2) > 1 else slice(None)
+    cols = slice(k0, k1) if t.size(-1) > 1 else slice(None)
+    return t[..., rows, cols]
+
+
+def _key_stop(opts: ScoreOptions, q1: int, key_len: int) -> int:
+    """One past the last key any of the rows before q1 may see."""
+    if not opts.causal:
+        return key_len
+    return max(0, min(key_len, q1 + opts.causal_offset))
+
+
+def _block_scores(qb, kb, bias_b, mask_b, opts: ScoreOptions, q0: int, k0: int):
+    """Final scores of one block and, with soft-capping, tanh of the capped scores (for backward)."""
+    scores = torch.matmul(qb, kb.transpose(-1, -2)).mul_(opts.scale)
+    capped = None
+    if opts.softcap > 0:
+        capped = torch.tanh(scores.div_(opts.softcap))
+        scores = capped * opts.softcap
+    if bias_b is not None:
+        scores = scores + bias_b
+    if mask_b is not None:
+        scores = scores.masked_fill(~mask_b, opts.mask_fill)
+    query_rows, key_cols = qb.size(-2), kb.size(-2)
+    if opts.causal and k0 + key_cols - 1 > q0 + opts.causal_offset:
+        rows = torch.arange(q0, q0 + query_rows, device=qb.device).unsqueeze(1) + opts.causal_offset
+        cols = torch.arange(k0, k0 + key_cols, device=qb.device).unsqueeze(0)
+        scores = scores.masked_fill(cols > rows, -math.inf)
+    return scores, capped
+
+
+def _prepare(q, k, v, bias, mask):
+    kv_heads = k.size(1)
+    return (
+        _grouped(q, kv_heads).float(),
+        k.unsqueeze(2).float(),
+        v.unsqueeze(2).float(),
+        None if bias is None else _grouped(bias, kv_heads),
+        None if mask is None else _grouped(mask, kv_heads),
+    )
+
+
+def chunked_attention_forward(q, k, v, bias, mask, opts: ScoreOptions):
+    """Returns (out in q's dtype with shape (B, H, Lq, Dv), row log-sum-exp in fp32 (B, H, Lq))."""
+    qg, kg, vg, biasg, maskg = _prepare(q, k, v, bias, mask)
+    query_len, key_len = q.size(-2), k.size(-2)
+    out = torch.empty(qg.shape[:-1] + (v.size(-1),), dtype=q.dtype, device=q.device)
+    lse = torch.empty(qg.shape[:-1], dtype=torch.float32, device=q.device)
+    for q0 in range(0, query_len, opts.q_chunk):
+        q1 = min(q0 + opts.q_chunk, query_len)
+        qb = qg[..., q0:q1, :]
+        row_max = torch.full(qb.shape[:-1], -math.inf, device=q.device)
+        row_sum = torch.zeros_like(row_max)
+        acc = torch.zeros(qb.shape[:-1] + (v.size(-1),), device=q.device)
+        for k0 in range(0, _key_stop(opts, q1, key_len), opts.k_chunk):
+            k1 = min(k0 + opts.k_chunk, key_len)
+            scores, _ = _block_scores(
+                qb, kg[..., k0:k1, :], _block(biasg, q0, q1, k0, k1), _block(maskg, q0, q1, k0, k1),
+                opts, q0, k0,
+            )
+            new_max = torch.maximum(row_max, scores.amax(-1))
+            # A row with every key so far at −∞ keeps a finite reference so exp() gives 0, not NaN.
+            reference = torch.where(torch.isneginf(new_max), 0.0, new_max)
+            probs = torch.exp(scores.sub_(reference.unsqueeze(-1)))
+            rescale = torch.exp(row_max - reference)
+            row_sum = row_sum * rescale + probs.sum(-1)
+            acc = acc * rescale.unsqueeze(-1) + torch.matmul(probs, vg[..., k0:k1, :])
+            row_max = new_max
+        out[..., q0:q1, :] = acc / row_sum.unsqueeze(-1)
+        lse[..., q0:q1] = row_max + torch.log(row_sum)
+    return out.flatten(1, 2), lse.flatten(1, 2)
+
+
+def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum a gradient block over the axes its (broadcast) bias has size 1 in."""
+    axes = [axis for axis in range(grad.dim()) if shape[axis] == 1 and grad.size(axis) != 1]
+    return grad.sum(axes, keepdim=True) if axes else grad
+
+
+def chunked_attention_backward(grad_out, q, k, v, bias, mask, out, lse, opts: ScoreOptions, bias_grad: bool):
+    """Gradients (dq, dk, dv, dbias or None) recomputed block by block from the saved lse."""
+    qg, kg, vg, biasg, maskg = _prepare(q, k, v, bias, mask)
+    kv_heads = k.size(1)
+    grad_g = _grouped(grad_out, kv_heads).float()
+    lse_g = lse.unflatten(1, (kv_heads, q.size(1) // kv_heads))
+    delta = (grad_g * _grouped(out, kv_heads).float()).sum(-1)
+    query_len, key_len = q.size(-2), k.size(-2)
+    dq = torch.zeros_like(qg)
+    dk = torch.zeros_like(kg.squeeze(2))
+    dv = torch.zeros_like(vg.squeeze(2))
+    dbias = None
+    if bias_grad:
+        bias4 = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+        dbias = torch.zeros(bias4.shape, dtype=torch.float32, device=q.device)
+    for q0 in range(0, query_len, opts.q_chunk):
+        q1 = min(q0 + opts.q_chunk, query_len)
+        qb, dob = qg[..., q0:q1, :], grad_g[..., q0:q1, :]
+        for k0 in range(0, _key_stop(opts, q1, key_len), opts.k_chunk):
+            k1 = min(k0 + opts.k_chunk, key_len)
+            kb, vb = kg[..., k0:k1, :], vg[..., k0:k1, :]
+            mask_b = _block(maskg, q0, q1, k0, k1)
+            scores, capped = _block_scores(qb, kb, _block(biasg, q0, q1, k0, k1), mask_b, opts, q0, k0)
+            probs = torch.exp(scores.sub_(lse_g[..., q0:q1].unsqueeze(-1)))
+            dv[..., k0:k1, :] += torch.matmul(probs.transpose(-1, -2), dob).sum(2)
+            grad_scores = probs.mul_(torch.matmul(dob, vb.transpose(-1, -2)).sub_(delta[..., q0:q1].unsqueeze(-1)))
+            if mask_b is not None:  # entries replaced by a constant fill pass no gradient on
+                grad_scores = grad_scores.masked_fill(~mask_b, 0.0)
+            if dbias is not None:
+                _accumulate_bias_grad(dbias, grad_scores, q0, q1, k0, k1)
+            if capped is not None:
+                grad_scores = grad_scores * (1 - capped * capped)
+            grad_scores = grad_scores.mul_(opts.scale)
+            dq[..., q0:q1, :] += torch.matmul(grad_scores, kb)
+            dk[..., k0:k1, :] += torch.matmul(grad_scores.transpose(-1, -2), qb).sum(2)
+    dbias = None if dbias is None else dbias.reshape(bias.shape).to(bias.dtype)
+    return dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
+
+
+def _accumulate_bias_grad(dbias, grad_scores, q0, q1, k0, k1):
+    block = grad_scores.flatten(1, 2)
+    target = _block(dbias, q0, q1, k0, k1)
+    target += _reduce_to(block, target.shape)
