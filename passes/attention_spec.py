@@ -11,7 +11,7 @@ import dataclasses
 import math
 from typing import Literal
 
-__all__ = ["AttentionSpec", "MaskKind"]
+__all__ = ["AttentionSpec", "ChunkSizes", "MaskKind"]
 
 MaskKind = Literal["none", "boolean", "additive", "boolean+additive"]
 
@@ -35,6 +35,7 @@ class AttentionSpec:
     mask_fill: float = -math.inf
     softcap: float | None = None
     dropout: float = 0.0
+    batch_size: int | None = None
     num_heads: int | None = None
     num_kv_heads: int | None = None
     q_layout: str | None = None
@@ -67,3 +68,11 @@ class AttentionSpec:
             if isinstance(value, float) and not math.isfinite(value):
                 fields[key] = str(value)
         return fields
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkSizes:
+    """The planner's choice for one match: queries and keys per block."""
+
+    query: int
+    key: int

@@ -1,0 +1,66 @@
+"""The ATen operators the FX attention passes reason about, grouped by what they mean.
+
+Graphs reach the passes through `torch.export`, so every operator is an ATen overload; this
+module is the one place that knows their names and argument positions.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch.fx import Node
+
+__all__ = [
+    "CASTS", "PASSTHROUGH", "SOFTMAX", "PRODUCTS", "is_call", "scalar_value", "tensor_meta",
+    "value_users",
+]
+
+aten = torch.ops.aten
+
+SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+LOG_SOFTMAX = {aten.log_softmax.int, aten._log_softmax.default}
+PRODUCTS = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default, aten.einsum.default}
+CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default}
+# Ops that return their (first) input's values unchanged.
+PASSTHROUGH = {aten.clone.default, aten.contiguous.default, aten.alias.default, aten.lift_fresh_copy.default}
+DROPOUT = {aten.dropout.default, aten.feature_dropout.default}
+MUL = {aten.mul.Tensor, aten.mul.Scalar}
+DIV = {aten.div.Tensor, aten.div.Scalar}
+ADD = {aten.add.Tensor, aten.add.Scalar}
+SUB = {aten.sub.Tensor, aten.sub.Scalar}
+MASKED_FILL = {aten.masked_fill.Scalar, aten.masked_fill.Tensor}
+WHERE = {aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar}
+TANH = {aten.tanh.default}
+EXP = {aten.exp.default}
+SDPA = {aten.scaled_dot_product_attention.default}
+TRANSPOSE = {aten.transpose.int}
+PERMUTE = {aten.permute.default}
+REPEAT_INTERLEAVE = {aten.repeat_interleave.self_int}
+EXPAND = {aten.expand.default}
+UNSQUEEZE = {aten.unsqueeze.default}
+RESHAPE = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
+# Users that only observe a value (exporter assertions) and never consume it.
+OBSERVERS = {aten._assert_tensor_metadata.default, aten.sym_constrain_range_for_size.default}
+
+
+def is_call(node, targets) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
+
+
+def value_users(node: Node) -> list[Node]:
+    """Users that consume the value (exporter assertions are not counted)."""
+    return [user for user in node.users if not is_call(user, OBSERVERS)]
+
+
+def tensor_meta(node) -> torch.Tensor | None:
+    """The fake tensor export recorded for `node`, if any."""
+    value = node.meta.get("val") if isinstance(node, Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def scalar_value(arg) -> float | None:
+    """A Python number, or None when `arg` is not a plain numeric literal."""
+    if isinstance(arg, bool) or not isinstance(arg, numbers.Number):
+        return None
+    return float(arg)

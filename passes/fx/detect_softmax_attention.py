@@ -1,0 +1,399 @@
+"""Find softmax attention in an exported FX graph and prove each match, axis by axis.
+
+Anchored at each softmax (or ``exp(log_softmax(·))``) whose input or output touches a tensor
+product, and at each ``scaled_dot_product_attention`` call::
+
+      Q ──┐                                       (casts, dropout in eval)
+          ├─ product(Q, K) ─ [score chain] ─ softmax ──────────────── product(P, V) ─ out
+      K ──┘   matmul | bmm | baddbmm | einsum                           V ──┘
+
+A match is accepted only when the labels prove it: softmax runs over the axis that comes from K
+alone, Q·K contracts exactly one axis (the head dim), P·V contracts exactly that key axis, bias
+and masks broadcast to the scores without enlarging them, and no intermediate has another user.
+Everything else becomes a rejected `AttentionSpec` whose reason says what failed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import torch
+from torch.fx import GraphModule, Node
+
+from passes.attention_spec import AttentionSpec
+from passes.fx import aten_vocabulary as ops
+from passes.fx.constant_values import (
+    causal_offset_of_bias,
+    causal_offset_of_keep_mask,
+    constant_value,
+)
+from passes.fx.product_labels import label_product
+from passes.fx.score_chain import ChainError, MaskStep, ScoreChain, trace_score_chain
+
+__all__ = ["Operand", "FxAttentionMatch", "detect_softmax_attention"]
+
+logger = logging.getLogger(__name__)
+
+# A finite mask fill this negative is as good as −∞ once every row keeps a real score: exp(fill − max)
+# underflows to exactly 0 in every float type for scores of any realistic magnitude (< 1e29).
+_EFFECTIVELY_NEG_INF = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class Operand:
+    """A graph value whose axes carry `labels`, to be arranged as `target` (missing = size 1)."""
+
+    node: Node
+    labels: str
+    target: str
+
+
+@dataclasses.dataclass
+class FxAttentionMatch:
+    spec: AttentionSpec
+    output: Node | None = None  # the node whose value the op replaces
+    query: Operand | None = None
+    key: Operand | None = None
+    value: Operand | None = None
+    out_canonical: str = ""  # labels of the op's output (batch…, query, value-dim)
+    out_labels: str = ""  # labels of `output`
+    biases: list[tuple[Operand, float]] = dataclasses.field(default_factory=list)
+    mask: Operand | None = None
+    mask_keep_when_true: bool = True
+    mask_fill: float = -math.inf
+    causal: bool = False
+    causal_offset: int = 0
+    scale: float = 1.0
+    softcap: float = 0.0
+    replaced: list[Node] = dataclasses.field(default_factory=list)  # dead once `output` is replaced
+
+
+class _Rejected(Exception):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class _Scores:
+    labels: str
+    shape: tuple[int, ...]
+    batch: str
+    query: str
+    key: str
+
+
+def _softmax_dim(node: Node) -> int:
+    return node.args[1]
+
+
+def _anchor_softmax(node: Node) -> Node | None:
+    """The softmax node an anchor stands for: softmax itself, or exp over log_softmax."""
+    if ops.is_call(node, ops.SOFTMAX):
+        return node
+    if ops.is_call(node, ops.EXP) and ops.is_call(node.args[0], ops.LOG_SOFTMAX):
+        return node.args[0]
+    return None
+
+
+def _follow_probabilities(anchor: Node, nodes: list[Node]) -> tuple[Node, Node]:
+    """From the softmax output down through casts/dropout to the P·V product: (P node, product)."""
+    current = anchor
+    while True:
+        users = ops.value_users(current)
+        if len(users) != 1:
+            raise _Rejected(f"attention probabilities '{current.name}' have {len(users)} users")
+        user = users[0]
+        if label_product(user) is not None:
+            return current, user
+        if ops.is_call(user, ops.DROPOUT):
+            probability, train = user.args[1], user.args[2] if len(user.args) > 2 else True
+            if train and probability:
+                raise _Rejected(f"dropout p={probability} on probabilities in training mode")
+        elif not ops.is_call(user, ops.CASTS | ops.PASSTHROUGH):
+            raise _Rejected(f"probabilities feed '{user.target}', not a product with V")
+        nodes.append(user)
+        current = user
+
+
+def _query_label(scores: str, key_label: str, query_side: str, key_side: str) -> str:
+    candidates = [label for label in scores if label in query_side and label not in key_side and label != key_label]
+    if scores[-1] == key_label and scores[-2] in candidates:
+        return scores[-2]
+    if len(candidates) == 1:
+        return candidates[0]
+    raise _Rejected("cannot tell the query axis among " + ", ".join(candidates))
+
+
+def _shape(node: Node) -> tuple[int, ...]:
+    meta = ops.tensor_meta(node)
+    if meta is None:
+        raise _Rejected(f"no shape recorded for '{node.name}'")
+    return tuple(meta.shape)
+
+
+def _aligned(node: Node, scores_labels: str, scores_shape, what: str) -> Operand:
+    """A bias or mask operand, its axes aligned from the right with the scores' axes."""
+    shape = _shape(node)
+    if len(shape) > len(scores_labels):
+        raise _Rejected(f"{what} '{node.name}' has more axes than the scores")
+    labels = scores_labels[len(scores_labels) - len(shape):]
+    for size, full in zip(shape, scores_shape[len(scores_shape) - len(shape):]):
+        if size not in (1, full):
+            raise _Rejected(f"{what} '{node.name}' of shape {shape} enlarges the scores {scores_shape}")
+    return Operand(node, labels, "")
+
+
+class _Builder:
+    """Turns one anchor into an `FxAttentionMatch` (accepted, or rejected with a reason)."""
+
+    def __init__(self, gm: GraphModule):
+        self.gm = gm
+
+    def from_softmax(self, anchor: Node) -> FxAttentionMatch | None:
+        softmax = _anchor_softmax(anchor)
+        nodes = [anchor] + ([softmax] if softmax is not anchor else [])
+        names = tuple(n.name for n in nodes)
+        try:
+            chain = trace_score_chain(self.gm, softmax.args[0], softmax)
+        except ChainError as error:
+            if not self._feeds_product(anchor):
+                return None  # a softmax that touches no product is not an attention candidate
+            return FxAttentionMatch(AttentionSpec("softmax", names, reason=str(error)))
+        match = FxAttentionMatch(AttentionSpec("softmax", names))
+        try:
+            probabilities, pv_node = _follow_probabilities(anchor, nodes)
+            scores = self._fill_from_products(match, chain, softmax, probabilities, pv_node)
+            self._fill_masks(match, scores, chain.biases, chain.masks)
+        except _Rejected as error:
+            return FxAttentionMatch(self._spec(match, nodes, str(error)))
+        match.scale, match.softcap = chain.scale, chain.softcap
+        match.replaced = [pv_node] + nodes[::-1] + chain.nodes + [chain.product_node]
+        match.spec = self._spec(match, match.replaced[::-1], None)
+        return match
+
+    def _feeds_product(self, anchor: Node) -> bool:
+        try:
+            _follow_probabilities(anchor, [])
+            return True
+        except _Rejected:
+            return False
+
+    def _fill_from_products(self, match, chain: ScoreChain, softmax, probabilities, pv_node):
+        qk = chain.product
+        scores = qk.out_labels
+        dim = _softmax_dim(softmax)
+        key_label = scores[dim % len(scores)]
+        contracted = [label for label in qk.left_labels if label in qk.right_labels and label not in scores]
+        if len(contracted) != 1:
+            raise _Rejected(f"Q·Kᵀ contracts {len(contracted)} axes, not one head dim")
+        if (key_label in qk.left_labels) == (key_label in qk.right_labels):
+            raise _Rejected("softmax is not over the key axis")
+        key_node, key_labels = (qk.left, qk.left_labels) if key_label in qk.left_labels else (qk.right, qk.right_labels)
+        query_node, query_labels = (qk.right, qk.right_labels) if key_node is qk.left else (qk.left, qk.left_labels)
+        query_label = _query_label(scores, key_label, query_labels, key_labels)
+        batch = "".join(label for label in scores if label not in (query_label, key_label))
+        if len(batch) > 2:
+            raise _Rejected(f"{len(batch)} batch axes (at most batch and heads are supported)")
+        if any(label not in query_labels for label in batch):
+            raise _Rejected("the query broadcasts over a batch axis")
+        head_dim = contracted[0]
+        match.query = Operand(query_node, query_labels, batch + query_label + head_dim)
+        match.key = Operand(key_node, key_labels, batch + key_label + head_dim)
+
+        pv = label_product(pv_node)
+        if pv.left is not probabilities and pv.right is not probabilities:
+            raise _Rejected("probabilities are not an operand of the P·V product")
+        p_node, p_labels = pv.operand(probabilities)
+        value_node, value_labels = (pv.right, pv.right_labels) if p_node is pv.left else (pv.left, pv.left_labels)
+        if pv.added is not None or pv.alpha != 1 or p_node is pv.right and pv_node.target is not ops.aten.einsum.default:
+            raise _Rejected("P·V is not a plain product of probabilities and V")
+        if len(p_labels) != len(scores):
+            raise _Rejected("probabilities change rank before P·V")
+        rename = dict(zip(scores, p_labels))
+        pv_key, pv_query = rename[key_label], rename[query_label]
+        if pv_key not in value_labels or pv_key in pv.out_labels:
+            raise _Rejected("P·V does not contract the key axis")
+        if pv_query in value_labels or pv_query not in pv.out_labels:
+            raise _Rejected("P·V does not keep the query axis")
+        value_dims = [label for label in value_labels if label not in p_labels]
+        if len(value_dims) != 1 or any(label not in p_labels + value_dims[0] for label in value_labels):
+            raise _Rejected("V has axes that are not batch, key or value-dim axes")
+        pv_batch = "".join(rename[label] for label in batch)
+        canonical_out = pv_batch + pv_query + value_dims[0]
+        if sorted(pv.out_labels) != sorted(canonical_out):
+            raise _Rejected("P·V sums over a batch axis")
+        match.value = Operand(value_node, value_labels, pv_batch + pv_key + value_dims[0])
+        match.output, match.out_canonical, match.out_labels = pv_node, canonical_out, pv.out_labels
+        return _Scores(scores, _shape(chain.product_node), batch, query_label, key_label)
+
+    def _fill_masks(self, match, scores_info: _Scores, biases: list[tuple[Node, float]], masks: list[MaskStep]):
+        scores, scores_shape, batch, query_label, key_label = dataclasses.astuple(scores_info)
+        canonical = batch + query_label + key_label
+        query_len, key_len = scores_shape[scores.index(query_label)], scores_shape[scores.index(key_label)]
+        causal_offsets = []
+        remaining_biases = []
+        only_masking = len(biases) + len(masks) == 1
+        for node, factor in biases:
+            operand = dataclasses.replace(_aligned(node, scores, scores_shape, "bias"), target=canonical)
+            proven = self._causal_from_bias(operand, factor, query_len, key_len, only_masking)
+            if proven is None:
+                remaining_biases.append((operand, factor))
+            else:
+                causal_offsets.append(proven)
+        remaining_masks = []
+        for step in masks:
+            operand = dataclasses.replace(_aligned(step.condition, scores, scores_shape, "mask"), target=canonical)
+            proven = self._causal_from_mask(operand, step, query_len, key_len, only_masking)
+            if proven is None:
+                if causal_offsets and math.isfinite(step.fill):
+                    # Keys hidden by both would hold the fill in the model but −∞ in the op.
+                    raise _Rejected("a mask with a finite fill is applied after the causal mask")
+                remaining_masks.append((operand, step))
+            else:
+                causal_offsets.append(proven)
+        if len(set(causal_offsets)) > 1:
+            raise _Rejected("two different causal masks")
+        if causal_offsets:
+            match.causal, match.causal_offset = True, causal_offsets[0]
+        match.biases = remaining_biases
+        if len(remaining_masks) > 1:
+            raise _Rejected("several boolean masks on one block")
+        if remaining_masks:
+            operand, step = remaining_masks[0]
+            match.mask, match.mask_keep_when_true, match.mask_fill = operand, step.keep_when_true, step.fill
+
+    def _canonical_constant(self, operand: Operand) -> torch.Tensor | None:
+        """The operand's value with axes in target order (absent ones of size 1), if constant."""
+        value = constant_value(self.gm, operand.node)
+        if not isinstance(value, torch.Tensor):
+            return None
+        labels = operand.labels
+        for label in operand.target:
+            if label not in labels:
+                value, labels = value.unsqueeze(-1), labels + label
+        return value.permute([labels.index(label) for label in operand.target])
+
+    def _causal_from_mask(self, operand, step: MaskStep, query_len, key_len, only_masking) -> int | None:
+        keep = self._canonical_constant(operand)
+        if keep is None or keep.dtype.is_floating_point:
+            return None
+        offset = causal_offset_of_keep_mask(keep if step.keep_when_true else ~keep, query_len, key_len)
+        return offset if offset is not None and _fill_is_neg_inf(step.fill, offset, only_masking) else None
+
+    def _causal_from_bias(self, operand, factor, query_len, key_len, only_masking) -> int | None:
+        bias = self._canonical_constant(operand)
+        if bias is None or not bias.dtype.is_floating_point or factor <= 0:
+            return None
+        found = causal_offset_of_bias(bias, query_len, key_len)
+        if found is None:
+            return None
+        offset, fill = found
+        return offset if _fill_is_neg_inf(fill * factor, offset, only_masking) else None
+
+    def from_sdpa(self, node: Node) -> FxAttentionMatch:
+        args = list(node.args) + [None] * (8 - len(node.args))
+        names = ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        q, k, v, mask, dropout, is_causal, scale, gqa = args[:3] + [
+            node.kwargs.get(name, args[3 + i]) for i, name in enumerate(names)
+        ]
+        match = FxAttentionMatch(AttentionSpec("softmax", (node.name,)))
+        try:
+            if dropout:
+                raise _Rejected(f"scaled_dot_product_attention with dropout_p={dropout}")
+            rank = len(_shape(q))
+            if rank not in (3, 4) or len(_shape(k)) != rank:
+                raise _Rejected(f"scaled_dot_product_attention on rank-{rank} tensors")
+            batch = "ab"[: rank - 2]
+            match.query = Operand(q, batch + "MN", batch + "MN")
+            match.key = Operand(k, batch + "PN", batch + "PN")
+            match.value = Operand(v, batch + "PV", batch + "PV")
+            match.output, match.out_canonical, match.out_labels = node, batch + "MV", batch + "MV"
+            scores_shape = _shape(q)[:-1] + (_shape(k)[-2],)
+            if _shape(q)[1] != _shape(k)[1] and rank == 4 and not gqa:
+                raise _Rejected("query and key head counts differ without enable_gqa")
+            biases, masks = [], []
+            if mask is not None:
+                if ops.tensor_meta(mask).dtype.is_floating_point:
+                    biases.append((mask, 1.0))
+                else:
+                    masks.append(MaskStep(mask, keep_when_true=True, fill=-math.inf))
+            self._fill_masks(match, _Scores(batch + "MP", scores_shape, batch, "M", "P"), biases, masks)
+            if is_causal:
+                if match.causal:
+                    raise _Rejected("is_causal together with a causal mask")
+                match.causal, match.causal_offset = True, 0
+        except _Rejected as error:
+            match.spec = dataclasses.replace(match.spec, reason=str(error))
+            return match
+        match.scale = scale if scale is not None else 1.0 / math.sqrt(_shape(q)[-1])
+        match.replaced = [node]
+        match.spec = self._spec(match, [node], None)
+        return match
+
+    def _spec(self, match: FxAttentionMatch, nodes, reason) -> AttentionSpec:
+        fields = {"nodes": tuple(n.name for n in nodes), "reason": reason}
+        if match.query is not None and match.key is not None:
+            fields.update(_layout_fields(match))
+        if reason is None:
+            mask_kind = {(False, False): "none", (True, False): "boolean", (False, True): "additive"}.get(
+                (match.mask is not None, bool(match.biases)), "boolean+additive")
+            fields.update(
+                causal=match.causal, causal_offset=match.causal_offset, scale=match.scale,
+                softcap=match.softcap or None, mask_kind=mask_kind, mask_fill=match.mask_fill,
+            )
+        return dataclasses.replace(match.spec, **fields)
+
+
+def _fill_is_neg_inf(fill: float, offset: int, only_masking: bool) -> bool:
+    if fill == -math.inf:
+        return True
+    return fill <= _EFFECTIVELY_NEG_INF and offset >= 0 and only_masking
+
+
+def _layout_fields(match: FxAttentionMatch) -> dict:
+    def layout(operand: Operand, seq: str, dim: str) -> str:
+        batch = operand.target[:-2]
+        names = {seq: "L", dim: "D"}
+        names.update(dict(zip(batch, ("B", "H") if len(batch) == 2 else ("(BH)",))))
+        return "".join(names.get(label, "?") for label in operand.labels)
+
+    query_shape, key_shape = _shape(match.query.node), _shape(match.key.node)
+    q_seq, head_dim = match.query.target[-2], match.query.target[-1]
+    k_seq = match.key.target[-2]
+    batch = match.query.target[:-2]
+    fields = {
+        "q_layout": layout(match.query, q_seq, head_dim),
+        "k_layout": layout(match.key, k_seq, head_dim),
+        "seq_len_q": query_shape[match.query.labels.index(q_seq)],
+        "seq_len_k": key_shape[match.key.labels.index(k_seq)],
+        "head_dim": query_shape[match.query.labels.index(head_dim)],
+    }
+    sizes = [query_shape[match.query.labels.index(label)] for label in batch] + [1, 1]
+    fields["batch_size"], fields["num_heads"] = (sizes[0], sizes[1]) if len(batch) == 2 else (sizes[0], 1)
+    heads = batch[1] if len(batch) == 2 else "-"
+    fields["num_kv_heads"] = key_shape[match.key.labels.index(heads)] if heads in match.key.labels else 1
+    if match.value is not None:
+        value_shape = _shape(match.value.node)
+        fields["v_layout"] = layout(match.value, match.value.target[-2], match.value.target[-1])
+        fields["value_head_dim"] = value_shape[match.value.labels.index(match.value.target[-1])]
+        fields["out_layout"] = layout(
+            Operand(match.output, match.out_labels, match.out_canonical),
+            match.out_canonical[-2], match.out_canonical[-1])
+    return fields
+
+
+def detect_softmax_attention(gm: GraphModule) -> list[FxAttentionMatch]:
+    """Every attention candidate in `gm`, in graph order, accepted or with a rejection reason."""
+    builder = _Builder(gm)
+    matches = []
+    for node in list(gm.graph.nodes):
+        if ops.is_call(node, ops.SDPA):
+            matches.append(builder.from_sdpa(node))
+        elif _anchor_softmax(node) is not None:
+            match = builder.from_softmax(node)
+            if match is not None:
+                matches.append(match)
+    for match in matches:
+        logger.info("%s: %s", match.spec.nodes[0], "match" if match.spec.accepted else match.spec.reason)
+    return matches

@@ -1,0 +1,149 @@
+"""Replace each accepted softmax-attention match with one `rewriter::attention` call.
+
+Operands are brought into the op's layout with views only (unsqueeze / permute, and K/V taken
+from before a grouped-head expansion), so the rewrite adds no copies::
+
+    Q ─ permute ─┐
+    K ─ permute ─┼─ rewriter::attention(q, k, v, bias, mask, …)[0] ─ permute back ─ (cast) ─ users
+    V ─ permute ─┘
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import operator
+from collections.abc import Callable
+
+import onnx_ir.passes
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+import rewriter.kernels.attention_op  # noqa: F401  (registers torch.ops.rewriter.attention)
+from passes.attention_spec import ChunkSizes
+from passes.fx import aten_vocabulary as ops
+from passes.fx.detect_softmax_attention import FxAttentionMatch, Operand
+
+__all__ = ["RewriteSoftmaxAttention"]
+
+logger = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+
+def _arrange(graph: Graph, operand: Operand) -> Node:
+    """`operand` as a 4-D (batch, heads, rows, cols) view: absent labels become size-1 axes."""
+    node, labels = operand.node, operand.labels
+    for label in operand.target:
+        if label not in labels:
+            node = graph.call_function(aten.unsqueeze.default, (node, len(labels)))
+            labels += label
+    order = [labels.index(label) for label in operand.target]
+    if order != list(range(len(order))):
+        node = graph.call_function(aten.permute.default, (node, order))
+    for _ in range(4 - len(operand.target)):  # a fused (batch·heads) axis, or none, gets heads of 1
+        node = graph.call_function(aten.unsqueeze.default, (node, _padding_axis(operand.target)))
+    return node
+
+
+def _padding_axis(canonical: str) -> int:
+    """Where size-1 axes go to make `canonical` (rows, cols plus 0–2 batch axes) four-dimensional."""
+    return 1 if len(canonical) == 3 else 0
+
+
+def _key_value_source(operand: Operand) -> Operand:
+    """K or V from before a repeat_interleave over heads (GQA/MQA), when that is what fed it."""
+    heads_axis_label = operand.target[1] if len(operand.target) == 4 else None
+    if heads_axis_label is None or heads_axis_label not in operand.labels:
+        return operand
+    axis = operand.labels.index(heads_axis_label)
+    node = operand.node
+    if ops.is_call(node, ops.REPEAT_INTERLEAVE) and len(node.args) > 2 and node.args[2] % len(operand.labels) == axis:
+        return dataclasses.replace(operand, node=node.args[0])
+    # HF repeat_kv: x[:, :, None].expand(b, kv, groups, s, d).reshape(b, kv * groups, s, d)
+    if ops.is_call(node, ops.RESHAPE) and ops.is_call(node.args[0], ops.EXPAND):
+        unsqueeze = node.args[0].args[0]
+        if ops.is_call(unsqueeze, ops.UNSQUEEZE) and unsqueeze.args[1] == axis + 1:
+            return dataclasses.replace(operand, node=unsqueeze.args[0])
+    return operand
+
+
+def _combined_bias(graph: Graph, biases: list[tuple[Operand, float]]) -> Node | None:
+    total = None
+    for operand, factor in biases:
+        term = _arrange(graph, operand)
+        if factor != 1.0:
+            term = graph.call_function(aten.mul.Tensor, (term, factor))
+        total = term if total is None else graph.call_function(aten.add.Tensor, (total, term))
+    return total
+
+
+def _restore_layout(graph: Graph, node: Node, match: FxAttentionMatch) -> Node:
+    """The op's (batch, heads, rows, value-dim) output in the layout of the node it replaces."""
+    canonical = match.out_canonical
+    for _ in range(4 - len(canonical)):
+        node = graph.call_function(aten.squeeze.dim, (node, _padding_axis(canonical)))
+    order = [canonical.index(label) for label in match.out_labels]
+    if order != list(range(len(order))):
+        node = graph.call_function(aten.permute.default, (node, order))
+    dtype = ops.tensor_meta(match.output).dtype
+    query_dtype = ops.tensor_meta(match.query.node).dtype
+    if dtype != query_dtype:
+        node = graph.call_function(aten._to_copy.default, (node,), {"dtype": dtype})
+    return node
+
+
+def _emit(graph: Graph, match: FxAttentionMatch, chunks: ChunkSizes) -> Node:
+    query = _arrange(graph, match.query)
+    key = _arrange(graph, _key_value_source(match.key))
+    value = _arrange(graph, _key_value_source(match.value))
+    bias = _combined_bias(graph, match.biases)
+    mask = None
+    if match.mask is not None:
+        mask = _arrange(graph, match.mask)
+        if not match.mask_keep_when_true:
+            mask = graph.call_function(aten.logical_not.default, (mask,))
+    attention = graph.call_function(
+        torch.ops.rewriter.attention.default,
+        (query, key, value, bias, mask, match.scale, match.softcap, match.mask_fill,
+         match.causal, match.causal_offset, chunks.query, chunks.key),
+    )
+    out = graph.call_function(operator.getitem, (attention, 0))
+    return _restore_layout(graph, out, match)
+
+
+def _erase_replaced(graph: Graph, replaced: list[Node]) -> None:
+    """Erase the matched nodes (output first), with the exporter assertions that watch them.
+
+    Done explicitly because dead-code elimination keeps ops it deems impure, such as dropout.
+    """
+    for node in replaced:
+        for observer in [user for user in node.users if ops.is_call(user, ops.OBSERVERS)]:
+            graph.erase_node(observer)
+        if not node.users:
+            graph.erase_node(node)
+
+
+class RewriteSoftmaxAttention(onnx_ir.passes.InPlacePass):
+    """Rewrites the accepted matches of `detect_softmax_attention` in place.
+
+    `plan(spec)` gives the chunk sizes of each match (the planner lives outside the pass).
+    """
+
+    def __init__(self, matches: list[FxAttentionMatch], plan: Callable[..., ChunkSizes]):
+        super().__init__()
+        self.matches = [match for match in matches if match.spec.accepted]
+        self.plan = plan
+
+    def call(self, model: GraphModule) -> onnx_ir.passes.PassResult:
+        graph = model.graph
+        for match in self.matches:
+            with graph.inserting_before(match.output):
+                replacement = _emit(graph, match, self.plan(match.spec))
+            match.output.replace_all_uses_with(replacement)
+            _erase_replaced(graph, match.replaced)
+            logger.info("rewrote attention at %s", match.output.name)
+        if self.matches:
+            graph.eliminate_dead_code()
+            graph.lint()
+            model.recompile()
+        return onnx_ir.passes.PassResult(model, bool(self.matches))

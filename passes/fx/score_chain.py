@@ -1,0 +1,201 @@
+"""Walk from a softmax's input up to the Q·Kᵀ product and reduce the ops between to one form.
+
+Accepted between the product and softmax (in any order the algebra allows):
+
+    scores ──(mul|div by a scalar constant)──(+ bias | − bias | + constant)──
+           ──(masked_fill | where with a scalar fill)──(c·tanh(scores/c))──(casts, clones)── softmax
+
+The ops are reduced to the `rewriter::attention` order: ``scale → softcap → +bias → mask``.
+Rewrites that would change a result are refused with the reason: a bias added after a mask whose
+fill is finite (the masked entries would differ), a bias before soft-capping, a non-positive scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from torch.fx import GraphModule, Node
+
+from passes.fx import aten_vocabulary as ops
+from passes.fx.constant_values import scalar_constant
+from passes.fx.product_labels import LabeledProduct, label_product
+
+__all__ = ["ScoreChain", "MaskStep", "trace_score_chain", "ChainError"]
+
+
+class ChainError(Exception):
+    """The ops between the product and softmax are not a form we can prove; the text says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskStep:
+    condition: Node
+    keep_when_true: bool
+    fill: float
+
+
+@dataclasses.dataclass
+class ScoreChain:
+    product_node: Node
+    product: LabeledProduct
+    nodes: list[Node]  # between product and softmax, bottom-up, product excluded
+    scale: float = 1.0
+    softcap: float = 0.0
+    biases: list[tuple[Node, float]] = dataclasses.field(default_factory=list)
+    masks: list[MaskStep] = dataclasses.field(default_factory=list)
+
+
+def _single_user(node: Node, user: Node) -> None:
+    users = ops.value_users(node)
+    if users != [user]:
+        raise ChainError(f"intermediate '{node.name}' has other users ({len(users)} in all)")
+
+
+def _scalar_operand(gm, node: Node) -> tuple[Node, float]:
+    """(tensor operand, scalar operand) of a binary op with one scalar-constant side."""
+    left, right = node.args[0], node.args[1]
+    right_value = scalar_constant(gm, right)
+    if right_value is not None and isinstance(left, Node):
+        return left, right_value
+    left_value = scalar_constant(gm, left)
+    if left_value is not None and isinstance(right, Node) and node.target in ops.MUL:
+        return right, left_value
+    raise ChainError(f"'{node.name}' scales the scores by a non-scalar or non-constant value")
+
+
+def _walk(gm: GraphModule, node: Node, steps: list, nodes: list[Node]):
+    """Collect steps bottom-up from `node` to the product; returns (product node, labels)."""
+    product = label_product(node)
+    if product is not None:
+        return node, product
+    if node.op != "call_function":
+        raise ChainError(f"no Q·Kᵀ product above softmax (reached '{node.name}')")
+    nodes.append(node)
+    target = node.target
+    if target in ops.CASTS or target in ops.PASSTHROUGH:
+        return _walk_to(gm, node.args[0], node, steps, nodes)
+    if target in ops.DROPOUT:
+        _check_dropout(node)
+        return _walk_to(gm, node.args[0], node, steps, nodes)
+    if target in ops.MUL or target in ops.DIV:
+        operand, value = _scalar_operand(gm, node)
+        steps.append(("scale", value if target in ops.MUL else 1.0 / value))
+        return _walk_to(gm, operand, node, steps, nodes)
+    if target in ops.ADD or target in ops.SUB:
+        return _walk_sum(gm, node, steps, nodes)
+    if target in ops.MASKED_FILL:
+        fill = scalar_constant(gm, node.args[2])
+        if fill is None:
+            raise ChainError(f"'{node.name}' fills masked scores with a non-constant value")
+        steps.append(("mask", MaskStep(node.args[1], keep_when_true=False, fill=fill)))
+        return _walk_to(gm, node.args[0], node, steps, nodes)
+    if target in ops.WHERE:
+        return _walk_where(gm, node, steps, nodes)
+    if target in ops.TANH:
+        steps.append(("tanh", None))
+        return _walk_to(gm, node.args[0], node, steps, nodes)
+    if target in ops.RESHAPE:
+        raise ChainError(f"scores are reshaped between the product and softmax ('{node.name}')")
+    raise ChainError(f"unsupported op '{target}' between the product and softmax ('{node.name}')")
+
+
+def _walk_to(gm, operand, user: Node, steps, nodes):
+    if not isinstance(operand, Node):
+        raise ChainError(f"'{user.name}' has no tensor input on the score path")
+    _single_user(operand, user)
+    return _walk(gm, operand, steps, nodes)
+
+
+def _check_dropout(node: Node) -> None:
+    probability = node.args[1] if len(node.args) > 1 else 0.0
+    train = node.args[2] if len(node.args) > 2 else True
+    if train and probability:
+        raise ChainError(f"dropout p={probability} in training mode ('{node.name}')")
+
+
+def _walk_sum(gm, node: Node, steps, nodes):
+    left, right = node.args[0], node.args[1]
+    alpha = ops.scalar_value(node.kwargs.get("alpha", node.args[2] if len(node.args) > 2 else 1))
+    subtract = node.target in ops.SUB
+    if alpha is None:
+        raise ChainError(f"'{node.name}' adds with a non-constant alpha")
+    for scores, other in ((left, right), (right, left)):
+        scores_kept = scores is left or not (subtract or alpha != 1)
+        if scalar_constant(gm, other) is not None and isinstance(scores, Node) and scores_kept:
+            steps.append(("shift", None))  # softmax is invariant to adding a constant
+            return _walk_to(gm, scores, node, steps, nodes)
+    paths = []
+    for scores, bias in ((left, right), (right, left)):
+        branch_steps, branch_nodes = [], []
+        try:
+            found = _walk_to(gm, scores, node, branch_steps, branch_nodes)
+        except ChainError:
+            continue
+        paths.append((scores, bias, found, branch_steps, branch_nodes))
+    if len(paths) != 1:
+        raise ChainError(f"cannot tell scores from bias in '{node.name}'")
+    scores, bias, found, branch_steps, branch_nodes = paths[0]
+    if scores is right and (subtract or alpha != 1):
+        raise ChainError(f"'{node.name}' negates or rescales the scores")
+    steps.append(("bias", (bias, -alpha if subtract else alpha)))
+    steps.extend(branch_steps)
+    nodes.extend(branch_nodes)
+    return found
+
+
+def _walk_where(gm, node: Node, steps, nodes):
+    condition, if_true, if_false = node.args[0], node.args[1], node.args[2]
+    true_fill, false_fill = scalar_constant(gm, if_true), scalar_constant(gm, if_false)
+    if false_fill is not None and isinstance(if_true, Node):
+        steps.append(("mask", MaskStep(condition, keep_when_true=True, fill=false_fill)))
+        return _walk_to(gm, if_true, node, steps, nodes)
+    if true_fill is not None and isinstance(if_false, Node):
+        steps.append(("mask", MaskStep(condition, keep_when_true=False, fill=true_fill)))
+        return _walk_to(gm, if_false, node, steps, nodes)
+    raise ChainError(f"'{node.name}' selects between two tensors, not scores and a constant fill")
+
+
+def _reduce(chain: ScoreChain, steps_top_down: list) -> None:
+    """Fold the steps, in graph order, into scale / softcap / biases / masks."""
+    pre_tanh_scale, post_tanh_scale, capped = 1.0, 1.0, False
+    for kind, payload in steps_top_down:
+        if kind == "scale":
+            if not payload > 0:
+                raise ChainError(f"scores are scaled by a non-positive factor {payload}")
+            if capped:
+                post_tanh_scale *= payload
+            else:
+                pre_tanh_scale *= payload
+            chain.biases = [(bias, factor * payload) for bias, factor in chain.biases]
+            chain.masks = [dataclasses.replace(m, fill=m.fill * payload) for m in chain.masks]
+        elif kind == "tanh":
+            if capped or chain.biases or chain.masks:
+                raise ChainError("soft-capping after a bias, a mask or another tanh")
+            capped = True
+        elif kind == "bias":
+            if any(math.isfinite(m.fill) for m in chain.masks):
+                raise ChainError("a bias is added after a mask with a finite fill value")
+            chain.biases.append(payload)
+        elif kind == "mask":
+            chain.masks.append(payload)
+    if capped:
+        chain.softcap = post_tanh_scale
+        chain.scale = post_tanh_scale * pre_tanh_scale
+    else:
+        chain.scale = pre_tanh_scale
+
+
+def trace_score_chain(gm: GraphModule, softmax_input: Node, softmax: Node) -> ScoreChain:
+    """The Q·Kᵀ product feeding `softmax` and the reduced ops in between; raises ChainError."""
+    if not isinstance(softmax_input, Node):
+        raise ChainError("softmax input is not a tensor")
+    _single_user(softmax_input, softmax)
+    steps, nodes = [], []
+    product_node, product = _walk(gm, softmax_input, steps, nodes)
+    chain = ScoreChain(product_node, product, nodes)
+    if product.added is not None:  # baddbmm: beta·input + alpha·(Q·Kᵀ)
+        steps.append(("bias", (product.added, product.beta)))
+    steps.append(("scale", product.alpha))
+    _reduce(chain, list(reversed(steps)))
+    return chain

@@ -1,0 +1,271 @@
+"""Chunked softmax attention as a subgraph of standard ONNX ops (default domain, opset 18+).
+
+Scores follow `rewriter.kernels.chunked_attention` (scale → soft-cap → +bias → keep-mask →
+causal); the softmax is computed online (Rabe & Staats; FlashAttention), so the largest tensor
+at run time is one (B, H, q_chunk, k_chunk) score block, never Lq × Lk. Batch and sequence
+lengths stay symbolic; bias and mask are sliced block by block. Query heads are grouped as
+(B, Hkv, G, Lq, D) against (B, Hkv, 1, Lk, D), so grouped K/V heads are never expanded.
+
+    q ─Cast─Mul(scale)─Reshape→ qg (B,Hkv,G,Lq,D)    k ─Unsqueeze─Transpose→ kt (B,Hkv,1,D,Lk)
+                                                     v ─Unsqueeze→ vg (B,Hkv,1,Lk,Dv)
+    Loop i < ceil(Lq / qc)                     qc = min(q_chunk, Lq); scan output: out block
+    │  q0 = i·qc   q1 = min(q0 + qc, Lq)   qb = qg[.., q0:q1, :]   bias, mask rows q0:q1
+    │  nk = ceil(clamp(q1 + offset, 0, Lk) / kc)  when causal (blocks above the diagonal
+    │       are never visited), else ceil(Lk / kc)
+    │  Loop j < nk                             carries m = −∞, l = 0, acc = 0
+    │  │  k0 = j·kc   S = qb · kt[.., k0:k0+kc]
+    │  │  S = softcap·tanh(S) → S + bias block → where(mask block, S, fill)
+    │  │    → where(key ≤ query + offset, S, −∞)
+    │  │  m' = max(m, rowmax S)   r = max(m', −FLT_MAX)   P = exp(S − r)   a = exp(m − r)
+    │  │  l = a·l + rowsum P   acc = a·acc + P · vg[.., k0:k0+kc, :]   m = m'
+    │  └─
+    │  out block = Pad(acc / l) to qc rows
+    └─
+    (nq, B,Hkv,G,qc,Dv) ─Transpose─Reshape→ (B,H,nq·qc,Dv) ─Slice(:Lq)─Cast→ out (B,H,Lq,Dv)
+
+Using r = max(m', −FLT_MAX) instead of m' keeps exp() finite for rows whose every key so far
+is at −∞; such rows end with l = 0 and give NaN, like a naive softmax.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+__all__ = ["build_chunked_attention", "make_chunked_attention_model"]
+
+logger = logging.getLogger(__name__)
+
+_FLOAT, _INT64, _BOOL = ir.DataType.FLOAT, ir.DataType.INT64, ir.DataType.BOOL
+
+
+class _Emitter:
+    """Appends nodes to one tape, naming every value from a counter shared with its subgraphs."""
+
+    def __init__(self, tape: ir.tape.Tape, prefix: str, counter: Iterator[int] | None = None):
+        self.tape = tape
+        self._prefix = prefix
+        self._counter = counter if counter is not None else itertools.count()
+
+    def name(self, tag: str) -> str:
+        return f"{self._prefix}/{tag}_{next(self._counter)}"
+
+    def __call__(self, op_type: str, *inputs: ir.Value | None, outputs: int = 1, **attributes):
+        name = self.name(op_type)
+        values = [ir.Value(name=name if outputs == 1 else f"{name}_{i}") for i in range(outputs)]
+        self.tape.op_multi_out(op_type, inputs, attributes or None, outputs=values, name=name)
+        return values[0] if outputs == 1 else values
+
+    def const(self, value, dtype=np.int64) -> ir.Value:
+        return self("Constant", value=ir.tensor(np.array(value, dtype=dtype)))
+
+    def subgraph(self) -> _Emitter:
+        return _Emitter(ir.tape.Tape(), self._prefix, self._counter)
+
+    def graph(self, inputs: Sequence[ir.Value], outputs: Sequence[ir.Value], tag: str) -> ir.Graph:
+        return ir.Graph(inputs, outputs, nodes=self.tape.nodes, name=self.name(tag))
+
+
+class _Builder:
+    """Holds the outer-scope values that both loop bodies read."""
+
+    def __init__(self, emit: _Emitter, heads: int, kv_heads: int, scale: float, softcap: float,
+                 mask_fill: float, causal: bool, causal_offset: int, q_chunk: int, k_chunk: int):
+        self.e = emit
+        self.heads, self.kv_heads = heads, kv_heads
+        self.scale, self.softcap, self.mask_fill = scale, softcap, mask_fill
+        self.causal, self.causal_offset = causal, causal_offset
+        self.k_chunk = emit.const([k_chunk])
+        self.q_chunk = emit.const([q_chunk])
+        self.zero, self.one = emit.const([0]), emit.const([1])
+        self.axis = {axis: emit.const([axis]) for axis in (-1, 2, 3, 4)}
+
+    def _ceil_div(self, e: _Emitter, n: ir.Value, d: ir.Value) -> ir.Value:
+        return e("Div", e("Sub", e("Add", n, d), self.one), d)
+
+    def _as_float(self, e: _Emitter, x: ir.Value) -> ir.Value:
+        return x if x.dtype == _FLOAT else e("Cast", x, to=_FLOAT)
+
+    def _group_heads(self, x: ir.Value, heads: int) -> ir.Value:
+        """(b, heads, x, y) → (b, Hkv, G, x, y), or (b, 1, 1, x, y) for one head."""
+        e = self.e
+        if heads == 1:
+            return e("Unsqueeze", x, self.axis[2])
+        split = e.const([self.kv_heads, self.heads // self.kv_heads])
+        shape = e("Concat", e("Shape", x, end=1), split, e("Shape", x, start=2), axis=0)
+        return e("Reshape", x, shape)
+
+    def _grouped_operand(self, x: ir.Value, role: str) -> ir.Value:
+        """A bias or mask of rank ≤ 4, broadcastable to (B, H, Lq, Lk), as 5-D grouped heads."""
+        if x.shape is None or x.shape.rank() > 4:
+            raise ValueError(f"{role} needs a known rank of at most 4, got shape {x.shape}")
+        heads = ([1] * 4 + list(x.shape))[-3]
+        if heads not in (1, self.heads):
+            raise ValueError(f"{role} head axis must be statically 1 or {self.heads}, got {heads}")
+        if x.shape.rank() < 4:
+            x = self.e("Unsqueeze", x, self.e.const(list(range(4 - x.shape.rank()))))
+        return self._group_heads(x, heads)
+
+    def build(self, q, k, v, bias, mask) -> ir.Value:
+        e = self.e
+        q_scale = self.scale / self.softcap if self.softcap > 0 else self.scale
+        qg = e("Mul", self._group_heads(self._as_float(e, q), self.heads), e.const(q_scale, np.float32))
+        kt = e("Transpose", e("Unsqueeze", self._as_float(e, k), self.axis[2]), perm=[0, 1, 2, 4, 3])
+        vg = e("Unsqueeze", self._as_float(e, v), self.axis[2])
+        q_len, self.k_len = e("Shape", q, start=2, end=3), e("Shape", k, start=2, end=3)
+        qc = e("Max", e("Min", q_len, self.q_chunk), self.one)
+        n_q = e("Squeeze", self._ceil_div(e, q_len, qc))
+        scores = [(self._grouped_operand(t, role), role) for t, role in ((bias, "bias"), (mask, "mask")) if t is not None]
+        body = self._query_body(qg, kt, vg, q_len, qc, e("Shape", v, start=3), scores)
+        blocks = e("Loop", n_q, None, body=body)
+        out_shape = e("Concat", e("Shape", q, end=1), e.const([self.heads, -1]), e("Shape", v, start=3), axis=0)
+        out = e("Reshape", e("Transpose", blocks, perm=[1, 2, 3, 0, 4, 5]), out_shape)
+        out = e("Slice", out, self.zero, q_len, self.axis[2])
+        return out if q.dtype == _FLOAT else e("Cast", out, to=q.dtype)
+
+    def _block_of(self, e, x, start, stop, axis) -> ir.Value:
+        """x[start:stop] along axis, or all of it where that axis has size 1 (broadcast)."""
+        last = e("Sub", e("Shape", x, start=axis, end=axis + 1), self.one)
+        return e("Slice", x, e("Min", start, last), stop, self.axis[axis])
+
+    def _query_body(self, qg, kt, vg, q_len, qc, v_dim, scores) -> ir.Graph:
+        b = self.e.subgraph()
+        i, cond = ir.val(b.name("i"), _INT64, []), ir.val(b.name("cond"), _BOOL, [])
+        q0 = b("Mul", i, qc)
+        q1 = b("Min", b("Add", q0, qc), q_len)
+        qb = b("Slice", qg, q0, q1, self.axis[3])
+        rows = [(self._block_of(b, t, q0, q1, 3), role) for t, role in scores]
+        query_pos = None
+        n_k = self._ceil_div(b, self.k_len, self.k_chunk)
+        if self.causal:
+            offset = b.const([self.causal_offset])
+            key_stop = b("Min", b("Max", b("Add", q1, offset), self.zero), self.k_len)
+            n_k = self._ceil_div(b, key_stop, self.k_chunk)
+            positions = b("Range", b("Squeeze", q0), b("Squeeze", q1), b.const(1))
+            query_pos = b("Unsqueeze", b("Add", positions, offset), self.axis[-1])
+        lead = b("Shape", qb, end=4)
+        row_shape = b("Concat", lead, self.one, axis=0)
+        m0 = b("ConstantOfShape", row_shape, value=ir.tensor([-math.inf], dtype=_FLOAT))
+        l0 = b("ConstantOfShape", row_shape, value=ir.tensor([0.0], dtype=_FLOAT))
+        acc0 = b("ConstantOfShape", b("Concat", lead, v_dim, axis=0), value=ir.tensor([0.0], dtype=_FLOAT))
+        key_body = self._key_body(qb, kt, vg, rows, query_pos)
+        _, row_sum, acc = b("Loop", b("Squeeze", n_k), None, m0, l0, acc0, body=key_body, outputs=3)
+        pad = b("Concat", self.zero, b("Sub", qc, b("Sub", q1, q0)), axis=0)
+        out = b("Pad", b("Div", acc, row_sum), pad, None, self.axis[3])
+        out.dtype = _FLOAT
+        return b.graph([i, cond], [_typed(b("Identity", cond), _BOOL), out], "query_chunk")
+
+    def _key_body(self, qb, kt, vg, rows, query_pos) -> ir.Graph:
+        b = self.e.subgraph()
+        j, cond = ir.val(b.name("j"), _INT64, []), ir.val(b.name("cond"), _BOOL, [])
+        m, row_sum, acc = (ir.val(b.name(tag), _FLOAT, [None] * 5) for tag in ("m", "l", "acc"))
+        k0 = b("Mul", j, self.k_chunk)
+        k1 = b("Add", k0, self.k_chunk)
+        s = b("MatMul", qb, b("Slice", kt, k0, k1, self.axis[4]))
+        if self.softcap > 0:
+            s = b("Mul", b("Tanh", s), b.const(self.softcap, np.float32))
+        for block_rows, role in rows:
+            block = self._block_of(b, block_rows, k0, k1, 4)
+            if role == "bias":
+                s = b("Add", s, self._as_float(b, block))
+            else:
+                s = b("Where", block, s, b.const(self.mask_fill, np.float32))
+        if query_pos is not None:
+            key_pos = b("Range", b("Squeeze", k0), b("Squeeze", b("Min", k1, self.k_len)), b.const(1))
+            visible = b("LessOrEqual", key_pos, query_pos)
+            s = b("Where", visible, s, b.const(-math.inf, np.float32))
+        m_new = b("Max", m, b("ReduceMax", s, self.axis[-1], keepdims=1))
+        ref = b("Max", m_new, b.const(-np.finfo(np.float32).max, np.float32))
+        p = b("Exp", b("Sub", s, ref))
+        rescale = b("Exp", b("Sub", m, ref))
+        l_new = b("Add", b("Mul", row_sum, rescale), b("ReduceSum", p, self.axis[-1], keepdims=1))
+        pv = b("MatMul", p, b("Slice", vg, k0, k1, self.axis[3]))
+        acc_new = b("Add", b("Mul", acc, rescale), pv)
+        outputs = [_typed(b("Identity", cond), _BOOL)] + [_typed(x, _FLOAT) for x in (m_new, l_new, acc_new)]
+        return b.graph([j, cond, m, row_sum, acc], outputs, "key_chunk")
+
+
+def _typed(value: ir.Value, dtype: ir.DataType) -> ir.Value:
+    value.dtype = dtype
+    return value
+
+
+def build_chunked_attention(
+    tape: ir.tape.Tape,
+    q: ir.Value,
+    k: ir.Value,
+    v: ir.Value,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    scale: float,
+    bias: ir.Value | None = None,
+    mask: ir.Value | None = None,
+    softcap: float = 0.0,
+    mask_fill: float = -math.inf,
+    causal: bool = False,
+    causal_offset: int = 0,
+    q_chunk: int = 1024,
+    k_chunk: int = 4096,
+    name: str = "chunked_attention",
+) -> ir.Value:
+    """Append chunked attention over q (B,H,Lq,D), k (B,Hkv,Lk,D), v (B,Hkv,Lk,Dv) to `tape`.
+
+    `bias` (float, added) and `mask` (bool, kept where true, else replaced by `mask_fill`) must
+    have a known rank ≤ 4, broadcast to (B, H, Lq, Lk) and have a head axis of static size 1 or
+    `num_heads`. Returns the (B, H, Lq, Dv) output in q's dtype; all math is in fp32. Values are
+    named `<name>/...`, so `name` must be unique in the graph.
+    """
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+    if q_chunk < 1 or k_chunk < 1 or softcap < 0:
+        raise ValueError(f"bad chunk sizes ({q_chunk}, {k_chunk}) or softcap {softcap}")
+    if q.dtype is None or mask is not None and mask.dtype != _BOOL:
+        raise ValueError("q needs a known dtype and mask must be boolean")
+    logger.debug("chunked attention %s: heads %d/%d, chunks (%d, %d), causal=%s offset=%d",
+                 name, num_heads, num_kv_heads, q_chunk, k_chunk, causal, causal_offset)
+    builder = _Builder(_Emitter(tape, name), num_heads, num_kv_heads, scale, softcap, mask_fill,
+                       causal, causal_offset, q_chunk, k_chunk)
+    out = builder.build(q, k, v, bias, mask)
+    out.dtype = q.dtype
+    if q.shape is not None and v.shape is not None:
+        out.shape = ir.Shape([q.shape[0], num_heads, q.shape[2], v.shape[3]])
+    return out
+
+
+def make_chunked_attention_model(
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    v_head_dim: int | None = None,
+    bias_shape: Sequence[int | str] | None = None,
+    mask_shape: Sequence[int | str] | None = None,
+    dtype: ir.DataType = _FLOAT,
+    opset: int = 18,
+    **options,
+) -> onnx.ModelProto:
+    """A standalone model: inputs q, k, v (+ bias, mask), output `out`.
+
+    Batch is the symbolic dim "batch", sequence lengths "q_len" and "kv_len"; use these names in
+    `bias_shape` / `mask_shape` too. `options` are the keywords of `build_chunked_attention`.
+    """
+    q = ir.val("q", dtype, ["batch", num_heads, "q_len", head_dim])
+    k = ir.val("k", dtype, ["batch", num_kv_heads, "kv_len", head_dim])
+    v = ir.val("v", dtype, ["batch", num_kv_heads, "kv_len", v_head_dim or head_dim])
+    bias = None if bias_shape is None else ir.val("bias", dtype, bias_shape)
+    mask = None if mask_shape is None else ir.val("mask", _BOOL, mask_shape)
+    tape = ir.tape.Tape()
+    out = build_chunked_attention(tape, q, k, v, bias=bias, mask=mask, num_heads=num_heads,
+                                  num_kv_heads=num_kv_heads, **options)
+    out.name = "out"
+    inputs = [x for x in (q, k, v, bias, mask) if x is not None]
+    graph = ir.Graph(inputs, [out], nodes=tape.nodes, opset_imports={"": opset},
+                     name="chunked_attention")
+    return ir.to_proto(ir.Model(graph, ir_version=10))

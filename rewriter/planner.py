@@ -1,0 +1,51 @@
+"""Chunk sizes for each rewritten attention block, from its shapes and a memory budget."""
+
+from __future__ import annotations
+
+import re
+
+from passes.attention_spec import AttentionSpec, ChunkSizes
+
+__all__ = ["DEFAULT_BLOCK_BUDGET", "parse_size", "plan_chunk_sizes"]
+
+DEFAULT_BLOCK_BUDGET = 64 * 2**20
+DEFAULT_QUERY_CHUNK, DEFAULT_KEY_CHUNK = 1024, 4096  # Rabe & Staats' defaults
+# fp32 blocks alive at once inside one step: scores, probabilities and one temporary (backward: +1).
+_LIVE_BLOCKS = 4
+_MIN_QUERY_CHUNK, _MIN_KEY_CHUNK = 16, 128
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
+          "g": 2**30, "gb": 2**30, "gib": 2**30}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from an int or a string like '512MiB', '2g', '1048576'."""
+    if isinstance(text, int):
+        return text
+    found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not found or found.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (use e.g. 256MiB, 2GiB)")
+    return int(float(found.group(1)) * _UNITS[found.group(2).lower()])
+
+
+def plan_chunk_sizes(
+    spec: AttentionSpec, memory_budget: int | str | None = None, chunk_size: tuple[int, int] | None = None
+) -> ChunkSizes:
+    """Largest blocks (up to 1024 queries × 4096 keys) whose working set fits the budget.
+
+    The budget bounds the fp32 blocks alive at once, summed over batch and heads. Key chunks shrink
+    first (longer query chunks amortise K/V reads), never below 128 keys × 16 queries.
+    """
+    if chunk_size is not None:
+        return ChunkSizes(*chunk_size)
+    budget = DEFAULT_BLOCK_BUDGET if memory_budget is None else parse_size(memory_budget)
+    rows = (spec.batch_size or 1) * (spec.num_heads or 1)
+    query = min(spec.seq_len_q or DEFAULT_QUERY_CHUNK, DEFAULT_QUERY_CHUNK)
+    key = min(spec.seq_len_k or DEFAULT_KEY_CHUNK, DEFAULT_KEY_CHUNK)
+    while rows * query * key * 4 * _LIVE_BLOCKS > budget:
+        if key > max(query, _MIN_KEY_CHUNK):
+            key //= 2
+        elif query > _MIN_QUERY_CHUNK:
+            query //= 2
+        else:
+            break
+    return ChunkSizes(max(query, 1), max(key, 1))

@@ -1,0 +1,70 @@
+"""The PyTorch entry points: find attention in a module and replace it with `rewriter::attention`."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch.fx import GraphModule
+
+from passes.fx.detect_softmax_attention import FxAttentionMatch, detect_softmax_attention
+from passes.fx.rewrite_attention import RewriteSoftmaxAttention
+from rewriter.planner import plan_chunk_sizes
+from rewriter.report import MatchReport, Report
+
+__all__ = ["capture", "detect_module", "optimize_module"]
+
+logger = logging.getLogger(__name__)
+
+TORCH_TARGET = "rewriter::attention"
+
+
+def capture(module, example_inputs, example_kwargs=None, dynamic_shapes=None) -> GraphModule:
+    """An ATen-level GraphModule of `module` (an nn.Module, GraphModule or ExportedProgram)."""
+    if isinstance(module, torch.export.ExportedProgram):
+        return module.module()
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"expected an nn.Module or ExportedProgram, got {type(module).__name__}")
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    program = torch.export.export(module, example_inputs, example_kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    return program.module()
+
+
+def _report(matches: list[FxAttentionMatch], planned: dict[int, tuple[int, int]], source: str) -> Report:
+    entries = []
+    for index, match in enumerate(matches):
+        chunks = planned.get(index)
+        entries.append(MatchReport(match.spec, chunks is not None, TORCH_TARGET if chunks else None, chunks))
+    return Report(source, entries)
+
+
+def detect_module(module, example_inputs, **capture_options) -> Report:
+    """What `optimize_module` would find, without changing anything."""
+    gm = capture(module, example_inputs, **capture_options)
+    return _report(detect_softmax_attention(gm), {}, type(module).__name__)
+
+
+def optimize_module(
+    module, example_inputs, *, memory_budget=None, chunk_size=None, example_kwargs=None, dynamic_shapes=None
+) -> tuple[GraphModule, Report]:
+    """Capture `module`, replace every proven attention block, and report every candidate.
+
+    `memory_budget` (bytes or '256MiB') bounds each block's working set; `chunk_size` (q, k) fixes
+    the blocks instead. The returned GraphModule takes the same inputs as `module`.
+    """
+    gm = capture(module, example_inputs, example_kwargs, dynamic_shapes)
+    matches = detect_softmax_attention(gm)
+    planned = {}
+    for index, match in enumerate(matches):
+        if match.spec.accepted:
+            chunks = plan_chunk_sizes(match.spec, memory_budget, chunk_size)
+            planned[index] = (chunks.query, chunks.key)
+
+    def plan(spec):
+        return plan_chunk_sizes(spec, memory_budget, chunk_size)
+
+    RewriteSoftmaxAttention(matches, plan)(gm)
+    report = _report(matches, planned, type(module).__name__)
+    logger.info(report.summary())
+    return gm, report
