@@ -28,6 +28,7 @@ from passes.fx.constant_values import (
     causal_offset_of_bias,
     causal_offset_of_keep_mask,
     constant_value,
+    scalar_constant,
 )
 from passes.fx.product_labels import label_product
 from passes.fx.score_chain import ChainError, MaskStep, ScoreChain, trace_score_chain
@@ -49,6 +50,23 @@ class Operand:
     labels: str
     target: str
 
+    def before_permutes(self) -> Operand:
+        """The same operand seen before any transpose/permute views that produced it."""
+        node, labels = self.node, self.labels
+        while ops.is_call(node, ops.TRANSPOSE | ops.PERMUTE):
+            rank = len(labels)
+            if node.target in ops.TRANSPOSE:
+                first, second = node.args[1] % rank, node.args[2] % rank
+                order = list(range(rank))
+                order[first], order[second] = second, first
+            else:
+                order = [axis % rank for axis in node.args[1]]
+            source = [""] * rank
+            for position, axis in enumerate(order):
+                source[axis] = labels[position]
+            node, labels = node.args[0], "".join(source)
+        return Operand(node, labels, self.target)
+
 
 @dataclasses.dataclass
 class FxAttentionMatch:
@@ -68,6 +86,7 @@ class FxAttentionMatch:
     scale: float = 1.0
     softcap: float = 0.0
     replaced: list[Node] = dataclasses.field(default_factory=list)  # dead once `output` is replaced
+    cast_output_to: torch.dtype | None = None  # the op returns q's dtype; the model's output may differ
 
 
 class _Rejected(Exception):
@@ -123,6 +142,18 @@ def _query_label(scores: str, key_label: str, query_side: str, key_side: str) ->
     if len(candidates) == 1:
         return candidates[0]
     raise _Rejected("cannot tell the query axis among " + ", ".join(candidates))
+
+
+def _peel_scale(gm: GraphModule, operand: Operand) -> tuple[Operand, float]:
+    """Q or K before a multiplication or division by a positive scalar constant, and that factor."""
+    node = operand.node
+    if not ops.is_call(node, ops.MUL | ops.DIV) or not isinstance(node.args[0], Node):
+        return operand, 1.0
+    factor = scalar_constant(gm, node.args[1])
+    if factor is None or not factor > 0:
+        return operand, 1.0
+    factor = factor if node.target in ops.MUL else 1.0 / factor
+    return dataclasses.replace(operand, node=node.args[0]).before_permutes(), factor
 
 
 def _shape(node: Node) -> tuple[int, ...]:
@@ -198,8 +229,11 @@ class _Builder:
         if any(label not in query_labels for label in batch):
             raise _Rejected("the query broadcasts over a batch axis")
         head_dim = contracted[0]
-        match.query = Operand(query_node, query_labels, batch + query_label + head_dim)
-        match.key = Operand(key_node, key_labels, batch + key_label + head_dim)
+        match.query, query_scale = _peel_scale(
+            self.gm, Operand(query_node, query_labels, batch + query_label + head_dim).before_permutes())
+        match.key, key_scale = _peel_scale(
+            self.gm, Operand(key_node, key_labels, batch + key_label + head_dim).before_permutes())
+        chain.scale *= query_scale * key_scale
 
         pv = label_product(pv_node)
         if pv.left is not probabilities and pv.right is not probabilities:
@@ -213,7 +247,7 @@ class _Builder:
         rename = dict(zip(scores, p_labels))
         pv_key, pv_query = rename[key_label], rename[query_label]
         if pv_key not in value_labels or pv_key in pv.out_labels:
-            raise _Rejected("P·V does not contract the key axis")
+            raise _Rejected("softmax is not over the axis P·V contracts (the key axis)")
         if pv_query in value_labels or pv_query not in pv.out_labels:
             raise _Rejected("P·V does not keep the query axis")
         value_dims = [label for label in value_labels if label not in p_labels]
@@ -223,7 +257,7 @@ class _Builder:
         canonical_out = pv_batch + pv_query + value_dims[0]
         if sorted(pv.out_labels) != sorted(canonical_out):
             raise _Rejected("P·V sums over a batch axis")
-        match.value = Operand(value_node, value_labels, pv_batch + pv_key + value_dims[0])
+        match.value = Operand(value_node, value_labels, pv_batch + pv_key + value_dims[0]).before_permutes()
         match.output, match.out_canonical, match.out_labels = pv_node, canonical_out, pv.out_labels
         return _Scores(scores, _shape(chain.product_node), batch, query_label, key_label)
 
@@ -305,9 +339,9 @@ class _Builder:
             if rank not in (3, 4) or len(_shape(k)) != rank:
                 raise _Rejected(f"scaled_dot_product_attention on rank-{rank} tensors")
             batch = "ab"[: rank - 2]
-            match.query = Operand(q, batch + "MN", batch + "MN")
-            match.key = Operand(k, batch + "PN", batch + "PN")
-            match.value = Operand(v, batch + "PV", batch + "PV")
+            match.query = Operand(q, batch + "MN", batch + "MN").before_permutes()
+            match.key = Operand(k, batch + "PN", batch + "PN").before_permutes()
+            match.value = Operand(v, batch + "PV", batch + "PV").before_permutes()
             match.output, match.out_canonical, match.out_labels = node, batch + "MV", batch + "MV"
             scores_shape = _shape(q)[:-1] + (_shape(k)[-2],)
             if _shape(q)[1] != _shape(k)[1] and rank == 4 and not gqa:
@@ -333,6 +367,10 @@ class _Builder:
 
     def _spec(self, match: FxAttentionMatch, nodes, reason) -> AttentionSpec:
         fields = {"nodes": tuple(n.name for n in nodes), "reason": reason}
+        if reason is None:
+            output_dtype = ops.tensor_meta(match.output).dtype
+            if output_dtype != ops.tensor_meta(match.query.node).dtype:
+                match.cast_output_to = output_dtype
         if match.query is not None and match.key is not None:
             fields.update(_layout_fields(match))
         if reason is None:

@@ -85,17 +85,17 @@ def _restore_layout(graph: Graph, node: Node, match: FxAttentionMatch) -> Node:
     order = [canonical.index(label) for label in match.out_labels]
     if order != list(range(len(order))):
         node = graph.call_function(aten.permute.default, (node, order))
-    dtype = ops.tensor_meta(match.output).dtype
-    query_dtype = ops.tensor_meta(match.query.node).dtype
-    if dtype != query_dtype:
-        node = graph.call_function(aten._to_copy.default, (node,), {"dtype": dtype})
+    if match.cast_output_to is not None:
+        node = graph.call_function(aten._to_copy.default, (node,), {"dtype": match.cast_output_to})
     return node
 
 
 def _emit(graph: Graph, match: FxAttentionMatch, chunks: ChunkSizes) -> Node:
     query = _arrange(graph, match.query)
-    key = _arrange(graph, _key_value_source(match.key))
-    value = _arrange(graph, _key_value_source(match.value))
+    key_source, value_source = _key_value_source(match.key), _key_value_source(match.value)
+    if (key_source is match.key) != (value_source is match.value):  # the op needs K and V heads equal
+        key_source, value_source = match.key, match.value
+    key, value = _arrange(graph, key_source), _arrange(graph, value_source)
     bias = _combined_bias(graph, match.biases)
     mask = None
     if match.mask is not None:
@@ -109,6 +109,17 @@ def _emit(graph: Graph, match: FxAttentionMatch, chunks: ChunkSizes) -> Node:
     )
     out = graph.call_function(operator.getitem, (attention, 0))
     return _restore_layout(graph, out, match)
+
+
+def _follow_replacements(match: FxAttentionMatch, replaced: dict[Node, Node]) -> None:
+    """Point the match's operands past outputs that earlier rewrites replaced (stacked layers)."""
+    def current(operand: Operand | None) -> Operand | None:
+        if operand is None or operand.node not in replaced:
+            return operand
+        return dataclasses.replace(operand, node=replaced[operand.node])
+
+    match.query, match.key, match.value, match.mask = map(current, (match.query, match.key, match.value, match.mask))
+    match.biases = [(current(operand), factor) for operand, factor in match.biases]
 
 
 def _erase_replaced(graph: Graph, replaced: list[Node]) -> None:
@@ -136,10 +147,13 @@ class RewriteSoftmaxAttention(onnx_ir.passes.InPlacePass):
 
     def call(self, model: GraphModule) -> onnx_ir.passes.PassResult:
         graph = model.graph
+        replaced: dict[Node, Node] = {}
         for match in self.matches:
+            _follow_replacements(match, replaced)
             with graph.inserting_before(match.output):
                 replacement = _emit(graph, match, self.plan(match.spec))
             match.output.replace_all_uses_with(replacement)
+            replaced[match.output] = replacement
             _erase_replaced(graph, match.replaced)
             logger.info("rewrote attention at %s", match.output.name)
         if self.matches:

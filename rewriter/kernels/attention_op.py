@@ -38,11 +38,13 @@ def uses_fused_kernel(q, k, v, bias, mask, opts: ScoreOptions, bias_grad: bool =
     """
     if q.device.type != "cpu" or q.dtype not in _FUSED_DTYPES or opts.softcap > 0 or bias_grad:
         return False
-    if not (q.dtype == k.dtype == v.dtype) or q.size(-1) != v.size(-1):
+    if not (q.dtype == k.dtype == v.dtype) or q.size(-1) != v.size(-1) or q.size(0) != k.size(0):
         return False
     if opts.causal and (opts.causal_offset != 0 or bias is not None or mask is not None):
         return False
     if bias is not None and mask is not None:
+        return False
+    if any(t is not None and not t.is_contiguous() for t in (bias, mask)):
         return False
     if bias is not None:
         return bias.dtype == q.dtype and not bool(torch.isneginf(bias).all(-1).any())
@@ -52,14 +54,24 @@ def uses_fused_kernel(q, k, v, bias, mask, opts: ScoreOptions, bias_grad: bool =
 
 
 def _fused_inputs(q, k, v, bias, mask):
-    """K/V expanded to the query heads, and the mask as the additive form the kernel takes."""
+    """Contiguous q, k, v with K/V expanded to the query heads, and the mask in additive form.
+
+    The ATen kernel reads its inputs as contiguous (it gives wrong results on other strides).
+    """
     groups = q.size(1) // k.size(1)
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     additive = bias
     if mask is not None:
         additive = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, -math.inf)
-    return k, v, additive
+    return q.contiguous(), k.contiguous(), v.contiguous(), additive
+
+
+def _check_shapes(q, k, v) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"rewriter::attention takes 4-D q, k, v; got {q.dim()}, {k.dim()}, {v.dim()}")
+    if k.shape[:3] != v.shape[:3] or q.size(-1) != k.size(-1) or q.size(1) % k.size(1):
+        raise ValueError(f"rewriter::attention: incompatible q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
 
 
 @torch.library.custom_op("rewriter::attention", mutates_args=())
@@ -69,9 +81,10 @@ def attention(
     scale: float, softcap: float, mask_fill: float, causal: bool, causal_offset: int,
     q_chunk: int, k_chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_shapes(q, k, v)
     opts = _options(scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk)
     if uses_fused_kernel(q, k, v, bias, mask, opts):
-        k, v, additive = _fused_inputs(q, k, v, bias, mask)
+        q, k, v, additive = _fused_inputs(q, k, v, bias, mask)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, attn_mask=additive, scale=scale
         )
@@ -81,6 +94,7 @@ def attention(
 
 @attention.register_fake
 def _(q, k, v, bias, mask, scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk):
+    _check_shapes(q, k, v)
     out = q.new_empty(q.shape[:-1] + (v.size(-1),))
     return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
 
@@ -97,9 +111,9 @@ def attention_backward(
     no_bias_grad = q.new_empty(0)
     if uses_fused_kernel(q, k, v, bias, mask, opts, bias_grad):
         groups = q.size(1) // k.size(1)
-        k_full, v_full, additive = _fused_inputs(q, k, v, bias, mask)
+        q_full, k_full, v_full, additive = _fused_inputs(q, k, v, bias, mask)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out.contiguous(), q, k_full, v_full, out, lse, 0.0, causal, attn_mask=additive, scale=scale
+            grad_out.contiguous(), q_full, k_full, v_full, out, lse, 0.0, causal, attn_mask=additive, scale=scale
         )
         if groups > 1:
             dk, dv = (g.unflatten(1, (k.size(1), groups)).sum(2) for g in (dk, dv))

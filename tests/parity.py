@@ -1,0 +1,50 @@
+"""Shared checks: run a module eagerly and after `optimize_module`, compare outputs and gradients."""
+
+from __future__ import annotations
+
+import torch
+
+import rewriter
+
+ATTENTION_OP = torch.ops.rewriter.attention.default
+
+
+def op_count(gm: torch.fx.GraphModule) -> int:
+    return sum(node.target is ATTENTION_OP for node in gm.graph.nodes)
+
+
+def _is_float(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_floating_point()
+
+
+def _outputs(result) -> list[torch.Tensor]:
+    return list(result) if isinstance(result, (tuple, list)) else [result]
+
+
+def assert_parity(module, inputs, *, rewrites: int, atol=1e-5, rtol=1e-4, grad_atol=1e-4, grads=True, **options):
+    """Rewrite `module`, check `rewrites` blocks were replaced, and outputs and input grads agree."""
+    module = module.eval()
+    gm, report = rewriter.optimize_module(module, tuple(inputs), **options)
+    assert report.rewritten_count == rewrites, report.summary()
+    assert op_count(gm) == rewrites, gm.graph
+    def run(fn):
+        leaves = [x.detach().clone().requires_grad_(grads) if _is_float(x) else x for x in inputs]
+        outs = _outputs(fn(*leaves))
+        if not grads:
+            return outs, []
+        weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=o.dtype) for i, o in enumerate(outs)]
+        loss = sum((o * w).sum() for o, w in zip(outs, weights))
+        differentiable = [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
+        return outs, torch.autograd.grad(loss, differentiable, allow_unused=True)
+
+    with torch.set_grad_enabled(grads):
+        expected, expected_grads = run(module)
+        actual, actual_grads = run(gm)
+    for want, got in zip(expected, actual):
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol, equal_nan=True)
+    for want, got in zip(expected_grads, actual_grads):
+        if want is None:
+            assert got is None or not got.abs().any()
+        else:
+            torch.testing.assert_close(got, want, atol=grad_atol, rtol=rtol, equal_nan=True)
+    return gm, report
