@@ -1,11 +1,13 @@
 """`rewriter::attention`: exact softmax attention that never holds the Lq × Lk score matrix.
 
-    out, lse = torch.ops.rewriter.attention(q, k, v, bias, mask, scale, softcap, mask_fill,
-                                            causal, causal_offset, q_chunk, k_chunk)
+    out, row_stats = torch.ops.rewriter.attention(q, k, v, bias, mask, scale, softcap, mask_fill,
+                                                  causal, causal_offset, q_chunk, k_chunk)
 
 Semantics are those of `chunked_attention` (scale → soft-cap → +bias → keep-mask → causal).
 Where PyTorch's fused CPU flash kernel computes exactly the same thing, forward and backward call
-it; otherwise both run the blockwise implementation. The backward is its own custom op, so that
+it; otherwise both run the blockwise implementation. `row_stats` (B, H, Lq, 2) holds each query
+row's score max and sum of exp(score − max), what the backward needs; the fused kernel's
+log-sum-exp is stored as (lse, 1). The backward is its own custom op, so that
 compilers treat both directions as opaque and nothing n × n is saved between them.
 """
 
@@ -88,7 +90,7 @@ def attention(
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, attn_mask=additive, scale=scale
         )
-        return out, lse.float()
+        return out, torch.stack([lse.float(), torch.ones_like(lse, dtype=torch.float32)], dim=-1)
     return chunked_attention_forward(q, k, v, bias, mask, opts)
 
 
@@ -96,13 +98,13 @@ def attention(
 def _(q, k, v, bias, mask, scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk):
     _check_shapes(q, k, v)
     out = q.new_empty(q.shape[:-1] + (v.size(-1),))
-    return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return out, q.new_empty(q.shape[:-1] + (2,), dtype=torch.float32)
 
 
 @torch.library.custom_op("rewriter::attention_backward", mutates_args=())
 def attention_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    bias: torch.Tensor | None, mask: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
+    bias: torch.Tensor | None, mask: torch.Tensor | None, out: torch.Tensor, row_stats: torch.Tensor,
     scale: float, softcap: float, mask_fill: float, causal: bool, causal_offset: int,
     q_chunk: int, k_chunk: int, bias_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -113,17 +115,18 @@ def attention_backward(
         groups = q.size(1) // k.size(1)
         q_full, k_full, v_full, additive = _fused_inputs(q, k, v, bias, mask)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out.contiguous(), q_full, k_full, v_full, out, lse, 0.0, causal, attn_mask=additive, scale=scale
+            grad_out.contiguous(), q_full, k_full, v_full, out, row_stats[..., 0], 0.0, causal,
+            attn_mask=additive, scale=scale,
         )
         if groups > 1:
             dk, dv = (g.unflatten(1, (k.size(1), groups)).sum(2) for g in (dk, dv))
         return dq, dk, dv, no_bias_grad
-    dq, dk, dv, dbias = chunked_attention_backward(grad_out, q, k, v, bias, mask, out, lse, opts, bias_grad)
+    dq, dk, dv, dbias = chunked_attention_backward(grad_out, q, k, v, bias, mask, out, row_stats, opts, bias_grad)
     return dq, dk, dv, no_bias_grad if dbias is None else dbias
 
 
 @attention_backward.register_fake
-def _(grad_out, q, k, v, bias, mask, out, lse, scale, softcap, mask_fill, causal, causal_offset,
+def _(grad_out, q, k, v, bias, mask, out, row_stats, scale, softcap, mask_fill, causal, causal_offset,
       q_chunk, k_chunk, bias_grad):
     dbias = torch.empty_like(bias) if bias_grad else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
@@ -134,16 +137,16 @@ _SCALAR_ARGS = ("scale", "softcap", "mask_fill", "causal", "causal_offset", "q_c
 
 def _setup_context(ctx, inputs, output):
     q, k, v, bias, mask, *scalars = inputs
-    out, lse = output
+    out, row_stats = output
     ctx.scalars = scalars
     ctx.bias_grad = bias is not None and ctx.needs_input_grad[3]
-    ctx.save_for_backward(q, k, v, bias, mask, out, lse)
+    ctx.save_for_backward(q, k, v, bias, mask, out, row_stats)
 
 
-def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, bias, mask, out, lse = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_row_stats):
+    q, k, v, bias, mask, out, row_stats = ctx.saved_tensors
     dq, dk, dv, dbias = torch.ops.rewriter.attention_backward(
-        grad_out, q, k, v, bias, mask, out, lse, *ctx.scalars, ctx.bias_grad
+        grad_out, q, k, v, bias, mask, out, row_stats, *ctx.scalars, ctx.bias_grad
     )
     return (dq, dk, dv, dbias if ctx.bias_grad else None, None) + (None,) * len(_SCALAR_ARGS)
 

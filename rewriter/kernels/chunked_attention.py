@@ -10,8 +10,10 @@ Scores are formed per block in fp32, in the order the `rewriter::attention` op d
     out = softmax(S) · V
 
 The forward keeps a running max, sum and weighted sum per query row (Rabe & Staats) and returns
-the output with the row log-sum-exp; the backward recomputes each block from that log-sum-exp,
-so nothing of size Lq × Lk is ever held. Blocks wholly above a causal diagonal are skipped.
+the output with the row statistics (max, sum); the backward recomputes each block's probabilities
+as exp(S − max) / sum, so nothing of size Lq × Lk is ever held. (Max and sum are kept apart
+rather than as one log-sum-exp: at scores near a finite fill such as −1e9, max + log(sum) rounds
+the log away.) Blocks wholly above a causal diagonal are skipped.
 
 Layouts: q (B, H, Lq, D); k (B, Hkv, Lk, D); v (B, Hkv, Lk, Dv) with H a multiple of Hkv
 (query head h reads key/value head h // (H / Hkv)); bias and mask broadcast to (B, H, Lq, Lk).
@@ -94,11 +96,15 @@ def _prepare(q, k, v, bias, mask):
 
 
 def chunked_attention_forward(q, k, v, bias, mask, opts: ScoreOptions):
-    """Returns (out in q's dtype with shape (B, H, Lq, Dv), row log-sum-exp in fp32 (B, H, Lq))."""
+    """Returns (out in q's dtype with shape (B, H, Lq, Dv), fp32 row statistics (B, H, Lq, 2)).
+
+    The statistics hold each row's score max and sum of exp(score − max); a row whose every key
+    is at −∞ has max −∞ and sum 0.
+    """
     qg, kg, vg, biasg, maskg = _prepare(q, k, v, bias, mask)
     query_len, key_len = q.size(-2), k.size(-2)
     out = torch.empty(qg.shape[:-1] + (v.size(-1),), dtype=q.dtype, device=q.device)
-    lse = torch.empty(qg.shape[:-1], dtype=torch.float32, device=q.device)
+    stats = torch.empty(qg.shape[:-1] + (2,), dtype=torch.float32, device=q.device)
     for q0 in range(0, query_len, opts.q_chunk):
         q1 = min(q0 + opts.q_chunk, query_len)
         qb = qg[..., q0:q1, :]
@@ -112,16 +118,21 @@ def chunked_attention_forward(q, k, v, bias, mask, opts: ScoreOptions):
                 opts, q0, k0,
             )
             new_max = torch.maximum(row_max, scores.amax(-1))
-            # A row with every key so far at −∞ keeps a finite reference so exp() gives 0, not NaN.
-            reference = torch.where(torch.isneginf(new_max), 0.0, new_max)
+            reference = _finite_reference(new_max)
             probs = torch.exp(scores.sub_(reference.unsqueeze(-1)))
             rescale = torch.exp(row_max - reference)
             row_sum = row_sum * rescale + probs.sum(-1)
             acc = acc * rescale.unsqueeze(-1) + torch.matmul(probs, vg[..., k0:k1, :])
             row_max = new_max
         out[..., q0:q1, :] = acc / row_sum.unsqueeze(-1)
-        lse[..., q0:q1] = row_max + torch.log(row_sum)
-    return out.flatten(1, 2), lse.flatten(1, 2)
+        stats[..., q0:q1, 0] = row_max
+        stats[..., q0:q1, 1] = row_sum
+    return out.flatten(1, 2), stats.flatten(1, 2)
+
+
+def _finite_reference(row_max: torch.Tensor) -> torch.Tensor:
+    """The row max, with 0 for rows whose keys are all −∞ so that exp() gives 0, not NaN."""
+    return torch.where(torch.isneginf(row_max), 0.0, row_max)
 
 
 def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -130,12 +141,13 @@ def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return grad.sum(axes, keepdim=True) if axes else grad
 
 
-def chunked_attention_backward(grad_out, q, k, v, bias, mask, out, lse, opts: ScoreOptions, bias_grad: bool):
-    """Gradients (dq, dk, dv, dbias or None) recomputed block by block from the saved lse."""
+def chunked_attention_backward(grad_out, q, k, v, bias, mask, out, stats, opts: ScoreOptions, bias_grad: bool):
+    """Gradients (dq, dk, dv, dbias or None) recomputed block by block from the row statistics."""
     qg, kg, vg, biasg, maskg = _prepare(q, k, v, bias, mask)
     kv_heads = k.size(1)
     grad_g = _grouped(grad_out, kv_heads).float()
-    lse_g = lse.unflatten(1, (kv_heads, q.size(1) // kv_heads))
+    stats_g = stats.unflatten(1, (kv_heads, q.size(1) // kv_heads))
+    row_reference, row_sum = _finite_reference(stats_g[..., 0]).unsqueeze(-1), stats_g[..., 1].unsqueeze(-1)
     delta = (grad_g * _grouped(out, kv_heads).float()).sum(-1)
     query_len, key_len = q.size(-2), k.size(-2)
     dq = torch.zeros_like(qg)
@@ -153,7 +165,7 @@ def chunked_attention_backward(grad_out, q, k, v, bias, mask, out, lse, opts: Sc
             kb, vb = kg[..., k0:k1, :], vg[..., k0:k1, :]
             mask_b = _block(maskg, q0, q1, k0, k1)
             scores, capped = _block_scores(qb, kb, _block(biasg, q0, q1, k0, k1), mask_b, opts, q0, k0)
-            probs = torch.exp(scores.sub_(lse_g[..., q0:q1].unsqueeze(-1)))
+            probs = torch.exp(scores.sub_(row_reference[..., q0:q1, :])).div_(row_sum[..., q0:q1, :])
             dv[..., k0:k1, :] += torch.matmul(probs.transpose(-1, -2), dob).sum(2)
             grad_scores = probs.mul_(torch.matmul(dob, vb.transpose(-1, -2)).sub_(delta[..., q0:q1].unsqueeze(-1)))
             if mask_b is not None:  # entries replaced by a constant fill pass no gradient on
