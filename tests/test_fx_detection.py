@@ -145,7 +145,7 @@ def test_scale_folds_into_spec():
 
 def test_gqa_keeps_kv_heads_unexpanded():
     gm, report = assert_parity(Styled("gqa_expand_reshape"), _inputs("gqa_expand_reshape"), rewrites=1)
-    assert (report.matches[0].spec.num_heads, report.matches[0].spec.num_kv_heads) == (4, 4)
+    assert (report.matches[0].spec.num_heads, report.matches[0].spec.num_kv_heads) == (4, 2)
     attention = next(n for n in gm.graph.nodes if n.target is torch.ops.rewriter.attention.default)
     assert attention.args[1].target is torch.ops.aten.permute.default or attention.args[1].op == "placeholder"
     assert not any(n.target is torch.ops.aten.expand.default for n in gm.graph.nodes)

@@ -25,11 +25,11 @@ CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_a
 # Ops that return their (first) input's values unchanged.
 PASSTHROUGH = {aten.clone.default, aten.contiguous.default, aten.alias.default, aten.lift_fresh_copy.default}
 DROPOUT = {aten.dropout.default, aten.feature_dropout.default}
-MUL = {aten.mul.Tensor, aten.mul.Scalar}
-DIV = {aten.div.Tensor, aten.div.Scalar}
-ADD = {aten.add.Tensor, aten.add.Scalar}
-SUB = {aten.sub.Tensor, aten.sub.Scalar}
-MASKED_FILL = {aten.masked_fill.Scalar, aten.masked_fill.Tensor}
+MUL = {aten.mul.Tensor, aten.mul.Scalar, aten.mul_.Tensor, aten.mul_.Scalar}
+DIV = {aten.div.Tensor, aten.div.Scalar, aten.div_.Tensor, aten.div_.Scalar}
+ADD = {aten.add.Tensor, aten.add.Scalar, aten.add_.Tensor, aten.add_.Scalar}
+SUB = {aten.sub.Tensor, aten.sub.Scalar, aten.sub_.Tensor, aten.sub_.Scalar}
+MASKED_FILL = {aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.masked_fill_.Scalar, aten.masked_fill_.Tensor}
 WHERE = {aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar}
 TANH = {aten.tanh.default}
 EXP = {aten.exp.default}
@@ -40,6 +40,10 @@ REPEAT_INTERLEAVE = {aten.repeat_interleave.self_int}
 EXPAND = {aten.expand.default}
 UNSQUEEZE = {aten.unsqueeze.default}
 RESHAPE = {aten.reshape.default, aten.view.default, aten._unsafe_view.default}
+# In-place forms (`scores += bias`): fine on the score path when the scores are what they mutate.
+IN_PLACE = {aten.mul_.Tensor, aten.mul_.Scalar, aten.div_.Tensor, aten.div_.Scalar, aten.add_.Tensor,
+            aten.add_.Scalar, aten.sub_.Tensor, aten.sub_.Scalar, aten.masked_fill_.Scalar,
+            aten.masked_fill_.Tensor}
 # Users that only observe a value (exporter assertions) and never consume it.
 OBSERVERS = {aten._assert_tensor_metadata.default, aten.sym_constrain_range_for_size.default}
 
@@ -49,8 +53,11 @@ def is_call(node, targets) -> bool:
 
 
 def value_users(node: Node) -> list[Node]:
-    """Users that consume the value (exporter assertions are not counted)."""
-    return [user for user in node.users if not is_call(user, OBSERVERS)]
+    """Users that consume the value: not exporter assertions, nor `x.type_as(node)` (dtype only)."""
+    return [
+        user for user in node.users
+        if not is_call(user, OBSERVERS) and not (user.target is aten.type_as.default and user.args[0] is not node)
+    ]
 
 
 def tensor_meta(node) -> torch.Tensor | None:

@@ -156,6 +156,31 @@ def _peel_scale(gm: GraphModule, operand: Operand) -> tuple[Operand, float]:
     return dataclasses.replace(operand, node=node.args[0]).before_permutes(), factor
 
 
+def _before_head_expansion(operand: Operand) -> Operand:
+    """K or V from before a repeat_interleave over heads (GQA/MQA), when that is what fed it."""
+    heads_axis_label = operand.target[1] if len(operand.target) == 4 else None
+    if heads_axis_label is None or heads_axis_label not in operand.labels:
+        return operand
+    axis = operand.labels.index(heads_axis_label)
+    node = operand.node
+    if ops.is_call(node, ops.REPEAT_INTERLEAVE) and len(node.args) > 2 and node.args[2] % len(operand.labels) == axis:
+        return dataclasses.replace(operand, node=node.args[0])
+    # HF repeat_kv: x[:, :, None].expand(b, kv, groups, s, d).reshape(b, kv * groups, s, d)
+    if ops.is_call(node, ops.RESHAPE) and ops.is_call(node.args[0], ops.EXPAND):
+        unsqueeze = node.args[0].args[0]
+        if ops.is_call(unsqueeze, ops.UNSQUEEZE) and unsqueeze.args[1] == axis + 1:
+            return dataclasses.replace(operand, node=unsqueeze.args[0])
+    return operand
+
+
+def _unexpanded_key_value(key: Operand, value: Operand) -> tuple[Operand, Operand]:
+    """K and V from before a grouped-head expansion: both or neither (the op needs equal heads)."""
+    key_source, value_source = _before_head_expansion(key), _before_head_expansion(value)
+    if (key_source is key) != (value_source is value):
+        return key, value
+    return key_source, value_source
+
+
 def _shape(node: Node) -> tuple[int, ...]:
     meta = ops.tensor_meta(node)
     if meta is None:
@@ -257,7 +282,8 @@ class _Builder:
         canonical_out = pv_batch + pv_query + value_dims[0]
         if sorted(pv.out_labels) != sorted(canonical_out):
             raise _Rejected("P·V sums over a batch axis")
-        match.value = Operand(value_node, value_labels, pv_batch + pv_key + value_dims[0]).before_permutes()
+        value = Operand(value_node, value_labels, pv_batch + pv_key + value_dims[0]).before_permutes()
+        match.key, match.value = _unexpanded_key_value(match.key, value)
         match.output, match.out_canonical, match.out_labels = pv_node, canonical_out, pv.out_labels
         return _Scores(scores, _shape(chain.product_node), batch, query_label, key_label)
 
@@ -340,8 +366,9 @@ class _Builder:
                 raise _Rejected(f"scaled_dot_product_attention on rank-{rank} tensors")
             batch = "ab"[: rank - 2]
             match.query = Operand(q, batch + "MN", batch + "MN").before_permutes()
-            match.key = Operand(k, batch + "PN", batch + "PN").before_permutes()
-            match.value = Operand(v, batch + "PV", batch + "PV").before_permutes()
+            match.key, match.value = _unexpanded_key_value(
+                Operand(k, batch + "PN", batch + "PN").before_permutes(),
+                Operand(v, batch + "PV", batch + "PV").before_permutes())
             match.output, match.out_canonical, match.out_labels = node, batch + "MV", batch + "MV"
             scores_shape = _shape(q)[:-1] + (_shape(k)[-2],)
             if _shape(q)[1] != _shape(k)[1] and rank == 4 and not gqa:

@@ -50,23 +50,6 @@ def _padding_axis(canonical: str) -> int:
     return 1 if len(canonical) == 3 else 0
 
 
-def _key_value_source(operand: Operand) -> Operand:
-    """K or V from before a repeat_interleave over heads (GQA/MQA), when that is what fed it."""
-    heads_axis_label = operand.target[1] if len(operand.target) == 4 else None
-    if heads_axis_label is None or heads_axis_label not in operand.labels:
-        return operand
-    axis = operand.labels.index(heads_axis_label)
-    node = operand.node
-    if ops.is_call(node, ops.REPEAT_INTERLEAVE) and len(node.args) > 2 and node.args[2] % len(operand.labels) == axis:
-        return dataclasses.replace(operand, node=node.args[0])
-    # HF repeat_kv: x[:, :, None].expand(b, kv, groups, s, d).reshape(b, kv * groups, s, d)
-    if ops.is_call(node, ops.RESHAPE) and ops.is_call(node.args[0], ops.EXPAND):
-        unsqueeze = node.args[0].args[0]
-        if ops.is_call(unsqueeze, ops.UNSQUEEZE) and unsqueeze.args[1] == axis + 1:
-            return dataclasses.replace(operand, node=unsqueeze.args[0])
-    return operand
-
-
 def _combined_bias(graph: Graph, biases: list[tuple[Operand, float]]) -> Node | None:
     total = None
     for operand, factor in biases:
@@ -85,17 +68,34 @@ def _restore_layout(graph: Graph, node: Node, match: FxAttentionMatch) -> Node:
     order = [canonical.index(label) for label in match.out_labels]
     if order != list(range(len(order))):
         node = graph.call_function(aten.permute.default, (node, order))
+    node = _with_memory_order_of(graph, node, order, ops.tensor_meta(match.output))
     if match.cast_output_to is not None:
         node = graph.call_function(aten._to_copy.default, (node,), {"dtype": match.cast_output_to})
     return node
 
 
+def _with_memory_order_of(graph: Graph, node: Node, order: list[int], original: torch.Tensor) -> Node:
+    """`node` laid out in memory like the value it replaces, which later views may rely on.
+
+    `node` holds the op's contiguous output viewed through `order` (its axis i is the op's axis
+    order[i]); when that memory order differs from the original's, one copy re-lays it out.
+    """
+    shape, strides = original.shape, original.stride()
+    def significant(axes):
+        return [axis for axis in axes if shape[axis] != 1]
+
+    original_order = sorted(range(len(shape)), key=lambda axis: (-strides[axis], axis))
+    current_order = sorted(range(len(order)), key=lambda axis: order[axis])
+    if significant(original_order) == significant(current_order):
+        return node
+    node = graph.call_function(aten.permute.default, (node, original_order))
+    node = graph.call_function(aten.clone.default, (node,), {"memory_format": torch.contiguous_format})
+    inverse = sorted(range(len(original_order)), key=lambda axis: original_order[axis])
+    return graph.call_function(aten.permute.default, (node, inverse))
+
+
 def _emit(graph: Graph, match: FxAttentionMatch, chunks: ChunkSizes) -> Node:
-    query = _arrange(graph, match.query)
-    key_source, value_source = _key_value_source(match.key), _key_value_source(match.value)
-    if (key_source is match.key) != (value_source is match.value):  # the op needs K and V heads equal
-        key_source, value_source = match.key, match.value
-    key, value = _arrange(graph, key_source), _arrange(graph, value_source)
+    query, key, value = (_arrange(graph, operand) for operand in (match.query, match.key, match.value))
     bias = _combined_bias(graph, match.biases)
     mask = None
     if match.mask is not None:

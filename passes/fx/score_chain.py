@@ -73,6 +73,8 @@ def _walk(gm: GraphModule, node: Node, steps: list, nodes: list[Node]):
         raise ChainError(f"no Q·Kᵀ product above softmax (reached '{node.name}')")
     nodes.append(node)
     target = node.target
+    if target in ops.IN_PLACE and not _mutates_scores(gm, node):
+        raise ChainError(f"'{node.name}' updates a tensor other than the scores in place")
     if target in ops.CASTS or target in ops.PASSTHROUGH:
         return _walk_to(gm, node.args[0], node, steps, nodes)
     if target in ops.DROPOUT:
@@ -98,6 +100,15 @@ def _walk(gm: GraphModule, node: Node, steps: list, nodes: list[Node]):
     if target in ops.RESHAPE:
         raise ChainError(f"scores are reshaped between the product and softmax ('{node.name}')")
     raise ChainError(f"unsupported op '{target}' between the product and softmax ('{node.name}')")
+
+
+def _mutates_scores(gm, node: Node) -> bool:
+    """Whether an in-place op's mutated operand (its first) is on the path to the product."""
+    try:
+        _walk_to(gm, node.args[0], node, [], [])
+        return True
+    except ChainError:
+        return False
 
 
 def _walk_to(gm, operand, user: Node, steps, nodes):

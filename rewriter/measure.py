@@ -1,0 +1,69 @@
+"""Peak memory and time of one call, measured in a fresh process.
+
+Memory is the process's peak resident set during the call minus its resident set just before
+(Linux: VmHWM is reset through /proc/self/clear_refs), so model weights and inputs built before
+the call do not count. A fresh process per measurement keeps allocator caches of earlier runs out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import multiprocessing
+import time
+from collections.abc import Callable
+
+__all__ = ["Measurement", "measure_call", "measure_in_fresh_process"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    extra_peak_bytes: int
+    seconds: float
+
+    @property
+    def extra_peak_mib(self) -> float:
+        return self.extra_peak_bytes / 2**20
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def measure_call(call: Callable[[], object]) -> Measurement:
+    """Run `call` once; its extra peak RSS and wall time."""
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # resets VmHWM to the current RSS
+    before = _status_kib("VmRSS")
+    start = time.perf_counter()
+    call()
+    seconds = time.perf_counter() - start
+    return Measurement(max(0, _status_kib("VmHWM") - before) * 1024, seconds)
+
+
+def _child(queue, setup, args) -> None:
+    try:
+        queue.put(measure_call(setup(*args)))
+    except BaseException as error:  # reported to the parent, which raises it
+        queue.put(error)
+
+
+def measure_in_fresh_process(setup: Callable[..., Callable[[], object]], *args) -> Measurement:
+    """`setup(*args)` runs in a new process and returns the call to measure there.
+
+    `setup` must be importable (a module-level function): the child is spawned, not forked.
+    """
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(queue, setup, args))
+    process.start()
+    result = queue.get()
+    process.join()
+    if isinstance(result, BaseException):
+        raise result
+    return result
