@@ -7,6 +7,7 @@ the call do not count. A fresh process per measurement keeps allocator caches of
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import gc
 import multiprocessing
@@ -37,6 +38,7 @@ def _status_kib(field: str) -> int:
 def measure_call(call: Callable[[], object]) -> Measurement:
     """Run `call` once; its extra peak RSS and wall time."""
     gc.collect()
+    ctypes.CDLL(None).malloc_trim(0)  # hand freed heap (e.g. tracing leftovers) back: a fair baseline
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")  # resets VmHWM to the current RSS
     before = _status_kib("VmRSS")
