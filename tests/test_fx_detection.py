@@ -226,3 +226,26 @@ def test_relative_bias_receives_gradient():
     Styled("relative_bias")(q, k, v, bias_eager).square().sum().backward()
     gm(q, k, v, bias_rewritten).square().sum().backward()
     torch.testing.assert_close(bias_rewritten.grad, bias_eager.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_dynamic_sequence_length_keeps_working_at_other_lengths():
+    seq = torch.export.Dim("seq", min=2, max=1024)
+    inputs = _inputs("masked_fill")
+    module = Styled("masked_fill")
+    gm, report = rewriter.optimize_module(
+        module, tuple(inputs), dynamic_shapes=(({2: seq}, {2: seq}, {2: seq}, {1: seq}),))
+    assert report.rewritten_count == 1 and report.matches[0].spec.seq_len_q is None
+    for length in (5, 37):
+        q, k, v = (torch.randn(B, H, length, D) for _ in range(3))
+        pad = torch.rand(B, length) > 0.2
+        pad[:, 0] = True
+        torch.testing.assert_close(gm(q, k, v, pad), module(q, k, v, pad))
+
+
+class _ThreeInputs(nn.Module):
+    def forward(self, q, k, v):
+        return STYLES["div_scale"](self, q, k, v)
+
+
+def test_symbolically_traced_graph_module_is_accepted():
+    assert_parity(torch.fx.symbolic_trace(_ThreeInputs()), _inputs("div_scale"), rewrites=1)

@@ -181,11 +181,16 @@ def _unexpanded_key_value(key: Operand, value: Operand) -> tuple[Operand, Operan
     return key_source, value_source
 
 
-def _shape(node: Node) -> tuple[int, ...]:
+def _shape(node: Node) -> tuple:
+    """Sizes of `node`: ints, or sympy expressions for dynamic sizes (compared without guards)."""
     meta = ops.tensor_meta(node)
     if meta is None:
         raise _Rejected(f"no shape recorded for '{node.name}'")
-    return tuple(meta.shape)
+    return tuple(size if isinstance(size, int) else size.node.expr for size in meta.shape)
+
+
+def _static(size) -> int | None:
+    return size if isinstance(size, int) else None
 
 
 def _aligned(node: Node, scores_labels: str, scores_shape, what: str) -> Operand:
@@ -288,7 +293,8 @@ class _Builder:
         return _Scores(scores, _shape(chain.product_node), batch, query_label, key_label)
 
     def _fill_masks(self, match, scores_info: _Scores, biases: list[tuple[Node, float]], masks: list[MaskStep]):
-        scores, scores_shape, batch, query_label, key_label = dataclasses.astuple(scores_info)
+        scores, scores_shape, batch = scores_info.labels, scores_info.shape, scores_info.batch
+        query_label, key_label = scores_info.query, scores_info.key
         canonical = batch + query_label + key_label
         query_len, key_len = scores_shape[scores.index(query_label)], scores_shape[scores.index(key_label)]
         causal_offsets = []
@@ -430,18 +436,19 @@ def _layout_fields(match: FxAttentionMatch) -> dict:
     fields = {
         "q_layout": layout(match.query, q_seq, head_dim),
         "k_layout": layout(match.key, k_seq, head_dim),
-        "seq_len_q": query_shape[match.query.labels.index(q_seq)],
-        "seq_len_k": key_shape[match.key.labels.index(k_seq)],
-        "head_dim": query_shape[match.query.labels.index(head_dim)],
+        "seq_len_q": _static(query_shape[match.query.labels.index(q_seq)]),
+        "seq_len_k": _static(key_shape[match.key.labels.index(k_seq)]),
+        "head_dim": _static(query_shape[match.query.labels.index(head_dim)]),
     }
     sizes = [query_shape[match.query.labels.index(label)] for label in batch] + [1, 1]
-    fields["batch_size"], fields["num_heads"] = (sizes[0], sizes[1]) if len(batch) == 2 else (sizes[0], 1)
+    batch_size, num_heads = (sizes[0], sizes[1]) if len(batch) == 2 else (sizes[0], 1)
+    fields["batch_size"], fields["num_heads"] = _static(batch_size), _static(num_heads)
     heads = batch[1] if len(batch) == 2 else "-"
-    fields["num_kv_heads"] = key_shape[match.key.labels.index(heads)] if heads in match.key.labels else 1
+    fields["num_kv_heads"] = _static(key_shape[match.key.labels.index(heads)]) if heads in match.key.labels else 1
     if match.value is not None:
         value_shape = _shape(match.value.node)
         fields["v_layout"] = layout(match.value, match.value.target[-2], match.value.target[-1])
-        fields["value_head_dim"] = value_shape[match.value.labels.index(match.value.target[-1])]
+        fields["value_head_dim"] = _static(value_shape[match.value.labels.index(match.value.target[-1])])
         fields["out_layout"] = layout(
             Operand(match.output, match.out_labels, match.out_canonical),
             match.out_canonical[-2], match.out_canonical[-1])
