@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -249,3 +251,46 @@ class _ThreeInputs(nn.Module):
 
 def test_symbolically_traced_graph_module_is_accepted():
     assert_parity(torch.fx.symbolic_trace(_ThreeInputs()), _inputs("div_scale"), rewrites=1)
+
+
+class _RandomAttention(nn.Module):
+    """GQA attention with an optional padding mask and causality, written with matmul or einsum."""
+
+    def __init__(self, use_einsum: bool, mask_kind: str, groups: int):
+        super().__init__()
+        self.use_einsum, self.mask_kind, self.groups = use_einsum, mask_kind, groups
+
+    def forward(self, q, k, v, pad):
+        k, v = k.repeat_interleave(self.groups, 1), v.repeat_interleave(self.groups, 1)
+        if self.use_einsum:
+            scores = torch.einsum("bhqd,bhkd->bhqk", q, k) * 0.3
+        else:
+            scores = q @ k.transpose(-1, -2) * 0.3
+        if self.mask_kind == "padding":
+            scores = scores.masked_fill(~pad[:, None, None, :], float("-inf"))
+        elif self.mask_kind == "causal":
+            scores = scores + torch.full(scores.shape[-2:], float("-inf")).triu(1)
+        probs = scores.softmax(-1)
+        return torch.einsum("bhqk,bhkd->bhqd", probs, v) if self.use_einsum else probs @ v
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    batch=st.integers(1, 2), kv_heads=st.integers(1, 2), groups=st.integers(1, 3),
+    query_len=st.integers(1, 20), key_len=st.integers(1, 20), head_dim=st.sampled_from([1, 8]),
+    use_einsum=st.booleans(), mask_kind=st.sampled_from(["none", "padding", "causal"]),
+    q_chunk=st.integers(1, 16), k_chunk=st.integers(1, 16),
+)
+def test_random_shapes_and_chunks(batch, kv_heads, groups, query_len, key_len, head_dim, use_einsum,
+                                  mask_kind, q_chunk, k_chunk):
+    if mask_kind == "causal":
+        key_len = query_len
+    generator = torch.Generator().manual_seed(query_len * 100 + key_len)
+    q = torch.randn(batch, kv_heads * groups, query_len, head_dim, generator=generator)
+    k, v = (torch.randn(batch, kv_heads, key_len, head_dim, generator=generator) for _ in range(2))
+    pad = torch.rand(batch, key_len, generator=generator) > 0.3
+    pad[:, 0] = True  # no row masked everywhere (eager gives NaN there, and so does the op)
+    _, report = assert_parity(_RandomAttention(use_einsum, mask_kind, groups), [q, k, v, pad], rewrites=1,
+                              chunk_size=(q_chunk, k_chunk))
+    assert report.matches[0].spec.num_kv_heads == kv_heads
+    assert report.matches[0].causal == (mask_kind == "causal" and query_len > 1)  # 1×1 hides nothing
