@@ -21,6 +21,7 @@ __all__ = ["Measurement", "measure_call", "measure_in_fresh_process"]
 class Measurement:
     extra_peak_bytes: int
     seconds: float
+    cpu_seconds: float  # over all threads: unlike wall time, barely moved by other load
 
     @property
     def extra_peak_mib(self) -> float:
@@ -42,10 +43,10 @@ def measure_call(call: Callable[[], object]) -> Measurement:
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")  # resets VmHWM to the current RSS
     before = _status_kib("VmRSS")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     call()
-    seconds = time.perf_counter() - start
-    return Measurement(max(0, _status_kib("VmHWM") - before) * 1024, seconds)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return Measurement(max(0, _status_kib("VmHWM") - before) * 1024, seconds, cpu_seconds)
 
 
 def _child(queue, setup, args) -> None:

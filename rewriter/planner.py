@@ -8,9 +8,9 @@ from passes.attention_spec import AttentionSpec, ChunkSizes
 
 __all__ = ["DEFAULT_BLOCK_BUDGET", "parse_size", "plan_chunk_sizes"]
 
-DEFAULT_BLOCK_BUDGET = 64 * 2**20
+DEFAULT_BLOCK_BUDGET = 32 * 2**20
 DEFAULT_QUERY_CHUNK, DEFAULT_KEY_CHUNK = 1024, 4096  # Rabe & Staats' defaults
-# fp32 blocks alive at once inside one step: scores, probabilities and one temporary (backward: +1).
+# fp32 blocks alive at once in the backward's step (scores/probabilities, tanh, dP) plus slack.
 _LIVE_BLOCKS = 4
 _MIN_QUERY_CHUNK, _MIN_KEY_CHUNK = 16, 128
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,

@@ -65,33 +65,44 @@ def _key_stop(opts: ScoreOptions, q1: int, key_len: int) -> int:
     return max(0, min(key_len, q1 + opts.causal_offset))
 
 
-def _block_scores(qb, kb, bias_b, mask_b, opts: ScoreOptions, q0: int, k0: int):
-    """Final scores of one block and, with soft-capping, tanh of the capped scores (for backward)."""
-    scores = torch.matmul(qb, kb.transpose(-1, -2)).mul_(opts.scale)
+def _block_scores(qb, kb, bias_b, hidden_b, opts: ScoreOptions, q0: int, k0: int, keep_tanh: bool = False):
+    """Final scores of one block, and with soft-capping and `keep_tanh` the tanh values too.
+
+    `qb` arrives already multiplied by `_query_factor(opts)`; `hidden_b` is True where the mask
+    hides a key. Works in place: a block costs one fp32 buffer (two when the tanh is kept).
+    """
+    scores = torch.matmul(qb, kb.transpose(-1, -2))
     capped = None
     if opts.softcap > 0:
-        capped = torch.tanh(scores.div_(opts.softcap))
-        scores = capped * opts.softcap
+        scores.tanh_()
+        capped = scores.clone() if keep_tanh else None
+        scores.mul_(opts.softcap)
     if bias_b is not None:
-        scores = scores + bias_b
-    if mask_b is not None:
-        scores = scores.masked_fill(~mask_b, opts.mask_fill)
+        scores.add_(bias_b)
+    if hidden_b is not None:
+        scores.masked_fill_(hidden_b, opts.mask_fill)
     query_rows, key_cols = qb.size(-2), kb.size(-2)
     if opts.causal and k0 + key_cols - 1 > q0 + opts.causal_offset:
         rows = torch.arange(q0, q0 + query_rows, device=qb.device).unsqueeze(1) + opts.causal_offset
         cols = torch.arange(k0, k0 + key_cols, device=qb.device).unsqueeze(0)
-        scores = scores.masked_fill(cols > rows, -math.inf)
+        scores.masked_fill_(cols > rows, -math.inf)
     return scores, capped
 
 
+def _query_factor(opts: ScoreOptions) -> float:
+    """What Q is multiplied by before Q·Kᵀ: the scale, divided by the cap when soft-capping."""
+    return opts.scale / opts.softcap if opts.softcap > 0 else opts.scale
+
+
 def _prepare(q, k, v, bias, mask):
+    """Grouped fp32 views of q (pre-scaled by `_query_factor`), k, v; bias; the inverted mask."""
     kv_heads = k.size(1)
     return (
         _grouped(q, kv_heads).float(),
         k.unsqueeze(2).float(),
         v.unsqueeze(2).float(),
         None if bias is None else _grouped(bias, kv_heads),
-        None if mask is None else _grouped(mask, kv_heads),
+        None if mask is None else _grouped(~mask, kv_heads),
     )
 
 
@@ -101,29 +112,30 @@ def chunked_attention_forward(q, k, v, bias, mask, opts: ScoreOptions):
     The statistics hold each row's score max and sum of exp(score − max); a row whose every key
     is at −∞ has max −∞ and sum 0.
     """
-    qg, kg, vg, biasg, maskg = _prepare(q, k, v, bias, mask)
+    qg, kg, vg, biasg, hiddeng = _prepare(q, k, v, bias, mask)
     query_len, key_len = q.size(-2), k.size(-2)
     out = torch.empty(qg.shape[:-1] + (v.size(-1),), dtype=q.dtype, device=q.device)
     stats = torch.empty(qg.shape[:-1] + (2,), dtype=torch.float32, device=q.device)
     for q0 in range(0, query_len, opts.q_chunk):
         q1 = min(q0 + opts.q_chunk, query_len)
-        qb = qg[..., q0:q1, :]
+        qb = qg[..., q0:q1, :] * _query_factor(opts)
         row_max = torch.full(qb.shape[:-1], -math.inf, device=q.device)
         row_sum = torch.zeros_like(row_max)
         acc = torch.zeros(qb.shape[:-1] + (v.size(-1),), device=q.device)
         for k0 in range(0, _key_stop(opts, q1, key_len), opts.k_chunk):
             k1 = min(k0 + opts.k_chunk, key_len)
             scores, _ = _block_scores(
-                qb, kg[..., k0:k1, :], _block(biasg, q0, q1, k0, k1), _block(maskg, q0, q1, k0, k1),
+                qb, kg[..., k0:k1, :], _block(biasg, q0, q1, k0, k1), _block(hiddeng, q0, q1, k0, k1),
                 opts, q0, k0,
             )
             new_max = torch.maximum(row_max, scores.amax(-1))
             reference = _finite_reference(new_max)
-            probs = torch.exp(scores.sub_(reference.unsqueeze(-1)))
+            probs = scores.sub_(reference.unsqueeze(-1)).exp_()
             rescale = torch.exp(row_max - reference)
             row_sum = row_sum * rescale + probs.sum(-1)
             acc = acc * rescale.unsqueeze(-1) + torch.matmul(probs, vg[..., k0:k1, :])
             row_max = new_max
+            del scores, probs  # free this block before the next one is allocated
         out[..., q0:q1, :] = acc / row_sum.unsqueeze(-1)
         stats[..., q0:q1, 0] = row_max
         stats[..., q0:q1, 1] = row_sum
@@ -143,7 +155,7 @@ def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 def chunked_attention_backward(grad_out, q, k, v, bias, mask, out, stats, opts: ScoreOptions, bias_grad: bool):
     """Gradients (dq, dk, dv, dbias or None) recomputed block by block from the row statistics."""
-    qg, kg, vg, biasg, maskg = _prepare(q, k, v, bias, mask)
+    qg, kg, vg, biasg, hiddeng = _prepare(q, k, v, bias, mask)
     kv_heads = k.size(1)
     grad_g = _grouped(grad_out, kv_heads).float()
     stats_g = stats.unflatten(1, (kv_heads, q.size(1) // kv_heads))
@@ -160,23 +172,26 @@ def chunked_attention_backward(grad_out, q, k, v, bias, mask, out, stats, opts: 
     for q0 in range(0, query_len, opts.q_chunk):
         q1 = min(q0 + opts.q_chunk, query_len)
         qb, dob = qg[..., q0:q1, :], grad_g[..., q0:q1, :]
+        qb_scaled = qb * _query_factor(opts)
         for k0 in range(0, _key_stop(opts, q1, key_len), opts.k_chunk):
             k1 = min(k0 + opts.k_chunk, key_len)
             kb, vb = kg[..., k0:k1, :], vg[..., k0:k1, :]
-            mask_b = _block(maskg, q0, q1, k0, k1)
-            scores, capped = _block_scores(qb, kb, _block(biasg, q0, q1, k0, k1), mask_b, opts, q0, k0)
-            probs = torch.exp(scores.sub_(row_reference[..., q0:q1, :])).div_(row_sum[..., q0:q1, :])
+            hidden_b = _block(hiddeng, q0, q1, k0, k1)
+            scores, capped = _block_scores(
+                qb_scaled, kb, _block(biasg, q0, q1, k0, k1), hidden_b, opts, q0, k0, keep_tanh=True)
+            probs = scores.sub_(row_reference[..., q0:q1, :]).exp_().div_(row_sum[..., q0:q1, :])
             dv[..., k0:k1, :] += torch.matmul(probs.transpose(-1, -2), dob).sum(2)
-            grad_scores = probs.mul_(torch.matmul(dob, vb.transpose(-1, -2)).sub_(delta[..., q0:q1].unsqueeze(-1)))
-            if mask_b is not None:  # entries replaced by a constant fill pass no gradient on
-                grad_scores = grad_scores.masked_fill(~mask_b, 0.0)
+            grad_probs = torch.matmul(dob, vb.transpose(-1, -2)).sub_(delta[..., q0:q1].unsqueeze(-1))
+            grad_scores = probs.mul_(grad_probs)
+            if hidden_b is not None:  # entries replaced by a constant fill pass no gradient on
+                grad_scores.masked_fill_(hidden_b, 0.0)
             if dbias is not None:
                 _accumulate_bias_grad(dbias, grad_scores, q0, q1, k0, k1)
-            if capped is not None:
-                grad_scores = grad_scores * (1 - capped * capped)
-            grad_scores = grad_scores.mul_(opts.scale)
-            dq[..., q0:q1, :] += torch.matmul(grad_scores, kb)
-            dk[..., k0:k1, :] += torch.matmul(grad_scores.transpose(-1, -2), qb).sum(2)
+            if capped is not None:  # d(c·tanh(x/c))/dx = 1 − tanh²
+                grad_scores.mul_(capped.square_().neg_().add_(1))
+            dq[..., q0:q1, :] += torch.matmul(grad_scores, kb).mul_(opts.scale)
+            dk[..., k0:k1, :] += torch.matmul(grad_scores.transpose(-1, -2), qb).sum(2).mul_(opts.scale)
+            del scores, capped, probs, grad_probs, grad_scores  # free this block before the next
     dbias = None if dbias is None else dbias.reshape(bias.shape).to(bias.dtype)
     return dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
 
