@@ -12,7 +12,7 @@ from passes.fx.rewrite_attention import RewriteSoftmaxAttention
 from rewriter.planner import plan_chunk_sizes
 from rewriter.report import MatchReport, Report
 
-__all__ = ["capture", "detect_module", "optimize_module"]
+__all__ = ["capture", "detect_module", "optimize_module", "rewrite_graph_module"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,20 @@ def detect_module(module, example_inputs, **capture_options) -> Report:
     return _report(detect_softmax_attention(gm), {}, type(module).__name__)
 
 
+def rewrite_graph_module(gm: GraphModule, memory_budget=None, chunk_size=None, source: str = "graph") -> Report:
+    """Detect, plan and rewrite the attention of an ATen-level GraphModule in place."""
+    matches = detect_softmax_attention(gm)
+    planned = {}
+    for index, match in enumerate(matches):
+        if match.spec.accepted:
+            chunks = plan_chunk_sizes(match.spec, memory_budget, chunk_size)
+            planned[index] = (chunks.query, chunks.key)
+    RewriteSoftmaxAttention(matches, lambda spec: plan_chunk_sizes(spec, memory_budget, chunk_size))(gm)
+    report = _report(matches, planned, source)
+    logger.info(report.summary())
+    return report
+
+
 def optimize_module(
     module, example_inputs, *, memory_budget=None, chunk_size=None, example_kwargs=None, dynamic_shapes=None
 ) -> tuple[GraphModule, Report]:
@@ -54,17 +68,4 @@ def optimize_module(
     the blocks instead. The returned GraphModule takes the same inputs as `module`.
     """
     gm = capture(module, example_inputs, example_kwargs, dynamic_shapes)
-    matches = detect_softmax_attention(gm)
-    planned = {}
-    for index, match in enumerate(matches):
-        if match.spec.accepted:
-            chunks = plan_chunk_sizes(match.spec, memory_budget, chunk_size)
-            planned[index] = (chunks.query, chunks.key)
-
-    def plan(spec):
-        return plan_chunk_sizes(spec, memory_budget, chunk_size)
-
-    RewriteSoftmaxAttention(matches, plan)(gm)
-    report = _report(matches, planned, type(module).__name__)
-    logger.info(report.summary())
-    return gm, report
+    return gm, rewrite_graph_module(gm, memory_budget, chunk_size, type(module).__name__)

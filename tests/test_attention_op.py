@@ -126,6 +126,14 @@ def test_opcheck(with_bias):
     torch.library.opcheck(torch.ops.rewriter.attention.default, args)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_opcheck_on_transposed_inputs(fused):
+    """Sequence-first projections arrive as non-contiguous views: fake strides must still match."""
+    q, k, v = (torch.randn(2, 9, 4, 8).transpose(1, 2).requires_grad_() for _ in range(3))
+    args = (q, k, v, None, None, 0.3, 0.0 if fused else 2.0, -math.inf, False, 0, 4, 5)
+    torch.library.opcheck(torch.ops.rewriter.attention.default, args)
+
+
 def test_shape_errors_are_clear():
     q = torch.randn(1, 3, 4, 8)
     k = v = torch.randn(1, 2, 4, 8)

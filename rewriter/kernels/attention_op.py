@@ -120,16 +120,17 @@ def attention_backward(
         )
         if groups > 1:
             dk, dv = (g.unflatten(1, (k.size(1), groups)).sum(2) for g in (dk, dv))
-        return dq, dk, dv, no_bias_grad
+        return dq.contiguous(), dk.contiguous(), dv.contiguous(), no_bias_grad
     dq, dk, dv, dbias = chunked_attention_backward(grad_out, q, k, v, bias, mask, out, row_stats, opts, bias_grad)
-    return dq, dk, dv, no_bias_grad if dbias is None else dbias
+    # Contiguous, as the fake kernel promises (compilers plan later views on these strides).
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), no_bias_grad if dbias is None else dbias.contiguous()
 
 
 @attention_backward.register_fake
 def _(grad_out, q, k, v, bias, mask, out, row_stats, scale, softcap, mask_fill, causal, causal_offset,
       q_chunk, k_chunk, bias_grad):
-    dbias = torch.empty_like(bias) if bias_grad else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+    dbias = bias.new_empty(bias.shape) if bias_grad else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
 _SCALAR_ARGS = ("scale", "softcap", "mask_fill", "causal", "causal_offset", "q_chunk", "k_chunk")
