@@ -1,0 +1,168 @@
+"""The ONNX entry points: find attention in a model and rewrite it for a target runtime.
+
+``optimize_onnx`` detects every candidate (`passes.onnx`), picks a target per accepted match,
+raises the opset where a target needs it, rewrites, and reports every candidate. Targets:
+
+- ``chunked``: standard-op Loop subgraph (`build_chunked_attention`), memory bounded by chunks.
+- ``ort``: ``com.microsoft.MultiHeadAttention`` where its semantics are exactly the match's.
+- ``onnx-attention``: opset-23 ``Attention`` where exact and the opset can be raised to 23.
+- ``auto``: on CPU, MultiHeadAttention for blocks without masks, bias or causality (its flash
+  path), chunked otherwise; with ``provider="cuda"``, MultiHeadAttention wherever it is exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes
+
+from passes.onnx.detect_fused_attention import ONNX_ATTENTION, ORT_MHA, detect_fused_attention
+from passes.onnx.detect_softmax_attention import detect_softmax_attention
+from passes.onnx.emit_chunked import CHUNKED
+from passes.onnx.emit_fused import onnx_attention_reason, ort_mha_reason
+from passes.onnx.graph_values import is_op
+from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch
+from passes.onnx.raise_opset import RaiseOpsetPass
+from passes.onnx.rewrite_attention import PlannedRewrite, RewriteOnnxAttention
+from rewriter.planner import plan_chunk_sizes
+from rewriter.report import MatchReport, Report
+
+__all__ = ["detect_onnx", "optimize_onnx", "TARGET_NAMES"]
+
+logger = logging.getLogger(__name__)
+
+TARGET_NAMES = {"auto": None, "chunked": CHUNKED, "ort": ORT_MHA, "onnx-attention": ONNX_ATTENTION}
+_PROVIDERS = ("cpu", "cuda")
+_REQUIRED_OPSET = {CHUNKED: 18, ONNX_ATTENTION: 23}
+
+
+def _load(model_or_path) -> tuple[ir.Model, str]:
+    if isinstance(model_or_path, (str, os.PathLike)):
+        proto = onnx.load(os.fspath(model_or_path))
+        return ir.serde.deserialize_model(proto), os.path.basename(os.fspath(model_or_path))
+    if isinstance(model_or_path, onnx.ModelProto):
+        return ir.serde.deserialize_model(model_or_path), model_or_path.graph.name or "model"
+    if isinstance(model_or_path, ir.Model):
+        return model_or_path, model_or_path.graph.name or "model"
+    raise TypeError(f"expected an onnx.ModelProto, onnx_ir.Model or a path, got {type(model_or_path).__name__}")
+
+
+def _detect(ctx: AnalysisContext) -> list[OnnxAttentionMatch]:
+    """All candidates (softmax patterns and fused nodes) in graph order."""
+    order = {node: index for index, node in enumerate(ir.traversal.RecursiveGraphIterator(ctx.model.graph))}
+    matches = detect_softmax_attention(ctx) + detect_fused_attention(ctx)
+
+    def position(match: OnnxAttentionMatch) -> int:
+        anchor = match.fused or (match.nodes[-1] if match.nodes else None)
+        return order.get(anchor, len(order))
+
+    return sorted(matches, key=position)
+
+
+def _flash_eligible(match: OnnxAttentionMatch) -> bool:
+    return not (match.causal or match.biases or match.mask is not None or match.softcap)
+
+
+def _choose(ctx: AnalysisContext, match: OnnxAttentionMatch, target: str, provider: str) -> tuple[str | None, str | None]:
+    """(target, None) for the rewrite to do, or (None, reason) to leave the block alone."""
+    if target == "chunked":
+        return CHUNKED, None
+    if target == "ort":
+        reason = ort_mha_reason(ctx, match)
+        return (ORT_MHA, None) if reason is None else (None, reason)
+    if target == "onnx-attention":
+        reason = onnx_attention_reason(ctx, match)
+        return (ONNX_ATTENTION, None) if reason is None else (None, reason)
+    mha_reason = ort_mha_reason(ctx, match)
+    if provider == "cuda" and mha_reason is None:
+        return ORT_MHA, None
+    if _flash_eligible(match):
+        if is_op(match.fused, "MultiHeadAttention", domain="com.microsoft"):
+            return None, "already com.microsoft.MultiHeadAttention on its flash path"
+        if mha_reason is None:
+            return ORT_MHA, None
+    return CHUNKED, None
+
+
+def _plan(ctx, matches, target, provider, memory_budget, chunk_size):
+    plans, reasons = [], {}
+    for index, match in enumerate(matches):
+        if not match.spec.accepted:
+            continue
+        chosen, reason = _choose(ctx, match, target, provider)
+        if chosen is None:
+            reasons[index] = reason
+            continue
+        chunks = plan_chunk_sizes(match.spec, memory_budget, chunk_size) if chosen == CHUNKED else None
+        plans.append((index, PlannedRewrite(match, chosen, chunks)))
+    return plans, reasons
+
+
+def _report(matches, plans, reasons, source: str) -> Report:
+    planned = dict(plans)
+    entries = []
+    for index, match in enumerate(matches):
+        spec, plan = match.spec, planned.get(index)
+        if index in reasons:
+            spec = spec.rejected(reasons[index])
+        elif plan is not None and not plan.done:
+            spec = spec.rejected(plan.failure or "not rewritten")
+        done = plan is not None and plan.done
+        chunks = (plan.chunks.query, plan.chunks.key) if done and plan.chunks else None
+        entries.append(MatchReport(spec, done, plan.target if done else None, chunks))
+    return Report(source, entries)
+
+
+def _chunk_pair(chunk_size) -> tuple[int, int] | None:
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, int):
+        return chunk_size, chunk_size
+    query, key = chunk_size
+    return int(query), int(key)
+
+
+def detect_onnx(model_or_path) -> Report:
+    """What `optimize_onnx` would find, without changing anything."""
+    model, source = _load(model_or_path)
+    matches = _detect(AnalysisContext(model))
+    return Report(source, [MatchReport(match.spec, False) for match in matches])
+
+
+def optimize_onnx(model_or_path, *, target: str = "auto", provider: str = "cpu", chunk_size=None,
+                  memory_budget=None) -> tuple[onnx.ModelProto, Report]:
+    """Rewrite every proven attention block for `target`; report every candidate.
+
+    `chunk_size` (an int or (query, key)) fixes the chunked blocks; otherwise `memory_budget`
+    (bytes or '256MiB') bounds each block's working set. The input model is never modified.
+    """
+    if target not in TARGET_NAMES:
+        raise ValueError(f"unknown target {target!r}; expected one of {', '.join(TARGET_NAMES)}")
+    if provider not in _PROVIDERS:
+        raise ValueError(f"unknown provider {provider!r}; expected one of {', '.join(_PROVIDERS)}")
+    chunk_size = _chunk_pair(chunk_size)
+    model, source = _load(model_or_path)
+    if isinstance(model_or_path, ir.Model):
+        model = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    ctx = AnalysisContext(model)
+    matches = _detect(ctx)
+    plans, reasons = _plan(ctx, matches, target, provider, memory_budget, chunk_size)
+    needed = max((_REQUIRED_OPSET.get(plan.target, 0) for _, plan in plans), default=0)
+    current = model.opset_imports.get("", 1)
+    if needed > current:
+        try:
+            raised = RaiseOpsetPass(needed)(model).model
+        except onnx_ir.passes.PassError as error:
+            reasons.update({index: str(error) for index, plan in plans if _REQUIRED_OPSET.get(plan.target, 0) > current})
+            plans = [(index, plan) for index, plan in plans if index not in reasons]
+        else:  # the raised model is a new graph: find the same blocks in it
+            model, ctx = raised, AnalysisContext(raised)
+            matches = _detect(ctx)
+            plans, reasons = _plan(ctx, matches, target, provider, memory_budget, chunk_size)
+    RewriteOnnxAttention(ctx, [plan for _, plan in plans])(model)
+    report = _report(matches, plans, reasons, source)
+    logger.info(report.summary())
+    return ir.serde.serialize_model(model), report
