@@ -19,6 +19,10 @@ class UsageError(Exception):
     """Bad input from the user: reported as one line, exit code 2."""
 
 
+class VerificationError(Exception):
+    """--verify found the rewritten model different: nothing is written, exit code 1."""
+
+
 def _print_json(payload: dict) -> None:
     json.dump(payload, sys.stdout, indent=2)
     sys.stdout.write("\n")
@@ -43,6 +47,82 @@ def _demo(args) -> int:
     return 0
 
 
+def _load(path: str):
+    from rewriter.onnx_io import ModelFileError, load_model
+
+    try:
+        return load_model(path)
+    except ModelFileError as error:
+        raise UsageError(str(error)) from None
+
+
+def _chunk_size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    parts = text.split(",")
+    if len(parts) not in (1, 2) or not all(part.strip().isdigit() and int(part) > 0 for part in parts):
+        raise UsageError(f"--chunk-size takes Q or Q,K (positive integers), got {text!r}")
+    return int(parts[0]), int(parts[-1])
+
+
+def _memory_budget(text: str | None) -> int | None:
+    from rewriter.planner import parse_size
+
+    if text is None:
+        return None
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise UsageError(f"--memory-budget: {error}") from None
+
+
+def _inspect(args) -> int:
+    from rewriter.onnx_api import detect_onnx
+
+    report = detect_onnx(_load(args.model))
+    if args.json:
+        _print_json(report.to_dict())
+    else:
+        print(report.summary())
+    return 0
+
+
+def _optimize(args) -> int:
+    from rewriter.onnx_api import optimize_onnx
+    from rewriter.onnx_io import ModelFileError, check_output_path, save_model
+    from rewriter.verify import verify_onnx
+
+    try:
+        check_output_path(args.output, (args.model,))
+    except ModelFileError as error:
+        raise UsageError(str(error)) from None
+    chunk_size, memory_budget = _chunk_size(args.chunk_size), _memory_budget(args.memory_budget)
+    original = _load(args.model)
+    log = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    optimized, report = optimize_onnx(original, target=args.target, provider=args.provider,
+                                      chunk_size=chunk_size, memory_budget=memory_budget)
+    log(report.summary())
+    payload = report.to_dict()
+    if args.verify:
+        dims = {name: args.verify_seq_len for name in _symbolic_dims(original)}
+        result = verify_onnx(original, optimized, dims, default_dim=args.verify_seq_len)
+        payload["verify"] = {"ok": result.ok, "max_abs_difference": result.max_abs_difference,
+                             "message": result.message}
+        log(f"verify at dims = {args.verify_seq_len}: {result.message}")
+        if not result.ok:
+            raise VerificationError(f"rewritten model differs from the original: {result.message}; nothing written")
+    save_model(optimized, args.output)
+    log(f"wrote {args.output}")
+    if args.json:
+        _print_json(payload)
+    return 0
+
+
+def _symbolic_dims(model) -> set[str]:
+    return {dim.dim_param for value in model.graph.input for dim in value.type.tensor_type.shape.dim
+            if dim.dim_param}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rewriter", description="Find attention in PyTorch and ONNX models and rewrite it into "
@@ -57,6 +137,34 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     demo.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     demo.set_defaults(run=_demo)
+
+    inspect = commands.add_parser(
+        "inspect", help="list the attention blocks of an ONNX model, and why any would be left alone",
+        description="Detects every attention candidate in MODEL and reports what each would become.")
+    inspect.add_argument("model", metavar="MODEL.onnx")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    inspect.set_defaults(run=_inspect)
+
+    optimize = commands.add_parser(
+        "optimize", help="rewrite the attention of an ONNX model into memory-efficient forms",
+        description="Rewrites every proven attention block of IN and writes OUT (IN is never modified; "
+                    "OUT is written whole or not at all).")
+    optimize.add_argument("model", metavar="IN.onnx")
+    optimize.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
+    optimize.add_argument("--target", choices=["auto", "chunked", "ort", "onnx-attention"], default="auto",
+                          help="auto (default): per block the fastest memory-efficient form for --provider; "
+                               "chunked: standard ONNX ops; ort: com.microsoft.MultiHeadAttention; "
+                               "onnx-attention: opset-23 Attention")
+    optimize.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
+                          help="execution provider the model will run on (guides --target auto)")
+    optimize.add_argument("--chunk-size", metavar="Q[,K]", help="queries (and keys) per block of the chunked form")
+    optimize.add_argument("--memory-budget", metavar="SIZE", help="working memory per block, e.g. 64MiB")
+    optimize.add_argument("--verify", action="store_true",
+                          help="run original and rewritten on ONNX Runtime with random inputs; fail if they differ")
+    optimize.add_argument("--verify-seq-len", type=int, default=64, metavar="N",
+                          help="size given to every symbolic input dim when verifying (default 64)")
+    optimize.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    optimize.set_defaults(run=_optimize)
     return parser
 
 
@@ -70,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"rewriter: error: {error}", file=sys.stderr)
         return 2
+    except VerificationError as error:
+        print(f"rewriter: verification failed: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("rewriter: interrupted", file=sys.stderr)
         return 130

@@ -68,6 +68,9 @@ class Report:
             if spec.num_kv_heads and spec.num_heads and spec.num_kv_heads != spec.num_heads:
                 traits.append(f"{spec.num_heads}/{spec.num_kv_heads} heads")
             where = spec.nodes[0] if spec.nodes else "?"
-            outcome = f"-> {match.target}" if match.rewritten else f"left alone: {match.reason}"
+            if match.rewritten:
+                outcome = f"-> {match.target}"
+            else:
+                outcome = "accepted" if spec.accepted else f"left alone: {match.reason}"
             lines.append(f"  [{index}] {where}: {', '.join(traits)} {outcome}")
         return "\n".join(lines)

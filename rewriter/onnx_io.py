@@ -1,0 +1,111 @@
+"""Loading and saving ONNX files for the CLI: clear errors, atomic writes, large models.
+
+Every problem a user can fix raises `ModelFileError` with a one-line message; a write either
+leaves the complete output (and its external-data file) in place or nothing at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+
+import onnx
+from google.protobuf.message import DecodeError
+
+__all__ = ["ModelFileError", "check_output_path", "load_model", "save_model"]
+
+# Protobuf cannot serialise a message over 2 GiB: larger models keep their weights beside them.
+_PROTOBUF_LIMIT = 2**31 - 1
+_EXTERNAL_THRESHOLD = 1024  # tensors at least this many bytes go to the external-data file
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be used as given; the message says why in one line."""
+
+
+def load_model(path: str) -> onnx.ModelProto:
+    """The model at `path` (external data included), checked to be well-formed ONNX."""
+    if not os.path.isfile(path):
+        raise ModelFileError(f"{path}: no such file")
+    try:
+        model = onnx.load(path)
+    except (DecodeError, RuntimeError, ValueError, OSError) as error:
+        raise ModelFileError(f"{path}: not a readable ONNX model ({_first_line(error)})") from None
+    if not model.graph.node and not model.graph.output:
+        raise ModelFileError(f"{path}: not an ONNX model (no graph)")
+    opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), None)
+    newest = onnx.defs.onnx_opset_version()
+    if opset is None or not 7 <= opset <= newest:
+        raise ModelFileError(f"{path}: unsupported opset {opset} (supported: 7 to {newest})")
+    try:
+        onnx.checker.check_model(path if _has_external_data(model) else model)
+    except onnx.checker.ValidationError as error:
+        raise ModelFileError(f"{path}: invalid ONNX model ({_first_line(error)})") from None
+    return model
+
+
+def check_output_path(output: str, inputs: tuple[str, ...] = ()) -> None:
+    """Refuse an output the write could not complete, or one that would replace an input."""
+    directory = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(directory):
+        raise ModelFileError(f"{output}: directory {directory} does not exist")
+    if any(os.path.exists(path) and os.path.samefile(path, output) for path in inputs if os.path.exists(output)):
+        raise ModelFileError(f"{output}: would overwrite the input model; choose another output path")
+
+
+def save_model(model: onnx.ModelProto, output: str) -> None:
+    """Write `model` to `output` atomically; over 2 GiB its tensors go to `<output>.data`."""
+    directory = os.path.dirname(os.path.abspath(output)) or "."
+    external = model.ByteSize() > _PROTOBUF_LIMIT
+    data_name = os.path.basename(output) + ".data"
+    with _temporary(directory, ".onnx") as model_tmp, _temporary(directory, ".data") as data_tmp:
+        if external:
+            model = _copy(model)  # saving as external data empties the tensors of the proto it is given
+            onnx.save_model(model, model_tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=os.path.basename(data_tmp), size_threshold=_EXTERNAL_THRESHOLD)
+            _point_external_data_at(model_tmp, data_name)
+            os.replace(data_tmp, os.path.join(directory, data_name))
+        else:
+            onnx.save_model(model, model_tmp)
+        os.replace(model_tmp, output)
+
+
+def _point_external_data_at(model_path: str, data_name: str) -> None:
+    """Rename the external-data location recorded in the just-written model file."""
+    model = onnx.load(model_path, load_external_data=False)
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = data_name
+    onnx.save_model(model, model_path)
+
+
+@contextlib.contextmanager
+def _temporary(directory: str, suffix: str):
+    """A file name beside the final output, removed unless it was moved into place."""
+    handle, path = tempfile.mkstemp(dir=directory, prefix=".rewriter-", suffix=suffix)
+    os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)  # the permissions a plainly created file would get
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def _has_external_data(model: onnx.ModelProto) -> bool:
+    return any(onnx.external_data_helper.uses_external_data(t) for t in model.graph.initializer)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

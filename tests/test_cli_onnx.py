@@ -1,0 +1,111 @@
+"""`rewriter inspect` / `rewriter optimize` on files: results, JSON, and every bad input a user meets."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import onnx
+import pytest
+import torch
+
+from model_families import GPT2Model
+
+
+def rewriter_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rewriter", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def gpt2_onnx(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("models") / "gpt2.onnx")
+    torch.manual_seed(0)
+    model = GPT2Model().eval()
+    seq = torch.export.Dim("seq", min=2, max=4096)
+    torch.onnx.export(model, model.example_inputs(1, 16), path, dynamo=True, dynamic_shapes=({1: seq},),
+                      opset_version=18, verbose=False)
+    return path
+
+
+def _digest(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def test_optimize_verifies_writes_and_leaves_the_input_alone(gpt2_onnx, tmp_path):
+    before = _digest(gpt2_onnx)
+    output = str(tmp_path / "out.onnx")
+    result = rewriter_cli("optimize", gpt2_onnx, "-o", output, "--verify", "--json", "--target", "chunked")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)  # stdout is exactly the report
+    assert report["found"] == report["rewritten"] == 2 and report["verify"]["ok"]
+    onnx.checker.check_model(output, full_check=True)
+    assert _digest(gpt2_onnx) == before
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".rewriter-")]
+
+
+def test_inspect_lists_blocks(gpt2_onnx):
+    result = rewriter_cli("inspect", gpt2_onnx)
+    assert result.returncode == 0 and "found 2 attention blocks" in result.stdout
+    assert json.loads(rewriter_cli("inspect", gpt2_onnx, "--json").stdout)["found"] == 2
+
+
+def _bad(tmp_path, name: str, content: bytes) -> str:
+    path = tmp_path / name
+    path.write_bytes(content)
+    return str(path)
+
+
+def _no_attention_model(tmp_path) -> str:
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "relu", [x], [y])
+    path = str(tmp_path / "relu.onnx")
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]), path)
+    return path
+
+
+def _future_opset_model(tmp_path) -> str:
+    path = _no_attention_model(tmp_path)
+    model = onnx.load(path)
+    model.opset_import[0].version = 99
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("case", ["truncated", "not onnx", "missing file", "future opset", "missing directory",
+                                  "output is input", "bad chunk size", "bad budget"])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, gpt2_onnx, tmp_path):
+    output = str(tmp_path / "out.onnx")
+    model = gpt2_onnx
+    extra = []
+    if case == "truncated":
+        model = _bad(tmp_path, "cut.onnx", _digest(gpt2_onnx)[:5000])
+    elif case == "not onnx":
+        model = _bad(tmp_path, "notes.onnx", b"these are not the weights you are looking for\n")
+    elif case == "missing file":
+        model = str(tmp_path / "absent.onnx")
+    elif case == "future opset":
+        model = _future_opset_model(tmp_path)
+    elif case == "missing directory":
+        output = str(tmp_path / "no" / "such" / "dir" / "out.onnx")
+    elif case == "output is input":
+        output = gpt2_onnx
+    elif case == "bad chunk size":
+        extra = ["--chunk-size", "12,x"]
+    elif case == "bad budget":
+        extra = ["--memory-budget", "lots"]
+    before = _digest(gpt2_onnx)
+    result = rewriter_cli("optimize", model, "-o", output, *extra)
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert not os.path.exists(output) or output == gpt2_onnx
+    assert _digest(gpt2_onnx) == before
+
+
+def test_model_without_attention_is_fine(tmp_path):
+    path = _no_attention_model(tmp_path)
+    result = rewriter_cli("optimize", path, "-o", str(tmp_path / "out.onnx"))
+    assert result.returncode == 0 and "found 0 attention blocks" in result.stdout
