@@ -165,6 +165,9 @@ NEAR_MISSES = {
     "bias after finite mask": (
         lambda m, q, k, v, pad: F.softmax(torch.where(pad[:, None, None, :], q @ k.transpose(-1, -2), -1e9)
                                           + m.slopes.view(1, H, 1, 1), -1) @ v, "finite fill"),
+    "shift before a finite-fill mask": (
+        lambda m, q, k, v, pad: F.softmax((q @ k.transpose(-1, -2) + 3.0).masked_fill(~pad[:, None, None, :], -5.0),
+                                          -1) @ v, "constant is added"),
     "value contracted on the wrong axis": (
         lambda m, q, k, v: torch.einsum("bhqk,bhqd->bhkd", F.softmax(q @ k.transpose(-1, -2), -1), v),
         "the axis P·V contracts"),

@@ -169,7 +169,7 @@ def _walk_where(gm, node: Node, steps, nodes):
 
 def _reduce(chain: ScoreChain, steps_top_down: list) -> None:
     """Fold the steps, in graph order, into scale / softcap / biases / masks."""
-    pre_tanh_scale, post_tanh_scale, capped = 1.0, 1.0, False
+    pre_tanh_scale, post_tanh_scale, capped, shifted = 1.0, 1.0, False, False
     for kind, payload in steps_top_down:
         if kind == "scale":
             if not payload > 0:
@@ -181,15 +181,19 @@ def _reduce(chain: ScoreChain, steps_top_down: list) -> None:
             chain.biases = [(bias, factor * payload) for bias, factor in chain.biases]
             chain.masks = [dataclasses.replace(m, fill=m.fill * payload) for m in chain.masks]
         elif kind == "tanh":
-            if capped or chain.biases or chain.masks:
-                raise ChainError("soft-capping after a bias, a mask or another tanh")
+            if capped or chain.biases or chain.masks or shifted:
+                raise ChainError("soft-capping after a bias, a mask, a shift or another tanh")
             capped = True
         elif kind == "bias":
             if any(math.isfinite(m.fill) for m in chain.masks):
                 raise ChainError("a bias is added after a mask with a finite fill value")
             chain.biases.append(payload)
         elif kind == "mask":
+            if shifted and math.isfinite(payload.fill):  # the kept scores move, the fill does not
+                raise ChainError("a constant is added to the scores before a mask with a finite fill value")
             chain.masks.append(payload)
+        elif kind == "shift":
+            shifted = True
     if capped:
         chain.softcap = post_tanh_scale
         chain.scale = post_tanh_scale * pre_tanh_scale
