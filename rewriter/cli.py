@@ -76,10 +76,25 @@ def _memory_budget(text: str | None) -> int | None:
         raise UsageError(f"--memory-budget: {error}") from None
 
 
-def _inspect(args) -> int:
-    from rewriter.onnx_api import detect_onnx
+def _compare_memory(original, optimized, seq_len: int):
+    from rewriter.memory_estimate import estimate_peak_activation_bytes, sequence_dims
+    from rewriter.report import MemoryComparison
 
-    report = detect_onnx(_load(args.model))
+    dims = sequence_dims(original, seq_len)
+    before = estimate_peak_activation_bytes(original, dims)
+    after = estimate_peak_activation_bytes(optimized, dims)
+    return MemoryComparison(dims, before.peak_bytes, after.peak_bytes)
+
+
+def _inspect(args) -> int:
+    from rewriter.onnx_api import detect_onnx, optimize_onnx
+
+    model = _load(args.model)
+    report = detect_onnx(model)
+    optimized, planned = optimize_onnx(model, target=args.target, provider=args.provider)
+    for found, plan in zip(report.matches, planned.matches):  # what `optimize` would make of each block
+        found.spec, found.target = plan.spec, plan.target
+    report.memory = _compare_memory(model, optimized, args.seq_len)
     if args.json:
         _print_json(report.to_dict())
     else:
@@ -101,6 +116,7 @@ def _optimize(args) -> int:
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print
     optimized, report = optimize_onnx(original, target=args.target, provider=args.provider,
                                       chunk_size=chunk_size, memory_budget=memory_budget)
+    report.memory = _compare_memory(original, optimized, args.seq_len)
     log(report.summary())
     payload = report.to_dict()
     if args.verify:
@@ -123,6 +139,17 @@ def _symbolic_dims(model) -> set[str]:
             if dim.dim_param}
 
 
+def _add_target_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--target", choices=["auto", "chunked", "ort", "onnx-attention"], default="auto",
+                         help="auto (default): per block the fastest memory-efficient form for --provider; "
+                              "chunked: standard ONNX ops; ort: com.microsoft.MultiHeadAttention; "
+                              "onnx-attention: opset-23 Attention")
+    command.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
+                         help="execution provider the model will run on (guides --target auto)")
+    command.add_argument("--seq-len", type=int, default=4096, metavar="N",
+                         help="sequence length at which to estimate peak activation memory (default 4096)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rewriter", description="Find attention in PyTorch and ONNX models and rewrite it into "
@@ -142,6 +169,7 @@ def _parser() -> argparse.ArgumentParser:
         "inspect", help="list the attention blocks of an ONNX model, and why any would be left alone",
         description="Detects every attention candidate in MODEL and reports what each would become.")
     inspect.add_argument("model", metavar="MODEL.onnx")
+    _add_target_options(inspect)
     inspect.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     inspect.set_defaults(run=_inspect)
 
@@ -151,12 +179,7 @@ def _parser() -> argparse.ArgumentParser:
                     "OUT is written whole or not at all).")
     optimize.add_argument("model", metavar="IN.onnx")
     optimize.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
-    optimize.add_argument("--target", choices=["auto", "chunked", "ort", "onnx-attention"], default="auto",
-                          help="auto (default): per block the fastest memory-efficient form for --provider; "
-                               "chunked: standard ONNX ops; ort: com.microsoft.MultiHeadAttention; "
-                               "onnx-attention: opset-23 Attention")
-    optimize.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
-                          help="execution provider the model will run on (guides --target auto)")
+    _add_target_options(optimize)
     optimize.add_argument("--chunk-size", metavar="Q[,K]", help="queries (and keys) per block of the chunked form")
     optimize.add_argument("--memory-budget", metavar="SIZE", help="working memory per block, e.g. 64MiB")
     optimize.add_argument("--verify", action="store_true",

@@ -6,7 +6,7 @@ import dataclasses
 
 from passes.attention_spec import AttentionSpec
 
-__all__ = ["MatchReport", "Report"]
+__all__ = ["MatchReport", "MemoryComparison", "Report"]
 
 
 @dataclasses.dataclass
@@ -40,10 +40,20 @@ class MatchReport:
         }
 
 
+@dataclasses.dataclass(frozen=True)
+class MemoryComparison:
+    """Estimated peak live activation bytes before and after the rewrite, at given input dims."""
+
+    dims: dict[str, int]
+    before_bytes: int
+    after_bytes: int
+
+
 @dataclasses.dataclass
 class Report:
     source: str
     matches: list[MatchReport] = dataclasses.field(default_factory=list)
+    memory: MemoryComparison | None = None
 
     @property
     def rewritten_count(self) -> int:
@@ -55,6 +65,7 @@ class Report:
             "found": len(self.matches),
             "rewritten": self.rewritten_count,
             "matches": [match.to_dict() for match in self.matches],
+            "memory_estimate": dataclasses.asdict(self.memory) if self.memory else None,
         }
 
     def summary(self) -> str:
@@ -70,7 +81,15 @@ class Report:
             where = spec.nodes[0] if spec.nodes else "?"
             if match.rewritten:
                 outcome = f"-> {match.target}"
+            elif spec.accepted:
+                outcome = f"would become {match.target}" if match.target else "accepted"
             else:
-                outcome = "accepted" if spec.accepted else f"left alone: {match.reason}"
+                outcome = f"left alone: {match.reason}"
             lines.append(f"  [{index}] {where}: {', '.join(traits)} {outcome}")
+        if self.memory:
+            from rewriter.memory_estimate import format_bytes
+
+            dims = ", ".join(f"{name}={size}" for name, size in self.memory.dims.items()) or "static shapes"
+            lines.append(f"estimated peak activation memory at {dims}: {format_bytes(self.memory.before_bytes)}"
+                         f" before, {format_bytes(self.memory.after_bytes)} after")
         return "\n".join(lines)
