@@ -49,7 +49,9 @@ def test_optimize_verifies_writes_and_leaves_the_input_alone(gpt2_onnx, tmp_path
 def test_inspect_lists_blocks(gpt2_onnx):
     result = rewriter_cli("inspect", gpt2_onnx)
     assert result.returncode == 0 and "found 2 attention blocks" in result.stdout
-    assert json.loads(rewriter_cli("inspect", gpt2_onnx, "--json").stdout)["found"] == 2
+    report = json.loads(rewriter_cli("inspect", gpt2_onnx, "--json", "--seq-len", "2048").stdout)
+    assert report["found"] == 2 and report["memory_estimate"]["dims"] == {"seq": 2048}
+    assert report["memory_estimate"]["after_bytes"] * 8 < report["memory_estimate"]["before_bytes"]
 
 
 def _bad(tmp_path, name: str, content: bytes) -> str:
