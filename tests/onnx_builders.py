@@ -18,7 +18,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 import rewriter.onnx_api as onnx_api
 
-FLOAT_MIN = float(np.finfo(np.float32).min)
 _NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
                np.dtype(np.int64): TensorProto.INT64, np.dtype(np.bool_): TensorProto.BOOL,
                np.dtype(np.int32): TensorProto.INT32}
@@ -27,8 +26,8 @@ _NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): Te
 class GraphBuilder:
     """Nodes, inputs and initializers of one graph; `op` returns the output name(s)."""
 
-    def __init__(self, name: str = "g"):
-        self.name = name
+    def __init__(self, name: str = "g", float_type=np.float32):
+        self.name, self.float_type = name, float_type
         self.nodes, self.inputs, self.initializers = [], [], []
         self._ids = itertools.count()
 
@@ -41,14 +40,19 @@ class GraphBuilder:
         self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
 
+    def fconst(self, value) -> str:
+        """A constant of the graph's float type."""
+        return self.const(value, self.float_type)
+
     def op(self, op_type: str, *inputs: str, outputs: int = 1, domain: str = "", **attrs):
         base = f"{op_type.lower()}_{next(self._ids)}"
         names = [base] if outputs == 1 else [f"{base}_{i}" for i in range(outputs)]
         self.nodes.append(helper.make_node(op_type, list(inputs), names, name=base, domain=domain or None, **attrs))
         return names[0] if outputs == 1 else names
 
-    def graph(self, outputs: list[tuple[str, list]], elem_type=TensorProto.FLOAT) -> onnx.GraphProto:
+    def graph(self, outputs: list[tuple[str, list]], elem_type=None) -> onnx.GraphProto:
         """`outputs`: (name, shape) pairs."""
+        elem_type = elem_type or _NP_TO_ONNX[np.dtype(self.float_type)]
         infos = [helper.make_tensor_value_info(name, elem_type, shape) for name, shape in outputs]
         return helper.make_graph(self.nodes, self.name, self.inputs, infos, self.initializers)
 
@@ -62,7 +66,7 @@ class GraphBuilder:
 def attention_model(*, heads=2, kv_heads=None, head_dim=8, q_len="q_len", k_len=None, rank=4, kt="transpose",
                     scale="div", mask=None, causal=None, gqa="expand", upcast=False, log_softmax=False,
                     softmax_axis=-1, opset=18, scores_extra_user=False, probs_extra_user=False,
-                    dropout=None) -> onnx.ModelProto:
+                    dropout=None, product="matmul", float_type=np.float32) -> onnx.ModelProto:
     """One attention block over inputs q, k, v (and `mask` inputs) with output `out`.
 
     rank 4: q (batch, heads, q_len, d); rank 3: q (batch·heads, q_len, d) — fused heads.
@@ -72,28 +76,34 @@ def attention_model(*, heads=2, kv_heads=None, head_dim=8, q_len="q_len", k_len=
     constant: a near-miss), None.
     mask: "bias", "padding" ((1−m)·−10000 from an int64 mask), "where_inf", "where_min"
     (Where(bool mask, S, fill)), "negated" (Sub(bias, S): a near-miss).
-    dropout: "eval" / "train": a Dropout on the probabilities with training_mode false / true. causal: "trilu" (Trilu of ones, Where −inf), "range"
-    (Range/LessOrEqual keep mask), "bias" (constant additive −inf buffer sliced to the lengths).
+    causal: "trilu" (Trilu of ones, Where −inf), "range" (Range/LessOrEqual keep mask), "bias"
+    (constant additive −inf buffer sliced to the lengths).
     gqa: how K/V are repeated when kv_heads < heads: "expand" (Unsqueeze/Expand/Reshape), "tile".
+    dropout: "eval" / "train": a Dropout on the probabilities with training_mode false / true.
+    product: "matmul", or "einsum" (rank 4: Einsum over K itself, no transpose).
+    float_type: of the inputs, output and float constants.
     """
-    b = GraphBuilder()
+    b = GraphBuilder(float_type=float_type)
+    elem = _NP_TO_ONNX[np.dtype(float_type)]
     k_len = k_len or q_len
     kv_heads = kv_heads or heads
     lead = ["batch", heads] if rank == 4 else ["batch_heads"]
     kv_lead = ["batch", kv_heads] if rank == 4 else ["batch_heads"]
-    q = b.input("q", TensorProto.FLOAT, lead + [q_len, head_dim])
+    q = b.input("q", elem, lead + [q_len, head_dim])
     if kt == "input":
-        k = b.input("k", TensorProto.FLOAT, kv_lead + [head_dim, k_len])
+        k = b.input("k", elem, kv_lead + [head_dim, k_len])
     elif kt == "permute":
-        k = b.input("k", TensorProto.FLOAT, ["batch", k_len, kv_heads, head_dim])
+        k = b.input("k", elem, ["batch", k_len, kv_heads, head_dim])
     else:
-        k = b.input("k", TensorProto.FLOAT, kv_lead + [k_len, head_dim])
-    v = b.input("v", TensorProto.FLOAT, kv_lead + [k_len, head_dim])
+        k = b.input("k", elem, kv_lead + [k_len, head_dim])
+    v = b.input("v", elem, kv_lead + [k_len, head_dim])
     if kt == "permute":
         k = b.op("Transpose", k, perm=[0, 2, 1, 3])
     if kv_heads != heads:
         k, v = (_repeat_heads(b, x, heads // kv_heads, gqa, transposed=kt == "input" and x is k) for x in (k, v))
-    if kt in ("transpose", "permute"):
+    if product == "einsum":
+        kt_value = k
+    elif kt in ("transpose", "permute"):
         kt_value = b.op("Transpose", k, perm=list(range(rank - 2)) + [rank - 1, rank - 2])
     elif kt == "reshape":
         shape = b.op("Shape", k)
@@ -107,19 +117,22 @@ def attention_model(*, heads=2, kv_heads=None, head_dim=8, q_len="q_len", k_len=
     else:
         kt_value = k
     if scale == "qk":
-        root = b.const(math.sqrt(0.3))
+        root = b.fconst(math.sqrt(0.3))
         q, kt_value = b.op("Mul", q, root), b.op("Mul", kt_value, root)
-    scores = b.op("MatMul", q, kt_value)
+    if product == "einsum":
+        scores = b.op("Einsum", q, kt_value, equation="bhqd,bhkd->bhqk")
+    else:
+        scores = b.op("MatMul", q, kt_value)
     outputs = []
     row_shape = lead + [q_len, 1]
     if scores_extra_user:
         outputs.append((b.op("ReduceSum", scores, b.const([-1], np.int64)), row_shape))
     if scale == "div":
-        scores = b.op("Div", scores, b.const(math.sqrt(head_dim)))
+        scores = b.op("Div", scores, b.fconst(math.sqrt(head_dim)))
     elif scale == "mul":
-        scores = b.op("Mul", scores, b.const(0.3))
+        scores = b.op("Mul", scores, b.fconst(0.3))
     elif scale == "vector":
-        scores = b.op("Mul", scores, b.const(np.linspace(0.1, 0.5, 7)))
+        scores = b.op("Mul", scores, b.fconst(np.linspace(0.1, 0.5, 7)))
     scores = _apply_mask(b, scores, mask, rank, q_len, k_len)
     scores = _apply_causal(b, scores, causal, q, kt_value)
     if upcast:
@@ -129,12 +142,15 @@ def attention_model(*, heads=2, kv_heads=None, head_dim=8, q_len="q_len", k_len=
     else:
         probs = b.op("Softmax", scores, axis=softmax_axis)
     if upcast:
-        probs = b.op("Cast", probs, to=TensorProto.FLOAT)
+        probs = b.op("Cast", probs, to=elem)
     if dropout:
-        probs = b.op("Dropout", probs, b.const(0.1), b.const(dropout == "train", np.bool_))
+        probs = b.op("Dropout", probs, b.fconst(0.1), b.const(dropout == "train", np.bool_))
     if probs_extra_user:
         outputs.append((b.op("ReduceMax", probs, b.const([-1], np.int64)), row_shape))
-    b.op("MatMul", probs, v)
+    if product == "einsum":
+        b.op("Einsum", probs, v, equation="bhqk,bhkd->bhqd")
+    else:
+        b.op("MatMul", probs, v)
     b.nodes[-1].output[0] = "out"
     return b.model([("out", lead + [q_len, head_dim])] + outputs, opset=opset)
 
@@ -156,18 +172,19 @@ def _apply_mask(b: GraphBuilder, scores: str, mask, rank: int, q_len, k_len) -> 
         return scores
     key_axis = ["batch", 1, 1, k_len] if rank == 4 else ["batch_heads", 1, k_len]
     if mask == "bias":
-        bias = b.input("bias", TensorProto.FLOAT, ["batch", 1, q_len, k_len] if rank == 4 else
+        bias = b.input("bias", _NP_TO_ONNX[np.dtype(b.float_type)], ["batch", 1, q_len, k_len] if rank == 4 else
                        ["batch_heads", q_len, k_len])
         return b.op("Add", scores, bias)
     if mask == "negated":
-        bias = b.input("bias", TensorProto.FLOAT, ["batch", 1, q_len, k_len])
+        bias = b.input("bias", _NP_TO_ONNX[np.dtype(b.float_type)], ["batch", 1, q_len, k_len])
         return b.op("Sub", bias, scores)
     if mask == "padding":
         ids = b.input("attention_mask", TensorProto.INT64, ["batch", k_len])
-        extended = b.op("Cast", b.op("Unsqueeze", ids, b.const([1, 2], np.int64)), to=TensorProto.FLOAT)
-        return b.op("Add", scores, b.op("Mul", b.op("Sub", b.const(1.0), extended), b.const(-10000.0)))
+        extended = b.op("Cast", b.op("Unsqueeze", ids, b.const([1, 2], np.int64)),
+                        to=_NP_TO_ONNX[np.dtype(b.float_type)])
+        return b.op("Add", scores, b.op("Mul", b.op("Sub", b.fconst(1.0), extended), b.fconst(-10000.0)))
     keep = b.input("keep", TensorProto.BOOL, key_axis)
-    fill = b.const(-np.inf if mask == "where_inf" else FLOAT_MIN)
+    fill = b.fconst(-np.inf if mask == "where_inf" else np.finfo(b.float_type).min)
     return b.op("Where", keep, scores, fill)
 
 
@@ -182,15 +199,15 @@ def _apply_causal(b: GraphBuilder, scores: str, causal, q: str, kt: str) -> str:
     if causal == "trilu":
         ones = b.op("Expand", b.const(1.0), b.op("Concat", q_len, k_len, axis=0))
         keep = b.op("Cast", b.op("Trilu", ones, upper=0), to=TensorProto.BOOL)
-        return b.op("Where", keep, scores, b.const(-np.inf))
+        return b.op("Where", keep, scores, b.fconst(-np.inf))
     if causal == "range":
         zero, one = b.const(0, np.int64), b.const(1, np.int64)
         rows = b.op("Unsqueeze", b.op("Range", zero, b.op("Squeeze", q_len), one), b.const([1], np.int64))
         cols = b.op("Range", zero, b.op("Squeeze", k_len), one)
-        return b.op("Where", b.op("LessOrEqual", cols, rows), scores, b.const(-np.inf))
+        return b.op("Where", b.op("LessOrEqual", cols, rows), scores, b.fconst(-np.inf))
     if causal == "bias":
-        buffer = np.triu(np.full((64, 64), -np.inf, np.float32), 1)
-        rows = b.op("Slice", b.const(buffer), b.const([0], np.int64), q_len, b.const([0], np.int64))
+        buffer = np.triu(np.full((64, 64), -np.inf, b.float_type), 1)
+        rows = b.op("Slice", b.fconst(buffer), b.const([0], np.int64), q_len, b.const([0], np.int64))
         window = b.op("Slice", rows, b.const([0], np.int64), k_len, b.const([1], np.int64))
         return b.op("Add", scores, window)
     raise ValueError(causal)
@@ -213,7 +230,8 @@ def random_feeds(model: onnx.ModelProto, sizes: dict[str, int], seed: int = 0) -
             if "ids" in info.name:
                 value = rng.integers(0, 90, shape)
         else:
-            value = rng.standard_normal(shape).astype(np.float32)
+            dtype = np.float16 if tensor.elem_type == TensorProto.FLOAT16 else np.float32
+            value = rng.standard_normal(shape).astype(dtype)
         feeds[info.name] = value
     return feeds
 

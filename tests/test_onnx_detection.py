@@ -61,6 +61,7 @@ VARIANTS = {
     "gqa_expand": (dict(heads=4, kv_heads=2), dict(num_heads=4, num_kv_heads=2), set()),
     "mqa_stored_transposed": (dict(heads=4, kv_heads=1, kt="input"), dict(num_kv_heads=1), set()),
     "gqa_tile_kept_expanded": (dict(heads=4, kv_heads=2, gqa="tile"), dict(num_kv_heads=4), set()),
+    "einsum": (dict(product="einsum", mask="where_min"), dict(k_layout="BHLD"), set()),
 }
 
 
@@ -79,6 +80,18 @@ def test_variant_is_found_and_rewritten_exactly(name):
         _, target_report = assert_parity(model, SIZES, target=target, rewrites=rewrites, chunk_size=(2, 3))
         if not rewrites:
             assert target_report.matches[0].reason, target_report.summary()
+
+
+@pytest.mark.parametrize("target", ALL_TARGETS)
+def test_half_precision_block(target):
+    model = attention_model(float_type=np.float16, causal="trilu")
+    optimized, report = onnx_api.optimize_onnx(model, target=target, chunk_size=(2, 3))
+    assert report.rewritten_count == 1, report.summary()
+    check_valid(optimized)
+    feeds = random_feeds(model, SIZES[0])
+    (got,), (want,) = run(optimized, feeds), run(model, feeds)
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=1e-2, atol=2e-3)
 
 
 def test_targets_are_named_in_the_report():

@@ -171,6 +171,10 @@ def detect_fused_attention(ctx: AnalysisContext) -> list[OnnxAttentionMatch]:
             match.spec = dataclasses.replace(match.spec, **spec_fields(ctx, match))
         except Rejected as error:
             match = OnnxAttentionMatch(AttentionSpec("softmax", (node.name,), reason=str(error)), fused=node)
+        except Exception as error:  # noqa: BLE001 - one unanalysable node must not stop the others
+            logger.exception("analysing %s failed", node.name)
+            reason = f"not analysed: {error!r}"
+            match = OnnxAttentionMatch(AttentionSpec("softmax", (node.name,), reason=reason), fused=node)
         matches.append(match)
         logger.info("%s: %s", node.name, "match" if match.spec.accepted else match.spec.reason)
     return matches

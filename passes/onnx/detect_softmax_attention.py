@@ -261,10 +261,15 @@ def detect_softmax_attention(ctx: AnalysisContext) -> list[OnnxAttentionMatch]:
     builder = _Builder(ctx)
     matches = []
     for node in ir.traversal.RecursiveGraphIterator(ctx.model.graph):
-        if anchor_softmax(node) is not None:
+        if anchor_softmax(node) is None:
+            continue
+        try:
             match = builder.from_softmax(node)
-            if match is not None:
-                matches.append(match)
+        except Exception as error:  # noqa: BLE001 - one unanalysable block must not stop the others
+            logger.exception("analysing %s failed", node.name)
+            match = OnnxAttentionMatch(AttentionSpec("softmax", (node.name,), reason=f"not analysed: {error!r}"))
+        if match is not None:
+            matches.append(match)
     for match in matches:
         logger.info("%s: %s", match.spec.nodes[0], "match" if match.spec.accepted else match.spec.reason)
     return matches

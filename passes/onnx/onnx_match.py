@@ -10,7 +10,6 @@ which masks are evaluated.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 
 import onnx_ir as ir
@@ -59,10 +58,6 @@ class OnnxAttentionMatch:
     fused: ir.Node | None = None  # an Attention / MultiHeadAttention node already in the graph
     equal_lengths: bool = False  # query and key lengths are provably the same
 
-    @property
-    def grouped(self) -> bool:
-        return self.key_source is not None
-
 
 class AnalysisContext:
     """Shape facts, the folder, and the free-symbol assignments masks are evaluated at."""
@@ -79,7 +74,6 @@ class AnalysisContext:
             assignments = [{s: size for s in symbols} for size in _EQUAL_SIZES]
             distinct = {s: _DISTINCT_START + _DISTINCT_STEP * i for i, s in enumerate(symbols)}
             self.assignments = assignments + ([distinct] if len(symbols) > 1 else [])
-        self._names = itertools.count()
 
     def operand_dims(self, operand: Operand) -> tuple | None:
         """Dims of the operand's labelled axes (after splitting packed heads)."""
@@ -99,6 +93,3 @@ class AnalysisContext:
     def static_dim(self, operand: Operand, label: str) -> int | None:
         dim = self.dim_of(operand, label)
         return dim if isinstance(dim, int) else None
-
-    def unique_name(self, stem: str) -> str:
-        return f"{stem}_{next(self._names)}"

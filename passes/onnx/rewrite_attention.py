@@ -105,6 +105,10 @@ class RewriteOnnxAttention(onnx_ir.passes.InPlacePass):
                 plan.failure = str(error)
                 logger.info("not rewriting %s: %s", match.output.name, error)
                 continue
+            except Exception as error:  # noqa: BLE001 - nothing was inserted yet; leave this block alone
+                plan.failure = f"emitting {plan.target} failed: {error!r}"
+                logger.exception("emitting %s for %s failed", plan.target, match.output.name)
+                continue
             anchor.graph.insert_before(anchor, w.tape.nodes)
             if plan.target == ORT_MHA:
                 model.opset_imports.setdefault("com.microsoft", 1)
