@@ -143,6 +143,14 @@ def test_softmax_without_products_is_not_a_candidate():
     assert onnx_api.detect_onnx(b.model([("y", ["n", 5])])).matches == []
 
 
+def test_classifier_softmax_is_not_a_candidate():
+    b = GraphBuilder()
+    x = b.input("x", TensorProto.FLOAT, ["n", 16])
+    b.op("Softmax", b.op("MatMul", x, b.const(np.ones((16, 4)))), axis=-1)
+    b.nodes[-1].output[0] = "y"
+    assert onnx_api.detect_onnx(b.model([("y", ["n", 4])])).matches == []
+
+
 def _stacked_model() -> onnx.ModelProto:
     """attention(attention(q, kv, kv), kv, kv): the second block's Q is the first block's output."""
     b = GraphBuilder()

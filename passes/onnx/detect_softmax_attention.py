@@ -35,6 +35,9 @@ __all__ = ["detect_softmax_attention", "anchor_softmax"]
 
 logger = logging.getLogger(__name__)
 
+# Ops between the probabilities and P·V that keep them a candidate (the walk then says what fails).
+_ELEMENTWISE = {"Cast", "Identity", "Dropout", "IsNaN", "Where", "Mul", "Div", "Add"}
+
 
 def anchor_softmax(node: ir.Node) -> ir.Node | None:
     """The Softmax an anchor stands for: Softmax itself, or Exp over LogSoftmax."""
@@ -88,7 +91,9 @@ class _Builder:
                 current = guard.outputs[0]
                 continue
             consumers = value_consumers(current)
-            if len(consumers) != 1 or consumers[0] is None:
+            if None in consumers:
+                raise Rejected(f"attention probabilities '{current.name}' are a graph output")
+            if len(consumers) != 1:
                 raise Rejected(f"attention probabilities '{current.name}' have {len(consumers)} users")
             user = consumers[0]
             product = label_product(user, self.ctx.facts)
@@ -107,11 +112,15 @@ class _Builder:
             current = user.outputs[0]
 
     def feeds_product(self, anchor: ir.Node) -> bool:
-        try:
-            self.follow_probabilities(anchor, [], None)
-            return True
-        except Rejected:
-            return False
+        """Whether some use of the probabilities reaches a tensor product within a few elementwise ops."""
+        frontier, seen = [anchor.outputs[0]], set()
+        for _ in range(4):
+            users = [n for value in frontier for n in value_consumers(value) if n is not None and n not in seen]
+            if any(label_product(n, self.ctx.facts) is not None for n in users):
+                return True
+            seen.update(users)
+            frontier = [out for n in users if n.op_type in _ELEMENTWISE for out in n.outputs]
+        return False
 
     def from_softmax(self, anchor: ir.Node) -> OnnxAttentionMatch | None:
         softmax = anchor_softmax(anchor)
@@ -122,14 +131,16 @@ class _Builder:
             axis = _softmax_axis(self.ctx, softmax)
             chain = trace_score_chain(softmax.inputs[0], softmax, self.ctx.facts, self.ctx.folder)
         except (ChainError, Rejected) as error:
-            if not self.feeds_product(anchor):
-                return None  # a softmax that touches no product is not an attention candidate
             match.spec = match.spec.rejected(str(error))
-            return match
+            return match if self.feeds_product(anchor) else None
         if softmax is not anchor and len(value_consumers(softmax.outputs[0])) != 1:
             match.spec = match.spec.rejected(f"log-probabilities '{softmax.outputs[0].name}' have other users")
             return match
+        if not self.feeds_product(anchor):
+            return None  # e.g. a classifier's softmax: no product reads its probabilities
         try:
+            if self.ctx.facts.rank(softmax.inputs[0]) != len(chain.product.out_labels):
+                raise Rejected("the scores change rank between the product and softmax")
             probabilities, pv = self.follow_probabilities(anchor, nodes, match)
             scores = self.fill_from_products(match, chain, axis, probabilities, pv)
             fill_masks(self.ctx, match, scores, chain.biases, chain.masks)

@@ -18,6 +18,7 @@ import math
 import operator
 import re
 
+import numpy as np
 import onnx
 import onnx.numpy_helper
 import onnx_ir as ir
@@ -32,6 +33,26 @@ _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
 _CALLS = {"floor": math.floor, "ceil": math.ceil, "Max": max, "Min": min, "max": max, "min": min,
           "FloorDiv": operator.floordiv, "CeilDiv": lambda a, b: -(-a // b)}
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+_WEIGHT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+_WEIGHT_ELEMENTS = 4096
+
+
+def _without_weights(proto: onnx.ModelProto) -> None:
+    """Turn large float initializers of the copy into typed inputs: inference needs their shapes only,
+    and a model over 2 GiB cannot be handed to shape inference at all."""
+    graph = proto.graph
+    inputs = {info.name for info in graph.input}
+    kept = []
+    for init in graph.initializer:
+        if init.data_type in _WEIGHT_TYPES and int(np.prod(init.dims)) >= _WEIGHT_ELEMENTS:
+            if init.name not in inputs:
+                graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            kept.append(init)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
 
 
 def _vector_axes(proto: onnx.ModelProto) -> None:
@@ -49,6 +70,7 @@ def _vector_axes(proto: onnx.ModelProto) -> None:
 
 
 def _infer(proto: onnx.ModelProto) -> onnx.ModelProto | None:
+    _without_weights(proto)
     try:
         _vector_axes(proto)
         from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
