@@ -39,15 +39,34 @@ _PROVIDERS = ("cpu", "cuda")
 _REQUIRED_OPSET = {CHUNKED: 18, ONNX_ATTENTION: 23}
 
 
-def _load(model_or_path) -> tuple[ir.Model, str]:
+def _load(model_or_path) -> tuple[onnx.ModelProto, str]:
     if isinstance(model_or_path, (str, os.PathLike)):
-        proto = onnx.load(os.fspath(model_or_path))
-        return ir.serde.deserialize_model(proto), os.path.basename(os.fspath(model_or_path))
+        return onnx.load(os.fspath(model_or_path)), os.path.basename(os.fspath(model_or_path))
     if isinstance(model_or_path, onnx.ModelProto):
-        return ir.serde.deserialize_model(model_or_path), model_or_path.graph.name or "model"
-    if isinstance(model_or_path, ir.Model):
         return model_or_path, model_or_path.graph.name or "model"
+    if isinstance(model_or_path, ir.Model):
+        return ir.serde.serialize_model(model_or_path), model_or_path.graph.name or "model"
     raise TypeError(f"expected an onnx.ModelProto, onnx_ir.Model or a path, got {type(model_or_path).__name__}")
+
+
+def _as_written(original: onnx.ModelProto, model: ir.Model) -> onnx.ModelProto:
+    """`model` as a proto, without the serialization-only differences from `original`.
+
+    onnx_ir writes value_info for initializers and spells the default domain out; neither is a
+    change the rewrite made, so the original's opset list and value_info set are kept where they
+    still apply.
+    """
+    proto = ir.serde.serialize_model(model)
+    if {(o.domain or "", o.version) for o in proto.opset_import} == {(o.domain or "", o.version)
+                                                                     for o in original.opset_import}:
+        del proto.opset_import[:]
+        proto.opset_import.extend(original.opset_import)
+    described = {info.name for info in original.graph.value_info}
+    initializers = {init.name for init in proto.graph.initializer}
+    infos = [info for info in proto.graph.value_info if info.name in described or info.name not in initializers]
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(infos)
+    return proto
 
 
 def _detect(ctx: AnalysisContext) -> list[OnnxAttentionMatch]:
@@ -127,8 +146,8 @@ def _chunk_pair(chunk_size) -> tuple[int, int] | None:
 
 def detect_onnx(model_or_path) -> Report:
     """What `optimize_onnx` would find, without changing anything."""
-    model, source = _load(model_or_path)
-    matches = _detect(AnalysisContext(model))
+    proto, source = _load(model_or_path)
+    matches = _detect(AnalysisContext(ir.serde.deserialize_model(proto)))
     return Report(source, [MatchReport(match.spec, False) for match in matches])
 
 
@@ -144,9 +163,8 @@ def optimize_onnx(model_or_path, *, target: str = "auto", provider: str = "cpu",
     if provider not in _PROVIDERS:
         raise ValueError(f"unknown provider {provider!r}; expected one of {', '.join(_PROVIDERS)}")
     chunk_size = _chunk_pair(chunk_size)
-    model, source = _load(model_or_path)
-    if isinstance(model_or_path, ir.Model):
-        model = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    original, source = _load(model_or_path)
+    model = ir.serde.deserialize_model(original)
     ctx = AnalysisContext(model)
     matches = _detect(ctx)
     plans, reasons = _plan(ctx, matches, target, provider, memory_budget, chunk_size)
@@ -162,7 +180,11 @@ def optimize_onnx(model_or_path, *, target: str = "auto", provider: str = "cpu",
             model, ctx = raised, AnalysisContext(raised)
             matches = _detect(ctx)
             plans, reasons = _plan(ctx, matches, target, provider, memory_budget, chunk_size)
-    RewriteOnnxAttention(ctx, [plan for _, plan in plans])(model)
+    modified = RewriteOnnxAttention(ctx, [plan for _, plan in plans])(model).modified
     report = _report(matches, plans, reasons, source)
     logger.info(report.summary())
-    return ir.serde.serialize_model(model), report
+    if not modified:
+        unchanged = onnx.ModelProto()
+        unchanged.CopyFrom(original)
+        return unchanged, report
+    return _as_written(original, model), report

@@ -352,3 +352,9 @@ def test_chunked_rewrite_matches_on_random_variants(heads, lengths, kt, scale, m
     kwargs = dict(heads=heads[0], kv_heads=heads[1], kt=kt, scale=scale, k_len=None if causal else "k_len")
     model = attention_model(**kwargs, **masking)
     assert_parity(model, [dict(batch=2, q_len=q_len, k_len=k_len)], target="chunked", rewrites=1, chunk_size=chunks)
+
+
+def test_a_model_with_nothing_to_rewrite_comes_back_byte_for_byte():
+    model = attention_model(mask="bias")
+    optimized, report = onnx_api.optimize_onnx(model, target="onnx-attention")
+    assert report.rewritten_count == 0 and optimized.SerializeToString() == model.SerializeToString()
