@@ -31,7 +31,8 @@ from passes.fx.constant_values import (
     scalar_constant,
 )
 from passes.fx.product_labels import label_product
-from passes.fx.score_chain import ChainError, MaskStep, ScoreChain, trace_score_chain
+from passes.fx.score_chain import ScoreChain, trace_score_chain
+from passes.score_algebra import ChainError, MaskStep
 
 __all__ = ["Operand", "FxAttentionMatch", "detect_softmax_attention"]
 

@@ -5,34 +5,22 @@ Accepted between the product and softmax (in any order the algebra allows):
     scores ──(mul|div by a scalar constant)──(+ bias | − bias | + constant)──
            ──(masked_fill | where with a scalar fill)──(c·tanh(scores/c))──(casts, clones)── softmax
 
-The ops are reduced to the `rewriter::attention` order: ``scale → softcap → +bias → mask``.
-Rewrites that would change a result are refused with the reason: a bias added after a mask whose
-fill is finite (the masked entries would differ), a bias before soft-capping, a non-positive scale.
+The ops are reduced to the `rewriter::attention` order ``scale → softcap → +bias → mask`` by
+`passes.score_algebra`, which refuses the orders that would change a result.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from torch.fx import GraphModule, Node
 
 from passes.fx import aten_vocabulary as ops
 from passes.fx.constant_values import scalar_constant
 from passes.fx.product_labels import LabeledProduct, label_product
+from passes.score_algebra import ChainError, MaskStep, reduce_score_steps
 
-__all__ = ["ScoreChain", "MaskStep", "trace_score_chain", "ChainError"]
-
-
-class ChainError(Exception):
-    """The ops between the product and softmax are not a form we can prove; the text says why."""
-
-
-@dataclasses.dataclass(frozen=True)
-class MaskStep:
-    condition: Node
-    keep_when_true: bool
-    fill: float
+__all__ = ["ScoreChain", "trace_score_chain"]
 
 
 @dataclasses.dataclass
@@ -167,40 +155,6 @@ def _walk_where(gm, node: Node, steps, nodes):
     raise ChainError(f"'{node.name}' selects between two tensors, not scores and a constant fill")
 
 
-def _reduce(chain: ScoreChain, steps_top_down: list) -> None:
-    """Fold the steps, in graph order, into scale / softcap / biases / masks."""
-    pre_tanh_scale, post_tanh_scale, capped, shifted = 1.0, 1.0, False, False
-    for kind, payload in steps_top_down:
-        if kind == "scale":
-            if not payload > 0:
-                raise ChainError(f"scores are scaled by a non-positive factor {payload}")
-            if capped:
-                post_tanh_scale *= payload
-            else:
-                pre_tanh_scale *= payload
-            chain.biases = [(bias, factor * payload) for bias, factor in chain.biases]
-            chain.masks = [dataclasses.replace(m, fill=m.fill * payload) for m in chain.masks]
-        elif kind == "tanh":
-            if capped or chain.biases or chain.masks or shifted:
-                raise ChainError("soft-capping after a bias, a mask, a shift or another tanh")
-            capped = True
-        elif kind == "bias":
-            if any(math.isfinite(m.fill) for m in chain.masks):
-                raise ChainError("a bias is added after a mask with a finite fill value")
-            chain.biases.append(payload)
-        elif kind == "mask":
-            if shifted and math.isfinite(payload.fill):  # the kept scores move, the fill does not
-                raise ChainError("a constant is added to the scores before a mask with a finite fill value")
-            chain.masks.append(payload)
-        elif kind == "shift":
-            shifted = True
-    if capped:
-        chain.softcap = post_tanh_scale
-        chain.scale = post_tanh_scale * pre_tanh_scale
-    else:
-        chain.scale = pre_tanh_scale
-
-
 def trace_score_chain(gm: GraphModule, softmax_input: Node, softmax: Node) -> ScoreChain:
     """The Q·Kᵀ product feeding `softmax` and the reduced ops in between; raises ChainError."""
     if not isinstance(softmax_input, Node):
@@ -208,9 +162,8 @@ def trace_score_chain(gm: GraphModule, softmax_input: Node, softmax: Node) -> Sc
     _single_user(softmax_input, softmax)
     steps, nodes = [], []
     product_node, product = _walk(gm, softmax_input, steps, nodes)
-    chain = ScoreChain(product_node, product, nodes)
     if product.added is not None:  # baddbmm: beta·input + alpha·(Q·Kᵀ)
         steps.append(("bias", (product.added, product.beta)))
     steps.append(("scale", product.alpha))
-    _reduce(chain, list(reversed(steps)))
-    return chain
+    reduced = reduce_score_steps(list(reversed(steps)))
+    return ScoreChain(product_node, product, nodes, reduced.scale, reduced.softcap, reduced.biases, reduced.masks)

@@ -26,7 +26,7 @@ from passes.onnx.axis_labels import Operand
 from passes.onnx.graph_values import attribute, is_op, value_consumers
 from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch, Rejected
 from passes.onnx.score_operands import Scores, fill_masks
-from passes.onnx.score_chain import MaskStep
+from passes.score_algebra import MaskStep
 from passes.onnx.shape_facts import ShapeFacts
 from passes.onnx.spec_fields import spec_fields
 

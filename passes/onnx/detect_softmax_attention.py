@@ -26,7 +26,8 @@ from passes.onnx.axis_labels import Operand, label_product, trace_to_source
 from passes.onnx.graph_values import FLOAT_TYPES, attribute, const_array, is_op, value_consumers
 from passes.onnx.grouped_heads import repeat_interleave_source
 from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch, Rejected
-from passes.onnx.score_chain import ChainError, check_inference_dropout, trace_score_chain
+from passes.onnx.score_chain import check_inference_dropout, trace_score_chain
+from passes.score_algebra import ChainError
 from passes.onnx.score_operands import Scores, fill_masks
 from passes.onnx.shape_facts import ShapeFacts
 from passes.onnx.spec_fields import spec_fields

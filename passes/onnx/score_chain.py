@@ -16,26 +16,15 @@ non-positive scale, scores negated).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import onnx_ir as ir
 
 from passes.onnx.axis_labels import LabeledProduct, label_product
 from passes.onnx.constant_folding import ShapeOnlyFolder
 from passes.onnx.graph_values import FLOAT_TYPES, attribute, const_array, value_consumers
+from passes.score_algebra import ChainError, MaskStep, reduce_score_steps
 
-__all__ = ["ChainError", "MaskStep", "ScoreChain", "trace_score_chain", "check_inference_dropout"]
-
-
-class ChainError(Exception):
-    """The ops between the product and Softmax are not a form we can prove; the text says why."""
-
-
-@dataclasses.dataclass(frozen=True)
-class MaskStep:
-    condition: ir.Value
-    keep_when_true: bool
-    fill: float
+__all__ = ["ScoreChain", "trace_score_chain", "check_inference_dropout"]
 
 
 @dataclasses.dataclass
@@ -155,45 +144,10 @@ class _Walker:
         raise ChainError(f"'{node.name}' selects between two tensors, not scores and a constant fill")
 
 
-def _reduce(chain: ScoreChain, steps_top_down: list) -> None:
-    """Fold the steps, in graph order, into scale / softcap / biases / masks."""
-    pre_tanh_scale, post_tanh_scale, capped, shifted = 1.0, 1.0, False, False
-    for kind, payload in steps_top_down:
-        if kind == "scale":
-            if not payload > 0:
-                raise ChainError(f"scores are scaled by a non-positive factor {payload}")
-            if capped:
-                post_tanh_scale *= payload
-            else:
-                pre_tanh_scale *= payload
-            chain.biases = [(bias, factor * payload) for bias, factor in chain.biases]
-            chain.masks = [dataclasses.replace(m, fill=m.fill * payload) for m in chain.masks]
-        elif kind == "tanh":
-            if capped or chain.biases or chain.masks or shifted:
-                raise ChainError("soft-capping after a bias, a mask, a shift or another tanh")
-            capped = True
-        elif kind == "bias":
-            if any(math.isfinite(m.fill) for m in chain.masks):
-                raise ChainError("a bias is added after a mask with a finite fill value")
-            chain.biases.append(payload)
-        elif kind == "mask":
-            if shifted and math.isfinite(payload.fill):
-                raise ChainError("a constant is added to the scores before a mask with a finite fill value")
-            chain.masks.append(payload)
-        elif kind == "shift":
-            shifted = True
-    if capped:
-        chain.softcap = post_tanh_scale
-        chain.scale = post_tanh_scale * pre_tanh_scale
-    else:
-        chain.scale = pre_tanh_scale
-
-
 def trace_score_chain(softmax_input: ir.Value, softmax: ir.Node, facts, folder: ShapeOnlyFolder) -> ScoreChain:
     """The Q·Kᵀ product feeding `softmax` and the reduced ops in between; raises ChainError."""
     walker = _Walker(facts, folder)
     steps, nodes = [], []
     product = walker.walk_to(softmax_input, softmax, steps, nodes)
-    chain = ScoreChain(product, nodes)
-    _reduce(chain, list(reversed(steps)))
-    return chain
+    reduced = reduce_score_steps(list(reversed(steps)))
+    return ScoreChain(product, nodes, reduced.scale, reduced.softcap, reduced.biases, reduced.masks)

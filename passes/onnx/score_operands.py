@@ -17,7 +17,7 @@ import numpy as np
 from passes.onnx.axis_labels import Operand
 from passes.onnx.constant_folding import causal_offset_of_bias, causal_offset_of_keep
 from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch, Rejected
-from passes.onnx.score_chain import MaskStep
+from passes.score_algebra import MaskStep
 from passes.onnx.shape_facts import ShapeFacts
 
 __all__ = ["Scores", "fill_masks", "EFFECTIVELY_NEG_INF"]
