@@ -22,6 +22,7 @@ import math
 import torch
 from torch.fx import GraphModule, Node
 
+from passes.attention_labels import LabelError, prove_pv_axes, prove_qk_axes
 from passes.attention_spec import AttentionSpec
 from passes.fx import aten_vocabulary as ops
 from passes.fx.constant_values import (
@@ -136,15 +137,6 @@ def _follow_probabilities(anchor: Node, nodes: list[Node]) -> tuple[Node, Node]:
         current = user
 
 
-def _query_label(scores: str, key_label: str, query_side: str, key_side: str) -> str:
-    candidates = [label for label in scores if label in query_side and label not in key_side and label != key_label]
-    if scores[-1] == key_label and scores[-2] in candidates:
-        return scores[-2]
-    if len(candidates) == 1:
-        return candidates[0]
-    raise _Rejected("cannot tell the query axis among " + ", ".join(candidates))
-
-
 def _peel_scale(gm: GraphModule, operand: Operand) -> tuple[Operand, float]:
     """Q or K before a multiplication or division by a positive scalar constant, and that factor."""
     node = operand.node
@@ -227,7 +219,7 @@ class _Builder:
             probabilities, pv_node = _follow_probabilities(anchor, nodes)
             scores = self._fill_from_products(match, chain, softmax, probabilities, pv_node)
             self._fill_masks(match, scores, chain.biases, chain.masks)
-        except _Rejected as error:
+        except (_Rejected, LabelError) as error:
             return FxAttentionMatch(self._spec(match, nodes, str(error)))
         match.scale, match.softcap = chain.scale, chain.softcap
         match.replaced = [pv_node] + nodes[::-1] + chain.nodes + [chain.product_node]
@@ -244,26 +236,12 @@ class _Builder:
     def _fill_from_products(self, match, chain: ScoreChain, softmax, probabilities, pv_node):
         qk = chain.product
         scores = qk.out_labels
-        dim = _softmax_dim(softmax)
-        key_label = scores[dim % len(scores)]
-        contracted = [label for label in qk.left_labels if label in qk.right_labels and label not in scores]
-        if len(contracted) != 1:
-            raise _Rejected(f"Q·Kᵀ contracts {len(contracted)} axes, not one head dim")
-        if (key_label in qk.left_labels) == (key_label in qk.right_labels):
-            raise _Rejected("softmax is not over the key axis")
-        key_node, key_labels = (qk.left, qk.left_labels) if key_label in qk.left_labels else (qk.right, qk.right_labels)
-        query_node, query_labels = (qk.right, qk.right_labels) if key_node is qk.left else (qk.left, qk.left_labels)
-        query_label = _query_label(scores, key_label, query_labels, key_labels)
-        batch = "".join(label for label in scores if label not in (query_label, key_label))
-        if len(batch) > 2:
-            raise _Rejected(f"{len(batch)} batch axes (at most batch and heads are supported)")
-        if any(label not in query_labels for label in batch):
-            raise _Rejected("the query broadcasts over a batch axis")
-        head_dim = contracted[0]
-        match.query, query_scale = _peel_scale(
-            self.gm, Operand(query_node, query_labels, batch + query_label + head_dim).before_permutes())
-        match.key, key_scale = _peel_scale(
-            self.gm, Operand(key_node, key_labels, batch + key_label + head_dim).before_permutes())
+        axes = prove_qk_axes(scores, qk.left_labels, qk.right_labels, scores[_softmax_dim(softmax) % len(scores)])
+        key_node, query_node = (qk.left, qk.right) if axes.key_on_left else (qk.right, qk.left)
+        key_labels, query_labels = (qk.left_labels, qk.right_labels) if axes.key_on_left else (
+            qk.right_labels, qk.left_labels)
+        match.query, query_scale = _peel_scale(self.gm, Operand(query_node, query_labels, axes.query_target).before_permutes())
+        match.key, key_scale = _peel_scale(self.gm, Operand(key_node, key_labels, axes.key_target).before_permutes())
         chain.scale *= query_scale * key_scale
 
         pv = label_product(pv_node)
@@ -273,25 +251,11 @@ class _Builder:
         value_node, value_labels = (pv.right, pv.right_labels) if p_node is pv.left else (pv.left, pv.left_labels)
         if pv.added is not None or pv.alpha != 1 or p_node is pv.right and pv_node.target is not ops.aten.einsum.default:
             raise _Rejected("P·V is not a plain product of probabilities and V")
-        if len(p_labels) != len(scores):
-            raise _Rejected("probabilities change rank before P·V")
-        rename = dict(zip(scores, p_labels))
-        pv_key, pv_query = rename[key_label], rename[query_label]
-        if pv_key not in value_labels or pv_key in pv.out_labels:
-            raise _Rejected("softmax is not over the axis P·V contracts (the key axis)")
-        if pv_query in value_labels or pv_query not in pv.out_labels:
-            raise _Rejected("P·V does not keep the query axis")
-        value_dims = [label for label in value_labels if label not in p_labels]
-        if len(value_dims) != 1 or any(label not in p_labels + value_dims[0] for label in value_labels):
-            raise _Rejected("V has axes that are not batch, key or value-dim axes")
-        pv_batch = "".join(rename[label] for label in batch)
-        canonical_out = pv_batch + pv_query + value_dims[0]
-        if sorted(pv.out_labels) != sorted(canonical_out):
-            raise _Rejected("P·V sums over a batch axis")
-        value = Operand(value_node, value_labels, pv_batch + pv_key + value_dims[0]).before_permutes()
+        pv_axes = prove_pv_axes(axes, scores, p_labels, value_labels, pv.out_labels)
+        value = Operand(value_node, value_labels, pv_axes.value_target).before_permutes()
         match.key, match.value = _unexpanded_key_value(match.key, value)
-        match.output, match.out_canonical, match.out_labels = pv_node, canonical_out, pv.out_labels
-        return _Scores(scores, _shape(chain.product_node), batch, query_label, key_label)
+        match.output, match.out_canonical, match.out_labels = pv_node, pv_axes.out_canonical, pv.out_labels
+        return _Scores(scores, _shape(chain.product_node), axes.batch, axes.query, axes.key)
 
     def _fill_masks(self, match, scores_info: _Scores, biases: list[tuple[Node, float]], masks: list[MaskStep]):
         scores, scores_shape, batch = scores_info.labels, scores_info.shape, scores_info.batch

@@ -21,16 +21,17 @@ import logging
 
 import onnx_ir as ir
 
+from passes.attention_labels import LabelError, QkAxes, prove_pv_axes, prove_qk_axes
 from passes.attention_spec import AttentionSpec
 from passes.onnx.axis_labels import Operand, label_product, trace_to_source
 from passes.onnx.graph_values import FLOAT_TYPES, attribute, const_array, is_op, value_consumers
 from passes.onnx.grouped_heads import repeat_interleave_source
 from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch, Rejected
 from passes.onnx.score_chain import check_inference_dropout, trace_score_chain
-from passes.score_algebra import ChainError
 from passes.onnx.score_operands import Scores, fill_masks
 from passes.onnx.shape_facts import ShapeFacts
 from passes.onnx.spec_fields import spec_fields
+from passes.score_algebra import ChainError
 
 __all__ = ["detect_softmax_attention", "anchor_softmax"]
 
@@ -146,7 +147,7 @@ class _Builder:
             scores = self.fill_from_products(match, chain, axis, probabilities, pv)
             fill_masks(self.ctx, match, scores, chain.biases, chain.masks)
             self.find_grouped_sources(match)
-        except Rejected as error:
+        except (Rejected, LabelError) as error:
             match.spec = match.spec.rejected(str(error))
             return match
         match.scale *= chain.scale
@@ -179,26 +180,17 @@ class _Builder:
         scores_dims = facts.dims(qk.node.outputs[0])
         if scores_dims is None or len(scores_dims) != len(scores):
             raise Rejected("the shape of the scores is unknown")
-        key_label = scores[axis]
-        contracted = [label for label in qk.left_labels if label in qk.right_labels and label not in scores]
-        if len(contracted) != 1:
-            raise Rejected(f"Q·Kᵀ contracts {len(contracted)} axes, not one head dim")
-        if (key_label in qk.left_labels) == (key_label in qk.right_labels):
-            raise Rejected("softmax is not over the key axis")
-        on_left = key_label in qk.left_labels
-        key_value, key_labels = (qk.left, qk.left_labels) if on_left else (qk.right, qk.right_labels)
-        query_value, query_labels = (qk.right, qk.right_labels) if on_left else (qk.left, qk.left_labels)
-        query_label = _query_label(scores, key_label, query_labels, key_labels)
-        batch = "".join(label for label in scores if label not in (query_label, key_label))
-        if len(batch) > 2:
-            raise Rejected(f"{len(batch)} batch axes (at most batch and heads are supported)")
-        query = Operand(query_value, query_labels, batch + query_label + contracted[0])
-        key = Operand(key_value, key_labels, batch + key_label + contracted[0])
+        axes = prove_qk_axes(scores, qk.left_labels, qk.right_labels, scores[axis])
+        key_value, key_labels = (qk.left, qk.left_labels) if axes.key_on_left else (qk.right, qk.right_labels)
+        query_value, query_labels = (qk.right, qk.right_labels) if axes.key_on_left else (qk.left, qk.left_labels)
+        key_label, query_label, batch = axes.key, axes.query, axes.batch
+        query = Operand(query_value, query_labels, axes.query_target)
+        key = Operand(key_value, key_labels, axes.key_target)
         self.check_broadcast(query, key, scores, scores_dims, batch)
         match.query, query_scale = self.peel(query)
         match.key, key_scale = self.peel(key)
         match.scale = query_scale * key_scale
-        self.fill_value(match, pv, probabilities, scores, key_label, query_label, batch, scores_dims)
+        self.fill_value(match, pv, probabilities, scores, axes, scores_dims)
         match.equal_lengths = ShapeFacts.same(scores_dims[scores.index(query_label)], scores_dims[axis])
         return Scores(scores, scores_dims, batch, query_label, key_label)
 
@@ -212,34 +204,21 @@ class _Builder:
             if not ShapeFacts.same(key_dim, full) and not (heads_axis and key_dim == 1):
                 raise Rejected("cannot prove that K is not broadcast over a batch axis")
 
-    def fill_value(self, match, pv, probabilities, scores, key_label, query_label, batch, scores_dims) -> None:
+    def fill_value(self, match, pv, probabilities, scores, axes: QkAxes, scores_dims) -> None:
         if pv.left is not probabilities and not (is_op(pv.node, "Einsum") and pv.right is probabilities):
             raise Rejected("probabilities are not the left operand of the P·V product")
         on_left = pv.left is probabilities
         p_labels = pv.left_labels if on_left else pv.right_labels
         value_value, value_labels = (pv.right, pv.right_labels) if on_left else (pv.left, pv.left_labels)
-        if len(p_labels) != len(scores):
-            raise Rejected("probabilities change rank before P·V")
-        rename = dict(zip(scores, p_labels))
-        pv_key, pv_query = rename[key_label], rename[query_label]
-        if pv_key not in value_labels or pv_key in pv.out_labels:
-            raise Rejected("softmax is not over the axis P·V contracts (the key axis)")
-        if pv_query in value_labels or pv_query not in pv.out_labels:
-            raise Rejected("P·V does not keep the query axis")
-        value_dims = [label for label in value_labels if label not in p_labels]
-        if len(value_dims) != 1 or any(label not in p_labels + value_dims[0] for label in value_labels):
-            raise Rejected("V has axes that are not batch, key or value-dim axes")
-        pv_batch = "".join(rename[label] for label in batch)
-        canonical = pv_batch + pv_query + value_dims[0]
-        if sorted(pv.out_labels) != sorted(canonical):
-            raise Rejected("P·V sums over a batch axis")
-        value = Operand(value_value, value_labels, pv_batch + pv_key + value_dims[0])
+        pv_axes = prove_pv_axes(axes, scores, p_labels, value_labels, pv.out_labels)
+        pv_batch, batch = pv_axes.value_target[:-2], axes.batch
+        value = Operand(value_value, value_labels, pv_axes.value_target)
         for label, scores_label in zip(pv_batch, batch):
             dim, full = self.ctx.dim_of(value, label), scores_dims[scores.index(scores_label)]
             if not ShapeFacts.same(dim, full) and not (len(batch) == 2 and label == pv_batch[1] and dim == 1):
                 raise Rejected("cannot prove that V is not broadcast over a batch axis")
         match.value = trace_to_source(value, self.ctx.facts)
-        match.output, match.out_canonical, match.out_labels = pv.node.outputs[0], canonical, pv.out_labels
+        match.output, match.out_canonical, match.out_labels = pv.node.outputs[0], pv_axes.out_canonical, pv.out_labels
 
     def find_grouped_sources(self, match: OnnxAttentionMatch) -> None:
         """K and V from before a repeat-interleave over heads; both, or neither."""
@@ -257,15 +236,6 @@ class _Builder:
             match.num_kv_heads = key[1]
         else:
             match.num_kv_heads = self.ctx.static_dim(match.key, key_heads)
-
-
-def _query_label(scores: str, key_label: str, query_side: str, key_side: str) -> str:
-    candidates = [label for label in scores if label in query_side and label not in key_side and label != key_label]
-    if scores[-1] == key_label and scores[-2] in candidates:
-        return scores[-2]
-    if len(candidates) == 1:
-        return candidates[0]
-    raise Rejected("cannot tell the query axis among " + ", ".join(candidates))
 
 
 def detect_softmax_attention(ctx: AnalysisContext) -> list[OnnxAttentionMatch]:
