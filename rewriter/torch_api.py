@@ -8,7 +8,9 @@ import torch
 from torch.fx import GraphModule
 
 from passes.fx.detect_softmax_attention import FxAttentionMatch, detect_softmax_attention
+from passes.fx.detect_linear_attention import detect_linear_attention
 from passes.fx.rewrite_attention import RewriteSoftmaxAttention
+from passes.fx.rewrite_linear_attention import RewriteLinearAttention
 from rewriter.planner import plan_chunk_sizes
 from rewriter.report import MatchReport, Report
 
@@ -17,6 +19,7 @@ __all__ = ["capture", "detect_module", "optimize_module", "rewrite_graph_module"
 logger = logging.getLogger(__name__)
 
 TORCH_TARGET = "rewriter::attention"
+LINEAR_TARGET = "rewriter::linear_attention"
 
 
 def capture(module, example_inputs, example_kwargs=None, dynamic_shapes=None) -> GraphModule:
@@ -31,18 +34,22 @@ def capture(module, example_inputs, example_kwargs=None, dynamic_shapes=None) ->
     return program.module()
 
 
-def _report(matches: list[FxAttentionMatch], planned: dict[int, tuple[int, int]], source: str) -> Report:
+def _report(matches: list[FxAttentionMatch], planned: dict[int, tuple[int, int]], source: str,
+            linear_matches=(), linear_rewritten: bool = False) -> Report:
     entries = []
     for index, match in enumerate(matches):
         chunks = planned.get(index)
         entries.append(MatchReport(match.spec, chunks is not None, TORCH_TARGET if chunks else None, chunks))
+    for match in linear_matches:
+        taken = linear_rewritten and match.spec.accepted
+        entries.append(MatchReport(match.spec, taken, LINEAR_TARGET if taken else None))
     return Report(source, entries)
 
 
 def detect_module(module, example_inputs, **capture_options) -> Report:
     """What `optimize_module` would find, without changing anything."""
     gm = capture(module, example_inputs, **capture_options)
-    return _report(detect_softmax_attention(gm), {}, type(module).__name__)
+    return _report(detect_softmax_attention(gm), {}, type(module).__name__, detect_linear_attention(gm))
 
 
 def rewrite_graph_module(gm: GraphModule, memory_budget=None, chunk_size=None, source: str = "graph") -> Report:
@@ -54,7 +61,9 @@ def rewrite_graph_module(gm: GraphModule, memory_budget=None, chunk_size=None, s
             chunks = plan_chunk_sizes(match.spec, memory_budget, chunk_size)
             planned[index] = (chunks.query, chunks.key)
     RewriteSoftmaxAttention(matches, lambda spec: plan_chunk_sizes(spec, memory_budget, chunk_size))(gm)
-    report = _report(matches, planned, source)
+    linear_matches = detect_linear_attention(gm)
+    RewriteLinearAttention(linear_matches)(gm)
+    report = _report(matches, planned, source, linear_matches, linear_rewritten=True)
     logger.info(report.summary())
     return report
 

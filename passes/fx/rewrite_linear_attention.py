@@ -1,0 +1,71 @@
+"""Replace each accepted Performer match with one `rewriter::linear_attention` call.
+
+The whole block goes, feature maps included: φ is recomputed inside the op from q, k and the
+projection, so gradients still reach the projection and nothing of size L × M is kept::
+
+    q ─┐
+    k ─┼─ rewriter::linear_attention(q, k, v, Ω, feature_map, causal, c, ε, 0, stabilizer_grad, slice)[0] ─ users
+    v ─┘
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from collections.abc import Callable
+
+import onnx_ir.passes
+import torch
+from torch.fx import GraphModule
+
+import rewriter.kernels.linear_attention_op  # noqa: F401  (registers torch.ops.rewriter.linear_attention)
+from passes.attention_spec import AttentionSpec
+from passes.fx import aten_vocabulary as ops
+from passes.fx.detect_linear_attention import FxLinearAttentionMatch
+
+__all__ = ["RewriteLinearAttention", "default_slice_size"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SLICE = 256
+
+
+def default_slice_size(spec: AttentionSpec) -> int:
+    """Slices of 256 keys: the state (M × Dv) dominates per slice, and 256 rows keep matmuls efficient."""
+    return DEFAULT_SLICE
+
+
+class RewriteLinearAttention(onnx_ir.passes.InPlacePass):
+    """Rewrites the accepted matches of `detect_linear_attention` in place; `plan(spec)` gives the slice."""
+
+    def __init__(self, matches: list[FxLinearAttentionMatch], plan: Callable[[AttentionSpec], int] = default_slice_size):
+        super().__init__()
+        self.matches = [match for match in matches if match.spec.accepted]
+        self.plan = plan
+
+    def call(self, model: GraphModule) -> onnx_ir.passes.PassResult:
+        graph = model.graph
+        for match in self.matches:
+            fmap = match.query
+            with graph.inserting_before(match.output):
+                call = graph.call_function(
+                    torch.ops.rewriter.linear_attention.default,
+                    (fmap.source, match.key.source, match.value, fmap.projection, fmap.kind, match.causal,
+                     fmap.data_scale, fmap.epsilon, 0.0, fmap.stabilizer_grad, self.plan(match.spec)),
+                )
+                out = graph.call_function(operator.getitem, (call, 0))
+            match.output.replace_all_uses_with(out)
+            # Erase explicitly, users first: dead-code elimination keeps ops it deems impure.
+            order = {node: index for index, node in enumerate(graph.nodes)}
+            for node in sorted(set(match.replaced), key=lambda n: -order[n]):
+                for observer in [user for user in node.users if ops.is_call(user, ops.OBSERVERS)]:
+                    graph.erase_node(observer)
+                if not node.users:
+                    graph.erase_node(node)
+            logger.info("rewrote linear attention at %s", match.output.name)
+        if self.matches:
+            graph.eliminate_dead_code()
+            graph.lint()
+            model.recompile()
+        return onnx_ir.passes.PassResult(model, bool(self.matches))
+

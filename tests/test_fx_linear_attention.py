@@ -1,0 +1,148 @@
+"""Performer / linear attention in exported FX graphs: detection, near-misses, rewrite parity (fwd + bwd)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from passes.fx.detect_linear_attention import detect_linear_attention
+from rewriter.torch_api import capture, optimize_module
+from tests.performer_models import FastAttention, PerformerEncoder, PerformerLM
+
+TARGET = "rewriter::linear_attention"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _qkv(length, batch=2, heads=2, dim=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(batch, heads, length, dim, generator=generator) for _ in range(3))
+
+
+def _ops(gm) -> list[str]:
+    return [str(node.target) for node in gm.graph.nodes if node.op == "call_function"]
+
+
+def _assert_parity(model, gm, inputs, atol=1e-5, grad_atol=1e-4):
+    eager_in = [x.clone().requires_grad_(x.is_floating_point()) for x in inputs]
+    graph_in = [x.clone().requires_grad_(x.is_floating_point()) for x in inputs]
+    expected, actual = model(*eager_in), gm(*graph_in)
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=1e-4)
+    grad = torch.randn_like(expected)
+    (expected * grad).sum().backward()
+    (actual * grad).sum().backward()
+    for want, got in zip(eager_in, graph_in):
+        if want.grad is not None:
+            torch.testing.assert_close(got.grad, want.grad, atol=grad_atol, rtol=1e-4)
+    graph_params = dict(gm.named_parameters())
+    checked = 0
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            torch.testing.assert_close(graph_params[name].grad, param.grad, atol=grad_atol, rtol=1e-4, msg=name)
+            checked += 1
+    return checked
+
+
+def _rewritten(report):
+    return [m for m in report.matches if m.kind == "performer" and m.rewritten]
+
+
+# --------------------------------------------------------------------------- FastAttention parity
+
+
+@pytest.mark.parametrize("features", ["favor", "relu", "relu_no_projection"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("length", [1, 37, 300])
+def test_fast_attention_parity(features, causal, length):
+    model = FastAttention(8, nb_features=12, causal=causal, generalized_attention=features != "favor",
+                          near_miss="no_projection" if features == "relu_no_projection" else None).eval()
+    inputs = _qkv(length)
+    gm, report = optimize_module(model, inputs)
+    [match] = _rewritten(report)
+    assert match.spec.causal == causal and match.target == TARGET
+    assert match.spec.feature_map == ("favor_softmax" if features == "favor" else "relu")
+    assert _ops(gm).count("rewriter.linear_attention.default") == 1
+    assert not any("einsum" in op or "cumsum" in op or "exp" in op for op in _ops(gm))
+    _assert_parity(model, gm, inputs)
+
+
+@pytest.mark.parametrize("features", ["favor", "relu"])
+def test_gradient_reaches_a_learned_projection(features):
+    model = FastAttention(8, nb_features=12, generalized_attention=features == "relu", learned_projection=True,
+                          causal=True).eval()
+    inputs = _qkv(19)
+    gm, report = optimize_module(model, inputs)
+    assert len(_rewritten(report)) == 1
+    assert _assert_parity(model, gm, inputs) == 1
+
+
+def test_elu_plus_one_features():
+    inputs = _qkv(21)
+    gm, report = optimize_module(_EluPlusOne().eval(), inputs)
+    assert len(_rewritten(report)) == 1, [m.reason for m in report.matches]
+    match = _rewritten(report)[0]
+    assert match.spec.feature_map == "elu_plus_one"
+    _assert_parity(_EluPlusOne().eval(), gm, inputs)
+
+
+class _EluPlusOne(nn.Module):
+    """Katharopoulos et al.: φ(x) = elu(x) + 1, no projection, bidirectional."""
+
+    def forward(self, q, k, v):
+        from tests.performer_models import linear_attention
+        q, k = (torch.nn.functional.elu(t) + 1 for t in (q, k))
+        return linear_attention(q, k, v)
+
+
+# --------------------------------------------------------------------------- whole models
+
+
+def test_bidirectional_encoder_parity_forward_and_parameter_grads():
+    model = PerformerEncoder(dim=32, depth=2, heads=2).eval()
+    x = torch.randn(2, 45, 32, generator=torch.Generator().manual_seed(1))
+    gm, report = optimize_module(model, (x,))
+    assert len(_rewritten(report)) == 2
+    assert all(not m.spec.causal for m in _rewritten(report))
+    assert _assert_parity(model, gm, (x,)) > 0
+
+
+def test_causal_lm_parity_forward_and_parameter_grads():
+    model = PerformerLM(vocab=50, dim=32, depth=2, heads=2, max_len=128).eval()
+    tokens = torch.randint(0, 50, (2, 33), generator=torch.Generator().manual_seed(2))
+    gm, report = optimize_module(model, (tokens,))
+    assert len(_rewritten(report)) == 2
+    assert all(m.spec.causal for m in _rewritten(report))
+    assert _assert_parity(model, gm, (tokens,)) > 0
+
+
+# --------------------------------------------------------------------------- near-misses
+
+
+@pytest.mark.parametrize("near_miss,reason", [
+    ("global_stabiliser", "stabiliser reduces axes [0, 1, 2, 3]"),
+    ("normaliser_axis", "key sum"),
+])
+def test_near_misses_are_left_alone_with_a_reason(near_miss, reason):
+    model = FastAttention(8, nb_features=12, near_miss=near_miss).eval()
+    inputs = _qkv(10)
+    gm, report = optimize_module(model, inputs)
+    performer = [m for m in report.matches if m.kind == "performer"]
+    assert performer and not any(m.rewritten for m in performer)
+    assert any(reason in (m.reason or "") for m in performer), [m.reason for m in performer]
+    assert "rewriter.linear_attention.default" not in _ops(gm)
+    _assert_parity(model, gm, inputs)
+
+
+def test_projection_passed_as_input_is_not_constant():
+    model = FastAttention(8, nb_features=12).eval()
+    inputs = _qkv(10) + (torch.randn(12, 8),)
+    gm = capture(model, inputs)
+    [match] = detect_linear_attention(gm)
+    assert not match.spec.accepted and "not a constant buffer or parameter" in match.spec.reason
