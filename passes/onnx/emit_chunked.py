@@ -2,8 +2,11 @@
 
     Q, K/V sources, bias terms, mask ─ arrange ─ build_chunked_attention ─ (NaN rows → 0) ─ restore
 
-Grouped K/V heads are passed unexpanded; every bias term is summed into one (B|1, H|1, Lq|1, Lk)
-operand, sliced block by block inside the loops. Dynamic batch and sequence lengths stay dynamic.
+Q, K and V are read from the values they are views of (`arrange`), so the kernel slices the
+model's own tensors: K as (B, Hkv, Lk, D), or as (B, Hkv, D, Lk) when only that order needs no
+transpose. Grouped K/V heads are passed unexpanded; every bias term is summed into one
+(B|1, H|1, Lq|1, Lk) operand, sliced block by block inside the loops. Dynamic batch and sequence
+lengths stay dynamic.
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ import onnx_ir as ir
 
 from passes.attention_spec import ChunkSizes
 from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch, Rejected
-from passes.onnx.operand_layout import NodeWriter, arrange, arranged_dims, restore_layout
+from passes.onnx.operand_layout import BNSH, NodeWriter, arrange, arranged_dims, copies, restore_layout
 from rewriter.kernels.onnx_chunked_attention import build_chunked_attention
 
 __all__ = ["combined_bias", "emit_chunked", "zero_nan_rows"]
 
 CHUNKED = "chunked"
+_KEY_TRANSPOSED = (0, 1, 3, 2)  # (batch, heads, head dim, keys)
 
 def _broadcast(dims_list: list[list]) -> list:
     out = []
@@ -64,7 +68,9 @@ def emit_chunked(w: NodeWriter, ctx: AnalysisContext, match: OnnxAttentionMatch,
     key, value = match.key_source or match.key, match.value_source or match.value
     with w.annotated():
         q = arrange(w, ctx, match.query, dtype)
-        k, v = arrange(w, ctx, key), arrange(w, ctx, value)
+        key_transposed = copies(ctx, key) and not copies(ctx, key, _KEY_TRANSPOSED)
+        k = arrange(w, ctx, key, order=_KEY_TRANSPOSED if key_transposed else BNSH)
+        v = arrange(w, ctx, value)
         heads, kv_heads = arranged_dims(ctx, match.query)[1], arranged_dims(ctx, key)[1]
         if not isinstance(heads, int) or not isinstance(kv_heads, int):
             raise Rejected(f"the chunked kernel needs static head counts (got {heads}/{kv_heads})")
@@ -74,7 +80,7 @@ def emit_chunked(w: NodeWriter, ctx: AnalysisContext, match: OnnxAttentionMatch,
                 w.tape, q, k, v, num_heads=heads, num_kv_heads=kv_heads, scale=match.scale, bias=bias,
                 mask=mask, softcap=match.softcap, mask_fill=match.mask_fill, causal=match.causal,
                 causal_offset=match.causal_offset, q_chunk=chunks.query, k_chunk=chunks.key,
-                name=f"{w.prefix}/chunked")
+                key_transposed=key_transposed, name=f"{w.prefix}/chunked")
         except ValueError as error:
             raise Rejected(f"chunked kernel: {error}") from error
     if match.zero_masked_rows:

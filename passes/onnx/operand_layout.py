@@ -1,9 +1,13 @@
 """Bring matched operands into the kernels' 4-D layouts and the result back into the model's.
 
-Operands are rearranged with views only (Reshape of packed heads, Unsqueeze, Transpose), so a
-rewrite adds no copies beyond what a transpose costs::
+Each operand is read from the earliest value it is a view of (`view_source`: up through
+``Transpose`` and whole-axis ``Reshape``, size-1 axes included), so views the model took before
+the product, such as torch's Kᵀ chain ``Reshape → Transpose → Reshape``, are not copied again
+and die with the matched nodes. From there it is arranged with at most one ``Transpose`` into
+the order a kernel asks for (`BNSH` = (batch, heads, rows, cols) or another order of those four
+axes); `copies` says whether that order needs the transpose::
 
-    Q ─(Reshape heads)─(Unsqueeze)─(Transpose)─┐
+    Q ─(Reshape heads)─(Transpose)─(Unsqueeze)─┐
     K, V, bias, mask likewise ─────────────────┼─ attention ─ (Squeeze)─(Transpose)─(merge heads)─(Cast)─ users
                                                ┘
 
@@ -20,9 +24,15 @@ import numpy as np
 import onnx_ir as ir
 
 from passes.onnx.axis_labels import Operand
+from passes.onnx.graph_values import attribute, is_op
 from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch
+from passes.onnx.shape_facts import ShapeFacts
 
-__all__ = ["NodeWriter", "arrange", "arranged_dims", "restore_layout", "repeat_heads"]
+__all__ = ["BNSH", "BSNH", "NodeWriter", "arrange", "arranged_dims", "copies", "repeat_heads", "restore_layout",
+           "restores_in_place", "view_source"]
+
+BNSH = (0, 1, 2, 3)  # (batch, heads, rows, cols): the canonical order
+BSNH = (0, 2, 1, 3)  # (batch, rows, heads, cols): ORT's packed (B, L, H·D) once the last two merge
 
 
 class NodeWriter:
@@ -73,34 +83,125 @@ def _padding_axes(canonical: str) -> list[int]:
     return {4: [], 3: [1], 2: [0, 1]}[len(canonical)]
 
 
-def arranged_dims(ctx: AnalysisContext, operand: Operand) -> list:
+def _four_labels(canonical: str) -> list[str | None]:
+    """`canonical` as four axes, None for the padding ones."""
+    labels: list[str | None] = list(canonical)
+    for axis in _padding_axes(canonical):
+        labels.insert(axis, None)
+    return labels
+
+
+def arranged_dims(ctx: AnalysisContext, operand: Operand, order=BNSH) -> list:
     """The 4-D dims `arrange` gives `operand` (None where unknown)."""
     dims = ctx.operand_dims(operand)
     if dims is None or len(dims) != len(operand.labels):
         dims = (None,) * len(operand.labels)
     by_label = dict(zip(operand.labels, dims))
-    arranged = [by_label.get(label, 1) for label in operand.target]
-    for axis in _padding_axes(operand.target):
-        arranged.insert(axis, 1)
-    return arranged
+    four = _four_labels(operand.target)
+    return [1 if four[axis] is None else by_label.get(four[axis], 1) for axis in order]
 
 
-def arrange(w: NodeWriter, ctx: AnalysisContext, operand: Operand, dtype=None) -> ir.Value:
-    """`operand` as a 4-D (batch, heads, rows, cols) value: absent labels become size-1 axes."""
-    value, labels = operand.value, operand.labels
-    if operand.split_heads:
-        value = w.op("Reshape", value, w.const([0, 0, operand.split_heads, -1]))
-    missing = [label for label in operand.target if label not in labels]
-    if missing:
-        value = w.op("Unsqueeze", value, w.const(list(range(len(labels), len(labels) + len(missing)))))
-        labels += "".join(missing)
-    order = [labels.index(label) for label in operand.target]
-    if order != list(range(len(labels))):
-        value = w.op("Transpose", value, perm=order)
-    padding = _padding_axes(operand.target)
-    if padding:
-        value = w.op("Unsqueeze", value, w.const(padding))
-    return w.annotate(value, dtype or ctx.facts.dtype(operand.value), arranged_dims(ctx, operand))
+def _regroup(in_dims, out_dims, axes):
+    """Input axes of a row-major reshape `in_dims` → `out_dims` that splits or merges whole axes."""
+    left = 0
+    while left < min(len(in_dims), len(out_dims)) and ShapeFacts.same(in_dims[left], out_dims[left]):
+        left += 1
+    in_stop, out_stop = len(in_dims), len(out_dims)
+    while in_stop > left and out_stop > left and ShapeFacts.same(in_dims[in_stop - 1], out_dims[out_stop - 1]):
+        in_stop, out_stop = in_stop - 1, out_stop - 1
+    head, middle, tail, in_middle = axes[:left], axes[left:out_stop], axes[out_stop:], in_dims[left:in_stop]
+    if not in_middle and not middle:
+        return head + tail
+    if len(in_middle) == 1 and middle:  # a merge, seen from above
+        return head + [tuple(atom for axis in middle for atom in axis)] + tail
+    if len(middle) == 1 and len(in_middle) == len(middle[0]) > 1 and all(
+            ShapeFacts.same(dim, atom_dim) for dim, (_, atom_dim) in zip(in_middle, middle[0])):
+        return head + [(atom,) for atom in middle[0]] + tail
+    return None
+
+
+def _through_reshape(in_dims, out_dims, axes, spare: list[str]):
+    """Like `_regroup` with size-1 axes left out; input axes of size 1 take labels from `spare`,
+    the labels of size-1 axes that earlier reshapes dropped (any size-1 axis is as good as another)."""
+    if in_dims is None or out_dims is None or len(out_dims) != len(axes):
+        return None
+    kept_axes, kept_dims = [], []
+    for axis, dim in zip(axes, out_dims):
+        spare.extend(label for label, atom_dim in axis if atom_dim == 1 or dim == 1)
+        if dim != 1:
+            kept_axes.append(tuple(atom for atom in axis if atom[1] != 1))
+            kept_dims.append(dim)
+    grouped = _regroup([d for d in in_dims if d != 1], kept_dims, kept_axes)
+    if grouped is None:
+        return None
+    grouped = iter(grouped)
+    return [(((spare.pop(), 1),) if spare else ()) if dim == 1 else next(grouped) for dim in in_dims]
+
+
+def view_source(facts: ShapeFacts, operand: Operand) -> Operand:
+    """The earliest value `operand` is a view of, through transposes and whole-axis reshapes.
+
+    Unlike `axis_labels.trace_to_source`, axes of size 1 may appear and vanish on the way (torch
+    writes Kᵀ as (B, H, L, D) → (B·H, L, D) → (B·H, D, L) → (B, H, D, L), which is K for B = 1 too);
+    labels of size-1 axes that no source axis carries are simply absent (`arrange` adds them back).
+    """
+    dims = facts.dims(operand.value)
+    if operand.split_heads or dims is None or len(dims) != len(operand.labels):
+        return operand
+    axes = [((label, dim),) for label, dim in zip(operand.labels, dims)]
+    spare: list[str] = []
+    value, best = operand.value, operand
+    while True:
+        node = value.producer()
+        if is_op(node, "Transpose"):
+            perm = attribute(node, "perm", list(range(len(axes)))[::-1])
+            if sorted(perm) != list(range(len(axes))):
+                return best
+            source = [()] * len(axes)
+            for position, axis in enumerate(perm):
+                source[axis] = axes[position]
+            axes = source
+        elif is_op(node, "Reshape"):
+            axes = _through_reshape(facts.dims(node.inputs[0]), facts.dims(node.outputs[0]), axes, spare)
+        else:
+            return best
+        if axes is None:
+            return best
+        value = node.inputs[0]
+        if all(len(axis) == 1 for axis in axes):
+            best = Operand(value, "".join(axis[0][0] for axis in axes), operand.target)
+
+
+def _plan(ctx: AnalysisContext, operand: Operand, order) -> tuple[Operand, list[int], list[int]]:
+    """The source to read, the transpose of its axes, and where size-1 axes are inserted after it."""
+    source = view_source(ctx.facts, operand)
+    if not set(source.labels) <= set(operand.target):
+        source = operand
+    present = list(source.labels)
+    wanted = [_four_labels(operand.target)[axis] for axis in order]
+    perm = [present.index(label) for label in wanted if label in present]
+    inserted = [axis for axis, label in enumerate(wanted) if label not in present]
+    return source, perm, inserted
+
+
+def copies(ctx: AnalysisContext, operand: Operand, order=BNSH) -> bool:
+    """Whether `arrange(..., order)` has to transpose (copy) the operand."""
+    _, perm, _ = _plan(ctx, operand, order)
+    return perm != sorted(perm)
+
+
+def arrange(w: NodeWriter, ctx: AnalysisContext, operand: Operand, dtype=None, order=BNSH) -> ir.Value:
+    """`operand` as a 4-D value with its (batch, heads, rows, cols) axes in `order`; absent labels
+    become size-1 axes, inserted with Unsqueeze rather than moved by a transpose."""
+    source, perm, inserted = _plan(ctx, operand, order)
+    value = source.value
+    if source.split_heads:
+        value = w.op("Reshape", value, w.const([0, 0, source.split_heads, -1]))
+    if perm != sorted(perm):
+        value = w.op("Transpose", value, perm=perm)
+    if inserted:
+        value = w.op("Unsqueeze", value, w.const(inserted))
+    return w.annotate(value, dtype or ctx.facts.dtype(operand.value), arranged_dims(ctx, operand, order))
 
 
 def repeat_heads(w: NodeWriter, value: ir.Value, groups: int, kv_heads: int) -> ir.Value:
@@ -114,17 +215,27 @@ def repeat_heads(w: NodeWriter, value: ir.Value, groups: int, kv_heads: int) -> 
     return w.op("Reshape", w.op("Expand", grouped, shape), merged)
 
 
-def restore_layout(w: NodeWriter, value: ir.Value, match: OnnxAttentionMatch, dtype, out_dtype) -> ir.Value:
-    """A (B, H, rows, value-dim) result of `dtype` in the layout and dtype of the value it replaces."""
-    canonical = match.out_canonical
-    padding = _padding_axes(canonical)
+def restore_layout(w: NodeWriter, value: ir.Value, match: OnnxAttentionMatch, dtype, out_dtype,
+                   order=BNSH) -> ir.Value:
+    """A 4-D result of `dtype`, its (batch, heads, rows, value-dim) axes in `order`, in the layout
+    and dtype of the value it replaces."""
+    labels = [_four_labels(match.out_canonical)[axis] for axis in order]
+    padding = [axis for axis, label in enumerate(labels) if label is None]
     if padding:
         value = w.op("Squeeze", value, w.const(padding))
-    order = [canonical.index(label) for label in match.out_labels]
-    if order != list(range(len(order))):
-        value = w.op("Transpose", value, perm=order)
+        labels = [label for label in labels if label is not None]
+    perm = [labels.index(label) for label in match.out_labels]
+    if perm != sorted(perm):
+        value = w.op("Transpose", value, perm=perm)
     if match.out_merged:
         value = w.op("Reshape", value, w.const([0, 0, -1]))
     if out_dtype is not None and dtype is not None and out_dtype != dtype:
         value = w.op("Cast", value, to=out_dtype)
     return value
+
+
+def restores_in_place(match: OnnxAttentionMatch, order) -> bool:
+    """Whether `restore_layout` takes a result in `order` back without a transpose."""
+    labels = [label for label in (_four_labels(match.out_canonical)[axis] for axis in order) if label]
+    perm = [labels.index(label) for label in match.out_labels]
+    return perm == sorted(perm)

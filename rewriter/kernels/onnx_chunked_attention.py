@@ -5,27 +5,35 @@ causal); the softmax is computed online (Rabe & Staats; FlashAttention), so the 
 at run time is one (B, H, q_chunk, k_chunk) score block, never Lq × Lk. Batch and sequence
 lengths stay symbolic; bias and mask are sliced block by block. Query heads are grouped as
 (B, Hkv, G, Lq, D) against (B, Hkv, 1, Lk, D), so grouped K/V heads are never expanded.
+Q, K and V are only sliced, never copied whole: the scale (and the cast to fp32) is applied to
+each query block, K is transposed block by block (or taken as (B, Hkv, D, Lk) when
+`key_transposed`), and the output is written once by the loop::
 
-    q ─Cast─Mul(scale)─Reshape→ qg (B,Hkv,G,Lq,D)    k ─Unsqueeze─Transpose→ kt (B,Hkv,1,D,Lk)
-                                                     v ─Unsqueeze→ vg (B,Hkv,1,Lk,Dv)
+    q ─Reshape→ qg (B,Hkv,G,Lq,D)     k ─Unsqueeze→ kg (B,Hkv,1,Lk,D)     v ─Unsqueeze→ vg
     Loop i < ceil(Lq / qc)                     qc = min(q_chunk, Lq); scan output: out block
-    │  q0 = i·qc   q1 = min(q0 + qc, Lq)   qb = qg[.., q0:q1, :]   bias, mask rows q0:q1
+    │  q0 = i·qc   q1 = min(q0 + qc, Lq)   qb = fp32(qg[.., q0:q1, :])·scale   bias, mask rows
     │  nk = ceil(clamp(q1 + offset, 0, Lk) / kc)  when causal (blocks above the diagonal
     │       are never visited), else ceil(Lk / kc)
     │  Loop j < nk                             carries m = −∞, l = 0, acc = 0
-    │  │  k0 = j·kc   S = qb · kt[.., k0:k0+kc]
+    │  │  k0 = j·kc   S = qb · fp32(kg[.., k0:k0+kc, :])ᵀ
     │  │  S = softcap·tanh(S) → S + bias block → where(mask block, S, fill)
-    │  │  If the causal diagonal crosses this block: S = where(key ≤ query + offset, S, −∞)
+    │  │  S + If(the causal diagonal crosses this block, (qc, kc) tile of 0 / −∞, zeros)
     │  │  m' = max(m, rowmax S)   r = max(m', −FLT_MAX)   P = exp(S − r)   a = exp(m − r)
-    │  │  l = a·l + rowsum P   acc = a·acc + P · vg[.., k0:k0+kc, :]   m = m'
+    │  │  l = a·l + rowsum P   acc = a·acc + P · fp32(vg[.., k0:k0+kc, :])   m = m'
     │  └─
-    │  out block = Pad(acc / l) to qc rows
+    │  out block = Pad(acc / l in q's dtype) to qc rows
     └─
-    (nq, B,Hkv,G,qc,Dv) ─Transpose─Reshape→ (B,H,nq·qc,Dv) ─Slice(:Lq)─Cast→ out (B,H,Lq,Dv)
+    (nq, B,Hkv,G,qc,Dv) ─Transpose─Reshape→ (B,H,nq·qc,Dv) ─Slice(:Lq)→ out (B,H,Lq,Dv)
+
+ORT keeps each iteration's block and copies them into the Loop's output, so the output costs
+two copies at the end whatever the form; the Transpose and Slice after it each free their input,
+so they add time but no peak (a sequence of unpadded blocks, ConcatFromSequence'd, measured the
+same peak on ORT 1.32: its SequenceInsert copies the sequence).
 
 Using r = max(m', −FLT_MAX) instead of m' keeps exp() finite for rows whose every key so far
-is at −∞; such rows end with l = 0 and give NaN, like a naive softmax. Both where(·, S, −∞)
-are emitted as S + log(keep), the same for any S < +∞; Where is ~5x slower on ORT's CPU provider.
+is at −∞; such rows end with l = 0 and give NaN, like a naive softmax. A mask with fill −∞ is
+added as log(keep), the same as where(keep, S, −∞) for any S < +∞: Where over the scores is ~5x
+slower on ORT's CPU provider (the causal tile is built with Where once per diagonal block).
 """
 
 from __future__ import annotations
@@ -77,8 +85,10 @@ class _Builder:
     """Options and the outer-scope values (constants, k_len) that both loop bodies read."""
 
     def __init__(self, emit: _Emitter, heads: int, kv_heads: int, scale: float, softcap: float,
-                 mask_fill: float, causal: bool, causal_offset: int, q_chunk: int, k_chunk: int):
+                 mask_fill: float, causal: bool, causal_offset: int, q_chunk: int, k_chunk: int,
+                 key_transposed: bool):
         self.e = emit
+        self.key_transposed = key_transposed
         self.heads, self.kv_heads = heads, kv_heads
         self.scale, self.softcap, self.mask_fill = scale, softcap, mask_fill
         self.causal, self.causal_offset = causal, causal_offset
@@ -116,33 +126,32 @@ class _Builder:
 
     def build(self, q, k, v, bias, mask) -> ir.Value:
         e = self.e
-        q_scale = self.scale / self.softcap if self.softcap > 0 else self.scale
-        qg = e("Mul", self._group_heads(self._as_float(e, q), self.heads), e.const(q_scale, np.float32))
-        kt = e("Transpose", e("Unsqueeze", self._as_float(e, k), self.axis[2]), perm=[0, 1, 2, 4, 3])
-        vg = e("Unsqueeze", self._as_float(e, v), self.axis[2])
-        q_len, self.k_len = e("Shape", q, start=2, end=3), e("Shape", k, start=2, end=3)
+        qg = self._group_heads(q, self.heads)
+        kg, vg = e("Unsqueeze", k, self.axis[2]), e("Unsqueeze", v, self.axis[2])
+        key_axis = 3 if self.key_transposed else 2
+        q_len, self.k_len = e("Shape", q, start=2, end=3), e("Shape", k, start=key_axis, end=key_axis + 1)
         v_dim = e("Shape", v, start=3)
         qc = e("Max", e("Min", q_len, self.q_chunk), self.one)
         n_q = e("Squeeze", self._ceil_div(e, q_len, qc))
         operands = ((bias, "bias"), (mask, "mask"))
         scores = [(self._grouped_operand(t, role), role) for t, role in operands if t is not None]
-        blocks = e("Loop", n_q, None, body=self._query_body(qg, kt, vg, q_len, qc, v_dim, scores))
+        blocks = e("Loop", n_q, None, body=self._query_body(qg, kg, vg, q_len, qc, q.dtype, scores))
         out_shape = e("Concat", e("Shape", q, end=1), e.const([self.heads, -1]), v_dim, axis=0)
         out = e("Reshape", e("Transpose", blocks, perm=[1, 2, 3, 0, 4, 5]), out_shape)
-        out = e("Slice", out, self.zero, q_len, self.axis[2])
-        return out if q.dtype == _FLOAT else e("Cast", out, to=q.dtype)
+        return e("Slice", out, self.zero, q_len, self.axis[2])
 
     def _block_of(self, e, x, start, stop, axis) -> ir.Value:
         """x[start:stop] along axis, or all of it where that axis has size 1 (broadcast)."""
         last = e("Sub", e("Shape", x, start=axis, end=axis + 1), self.one)
         return e("Slice", x, e("Min", start, last), stop, self.axis[axis])
 
-    def _query_body(self, qg, kt, vg, q_len, qc, v_dim, scores) -> ir.Graph:
+    def _query_body(self, qg, kg, vg, q_len, qc, dtype, scores) -> ir.Graph:
         b = self.e.subgraph()
         i, cond = ir.val(b.name("i"), _INT64, []), ir.val(b.name("cond"), _BOOL, [])
         q0 = b("Mul", i, qc)
         q1 = b("Min", b("Add", q0, qc), q_len)
-        qb = b("Slice", qg, q0, q1, self.axis[3])
+        q_scale = self.scale / self.softcap if self.softcap > 0 else self.scale
+        qb = b("Mul", self._as_float(b, b("Slice", qg, q0, q1, self.axis[3])), self.e.const(q_scale, np.float32))
         rows = [(self._block_of(b, t, q0, q1, 3), role) for t, role in scores]
         diagonal = None
         n_k = self._ceil_div(b, self.k_len, self.k_chunk)
@@ -157,21 +166,28 @@ class _Builder:
         row_shape = b("Concat", lead, self.one, axis=0)
         m0 = b("ConstantOfShape", row_shape, value=ir.tensor([-math.inf], dtype=_FLOAT))
         l0 = b("ConstantOfShape", row_shape, value=ir.tensor([0.0], dtype=_FLOAT))
-        acc_shape = b("Concat", lead, v_dim, axis=0)
+        acc_shape = b("Concat", lead, b("Shape", vg, start=4), axis=0)
         acc0 = b("ConstantOfShape", acc_shape, value=ir.tensor([0.0], dtype=_FLOAT))
-        key_body = self._key_body(qb, kt, vg, rows, diagonal)
+        key_body = self._key_body(qb, kg, vg, rows, diagonal)
         _, row_sum, acc = b("Loop", b("Squeeze", n_k), None, m0, l0, acc0, body=key_body, outputs=3)
+        block = b("Div", acc, row_sum)
+        if dtype != _FLOAT:
+            block = b("Cast", block, to=dtype)
         pad = b("Concat", self.zero, b("Sub", qc, b("Sub", q1, q0)), axis=0)
-        out = _typed(b("Pad", b("Div", acc, row_sum), pad, None, self.axis[3]), _FLOAT)
+        out = _typed(b("Pad", block, pad, None, self.axis[3]), dtype)
         return b.graph([i, cond], [_typed(b("Identity", cond), _BOOL), out], "query_chunk")
 
-    def _key_body(self, qb, kt, vg, rows, diagonal) -> ir.Graph:
+    def _key_body(self, qb, kg, vg, rows, diagonal) -> ir.Graph:
         b = self.e.subgraph()
         j, cond = ir.val(b.name("j"), _INT64, []), ir.val(b.name("cond"), _BOOL, [])
         m, row_sum, acc = (ir.val(b.name(tag), _FLOAT, [None] * 5) for tag in ("m", "l", "acc"))
         k0 = b("Mul", j, self.k_chunk)
         k1 = b("Add", k0, self.k_chunk)
-        s = b("MatMul", qb, b("Slice", kt, k0, k1, self.axis[4]))
+        if self.key_transposed:
+            kt = self._as_float(b, b("Slice", kg, k0, k1, self.axis[4]))
+        else:
+            kt = b("Transpose", self._as_float(b, b("Slice", kg, k0, k1, self.axis[3])), perm=[0, 1, 2, 4, 3])
+        s = b("MatMul", qb, kt)
         if self.softcap > 0:
             s = b("Mul", b("Tanh", s), self.e.const(self.softcap, np.float32))
         for block_rows, role in rows:
@@ -189,22 +205,26 @@ class _Builder:
         p = b("Exp", b("Sub", s, ref))
         rescale = b("Exp", b("Sub", m, ref))
         l_new = b("Add", b("Mul", row_sum, rescale), b("ReduceSum", p, self.axis[-1], keepdims=1))
-        pv = b("MatMul", p, b("Slice", vg, k0, k1, self.axis[3]))
+        pv = b("MatMul", p, self._as_float(b, b("Slice", vg, k0, k1, self.axis[3])))
         acc_new = b("Add", b("Mul", acc, rescale), pv)
         outputs = [_typed(b("Identity", cond), _BOOL), *(_typed(x, _FLOAT) for x in (m_new, l_new, acc_new))]
         return b.graph([j, cond, m, row_sum, acc], outputs, "key_chunk")
 
     def _causal(self, b: _Emitter, s, k0, k_end, query_pos, first_hidden) -> ir.Value:
-        """−∞ above the diagonal; blocks it does not cross (key k_end − 1 < first_hidden) pass."""
+        """S plus a (rows, keys) tile: −∞ above the diagonal where it crosses the block (key
+        k_end − 1 ≥ first_hidden), zeros elsewhere. Adding a tile, not choosing between S and a
+        masked S, keeps S from being copied out of an If branch."""
         crossed = b.subgraph()
         key_pos = crossed("Range", crossed("Squeeze", k0), crossed("Squeeze", k_end), self.e.const(1))
-        hidden = _neg_inf_where_false(crossed, crossed("LessOrEqual", key_pos, query_pos))
-        masked = crossed("Add", s, hidden)
+        tile = crossed("Where", crossed("LessOrEqual", key_pos, query_pos), self.e.const(0.0, np.float32),
+                       self.e.const(-math.inf, np.float32))
         below = b.subgraph()
-        unmasked = below("Identity", s)
-        return b("If", b("Greater", k_end, first_hidden),
-                 then_branch=crossed.graph([], [_typed(masked, _FLOAT)], "diagonal_block"),
-                 else_branch=below.graph([], [_typed(unmasked, _FLOAT)], "below_diagonal_block"))
+        tile_shape = below("Concat", below("Shape", query_pos, end=1), below("Sub", k_end, k0), axis=0)
+        zeros = below("ConstantOfShape", tile_shape, value=ir.tensor([0.0], dtype=_FLOAT))
+        hidden = b("If", b("Greater", k_end, first_hidden),
+                   then_branch=crossed.graph([], [_typed(tile, _FLOAT)], "diagonal_block"),
+                   else_branch=below.graph([], [_typed(zeros, _FLOAT)], "below_diagonal_block"))
+        return b("Add", s, hidden)
 
 
 def _neg_inf_where_false(e: _Emitter, keep: ir.Value) -> ir.Value:
@@ -234,9 +254,11 @@ def build_chunked_attention(
     causal_offset: int = 0,
     q_chunk: int = 1024,
     k_chunk: int = 4096,
+    key_transposed: bool = False,
     name: str = "chunked_attention",
 ) -> ir.Value:
-    """Append chunked attention over q (B,H,Lq,D), k (B,Hkv,Lk,D), v (B,Hkv,Lk,Dv) to `tape`.
+    """Append chunked attention over q (B,H,Lq,D), k (B,Hkv,Lk,D), v (B,Hkv,Lk,Dv) to `tape`;
+    with `key_transposed`, k is (B,Hkv,D,Lk).
 
     `bias` (float, added) and `mask` (bool, kept where true, else replaced by `mask_fill`) must
     have a known rank ≤ 4, broadcast to (B, H, Lq, Lk) and have a head axis of static size 1 or
@@ -252,7 +274,7 @@ def build_chunked_attention(
     logger.debug("chunked attention %s: heads %d/%d, chunks (%d, %d), causal=%s offset=%d",
                  name, num_heads, num_kv_heads, q_chunk, k_chunk, causal, causal_offset)
     builder = _Builder(_Emitter(tape, name), num_heads, num_kv_heads, scale, softcap, mask_fill,
-                       causal, causal_offset, q_chunk, k_chunk)
+                       causal, causal_offset, q_chunk, k_chunk, key_transposed)
     out = builder.build(q, k, v, bias, mask)
     out.dtype = q.dtype
     if q.shape is not None and v.shape is not None:
