@@ -146,3 +146,29 @@ def test_projection_passed_as_input_is_not_constant():
     gm = capture(model, inputs)
     [match] = detect_linear_attention(gm)
     assert not match.spec.accepted and "not a constant buffer or parameter" in match.spec.reason
+
+
+# --------------------------------------------------------------------------- chunked causal form
+
+
+@pytest.mark.parametrize("features", ["favor", "relu"])
+@pytest.mark.parametrize("chunks,length", [(3, 10), (4, 37), (1, 9)])
+def test_chunked_carry_causal_is_one_block(features, chunks, length):
+    model = FastAttention(8, nb_features=12, causal=True, chunk_size=chunks, chunk_eps=0.0,
+                          generalized_attention=features == "relu", learned_projection=True).eval()
+    inputs = _qkv(length)
+    gm, report = optimize_module(model, inputs)
+    performer = [m for m in report.matches if m.kind == "performer"]
+    assert len(performer) == 1 and performer[0].rewritten and performer[0].spec.causal
+    assert _ops(gm).count("rewriter.linear_attention.default") == 1
+    assert not any(op in ("aten.cumsum.default", "aten.cat.default", "aten.chunk.default") for op in _ops(gm))
+    assert _assert_parity(model, gm, inputs) == 1
+
+
+def test_chunked_with_epsilon_inside_the_prefix_sum_is_left_alone():
+    model = FastAttention(8, nb_features=12, causal=True, chunk_size=3, chunk_eps=1e-6).eval()
+    inputs = _qkv(10)
+    gm, report = optimize_module(model, inputs)
+    [match] = [m for m in report.matches if m.kind == "performer"]
+    assert not match.rewritten and "not an epsilon the op can express" in match.reason
+    _assert_parity(model, gm, inputs)

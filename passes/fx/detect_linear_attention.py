@@ -309,6 +309,12 @@ def _match(gm, anchor: Node) -> FxLinearAttentionMatch:
         raise _Rejected("the causal normaliser is not φ(q_n)·Σ_{j≤n}φ(k_j)")
     if not causal and (ks_lab != dq_lab[:len(batch)] + dq_lab[-1] or dout != dq_lab[:-1]):
         raise _Rejected("the normaliser is not φ(q)·Σφ(k) over the features")
+    return _finish(gm, anchor, nodes, causal, phi_q, phi_k, value)
+
+
+def _finish(gm, output: Node, nodes: list[Node], causal: bool, phi_q: Node, phi_k: Node, value: Node,
+            boundary: tuple[Node, ...] = ()) -> FxLinearAttentionMatch:
+    """Check that the block is closed (no outside users), prove both feature maps, build the match."""
     for node in nodes[1:]:
         for user in ops.value_users(node):
             if user not in nodes:
@@ -325,7 +331,141 @@ def _match(gm, anchor: Node) -> FxLinearAttentionMatch:
         if ops.tensor_meta(x).dim() != 4:
             raise _Rejected("q, k, v are not 4-D (batch, heads, length, dim)")
     block = nodes + list(query.nodes) + list(key.nodes)
-    return FxLinearAttentionMatch(_spec(block, causal, query, value), anchor, query, key, value, causal, block)
+    return FxLinearAttentionMatch(_spec(block, causal, query, value), output, query, key, value, causal, block)
+
+
+@dataclasses.dataclass
+class _Piece:
+    """One chunk of performer-pytorch's chunked causal attention, with the carries it continues."""
+
+    phi_q: Node
+    phi_k: Node
+    value: Node
+    key_carry: Node | float
+    context_carry: Node | float
+    key_running: set[Node]
+    context_running: set[Node]
+    nodes: list[Node]
+
+
+def _running_sum(gm, node: Node, axis: int, nodes: list[Node]) -> tuple[Node, Node | float, set[Node]]:
+    """(x, carry, running nodes) for `carry + cumsum(x, axis)` (carry 0 or a previous chunk's last row)."""
+    running = set()
+    if ops.is_call(node, ops.ADD):
+        running.add(node)
+        nodes.append(node)
+        left, right = node.args[0], node.args[1]
+        if ops.is_call(left, {aten.cumsum.default}):
+            cumsum, carry = left, right
+        elif ops.is_call(right, {aten.cumsum.default}):
+            cumsum, carry = right, left
+        else:
+            raise _Rejected(f"{node.name} is not a carried prefix sum")
+        if not isinstance(carry, Node):
+            if scalar_constant(gm, carry) != 0.0:
+                raise _Rejected(f"{node.name} starts its prefix sum from a nonzero constant")
+            carry = 0.0
+    elif ops.is_call(node, {aten.cumsum.default}):
+        cumsum, carry = node, 0.0
+    else:
+        raise _Rejected(f"{node.name} is not a prefix sum")
+    if _axis(cumsum, cumsum.args[1]) != axis:
+        raise _Rejected(f"{cumsum.name} prefix-sums an axis other than the keys")
+    nodes.append(cumsum)
+    return cumsum.args[0], carry, running
+
+
+def _piece(gm, anchor: Node) -> _Piece:
+    operands, labels, out = _einsum(anchor)
+    context, phi_q, d_inv = operands
+    c_lab, q_lab, n_lab = labels
+    batch, n, e, d = out[:-2], out[-2], out[-1], q_lab[-1]
+    seq = len(batch)
+    if q_lab != batch + n + d or n_lab != batch + n or c_lab != batch + n + d + e:
+        raise _Rejected("chunk output is not einsum(prefix-summed context, φ(q), D⁻¹)")
+    nodes = [anchor]
+    denominator = _reciprocal(gm, d_inv, nodes)
+    parsed = _einsum(denominator)
+    if parsed is None or parsed[0][0] is not phi_q or parsed[1][0] != parsed[1][1] or parsed[2] != parsed[1][0][:-1]:
+        raise _Rejected("chunk normaliser is not φ(q_n)·Σ_{j≤n}φ(k_j)")
+    nodes.append(denominator)
+    key_sum = _strip_type_as(parsed[0][1], nodes)
+    if ops.is_call(key_sum, ops.ADD) and not isinstance(key_sum.args[1], Node):
+        added = scalar_constant(gm, key_sum.args[1])
+        if added != 0.0:
+            raise _Rejected(f"the normaliser adds ε={added} to every prefix-summed feature, φ(q)·(Σφ(k) + ε): "
+                            "not an epsilon the op can express")
+        nodes.append(key_sum)
+        key_sum = _strip_type_as(key_sum.args[0], nodes)
+    key_chain = set(nodes[2:])
+    phi_k, key_carry, key_running = _running_sum(gm, key_sum, seq, nodes)
+    kv, context_carry, context_running = _running_sum(gm, context, seq, nodes)
+    parsed = _einsum(kv)
+    if parsed is None:
+        raise _Rejected("chunk context is not an einsum of φ(k) and v")
+    nodes.append(kv)
+    (kv_k, value), (k_lab, v_lab), kv_out = parsed
+    if kv_k is not phi_k or k_lab != batch + n + d or v_lab != batch + n + e or kv_out != batch + n + d + e:
+        raise _Rejected("chunk context is not φ(k_n)·v_nᵀ per key")
+    return _Piece(phi_q, phi_k, value, key_carry, context_carry, key_running | key_chain | {key_sum},
+                  context_running | {context}, nodes)
+
+
+def _chunks_of(nodes: list[Node], seq_axis: int, what: str) -> tuple[Node, list[Node]]:
+    """The tensor split by `chunk(x, n, seq)` whose pieces 0, 1, … are `nodes`, and the split's nodes."""
+    import operator
+
+    split = nodes[0].args[0] if ops.is_call(nodes[0], {operator.getitem}) else None
+    if not ops.is_call(split, {aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default}):
+        raise _Rejected(f"the chunks of {what} are not pieces of one split along the sequence")
+    if _axis(split.args[0], split.args[2] if len(split.args) > 2 else 0) != seq_axis:
+        raise _Rejected(f"{what} is split along an axis other than the sequence")
+    for index, node in enumerate(nodes):
+        if not ops.is_call(node, {operator.getitem}) or node.args[0] is not split or node.args[1] != index:
+            raise _Rejected(f"the chunks of {what} are not taken in order")
+    if len(split.meta.get("val", ())) != len(nodes):
+        raise _Rejected(f"not every chunk of {what} is attended")
+    return split.args[0], [split] + nodes
+
+
+def _is_carry_of(carry, previous: set[Node], seq_axis: int) -> bool:
+    """`carry` is `previous[..., -1:, ...]`: the last row (along the sequence) of the previous running sum."""
+    if not ops.is_call(carry, {aten.slice.Tensor}) or carry.args[0] not in previous:
+        return False
+    dim, start = carry.args[1], carry.args[2] if len(carry.args) > 2 else None
+    end = carry.args[3] if len(carry.args) > 3 else None
+    size = ops.tensor_meta(carry.args[0]).shape[seq_axis]
+    return _axis(carry.args[0], dim) == seq_axis and start in (-1, size - 1) and (end is None or end >= size)
+
+
+def _match_chunked(gm, cat: Node) -> FxLinearAttentionMatch:
+    pieces_out = list(cat.args[0])
+    rank = ops.tensor_meta(cat).dim()
+    seq = rank - 2
+    if _axis(cat, cat.args[1] if len(cat.args) > 1 else 0) != seq:
+        raise _Rejected("chunk outputs are concatenated along an axis other than the sequence")
+    pieces = [_piece(gm, anchor) for anchor in pieces_out]
+    nodes = [cat]
+    for index, piece in enumerate(pieces):
+        nodes += piece.nodes
+        if index == 0:
+            ok = piece.key_carry == 0.0 and piece.context_carry == 0.0
+        else:
+            before = pieces[index - 1]
+            ok = _is_carry_of(piece.key_carry, before.key_running, seq) and \
+                _is_carry_of(piece.context_carry, before.context_running, seq)
+            nodes += [piece.key_carry, piece.context_carry]
+        if not ok:
+            raise _Rejected(f"chunk {index} does not continue the previous chunk's prefix sums")
+    phi_q, split_q = _chunks_of([p.phi_q for p in pieces], seq, "φ(q)")
+    phi_k, split_k = _chunks_of([p.phi_k for p in pieces], seq, "φ(k)")
+    value, split_v = _chunks_of([p.value for p in pieces], seq, "v")
+    nodes += split_q + split_k + split_v
+    # The last chunk's carries are taken but never used: they die with the block.
+    last = pieces[-1]
+    for node in list(last.key_running | last.context_running):
+        nodes += [user for user in node.users if ops.is_call(user, {aten.slice.Tensor}) and not user.users]
+    return _finish(gm, cat, list(dict.fromkeys(nodes)), True, phi_q, phi_k, value)
 
 
 def _spec(nodes, causal, fmap: FeatureMapMatch, value) -> AttentionSpec:
@@ -343,14 +483,28 @@ def _is_anchor(node: Node) -> bool:
     return parsed is not None and len(parsed[0]) == 3
 
 
+def _is_chunked_anchor(node: Node) -> bool:
+    return ops.is_call(node, {aten.cat.default}) and len(node.args[0]) > 0 and all(
+        _is_anchor(piece) for piece in node.args[0])
+
+
 def detect_linear_attention(gm: GraphModule) -> list[FxLinearAttentionMatch]:
-    """Every Performer-style candidate in `gm`: accepted matches and near-misses with a reason."""
+    """Every Performer-style candidate in `gm`: accepted matches and near-misses with a reason.
+
+    A chunked causal block (chunk outputs concatenated, prefix sums carried from chunk to chunk)
+    is one candidate anchored at its `cat`; its per-chunk products are not candidates of their own.
+    """
     matches = []
+    covered = {piece for node in gm.graph.nodes if _is_chunked_anchor(node) for piece in node.args[0]}
     for node in gm.graph.nodes:
-        if not _is_anchor(node):
+        if _is_chunked_anchor(node):
+            attempt = _match_chunked
+        elif _is_anchor(node) and node not in covered:
+            attempt = _match
+        else:
             continue
         try:
-            matches.append(_match(gm, node))
+            matches.append(attempt(gm, node))
         except _Rejected as rejection:
             logger.info("linear attention at %s not taken: %s", node.name, rejection)
             matches.append(FxLinearAttentionMatch(AttentionSpec("performer", (node.name,), reason=str(rejection))))
