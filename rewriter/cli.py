@@ -134,6 +134,56 @@ def _optimize(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    """`rewriter export MODULE:CALLABLE`: CALLABLE(seq_len) returns (model, example_inputs)."""
+    import importlib
+
+    import torch
+
+    from rewriter.export import ExportVerificationError, export_onnx
+    from rewriter.onnx_io import ModelFileError
+
+    module_name, _, attribute = args.spec.partition(":")
+    if not module_name or not attribute:
+        raise UsageError(f"{args.spec}: expected MODULE:CALLABLE, e.g. mypackage.models:make_model")
+    if args.seq_len < 1:
+        raise UsageError(f"--seq-len must be at least 1 (got {args.seq_len})")
+    sys.path.insert(0, "")  # MODULE may live in the working directory, as with `python -m`
+    try:
+        factory = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            factory = getattr(factory, part)
+    except ImportError as error:
+        raise UsageError(f"{args.spec}: cannot import {module_name} ({error})") from None
+    except AttributeError:
+        raise UsageError(f"{args.spec}: {module_name} has no attribute {attribute}") from None
+    if not callable(factory):
+        raise UsageError(f"{args.spec}: {attribute} is not callable")
+    made = factory(args.seq_len)
+    if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module)):
+        raise UsageError(f"{args.spec}: must return (model, example_inputs), got {type(made).__name__}")
+    model, example_inputs = made
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    dynamic = None
+    if not args.static:  # axis 1 of every input of rank ≥ 2 is the sequence: one shared dim
+        seq = torch.export.Dim.AUTO
+        dynamic = tuple({1: seq} if isinstance(x, torch.Tensor) and x.dim() >= 2 else None for x in example_inputs)
+    try:
+        report = export_onnx(model.eval(), example_inputs, args.output, target=args.target, dynamic_shapes=dynamic,
+                             opset=args.opset, verify=not args.no_verify)
+    except ModelFileError as error:
+        raise UsageError(str(error)) from None
+    except ExportVerificationError as error:
+        raise VerificationError(str(error)) from None
+    log = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    log(report.summary())
+    log(f"wrote {args.output}")
+    if args.json:
+        _print_json(report.to_dict())
+    return 0
+
+
 def _symbolic_dims(model) -> set[str]:
     return {dim.dim_param for value in model.graph.input for dim in value.type.tensor_type.shape.dim
             if dim.dim_param}
@@ -188,6 +238,22 @@ def _parser() -> argparse.ArgumentParser:
                           help="size given to every symbolic input dim when verifying (default 64)")
     optimize.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     optimize.set_defaults(run=_optimize)
+
+    export = commands.add_parser(
+        "export", help="export a PyTorch model to ONNX with memory-efficient attention",
+        description="Imports MODULE, calls CALLABLE(seq_len) to get (model, example_inputs), rewrites its "
+                    "attention, exports it with a dynamic sequence axis (axis 1 of every input of rank >= 2), "
+                    "checks ONNX Runtime against eager and writes OUT (whole or not at all).")
+    export.add_argument("spec", metavar="MODULE:CALLABLE")
+    export.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
+    export.add_argument("--seq-len", type=int, default=128, metavar="N", help="example sequence length (default 128)")
+    export.add_argument("--target", choices=["auto", "chunked", "ort", "onnx-attention"], default="auto",
+                        help="form of the attention in OUT (default auto)")
+    export.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    export.add_argument("--static", action="store_true", help="export fixed input shapes")
+    export.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs eager check")
+    export.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    export.set_defaults(run=_export)
     return parser
 
 

@@ -1,0 +1,142 @@
+"""`rewriter.export_onnx` and `rewriter export`: PyTorch → ONNX → ONNX Runtime equals eager.
+
+Each family's small model is exported once with a dynamic sequence axis; the file must pass the
+full checker, hold no `ai.rewriter` node and no Softmax (so no n × n score matrix), and give
+eager's outputs on ORT at the export length and at another length.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime
+import pytest
+import torch
+
+import rewriter
+from model_families import MAX_POSITIONS, BertModel, GPT2Model, LlamaModel
+from rewriter.cli import main
+from rewriter.export import ExportVerificationError
+
+EXPORT_LEN, OTHER_LEN = 16, 11
+FAMILIES = {"gpt2": GPT2Model, "bert": BertModel, "llama": LlamaModel}
+
+
+def tiny_gpt2(seq_len: int):
+    """The CLI's factory: (model, example_inputs); one layer, to keep the export short."""
+    torch.manual_seed(0)
+    return GPT2Model(layers=1).eval(), GPT2Model.example_inputs(2, seq_len)
+
+
+def _dynamic(example_inputs) -> tuple:
+    seq = torch.export.Dim("seq", min=2, max=MAX_POSITIONS - 1)
+    return tuple({1: seq} for _ in example_inputs)
+
+
+@functools.cache
+def _exported(family: str, target: str = "chunked") -> tuple[bytes, object]:
+    torch.manual_seed(0)
+    cls = FAMILIES[family]
+    model = cls().eval()
+    example = cls.example_inputs(2, EXPORT_LEN)
+    proto, report = rewriter.export.to_onnx(model, example, target=target, dynamic_shapes=_dynamic(example))
+    return model, proto.SerializeToString(), report
+
+
+def _ort_outputs(model_bytes: bytes, inputs: tuple) -> list[np.ndarray]:
+    session = onnxruntime.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    names = [value.name for value in session.get_inputs()]
+    return session.run(None, {name: x.numpy() for name, x in zip(names, inputs)})
+
+
+def _op_types(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    graph = ir.serde.deserialize_model(model).graph
+    return [(node.domain, node.op_type) for node in ir.traversal.RecursiveGraphIterator(graph)]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("seq_len", [EXPORT_LEN, OTHER_LEN])
+def test_round_trip_equals_eager(family, seq_len):
+    model, model_bytes, _ = _exported(family)
+    inputs = FAMILIES[family].example_inputs(2, seq_len)
+    with torch.no_grad():
+        expected = model(*inputs)
+    (actual,) = _ort_outputs(model_bytes, inputs)
+    assert actual.shape == tuple(expected.shape)
+    np.testing.assert_allclose(actual, expected.numpy(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_exported_model_is_standard_onnx_without_score_matrix(family):
+    _, model_bytes, report = _exported(family)
+    model = onnx.load_from_string(model_bytes)
+    onnx.checker.check_model(model, full_check=True)
+    ops = _op_types(model)
+    assert not [op for op in ops if op[0] == "ai.rewriter"]
+    assert "ai.rewriter" not in {entry.domain for entry in model.opset_import}
+    assert ("", "Softmax") not in ops, "a softmax over full score rows is left"
+    assert ("", "Loop") in ops
+    assert report.rewritten_count == len(report.matches) == 2
+    assert {match.target for match in report.matches} == {"chunked"}
+    assert any(dim.dim_param for value in model.graph.input for dim in value.type.tensor_type.shape.dim)
+
+
+def test_export_onnx_writes_verified_file(tmp_path):
+    model, example = tiny_gpt2(EXPORT_LEN)
+    path = tmp_path / "gpt2.onnx"
+    report = rewriter.export_onnx(model, example, str(path), target="ort", dynamic_shapes=_dynamic(example))
+    assert report.rewritten_count == 1
+    assert report.matches[0].target == "chunked"  # the fused targets fall back to chunked for now
+    saved = onnx.load(str(path))
+    onnx.checker.check_model(saved, full_check=True)
+    (actual,) = _ort_outputs(saved.SerializeToString(), GPT2Model.example_inputs(2, OTHER_LEN))
+    with torch.no_grad():
+        expected = model(*GPT2Model.example_inputs(2, OTHER_LEN))
+    np.testing.assert_allclose(actual, expected.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_failed_verification_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(rewriter.export, "_compare", lambda *args: "output 0: max |difference| 1")
+    model, example = tiny_gpt2(8)
+    path = tmp_path / "bad.onnx"
+    with pytest.raises(ExportVerificationError, match="nothing written"):
+        rewriter.export_onnx(model, example, str(path))
+    assert not path.exists() and not os.listdir(tmp_path)
+
+
+def test_unknown_target_is_refused(tmp_path):
+    model, example = tiny_gpt2(8)
+    with pytest.raises(ValueError, match="unknown target"):
+        rewriter.export_onnx(model, example, str(tmp_path / "x.onnx"), target="tensorrt")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    here = os.path.dirname(os.path.abspath(__file__))
+    return subprocess.run([sys.executable, "-m", "rewriter", "export", *args], capture_output=True, text=True,
+                          timeout=300, cwd=here)
+
+
+@pytest.mark.parametrize("spec", ["no_colon", "no_such_module_xyz:f", "test_export_onnx:missing", "os:sep"])
+def test_cli_bad_spec_exits_2(spec, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "out.onnx"
+    assert main(["export", spec, "-o", str(out), "--seq-len", "8"]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.strip().count("\n") == 0 and spec in stderr
+    assert not out.exists()
+
+
+def test_cli_exports(tmp_path):
+    out = tmp_path / "out.onnx"
+    result = _cli("test_export_onnx:tiny_gpt2", "-o", str(out), "--seq-len", str(EXPORT_LEN), "--target", "chunked")
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stdout and out.exists()
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    assert any(dim.dim_param for value in model.graph.input for dim in value.type.tensor_type.shape.dim)
