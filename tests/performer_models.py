@@ -93,12 +93,13 @@ class FastAttention(nn.Module):
     """performer-pytorch FastAttention on (batch, heads, length, dim_head) q, k, v."""
 
     def __init__(self, dim_heads, nb_features=None, causal=False, generalized_attention=False,
-                 kernel_fn=nn.ReLU(), no_projection=False, chunk_size=None, near_miss=None, seed=0,
+                 kernel_fn=nn.ReLU(), no_projection=False, chunk_size=None, near_miss=None, variant=None, seed=0,
                  learned_projection=False, chunk_eps=1e-6):
         super().__init__()
         nb_features = nb_features or int(dim_heads * math.log(dim_heads))
         self.dim_heads, self.nb_features = dim_heads, nb_features
         self.causal, self.chunk_size, self.chunk_eps, self.near_miss = causal, chunk_size, chunk_eps, near_miss
+        self.variant = variant
         self.generalized_attention, self.kernel_fn, self.no_projection = generalized_attention, kernel_fn, no_projection
         self.generator = torch.Generator().manual_seed(seed)
         projection = gaussian_orthogonal_random_matrix(nb_features, dim_heads, self.generator)
@@ -124,7 +125,7 @@ class FastAttention(nn.Module):
             k = softmax_kernel(k, projection_matrix=projection, is_query=False, near_miss=self.near_miss)
         if self.causal:
             return causal_linear_attention_noncuda(q, k, v, self.chunk_size, self.chunk_eps)
-        if self.near_miss == "matmul":
+        if self.variant == "matmul":
             return linear_attention_matmul(q, k, v)
         return linear_attention(q, k, v, self.near_miss)
 

@@ -74,6 +74,19 @@ def test_fast_attention_parity(features, causal, length):
 
 
 @pytest.mark.parametrize("features", ["favor", "relu"])
+@pytest.mark.parametrize("length", [1, 29])
+def test_matmul_form_of_bidirectional_attention(features, length):
+    model = FastAttention(8, nb_features=12, generalized_attention=features == "relu", variant="matmul",
+                          learned_projection=True).eval()
+    inputs = _qkv(length)
+    gm, report = optimize_module(model, inputs)
+    [match] = _rewritten(report)
+    assert not match.spec.causal
+    assert not any("matmul" in op for op in _ops(gm))
+    assert _assert_parity(model, gm, inputs) == 1
+
+
+@pytest.mark.parametrize("features", ["favor", "relu"])
 def test_gradient_reaches_a_learned_projection(features):
     model = FastAttention(8, nb_features=12, generalized_attention=features == "relu", learned_projection=True,
                           causal=True).eval()

@@ -31,6 +31,8 @@ from torch.fx import GraphModule, Node
 from passes.attention_spec import AttentionSpec
 from passes.fx import aten_vocabulary as ops
 from passes.fx.constant_values import scalar_constant
+from passes.fx.detect_softmax_attention import Operand
+from passes.fx.product_labels import label_product
 
 __all__ = ["FeatureMapMatch", "FxLinearAttentionMatch", "detect_linear_attention"]
 
@@ -468,6 +470,76 @@ def _match_chunked(gm, cat: Node) -> FxLinearAttentionMatch:
     return _finish(gm, cat, list(dict.fromkeys(nodes)), True, phi_q, phi_k, value)
 
 
+def _unwind_transposes(node: Node, labels: str, nodes: list[Node]) -> tuple[Node, str]:
+    """The node before transpose/permute views (and type_as), with its axes' labels."""
+    while True:
+        if ops.is_call(node, {aten.type_as.default} | ops.PASSTHROUGH):
+            nodes.append(node)
+            node = node.args[0]
+            continue
+        if not ops.is_call(node, ops.TRANSPOSE | ops.PERMUTE):
+            return node, labels
+        nodes.append(node)
+        operand = Operand(node, labels, "").before_permutes()
+        stop = operand.node
+        # before_permutes walks the whole chain at once; record the views it crossed
+        walk = node.args[0]
+        while walk is not stop:
+            nodes.append(walk)
+            walk = walk.args[0]
+        node, labels = stop, operand.labels
+
+
+def _match_matmul(gm, anchor: Node) -> FxLinearAttentionMatch:
+    """`(φq @ (φkᵀ @ v)) * 1/(φq @ Σ_keys φk ᵀ)`: bidirectional linear attention with matmul / bmm."""
+    left, right = anchor.args[0], anchor.args[1]
+    product = label_product(left)
+    d_inv = right
+    if product is None:
+        product, d_inv = label_product(right), left
+    nodes = [anchor]
+    if product is None or not isinstance(d_inv, Node):
+        raise _Rejected("not φ(q)·context scaled by a normaliser")
+    numerator = left if d_inv is right else right
+    nodes.append(numerator)
+    phi_q, q_lab = _unwind_transposes(product.left, product.left_labels, nodes)
+    context, c_lab = product.right, product.right_labels
+    if q_lab != product.left_labels:
+        raise _Rejected("φ(q) of the output product is transposed")
+    batch, n, d = q_lab[:-2], q_lab[-2], q_lab[-1]
+    e = c_lab[-1]
+    if c_lab != batch + d + e:
+        raise _Rejected("the output product does not contract φ(q)'s features with the context")
+    kv = label_product(context)
+    if kv is None:
+        raise _Rejected("the context is not a product of φ(k)ᵀ and v")
+    nodes.append(context)
+    phi_k, k_lab = _unwind_transposes(kv.left, kv.left_labels, nodes)
+    value, v_lab = _unwind_transposes(kv.right, kv.right_labels, nodes)
+    contracted = set(kv.left_labels) & set(kv.right_labels) - set(kv.out_labels)
+    if len(contracted) != 1 or k_lab[-1] != kv.out_labels[-2] or v_lab[-1] != kv.out_labels[-1]:
+        raise _Rejected("the context does not contract φ(k)·vᵀ over the key axis")
+    key = contracted.pop()
+    if k_lab[-2] != key or v_lab[-2] != key:
+        raise _Rejected("the context does not contract φ(k)·vᵀ over the key axis")
+    _only_user(d_inv, anchor, "the normaliser")
+    denominator = _reciprocal(gm, d_inv, nodes)
+    den = label_product(denominator)
+    if den is None or den.left is not product.left:
+        raise _Rejected("the normaliser is not φ(q) times Σφ(k)")
+    nodes.append(denominator)
+    key_sum, ks_lab = _unwind_transposes(den.right, den.right_labels, nodes)
+    if ks_lab[-1] != den.left_labels[-1] or ops.tensor_meta(denominator).shape[-1] != 1:
+        raise _Rejected("the normaliser does not contract φ(q)'s features with Σφ(k)")
+    if not ops.is_call(key_sum, {aten.sum.dim_IntList}) or key_sum.args[0] is not phi_k:
+        raise _Rejected("the normaliser's key sum is not over the same φ(k)")
+    keep = len(key_sum.args) > 2 and key_sum.args[2]
+    if _dims(key_sum.args[1], phi_k) != {ops.tensor_meta(phi_k).dim() - 2} or not keep:
+        raise _Rejected("the normaliser sums φ(k) over an axis other than the keys")
+    nodes.append(key_sum)
+    return _finish(gm, anchor, list(dict.fromkeys(nodes)), False, phi_q, phi_k, value)
+
+
 def _spec(nodes, causal, fmap: FeatureMapMatch, value) -> AttentionSpec:
     q = ops.tensor_meta(fmap.source)
     return AttentionSpec(
@@ -481,6 +553,17 @@ def _spec(nodes, causal, fmap: FeatureMapMatch, value) -> AttentionSpec:
 def _is_anchor(node: Node) -> bool:
     parsed = _einsum(node)
     return parsed is not None and len(parsed[0]) == 3
+
+
+def _is_matmul_anchor(node: Node) -> bool:
+    """`product * D⁻¹` where D⁻¹ is a reciprocal (optionally times 1): the matmul form's output."""
+    if not ops.is_call(node, {aten.mul.Tensor}) or len(node.args) < 2:
+        return False
+    for product, d_inv in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
+        inner = d_inv.args[0] if ops.is_call(d_inv, {aten.mul.Tensor}) else d_inv
+        if label_product(product) is not None and ops.is_call(inner, {aten.reciprocal.default}):
+            return True
+    return False
 
 
 def _is_chunked_anchor(node: Node) -> bool:
@@ -501,6 +584,8 @@ def detect_linear_attention(gm: GraphModule) -> list[FxLinearAttentionMatch]:
             attempt = _match_chunked
         elif _is_anchor(node) and node not in covered:
             attempt = _match
+        elif _is_matmul_anchor(node):
+            attempt = _match_matmul
         else:
             continue
         try:
