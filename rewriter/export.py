@@ -17,10 +17,12 @@ import warnings
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import torch
 from onnx import defs
 
-from passes.onnx.lower_rewriter_ops import REWRITER_DOMAIN, LowerRewriterOps
+from passes.onnx.lower_rewriter_ops import CHUNKED, ONNX_ATTENTION, REWRITER_DOMAIN, LowerRewriterOps
+from passes.onnx.raise_opset import RaiseOpsetPass
 from rewriter.onnx_io import check_output_path, save_model
 from rewriter.report import Report
 from rewriter.torch_api import optimize_module
@@ -30,7 +32,6 @@ __all__ = ["ExportVerificationError", "export_onnx", "to_onnx"]
 logger = logging.getLogger(__name__)
 
 TARGETS = ("auto", "chunked", "ort", "onnx-attention")
-CHUNKED = "chunked"
 
 
 class ExportVerificationError(ValueError):
@@ -154,16 +155,21 @@ def to_onnx(module, example_inputs, *, target: str = "auto", dynamic_shapes=None
         program = torch.onnx.export(
             gm, example_inputs, dynamo=True, dynamic_shapes=shapes, opset_version=opset, verbose=False,
             custom_translation_table={torch.ops.rewriter.attention.default: _translate_attention})
-    LowerRewriterOps()(program.model)
-    if target != CHUNKED:
-        # ORT MultiHeadAttention / opset-23 Attention emitters take an ONNX-side match, not the op's
-        # arguments; and on ORT's CPU provider only the chunked form stays O(n) with masks or causality.
-        logger.warning("export target %r: lowered to %r (the fused emitters do not take exported ops yet)",
-                       target, CHUNKED)
+    lowered = ONNX_ATTENTION if target == ONNX_ATTENTION else CHUNKED
+    if target == "ort":
+        # ORT MultiHeadAttention's emitter takes an ONNX-side match, not the op's arguments; and on
+        # ORT's CPU provider only the chunked form stays O(n) with masks or causality.
+        logger.warning("export target 'ort': lowered to 'chunked' (MultiHeadAttention is not emitted for exports yet)")
+    model_ir = program.model
+    if lowered == ONNX_ATTENTION:
+        # Raised after export: torch's opset-23 export fuses rotary embeddings into a
+        # RotaryEmbedding node that ONNX Runtime 1.32 rejects for Llama-style caches.
+        model_ir = RaiseOpsetPass(23)(model_ir).model
+    LowerRewriterOps(lowered)(model_ir)
     for match in report.matches:
         if match.rewritten:
-            match.target = CHUNKED
-    model = program.model_proto
+            match.target = lowered
+    model = ir.serde.serialize_model(model_ir)
     onnx.checker.check_model(model, full_check=True)
     return model, report
 

@@ -101,6 +101,23 @@ def test_export_onnx_writes_verified_file(tmp_path):
     np.testing.assert_allclose(actual, expected.numpy(), atol=1e-4, rtol=1e-4)
 
 
+def test_onnx_attention_target(tmp_path):
+    model, example = tiny_gpt2(EXPORT_LEN)
+    path = tmp_path / "gpt2_attention23.onnx"
+    report = rewriter.export_onnx(model, example, str(path), target="onnx-attention", dynamic_shapes=_dynamic(example))
+    assert [match.target for match in report.matches] == ["onnx-attention"]
+    saved = onnx.load(str(path))
+    onnx.checker.check_model(saved, full_check=True)
+    assert {entry.domain: entry.version for entry in saved.opset_import}[""] == 23
+    ops = _op_types(saved)
+    assert ("", "Attention") in ops and ("", "Softmax") not in ops
+    assert not [op for op in ops if op[0] == "ai.rewriter"]
+    (actual,) = _ort_outputs(saved.SerializeToString(), GPT2Model.example_inputs(2, OTHER_LEN))
+    with torch.no_grad():
+        expected = model(*GPT2Model.example_inputs(2, OTHER_LEN))
+    np.testing.assert_allclose(actual, expected.numpy(), atol=1e-4, rtol=1e-4)
+
+
 def test_failed_verification_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(rewriter.export, "_compare", lambda *args: "output 0: max |difference| 1")
     model, example = tiny_gpt2(8)

@@ -17,15 +17,17 @@ from __future__ import annotations
 import logging
 import math
 
+import numpy as np
 import onnx_ir as ir
 
 from rewriter.kernels.onnx_chunked_attention import build_chunked_attention
 
-__all__ = ["REWRITER_DOMAIN", "LowerRewriterOps", "LoweringError"]
+__all__ = ["CHUNKED", "ONNX_ATTENTION", "REWRITER_DOMAIN", "LowerRewriterOps", "LoweringError"]
 
 logger = logging.getLogger(__name__)
 
 REWRITER_DOMAIN = "ai.rewriter"
+CHUNKED, ONNX_ATTENTION = "chunked", "onnx-attention"
 _DEFAULTS = {"scale": 1.0, "softcap": 0.0, "mask_fill": -math.inf, "causal": 0, "causal_offset": 0,
              "q_chunk": 1024, "k_chunk": 4096}
 
@@ -51,19 +53,50 @@ def _operand(node: ir.Node, index: int) -> ir.Value | None:
     return node.inputs[index] if len(node.inputs) > index else None
 
 
-def _lower(graph: ir.Graph, node: ir.Node, index: int) -> None:
+def _onnx_attention(tape: ir.tape.Tape, q, k, v, bias, mask, attrs: dict, node: ir.Node) -> ir.Value:
+    """Opset-23 Attention: same order (scale → soft-cap → +mask → causal); GQA native for 4-D inputs."""
+    if attrs["causal"] and attrs["causal_offset"] != 0:
+        raise LoweringError(f"{node.name}: opset-23 Attention has no causal offset ({attrs['causal_offset']})")
+    fill = float(attrs["mask_fill"])
+    attn_mask = bias
+    if mask is not None:
+        if bias is None and fill == -math.inf:
+            attn_mask = mask  # a boolean attn_mask keeps where true
+        else:
+            dtype = q.dtype.numpy()
+            kept = bias if bias is not None else tape.op("Constant", [], {"value": ir.tensor(np.array(0, dtype))})
+            filler = tape.op("Constant", [], {"value": ir.tensor(np.array(fill, dtype))})
+            attn_mask = tape.op("Where", [mask, kept, filler])
+    if attn_mask is not None:
+        # ONNX Runtime wants the mask's query axis spelled out: broadcast it to (.., Lq, Lk).
+        q_len = tape.op("Shape", [q], {"start": 2, "end": 3})
+        k_len = tape.op("Shape", [k], {"start": 2, "end": 3})
+        ones = tape.op("Constant", [], {"value": ir.tensor(np.array([1, 1], np.int64))})
+        attn_mask = tape.op("Expand", [attn_mask, tape.op("Concat", [ones, q_len, k_len], {"axis": 0})])
+    inputs = [q, k, v] + ([attn_mask] if attn_mask is not None else [])
+    attributes = {"scale": float(attrs["scale"]), "is_causal": int(bool(attrs["causal"]))}
+    if attrs["softcap"]:
+        attributes["softcap"] = float(attrs["softcap"])
+    return tape.op("Attention", inputs, attributes, name=f"rewriter_attention/{node.name}")
+
+
+def _lower(graph: ir.Graph, node: ir.Node, index: int, target: str) -> None:
     q, k, v = node.inputs[:3]
     bias, mask = _operand(node, 3), _operand(node, 4)
     if len(node.outputs) > 1 and node.outputs[1].uses():
         raise LoweringError(f"{node.name}: its row_stats output is used; only the attention output can be lowered")
     attrs = _attributes(node)
     tape = ir.tape.Tape()
-    out = build_chunked_attention(
-        tape, q, k, v, num_heads=_heads(q, "q", node), num_kv_heads=_heads(k, "k", node),
-        scale=float(attrs["scale"]), bias=bias, mask=mask, softcap=float(attrs["softcap"]),
-        mask_fill=float(attrs["mask_fill"]), causal=bool(attrs["causal"]),
-        causal_offset=int(attrs["causal_offset"]), q_chunk=int(attrs["q_chunk"]),
-        k_chunk=int(attrs["k_chunk"]), name=f"rewriter_attention_{index}")
+    if target == ONNX_ATTENTION:
+        out = _onnx_attention(tape, q, k, v, bias, mask, attrs, node)
+        out.dtype = q.dtype
+    else:
+        out = build_chunked_attention(
+            tape, q, k, v, num_heads=_heads(q, "q", node), num_kv_heads=_heads(k, "k", node),
+            scale=float(attrs["scale"]), bias=bias, mask=mask, softcap=float(attrs["softcap"]),
+            mask_fill=float(attrs["mask_fill"]), causal=bool(attrs["causal"]),
+            causal_offset=int(attrs["causal_offset"]), q_chunk=int(attrs["q_chunk"]),
+            k_chunk=int(attrs["k_chunk"]), name=f"rewriter_attention_{index}")
     old = node.outputs[0]
     if old.shape is not None:
         out.shape = old.shape  # the exporter's symbolic dims ("s0", "batch") beat the kernel's own
@@ -71,19 +104,28 @@ def _lower(graph: ir.Graph, node: ir.Node, index: int) -> None:
 
 
 class LowerRewriterOps(ir.passes.InPlacePass):
-    """Replace every `ai.rewriter::Attention` of the main graph with chunked standard ops."""
+    """Replace every `ai.rewriter::Attention` of the main graph with chunked standard ops, or with
+    opset-23 `Attention` (target "onnx-attention"; the model must import opset 23 or newer)."""
+
+    def __init__(self, target: str = CHUNKED):
+        super().__init__()
+        if target not in (CHUNKED, ONNX_ATTENTION):
+            raise ValueError(f"unknown lowering target {target!r}")
+        self.target = target
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.target == ONNX_ATTENTION and model.graph.opset_imports.get("", 0) < 23:
+            raise LoweringError(f"opset-23 Attention needs opset 23, the model has {model.graph.opset_imports.get('')}")
         targets = [node for node in model.graph if node.domain == REWRITER_DOMAIN]
         for index, node in enumerate(targets):
             if node.op_type != "Attention":
                 raise LoweringError(f"{node.name}: unknown {REWRITER_DOMAIN} op {node.op_type}")
-            _lower(model.graph, node, index)
+            _lower(model.graph, node, index, self.target)
         leftovers = [node.name for node in ir.traversal.RecursiveGraphIterator(model.graph)
                      if node.domain == REWRITER_DOMAIN]
         if leftovers:
             raise LoweringError(f"{REWRITER_DOMAIN} nodes inside subgraphs are not supported: {leftovers}")
         model.opset_imports.pop(REWRITER_DOMAIN, None)
         model.graph.opset_imports.pop(REWRITER_DOMAIN, None)
-        logger.info("lowered %d %s::Attention nodes to chunked attention", len(targets), REWRITER_DOMAIN)
+        logger.info("lowered %d %s::Attention nodes to %s", len(targets), REWRITER_DOMAIN, self.target)
         return ir.passes.PassResult(model, modified=bool(targets))
