@@ -185,3 +185,27 @@ def test_chunked_with_epsilon_inside_the_prefix_sum_is_left_alone():
     [match] = [m for m in report.matches if m.kind == "performer"]
     assert not match.rewritten and "not an epsilon the op can express" in match.reason
     _assert_parity(model, gm, inputs)
+
+
+class _FeaturesReused(nn.Module):
+    """φ(k) is also returned: replacing the block would drop a value the model still needs."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = FastAttention(8, nb_features=12)
+
+    def forward(self, q, k, v):
+        from tests.performer_models import linear_attention, softmax_kernel
+        proj = self.attn.projection_matrix
+        phi_q = softmax_kernel(q, projection_matrix=proj, is_query=True)
+        phi_k = softmax_kernel(k, projection_matrix=proj, is_query=False)
+        return linear_attention(phi_q, phi_k, v), phi_k.sum()
+
+
+def test_an_intermediate_used_elsewhere_blocks_the_rewrite():
+    model = _FeaturesReused().eval()
+    inputs = _qkv(10)
+    gm, report = optimize_module(model, inputs)
+    [match] = [m for m in report.matches if m.kind == "performer"]
+    assert not match.rewritten and "also used by" in match.reason
+    torch.testing.assert_close(gm(*inputs), model(*inputs))
