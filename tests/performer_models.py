@@ -151,11 +151,26 @@ class _Block(nn.Module):
 class PerformerEncoder(nn.Module):
     """Bidirectional Performer encoder over (batch, length, dim) inputs."""
 
-    def __init__(self, dim=32, depth=2, heads=2, **attention):
+    def __init__(self, dim=32, depth=2, heads=2, feature_redraw_interval=1000, **attention):
         super().__init__()
         self.layers = nn.ModuleList(_Block(dim, heads, seed=i, **attention) for i in range(depth))
+        self.feature_redraw_interval = feature_redraw_interval
+        self.register_buffer("calls_since_last_redraw", torch.tensor(0), persistent=False)
+
+    def _redraw_projections(self):
+        """performer-pytorch's ProjectionUpdater: new random features every N calls, in training only."""
+        if not self.training:
+            return
+        if int(self.calls_since_last_redraw) >= self.feature_redraw_interval:
+            for module in self.modules():
+                if isinstance(module, FastAttention):
+                    module.redraw_projection_matrix()
+            self.calls_since_last_redraw.zero_()
+            return
+        self.calls_since_last_redraw += 1
 
     def forward(self, x):
+        self._redraw_projections()
         for layer in self.layers:
             x = layer(x)
         return x

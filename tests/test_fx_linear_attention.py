@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from torch import nn
 
@@ -209,3 +211,21 @@ def test_an_intermediate_used_elsewhere_blocks_the_rewrite():
     [match] = [m for m in report.matches if m.kind == "performer"]
     assert not match.rewritten and "also used by" in match.reason
     torch.testing.assert_close(gm(*inputs), model(*inputs))
+
+
+# --------------------------------------------------------------------------- property
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    length=st.integers(1, 40), heads=st.integers(1, 3), dim=st.sampled_from([4, 8]),
+    features=st.integers(2, 16), kind=st.sampled_from(["favor", "relu"]), causal=st.booleans(),
+    chunks=st.sampled_from([None, 2, 5]),
+)
+def test_random_shapes_and_variants(length, heads, dim, features, kind, causal, chunks):
+    model = FastAttention(dim, nb_features=features, causal=causal, generalized_attention=kind == "relu",
+                          chunk_size=chunks if causal else None, chunk_eps=0.0, learned_projection=True).eval()
+    inputs = _qkv(length, heads=heads, dim=dim, seed=length)
+    gm, report = optimize_module(model, inputs)
+    assert len(_rewritten(report)) == 1, [m.reason for m in report.matches]
+    _assert_parity(model, gm, inputs)
