@@ -116,7 +116,7 @@ def _match(gm, anchor: Node) -> FxLinearAttentionMatch:
     nodes.append(kv)
     (phi_k, value), (k_lab, v_lab), kv_out = parsed
     kn = k_lab[len(batch)] if len(k_lab) == len(batch) + 2 else None
-    if kn is None or k_lab[-1] == kn or v_lab != batch + kn + v_lab[-1]:
+    if kn is None or k_lab != batch + kn + k_lab[-1] or k_lab[-1] == kn or v_lab != batch + kn + v_lab[-1]:
         raise _Rejected("the context does not pair φ(k) and v over the key axis")
     want = batch + (kn if causal else "") + k_lab[-1] + v_lab[-1]
     if kv_out != want:
@@ -340,7 +340,7 @@ def _match_matmul(gm, anchor: Node) -> FxLinearAttentionMatch:
     if len(contracted) != 1 or k_lab[-1] != kv.out_labels[-2] or v_lab[-1] != kv.out_labels[-1]:
         raise _Rejected("the context does not contract φ(k)·vᵀ over the key axis")
     key = contracted.pop()
-    if k_lab[-2] != key or v_lab[-2] != key:
+    if k_lab[-2] != key or v_lab[-2] != key or k_lab[:-2] != kv.out_labels[:-2] or v_lab[:-2] != kv.out_labels[:-2]:
         raise _Rejected("the context does not contract φ(k)·vᵀ over the key axis")
     _only_user(d_inv, anchor, "the normaliser")
     denominator = _reciprocal(gm, d_inv, nodes)
@@ -349,7 +349,8 @@ def _match_matmul(gm, anchor: Node) -> FxLinearAttentionMatch:
         raise _Rejected("the normaliser is not φ(q) times Σφ(k)")
     nodes.append(denominator)
     key_sum, ks_lab = _unwind_transposes(den.right, den.right_labels, nodes)
-    if ks_lab[-1] != den.left_labels[-1] or ops.tensor_meta(denominator).shape[-1] != 1:
+    if ks_lab[-1] != den.left_labels[-1] or ks_lab[:-2] != den.out_labels[:-2] or \
+            ops.tensor_meta(denominator).shape[-1] != 1:
         raise _Rejected("the normaliser does not contract φ(q)'s features with Σφ(k)")
     if not ops.is_call(key_sum, {aten.sum.dim_IntList}) or key_sum.args[0] is not phi_k:
         raise _Rejected("the normaliser's key sum is not over the same φ(k)")
