@@ -21,7 +21,7 @@ import onnx_ir as ir
 import torch
 from onnx import defs
 
-from passes.onnx.lower_rewriter_ops import CHUNKED, ONNX_ATTENTION, REWRITER_DOMAIN, LowerRewriterOps
+from passes.onnx.lower_rewriter_ops import CHUNKED, ONNX_ATTENTION, ORT, REWRITER_DOMAIN, LowerRewriterOps
 from passes.onnx.raise_opset import RaiseOpsetPass
 from rewriter.onnx_io import check_output_path, save_model
 from rewriter.report import Report
@@ -155,11 +155,9 @@ def to_onnx(module, example_inputs, *, target: str = "auto", dynamic_shapes=None
         program = torch.onnx.export(
             gm, example_inputs, dynamo=True, dynamic_shapes=shapes, opset_version=opset, verbose=False,
             custom_translation_table={torch.ops.rewriter.attention.default: _translate_attention})
-    lowered = ONNX_ATTENTION if target == ONNX_ATTENTION else CHUNKED
-    if target == "ort":
-        # ORT MultiHeadAttention's emitter takes an ONNX-side match, not the op's arguments; and on
-        # ORT's CPU provider only the chunked form stays O(n) with masks or causality.
-        logger.warning("export target 'ort': lowered to 'chunked' (MultiHeadAttention is not emitted for exports yet)")
+    # auto is chunked: on ORT's CPU provider MultiHeadAttention and Attention-23 hold n × n
+    # whenever there is a mask, a bias or causality, the chunked form never does.
+    lowered = target if target in (ONNX_ATTENTION, ORT) else CHUNKED
     model_ir = program.model
     if lowered == ONNX_ATTENTION:
         # Raised after export: torch's opset-23 export fuses rotary embeddings into a

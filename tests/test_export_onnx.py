@@ -34,6 +34,20 @@ def tiny_gpt2(seq_len: int):
     return GPT2Model(layers=1).eval(), GPT2Model.example_inputs(2, seq_len)
 
 
+class CausalSelfAttention(torch.nn.Module):
+    """SDPA with is_causal=True: the op's `causal` flag, which MultiHeadAttention's `unidirectional` takes."""
+
+    def __init__(self, hidden: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.out = torch.nn.Linear(hidden, 3 * hidden), torch.nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).flatten(2))
+
+
 def _dynamic(example_inputs) -> tuple:
     seq = torch.export.Dim("seq", min=2, max=MAX_POSITIONS - 1)
     return tuple({1: seq} for _ in example_inputs)
@@ -87,17 +101,20 @@ def test_exported_model_is_standard_onnx_without_score_matrix(family):
     assert any(dim.dim_param for value in model.graph.input for dim in value.type.tensor_type.shape.dim)
 
 
-def test_export_onnx_writes_verified_file(tmp_path):
-    model, example = tiny_gpt2(EXPORT_LEN)
-    path = tmp_path / "gpt2.onnx"
+def test_export_onnx_writes_verified_file_ort_target(tmp_path):
+    torch.manual_seed(0)
+    model, example = CausalSelfAttention().eval(), (torch.randn(2, EXPORT_LEN, 32),)
+    path = tmp_path / "causal_sdpa.onnx"
     report = rewriter.export_onnx(model, example, str(path), target="ort", dynamic_shapes=_dynamic(example))
-    assert report.rewritten_count == 1
-    assert report.matches[0].target == "chunked"  # the fused targets fall back to chunked for now
+    assert [(match.target, match.causal) for match in report.matches] == [("ort", True)]
     saved = onnx.load(str(path))
     onnx.checker.check_model(saved, full_check=True)
-    (actual,) = _ort_outputs(saved.SerializeToString(), GPT2Model.example_inputs(2, OTHER_LEN))
+    ops = _op_types(saved)
+    assert ("com.microsoft", "MultiHeadAttention") in ops and ("", "Softmax") not in ops
+    other = (torch.randn(2, OTHER_LEN, 32),)
+    (actual,) = _ort_outputs(saved.SerializeToString(), other)
     with torch.no_grad():
-        expected = model(*GPT2Model.example_inputs(2, OTHER_LEN))
+        expected = model(*other)
     np.testing.assert_allclose(actual, expected.numpy(), atol=1e-4, rtol=1e-4)
 
 

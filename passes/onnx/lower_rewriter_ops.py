@@ -22,12 +22,12 @@ import onnx_ir as ir
 
 from rewriter.kernels.onnx_chunked_attention import build_chunked_attention
 
-__all__ = ["CHUNKED", "ONNX_ATTENTION", "REWRITER_DOMAIN", "LowerRewriterOps", "LoweringError"]
+__all__ = ["CHUNKED", "ONNX_ATTENTION", "ORT", "REWRITER_DOMAIN", "LowerRewriterOps", "LoweringError"]
 
 logger = logging.getLogger(__name__)
 
 REWRITER_DOMAIN = "ai.rewriter"
-CHUNKED, ONNX_ATTENTION = "chunked", "onnx-attention"
+CHUNKED, ONNX_ATTENTION, ORT = "chunked", "onnx-attention", "ort"
 _DEFAULTS = {"scale": 1.0, "softcap": 0.0, "mask_fill": -math.inf, "causal": 0, "causal_offset": 0,
              "q_chunk": 1024, "k_chunk": 4096}
 
@@ -57,27 +57,70 @@ def _onnx_attention(tape: ir.tape.Tape, q, k, v, bias, mask, attrs: dict, node: 
     """Opset-23 Attention: same order (scale → soft-cap → +mask → causal); GQA native for 4-D inputs."""
     if attrs["causal"] and attrs["causal_offset"] != 0:
         raise LoweringError(f"{node.name}: opset-23 Attention has no causal offset ({attrs['causal_offset']})")
-    fill = float(attrs["mask_fill"])
-    attn_mask = bias
-    if mask is not None:
-        if bias is None and fill == -math.inf:
-            attn_mask = mask  # a boolean attn_mask keeps where true
-        else:
-            dtype = q.dtype.numpy()
-            kept = bias if bias is not None else tape.op("Constant", [], {"value": ir.tensor(np.array(0, dtype))})
-            filler = tape.op("Constant", [], {"value": ir.tensor(np.array(fill, dtype))})
-            attn_mask = tape.op("Where", [mask, kept, filler])
-    if attn_mask is not None:
-        # ONNX Runtime wants the mask's query axis spelled out: broadcast it to (.., Lq, Lk).
-        q_len = tape.op("Shape", [q], {"start": 2, "end": 3})
-        k_len = tape.op("Shape", [k], {"start": 2, "end": 3})
-        ones = tape.op("Constant", [], {"value": ir.tensor(np.array([1, 1], np.int64))})
-        attn_mask = tape.op("Expand", [attn_mask, tape.op("Concat", [ones, q_len, k_len], {"axis": 0})])
+    attn_mask = _additive_mask(tape, q, k, bias, mask, float(attrs["mask_fill"]), keep_bool=True)
     inputs = [q, k, v] + ([attn_mask] if attn_mask is not None else [])
     attributes = {"scale": float(attrs["scale"]), "is_causal": int(bool(attrs["causal"]))}
     if attrs["softcap"]:
         attributes["softcap"] = float(attrs["softcap"])
     return tape.op("Attention", inputs, attributes, name=f"rewriter_attention/{node.name}")
+
+
+def _const(tape: ir.tape.Tape, value, dtype=np.int64) -> ir.Value:
+    return tape.op("Constant", [], {"value": ir.tensor(np.array(value, dtype))})
+
+
+def _additive_mask(tape: ir.tape.Tape, q, k, bias, mask, fill: float, keep_bool: bool) -> ir.Value | None:
+    """bias and mask as one attention mask broadcast to (.., Lq, Lk) (ORT wants the query axis spelled out)."""
+    attn_mask = bias
+    if mask is not None:
+        if bias is None and fill == -math.inf and keep_bool:
+            attn_mask = mask  # a boolean attn_mask keeps where true
+        else:
+            dtype = q.dtype.numpy()
+            kept = bias if bias is not None else _const(tape, 0, dtype)
+            attn_mask = tape.op("Where", [mask, kept, _const(tape, fill, dtype)])
+    if attn_mask is None:
+        return None
+    q_len = tape.op("Shape", [q], {"start": 2, "end": 3})
+    k_len = tape.op("Shape", [k], {"start": 2, "end": 3})
+    return tape.op("Expand", [attn_mask, tape.op("Concat", [_const(tape, [1, 1]), q_len, k_len], {"axis": 0})])
+
+
+def _ort_mha(tape: ir.tape.Tape, q, k, v, bias, mask, attrs: dict, node: ir.Node) -> ir.Value:
+    """com.microsoft.MultiHeadAttention on (B, L, H·D) views; K/V heads repeated for grouped queries."""
+    heads, kv_heads = _heads(q, "q", node), _heads(k, "k", node)
+    if attrs["softcap"]:
+        raise LoweringError(f"{node.name}: MultiHeadAttention has no soft-cap")
+    if attrs["causal"] and (attrs["causal_offset"] != 0 or q.shape is None or k.shape is None
+                            or q.shape[2] != k.shape[2]):
+        raise LoweringError(f"{node.name}: MultiHeadAttention is causal only for equal query and key lengths")
+    dv = v.shape[3] if v.shape is not None else None
+    if not isinstance(dv, int):
+        raise LoweringError(f"{node.name}: MultiHeadAttention needs a static value head size")
+    attn_bias = _additive_mask(tape, q, k, bias, mask, float(attrs["mask_fill"]), keep_bool=False)
+
+    def packed(x: ir.Value, source_heads: int) -> ir.Value:
+        if source_heads != heads:
+            groups = heads // source_heads
+            x = tape.op("Unsqueeze", [x, _const(tape, [2])])
+            shape = tape.op("Shape", [x])
+            target = tape.op("Concat", [tape.op("Slice", [shape, _const(tape, [0]), _const(tape, [2])]),
+                                        _const(tape, [groups]),
+                                        tape.op("Slice", [shape, _const(tape, [3]), _const(tape, [5])])], {"axis": 0})
+            merged = tape.op("Concat", [tape.op("Slice", [shape, _const(tape, [0]), _const(tape, [1])]),
+                                        _const(tape, [heads]),
+                                        tape.op("Slice", [shape, _const(tape, [3]), _const(tape, [5])])], {"axis": 0})
+            x = tape.op("Reshape", [tape.op("Expand", [x, target]), merged])
+        x = tape.op("Transpose", [x], {"perm": [0, 2, 1, 3]})
+        return tape.op("Reshape", [x, _const(tape, [0, 0, -1])])
+
+    inputs = [packed(q, heads), packed(k, kv_heads), packed(v, kv_heads), None, None]
+    inputs.append(attn_bias)
+    out = tape.op("MultiHeadAttention", inputs, {"num_heads": heads, "scale": float(attrs["scale"]),
+                                                 "unidirectional": int(bool(attrs["causal"]))},
+                  domain="com.microsoft", name=f"rewriter_attention/{node.name}")
+    out = tape.op("Reshape", [out, _const(tape, [0, 0, heads, dv])])
+    return tape.op("Transpose", [out], {"perm": [0, 2, 1, 3]})
 
 
 def _lower(graph: ir.Graph, node: ir.Node, index: int, target: str) -> None:
@@ -89,6 +132,9 @@ def _lower(graph: ir.Graph, node: ir.Node, index: int, target: str) -> None:
     tape = ir.tape.Tape()
     if target == ONNX_ATTENTION:
         out = _onnx_attention(tape, q, k, v, bias, mask, attrs, node)
+        out.dtype = q.dtype
+    elif target == ORT:
+        out = _ort_mha(tape, q, k, v, bias, mask, attrs, node)
         out.dtype = q.dtype
     else:
         out = build_chunked_attention(
@@ -109,7 +155,7 @@ class LowerRewriterOps(ir.passes.InPlacePass):
 
     def __init__(self, target: str = CHUNKED):
         super().__init__()
-        if target not in (CHUNKED, ONNX_ATTENTION):
+        if target not in (CHUNKED, ONNX_ATTENTION, ORT):
             raise ValueError(f"unknown lowering target {target!r}")
         self.target = target
 
@@ -127,5 +173,7 @@ class LowerRewriterOps(ir.passes.InPlacePass):
             raise LoweringError(f"{REWRITER_DOMAIN} nodes inside subgraphs are not supported: {leftovers}")
         model.opset_imports.pop(REWRITER_DOMAIN, None)
         model.graph.opset_imports.pop(REWRITER_DOMAIN, None)
+        if self.target == ORT and targets:
+            model.graph.opset_imports.setdefault("com.microsoft", 1)
         logger.info("lowered %d %s::Attention nodes to %s", len(targets), REWRITER_DOMAIN, self.target)
         return ir.passes.PassResult(model, modified=bool(targets))
