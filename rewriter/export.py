@@ -163,10 +163,13 @@ def to_onnx(module, example_inputs, *, target: str = "auto", dynamic_shapes=None
         # Raised after export: torch's opset-23 export fuses rotary embeddings into a
         # RotaryEmbedding node that ONNX Runtime 1.32 rejects for Llama-style caches.
         model_ir = RaiseOpsetPass(23)(model_ir).model
-    LowerRewriterOps(lowered)(model_ir)
-    for match in report.matches:
-        if match.rewritten:
-            match.target = lowered
+    lowering = LowerRewriterOps(lowered)
+    lowering(model_ir)
+    rewritten = [match for match in report.matches if match.rewritten]
+    # Exported nodes keep the FX graph's order; should the counts differ, the requested form is reported.
+    forms = lowering.lowered if len(lowering.lowered) == len(rewritten) else [(lowered, None)] * len(rewritten)
+    for match, (form, _fallback) in zip(rewritten, forms):
+        match.target = form
     model = ir.serde.serialize_model(model_ir)
     onnx.checker.check_model(model, full_check=True)
     return model, report

@@ -135,6 +135,22 @@ def test_onnx_attention_target(tmp_path):
     np.testing.assert_allclose(actual, expected.numpy(), atol=1e-4, rtol=1e-4)
 
 
+class SoftCappedAttention(torch.nn.Module):
+    def forward(self, q, k, v):
+        scores = 30.0 * torch.tanh((q @ k.transpose(-1, -2)) * 0.25 / 30.0)
+        return torch.softmax(scores, -1) @ v
+
+
+def test_target_that_cannot_compute_it_falls_back_to_chunked(tmp_path):
+    example = tuple(torch.randn(1, 2, 12, 16) for _ in range(3))
+    seq = torch.export.Dim("seq", min=2, max=100)
+    report = rewriter.export_onnx(SoftCappedAttention().eval(), example, str(tmp_path / "capped.onnx"), target="ort",
+                                  dynamic_shapes=tuple({2: seq} for _ in example))
+    assert [match.target for match in report.matches] == ["chunked"]  # MultiHeadAttention has no soft-cap
+    ops = _op_types(onnx.load(str(tmp_path / "capped.onnx")))
+    assert ("", "Loop") in ops and not [op for op in ops if op[0] in ("com.microsoft", "ai.rewriter")]
+
+
 def test_failed_verification_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(rewriter.export, "_compare", lambda *args: "output 0: max |difference| 1")
     model, example = tiny_gpt2(8)

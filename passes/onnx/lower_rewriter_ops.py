@@ -7,7 +7,10 @@ The exporter writes each `torch.ops.rewriter.attention` call as one private node
 
 This pass replaces each with the chunked standard-op subgraph of `build_chunked_attention`
 (same semantics: scale → soft-cap → +bias → keep-mask → causal; rows with every key hidden give
-NaN, as the torch op does) and then drops the private domain from the opset imports. `row_stats`
+NaN, as the torch op does), or on request with opset-23 `Attention` or ORT's
+`com.microsoft.MultiHeadAttention` where they compute the same (bias and mask become one additive
+mask broadcast to (.., Lq, Lk); K/V heads are repeated for MultiHeadAttention), and then drops
+the private domain from the opset imports. `row_stats`
 is what the torch op's backward needs; an exported inference graph never reads it, and a node
 whose `row_stats` is read is refused.
 """
@@ -123,11 +126,28 @@ def _ort_mha(tape: ir.tape.Tape, q, k, v, bias, mask, attrs: dict, node: ir.Node
     return tape.op("Transpose", [out], {"perm": [0, 2, 1, 3]})
 
 
-def _lower(graph: ir.Graph, node: ir.Node, index: int, target: str) -> None:
-    q, k, v = node.inputs[:3]
-    bias, mask = _operand(node, 3), _operand(node, 4)
+def _lower(graph: ir.Graph, node: ir.Node, index: int, target: str) -> tuple[str, str | None]:
+    """Replace `node` by `target`, or by the chunked form when `target` cannot compute it exactly.
+
+    Returns the form used and, on a fallback, why.
+    """
     if len(node.outputs) > 1 and node.outputs[1].uses():
         raise LoweringError(f"{node.name}: its row_stats output is used; only the attention output can be lowered")
+    if target != CHUNKED:
+        try:
+            _replace(graph, node, index, target)
+            return target, None
+        except LoweringError as error:
+            logger.warning("%s; lowered to %s instead", error, CHUNKED)
+            _replace(graph, node, index, CHUNKED)
+            return CHUNKED, str(error)
+    _replace(graph, node, index, CHUNKED)
+    return CHUNKED, None
+
+
+def _replace(graph: ir.Graph, node: ir.Node, index: int, target: str) -> None:
+    q, k, v = node.inputs[:3]
+    bias, mask = _operand(node, 3), _operand(node, 4)
     attrs = _attributes(node)
     tape = ir.tape.Tape()
     if target == ONNX_ATTENTION:
@@ -150,14 +170,17 @@ def _lower(graph: ir.Graph, node: ir.Node, index: int, target: str) -> None:
 
 
 class LowerRewriterOps(ir.passes.InPlacePass):
-    """Replace every `ai.rewriter::Attention` of the main graph with chunked standard ops, or with
-    opset-23 `Attention` (target "onnx-attention"; the model must import opset 23 or newer)."""
+    """Replace every `ai.rewriter::Attention` of the main graph with chunked standard ops, with
+    opset-23 `Attention` ("onnx-attention"; the model must import opset 23 or newer) or with
+    `com.microsoft.MultiHeadAttention` ("ort"); a node the chosen op cannot compute exactly
+    (soft-cap, causal offset, ...) becomes chunked, and `lowered` says so."""
 
     def __init__(self, target: str = CHUNKED):
         super().__init__()
         if target not in (CHUNKED, ONNX_ATTENTION, ORT):
             raise ValueError(f"unknown lowering target {target!r}")
         self.target = target
+        self.lowered: list[tuple[str, str | None]] = []  # per node, in graph order: (form, fallback reason)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if self.target == ONNX_ATTENTION and model.graph.opset_imports.get("", 0) < 23:
@@ -166,14 +189,14 @@ class LowerRewriterOps(ir.passes.InPlacePass):
         for index, node in enumerate(targets):
             if node.op_type != "Attention":
                 raise LoweringError(f"{node.name}: unknown {REWRITER_DOMAIN} op {node.op_type}")
-            _lower(model.graph, node, index, self.target)
+            self.lowered.append(_lower(model.graph, node, index, self.target))
         leftovers = [node.name for node in ir.traversal.RecursiveGraphIterator(model.graph)
                      if node.domain == REWRITER_DOMAIN]
         if leftovers:
             raise LoweringError(f"{REWRITER_DOMAIN} nodes inside subgraphs are not supported: {leftovers}")
         model.opset_imports.pop(REWRITER_DOMAIN, None)
         model.graph.opset_imports.pop(REWRITER_DOMAIN, None)
-        if self.target == ORT and targets:
+        if any(form == ORT for form, _ in self.lowered):
             model.graph.opset_imports.setdefault("com.microsoft", 1)
         logger.info("lowered %d %s::Attention nodes to %s", len(targets), REWRITER_DOMAIN, self.target)
         return ir.passes.PassResult(model, modified=bool(targets))
