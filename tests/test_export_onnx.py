@@ -21,6 +21,7 @@ import torch
 
 import rewriter
 from model_families import MAX_POSITIONS, BertModel, GPT2Model, LlamaModel
+from passes.onnx.lower_rewriter_ops import LowerRewriterOps
 from rewriter.cli import main
 from rewriter.export import ExportVerificationError
 
@@ -72,6 +73,42 @@ def _ort_outputs(model_bytes: bytes, inputs: tuple) -> list[np.ndarray]:
 def _op_types(model: onnx.ModelProto) -> list[tuple[str, str]]:
     graph = ir.serde.deserialize_model(model).graph
     return [(node.domain, node.op_type) for node in ir.traversal.RecursiveGraphIterator(graph)]
+
+
+def _private_attention_model(causal: int, with_mask: bool) -> ir.Model:
+    """q (B,4,Lq,8), k/v (B,2,Lk,8) [, mask (B,1,Lq,Lk)] → one ai.rewriter::Attention → out."""
+    q = ir.val("q", ir.DataType.FLOAT, ["b", 4, "lq", 8])
+    keys = "lq" if causal else "lk"  # MultiHeadAttention is causal only for provably equal lengths
+    k = ir.val("k", ir.DataType.FLOAT, ["b", 2, keys, 8])
+    v = ir.val("v", ir.DataType.FLOAT, ["b", 2, keys, 8])
+    mask = ir.val("mask", ir.DataType.BOOL, ["b", 1, "lq", keys]) if with_mask else None
+    out, stats = ir.val("out", ir.DataType.FLOAT, ["b", 4, "lq", 8]), ir.Value(name="row_stats")
+    node = ir.node("Attention", [q, k, v, None, mask], domain="ai.rewriter", outputs=[out, stats],
+                   attributes={"scale": 0.3, "softcap": 0.0, "mask_fill": float("-inf"), "causal": causal,
+                               "causal_offset": 0, "q_chunk": 3, "k_chunk": 2})
+    inputs = [x for x in (q, k, v, mask) if x is not None]
+    graph = ir.Graph(inputs, [out], nodes=[node], opset_imports={"": 23, "ai.rewriter": 1}, name="private")
+    return ir.Model(graph, ir_version=10)
+
+
+@pytest.mark.parametrize("target", ["chunked", "onnx-attention", "ort"])
+@pytest.mark.parametrize(("causal", "with_mask"), [(1, False), (0, True)])
+def test_lowering_pass_matches_the_torch_op(target, causal, with_mask):
+    model = _private_attention_model(causal, with_mask)
+    lowering = LowerRewriterOps(target)
+    assert lowering(model).modified and lowering.lowered == [(target, None)]
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto, full_check=True)
+    assert "ai.rewriter" not in {entry.domain for entry in proto.opset_import}
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 7, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    mask = torch.rand(2, 1, 7, 7) > 0.3
+    mask[..., 0] = True  # no row without a key
+    inputs = (q, k, v, mask) if with_mask else (q, k, v)
+    (actual,) = _ort_outputs(proto.SerializeToString(), inputs)
+    expected, _ = torch.ops.rewriter.attention(q, k, v, None, mask if with_mask else None, 0.3, 0.0,
+                                               float("-inf"), bool(causal), 0, 3, 2)
+    np.testing.assert_allclose(actual, expected.numpy(), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
