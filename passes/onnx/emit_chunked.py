@@ -2,9 +2,10 @@
 
     Q, K/V sources, bias terms, mask ─ arrange ─ build_chunked_attention ─ (NaN rows → 0) ─ restore
 
-Q, K and V are read from the values they are views of (`arrange`), so the kernel slices the
-model's own tensors: K as (B, Hkv, Lk, D), or as (B, Hkv, D, Lk) when only that order needs no
-transpose. Grouped K/V heads are passed unexpanded; every bias term is summed into one
+Q, K and V are read from the values they are views of (`arrange`), in whichever of the kernel's
+layouts (B, H, L, D), (B, L, H, D) or, for K, (B, H, D, L) needs no transpose, so the kernel
+slices the model's own tensors; the output comes in the order its users need, when the kernel
+has it. Grouped K/V heads are passed unexpanded; every bias term is summed into one
 (B|1, H|1, Lq|1, Lk) operand, sliced block by block inside the loops. Dynamic batch and sequence
 lengths stay dynamic.
 """
@@ -15,13 +16,23 @@ import onnx_ir as ir
 
 from passes.attention_spec import ChunkSizes
 from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch, Rejected
-from passes.onnx.operand_layout import BNSH, NodeWriter, arrange, arranged_dims, copies, restore_layout
+from passes.onnx.operand_layout import (
+    BNSH,
+    BSNH,
+    NodeWriter,
+    arrange,
+    arranged_dims,
+    copies,
+    restore_layout,
+    restores_in_place,
+)
 from rewriter.kernels.onnx_chunked_attention import build_chunked_attention
 
 __all__ = ["combined_bias", "emit_chunked", "zero_nan_rows"]
 
 CHUNKED = "chunked"
-_KEY_TRANSPOSED = (0, 1, 3, 2)  # (batch, heads, head dim, keys)
+# The kernel's layouts as orders of the canonical (batch, heads, rows, cols) axes, preferred first.
+_LAYOUTS = {"BHLD": BNSH, "BLHD": BSNH, "BHDL": (0, 1, 3, 2)}
 
 def _broadcast(dims_list: list[list]) -> list:
     out = []
@@ -63,14 +74,20 @@ def zero_nan_rows(w: NodeWriter, out: ir.Value, dtype) -> ir.Value:
     """Where(IsNaN(out), 0, out): rows whose every key was masked become 0, as the model's did."""
     return w.op("Where", w.op("IsNaN", out), w.const(0, dtype.numpy()), out)
 
+def _read(w: NodeWriter, ctx: AnalysisContext, operand, layouts: tuple[str, ...], dtype=None):
+    """The operand in the first of `layouts` it needs no copy for (else the first), and that layout."""
+    layout = next((name for name in layouts if not copies(ctx, operand, _LAYOUTS[name])), layouts[0])
+    return arrange(w, ctx, operand, dtype, _LAYOUTS[layout]), layout
+
+
 def emit_chunked(w: NodeWriter, ctx: AnalysisContext, match: OnnxAttentionMatch, chunks: ChunkSizes) -> ir.Value:
     dtype = ctx.facts.dtype(match.query.value)
     key, value = match.key_source or match.key, match.value_source or match.value
+    out_layout = "BLHD" if restores_in_place(match, BSNH) and not restores_in_place(match, BNSH) else "BHLD"
     with w.annotated():
-        q = arrange(w, ctx, match.query, dtype)
-        key_transposed = copies(ctx, key) and not copies(ctx, key, _KEY_TRANSPOSED)
-        k = arrange(w, ctx, key, order=_KEY_TRANSPOSED if key_transposed else BNSH)
-        v = arrange(w, ctx, value)
+        q, q_layout = _read(w, ctx, match.query, ("BHLD", "BLHD"), dtype)
+        k, k_layout = _read(w, ctx, key, ("BHLD", "BLHD", "BHDL"))
+        v, v_layout = _read(w, ctx, value, ("BHLD", "BLHD"))
         heads, kv_heads = arranged_dims(ctx, match.query)[1], arranged_dims(ctx, key)[1]
         if not isinstance(heads, int) or not isinstance(kv_heads, int):
             raise Rejected(f"the chunked kernel needs static head counts (got {heads}/{kv_heads})")
@@ -79,10 +96,10 @@ def emit_chunked(w: NodeWriter, ctx: AnalysisContext, match: OnnxAttentionMatch,
             out = build_chunked_attention(
                 w.tape, q, k, v, num_heads=heads, num_kv_heads=kv_heads, scale=match.scale, bias=bias,
                 mask=mask, softcap=match.softcap, mask_fill=match.mask_fill, causal=match.causal,
-                causal_offset=match.causal_offset, q_chunk=chunks.query, k_chunk=chunks.key,
-                key_transposed=key_transposed, name=f"{w.prefix}/chunked")
+                causal_offset=match.causal_offset, q_chunk=chunks.query, k_chunk=chunks.key, q_layout=q_layout,
+                k_layout=k_layout, v_layout=v_layout, out_layout=out_layout, name=f"{w.prefix}/chunked")
         except ValueError as error:
             raise Rejected(f"chunked kernel: {error}") from error
     if match.zero_masked_rows:
         out = zero_nan_rows(w, out, dtype)
-    return restore_layout(w, out, match, dtype, ctx.facts.dtype(match.output))
+    return restore_layout(w, out, match, dtype, ctx.facts.dtype(match.output), _LAYOUTS[out_layout])

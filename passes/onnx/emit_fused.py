@@ -149,12 +149,12 @@ def _head_slice(w: NodeWriter, operand: tuple[ir.Value, int], head: int) -> ir.V
 
 
 def _node_per_head(w: NodeWriter, ctx: AnalysisContext, match: OnnxAttentionMatch, heads: int, kv_heads: int,
-                   dtype, order) -> ir.Value:
+                   order) -> ir.Value:
     """One single-head node per query head; the result with its axes in `order`."""
     operands = []
     for operand in (match.query, match.key_source or match.key, match.value_source or match.value):
         layout = BSNH if not copies(ctx, operand, BSNH) else BNSH
-        operands.append((arrange(w, ctx, operand, dtype if operand is match.query else None, layout), layout.index(1)))
+        operands.append((arrange(w, ctx, operand, order=layout), layout.index(1)))
     q, k, v = operands
     head_axis = order.index(1)
     outs = []
@@ -176,7 +176,7 @@ def emit_ort_mha(w: NodeWriter, ctx: AnalysisContext, match: OnnxAttentionMatch)
         packing_copies = any(copies(ctx, operand, BSNH) for operand in (match.query, key, value))
         if bias is None and not match.causal and packing_copies and isinstance(kv_heads, int) and heads > 1:
             order = BSNH if restores_in_place(match, BSNH) and not restores_in_place(match, BNSH) else BNSH
-            out = _node_per_head(w, ctx, match, heads, kv_heads, dtype, order)
+            out = _node_per_head(w, ctx, match, heads, kv_heads, order)
         else:
             out, order = _one_node(w, ctx, match, heads, dtype, bias), BSNH
     if match.zero_masked_rows:

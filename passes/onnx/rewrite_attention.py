@@ -4,8 +4,10 @@ For each plan the emitter's nodes go in right before the node that produced the 
 (the P·V product, or the fused node); the new result takes over the replaced value's name, type,
 shape and uses (graph outputs included), and the matched nodes, with whatever only they kept
 alive (mask construction, scale arithmetic, initializers such as a causal buffer), are removed.
-Nothing else in the graph changes. A plan whose emitter refuses (`Rejected`) is skipped and
-records why.
+When the block's only user is a ``Transpose`` (models move heads back behind the sequence before
+merging them), that transpose's result is replaced instead, so the emitter writes that layout
+directly rather than transposing twice. Nothing else in the graph changes. A plan whose emitter
+refuses (`Rejected`) is skipped and records why.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from passes.attention_spec import ChunkSizes
 from passes.onnx.detect_fused_attention import ONNX_ATTENTION, ORT_MHA
 from passes.onnx.emit_chunked import CHUNKED, emit_chunked
 from passes.onnx.emit_fused import emit_onnx_attention, emit_ort_mha
+from passes.onnx.graph_values import attribute, is_op
 from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch, Rejected
 from passes.onnx.operand_layout import NodeWriter
 
@@ -61,6 +64,21 @@ def _follow_replacements(match: OnnxAttentionMatch, replaced: dict[ir.Value, ir.
     match.biases = [(current(operand), factor) for operand, factor in match.biases]
 
 
+def _absorb_output_transpose(match: OnnxAttentionMatch) -> None:
+    """Replace the result of the block's only user when that user is a Transpose."""
+    users = list(dict.fromkeys(match.output.consumers()))
+    if match.out_merged or match.output.is_graph_output() or len(users) != 1 or not is_op(users[0], "Transpose"):
+        return
+    if users[0].graph is not match.output.producer().graph:
+        return  # a user inside a subgraph: the block would move into it
+    perm = attribute(users[0], "perm", list(range(len(match.out_labels)))[::-1])
+    if sorted(perm) != list(range(len(match.out_labels))):
+        return
+    match.out_labels = "".join(match.out_labels[axis] for axis in perm)
+    match.output = users[0].outputs[0]
+    match.nodes.append(users[0])
+
+
 def _is_dead(node: ir.Node) -> bool:
     return not any(output.uses() or output.is_graph_output() for output in node.outputs)
 
@@ -97,6 +115,7 @@ class RewriteOnnxAttention(onnx_ir.passes.InPlacePass):
         for plan in self.plans:
             match = plan.match
             _follow_replacements(match, replaced)
+            _absorb_output_transpose(match)
             anchor = match.output.producer()
             w = NodeWriter(ir.tape.Tape(), f"{match.output.name}/{plan.target.split('.')[-1]}")
             try:

@@ -5,25 +5,28 @@ causal); the softmax is computed online (Rabe & Staats; FlashAttention), so the 
 at run time is one (B, H, q_chunk, k_chunk) score block, never Lq × Lk. Batch and sequence
 lengths stay symbolic; bias and mask are sliced block by block. Query heads are grouped as
 (B, Hkv, G, Lq, D) against (B, Hkv, 1, Lk, D), so grouped K/V heads are never expanded.
-Q, K and V are only sliced, never copied whole: the scale (and the cast to fp32) is applied to
-each query block, K is transposed block by block (or taken as (B, Hkv, D, Lk) when
-`key_transposed`), and the output is written once by the loop::
 
-    q ─Reshape→ qg (B,Hkv,G,Lq,D)     k ─Unsqueeze→ kg (B,Hkv,1,Lk,D)     v ─Unsqueeze→ vg
+Q, K and V are only sliced, never copied whole: each block is cast to fp32 and brought into
+its block form (`_BLOCK_FORM`) on its own, so they may come as (B, H, L, D), as (B, L, H, D)
+(heads behind the sequence, as projections are reshaped) or K as (B, H, D, L); the scale is
+applied to each query block; the output is written by the loop in (B, H, L, D) or (B, L, H, D)::
+
+    q, k, v ─(split heads: Reshape/Unsqueeze, views)→ qg, kg, vg
     Loop i < ceil(Lq / qc)                     qc = min(q_chunk, Lq); scan output: out block
-    │  q0 = i·qc   q1 = min(q0 + qc, Lq)   qb = fp32(qg[.., q0:q1, :])·scale   bias, mask rows
+    │  q0 = i·qc   q1 = min(q0 + qc, Lq)   qb = fp32(qg[q0:q1]) as (B,Hkv,G,rows,D) · scale
     │  nk = ceil(clamp(q1 + offset, 0, Lk) / kc)  when causal (blocks above the diagonal
     │       are never visited), else ceil(Lk / kc)
     │  Loop j < nk                             carries m = −∞, l = 0, acc = 0
-    │  │  k0 = j·kc   S = qb · fp32(kg[.., k0:k0+kc, :])ᵀ
-    │  │  S = softcap·tanh(S) → S + bias block → where(mask block, S, fill)
-    │  │  S + If(the causal diagonal crosses this block, (qc, kc) tile of 0 / −∞, zeros)
+    │  │  k0 = j·kc   S = qb · fp32(kg[k0:k0+kc]) as (B,Hkv,1,D,keys)
+    │  │  S = softcap·tanh(S) → S + bias[q0:q1, k0:k0+kc] → where(mask[q0:q1, k0:k0+kc], S, fill)
+    │  │  S + If(the causal diagonal crosses this block, (rows, keys) tile of 0 / −∞, zeros)
     │  │  m' = max(m, rowmax S)   r = max(m', −FLT_MAX)   P = exp(S − r)   a = exp(m − r)
-    │  │  l = a·l + rowsum P   acc = a·acc + P · fp32(vg[.., k0:k0+kc, :])   m = m'
+    │  │  l = a·l + rowsum P   acc = a·acc + P · fp32(vg[k0:k0+kc]) as (B,Hkv,1,keys,Dv)   m = m'
     │  └─
-    │  out block = Pad(acc / l in q's dtype) to qc rows
+    │  out block = Pad(acc / l in q's dtype, in the output layout) to qc rows
     └─
     (nq, B,Hkv,G,qc,Dv) ─Transpose─Reshape→ (B,H,nq·qc,Dv) ─Slice(:Lq)→ out (B,H,Lq,Dv)
+                         (or (nq, B,qc,Hkv,G,Dv) → (B,nq·qc,H,Dv) → (B,Lq,H,Dv))
 
 ORT keeps each iteration's block and copies them into the Loop's output, so the output costs
 two copies at the end whatever the form; the Transpose and Slice after it each free their input,
@@ -52,6 +55,10 @@ __all__ = ["build_chunked_attention", "make_chunked_attention_model"]
 logger = logging.getLogger(__name__)
 
 _FLOAT, _INT64, _BOOL = ir.DataType.FLOAT, ir.DataType.INT64, ir.DataType.BOOL
+# Axis orders each operand may come in (B batch, H heads, L sequence, D head dim) and the forms
+# blocks are computed in, with heads split as (Hkv, G): query heads h = Hkv·G, G = 1 for K/V.
+_LAYOUTS = {"q": ("BHLD", "BLHD"), "k": ("BHLD", "BLHD", "BHDL"), "v": ("BHLD", "BLHD"), "out": ("BHLD", "BLHD")}
+_BLOCK_FORM = {"q": "BHGLD", "k": "BHGDL", "v": "BHGLD"}
 
 
 class _Emitter:
@@ -86,9 +93,9 @@ class _Builder:
 
     def __init__(self, emit: _Emitter, heads: int, kv_heads: int, scale: float, softcap: float,
                  mask_fill: float, causal: bool, causal_offset: int, q_chunk: int, k_chunk: int,
-                 key_transposed: bool):
+                 layouts: dict[str, str]):
         self.e = emit
-        self.key_transposed = key_transposed
+        self.layouts = layouts
         self.heads, self.kv_heads = heads, kv_heads
         self.scale, self.softcap, self.mask_fill = scale, softcap, mask_fill
         self.causal, self.causal_offset = causal, causal_offset
@@ -96,7 +103,13 @@ class _Builder:
         self.q_chunk = emit.const([q_chunk])
         self.zero, self.one = emit.const([0]), emit.const([1])
         self.neg_max = emit.const(-np.finfo(np.float32).max, np.float32)
-        self.axis = {axis: emit.const([axis]) for axis in (-1, 2, 3, 4)}
+        self._axes: dict[tuple[int, ...], ir.Value] = {}
+
+    def axis(self, *axes: int) -> ir.Value:
+        """The constant [*axes], made once in the outer graph (the loop bodies read it)."""
+        if axes not in self._axes:
+            self._axes[axes] = self.e.const(list(axes))
+        return self._axes[axes]
 
     def _ceil_div(self, e: _Emitter, n: ir.Value, d: ir.Value) -> ir.Value:
         return e("Div", e("Sub", e("Add", n, d), self.one), d)
@@ -104,14 +117,30 @@ class _Builder:
     def _as_float(self, e: _Emitter, x: ir.Value) -> ir.Value:
         return x if x.dtype == _FLOAT else e("Cast", x, to=_FLOAT)
 
-    def _group_heads(self, x: ir.Value, heads: int) -> ir.Value:
-        """(b, heads, x, y) → (b, Hkv, G, x, y), or (b, 1, 1, x, y) for one head."""
+    def _group_heads(self, x: ir.Value, heads: int, head_axis: int = 1) -> ir.Value:
+        """x with its `heads` heads on `head_axis` split in two: (Hkv, G) for all query heads,
+        (heads, 1) for K/V heads or a broadcast head axis."""
         e = self.e
-        if heads == 1:
-            return e("Unsqueeze", x, self.axis[2])
+        if heads != self.heads or self.heads == self.kv_heads:
+            return e("Unsqueeze", x, self.axis(head_axis + 1))
         split = e.const([self.kv_heads, self.heads // self.kv_heads])
-        shape = e("Concat", e("Shape", x, end=1), split, e("Shape", x, start=2), axis=0)
+        shape = e("Concat", e("Shape", x, end=head_axis), split, e("Shape", x, start=head_axis + 1), axis=0)
         return e("Reshape", x, shape)
+
+    def _sliceable(self, x: ir.Value, role: str, heads: int) -> tuple[ir.Value, ir.Value, list[int] | None]:
+        """`x` in its layout with heads grouped (a view), the axis blocks are sliced along, and the
+        transpose that brings a block into `_BLOCK_FORM` (None where it is in that form)."""
+        layout = self.layouts[role]
+        view = layout.replace("H", "HG")
+        perm = [view.index(label) for label in _BLOCK_FORM[role]]
+        return (_typed(self._group_heads(x, heads, layout.index("H")), x.dtype), self.axis(view.index("L")),
+                None if perm == sorted(perm) else perm)
+
+    def _read_block(self, e: _Emitter, sliceable, start, stop) -> ir.Value:
+        """One block of Q, K or V in fp32 and in `_BLOCK_FORM`."""
+        x, axis, perm = sliceable
+        block = self._as_float(e, _typed(e("Slice", x, start, stop, axis), x.dtype))
+        return block if perm is None else e("Transpose", block, perm=perm)
 
     def _grouped_operand(self, x: ir.Value, role: str) -> ir.Value:
         """A bias or mask of rank ≤ 4, broadcastable to (B, H, Lq, Lk), as 5-D grouped heads."""
@@ -120,30 +149,35 @@ class _Builder:
         heads = ([1] * 4 + list(x.shape))[-3]
         if heads not in (1, self.heads):
             raise ValueError(f"{role} head axis must be statically 1 or {self.heads}, got {heads}")
+        dtype = x.dtype
         if x.shape.rank() < 4:
             x = self.e("Unsqueeze", x, self.e.const(list(range(4 - x.shape.rank()))))
-        return self._group_heads(x, heads)
+        return _typed(self._group_heads(x, heads), dtype)
 
     def build(self, q, k, v, bias, mask) -> ir.Value:
         e = self.e
-        qg = self._group_heads(q, self.heads)
-        kg, vg = e("Unsqueeze", k, self.axis[2]), e("Unsqueeze", v, self.axis[2])
-        key_axis = 3 if self.key_transposed else 2
-        q_len, self.k_len = e("Shape", q, start=2, end=3), e("Shape", k, start=key_axis, end=key_axis + 1)
-        v_dim = e("Shape", v, start=3)
+        qg, kg, vg = (self._sliceable(x, role, heads) for x, role, heads in
+                      ((q, "q", self.heads), (k, "k", self.kv_heads), (v, "v", self.kv_heads)))
+        q_axis, k_axis = self.layouts["q"].index("L"), self.layouts["k"].index("L")
+        q_len, self.k_len = e("Shape", q, start=q_axis, end=q_axis + 1), e("Shape", k, start=k_axis, end=k_axis + 1)
         qc = e("Max", e("Min", q_len, self.q_chunk), self.one)
         n_q = e("Squeeze", self._ceil_div(e, q_len, qc))
         operands = ((bias, "bias"), (mask, "mask"))
         scores = [(self._grouped_operand(t, role), role) for t, role in operands if t is not None]
         blocks = e("Loop", n_q, None, body=self._query_body(qg, kg, vg, q_len, qc, q.dtype, scores))
-        out_shape = e("Concat", e("Shape", q, end=1), e.const([self.heads, -1]), v_dim, axis=0)
-        out = e("Reshape", e("Transpose", blocks, perm=[1, 2, 3, 0, 4, 5]), out_shape)
-        return e("Slice", out, self.zero, q_len, self.axis[2])
+        # Scan output: (N, *one block in the output layout); N goes right before the block's rows.
+        out_layout = self.layouts["out"]
+        block_labels = "N" + out_layout.replace("H", "HG")
+        stacked = block_labels[1:].replace("L", "NL")
+        sizes = {"B": e("Shape", q, end=1), "H": e.const([self.heads]), "L": e.const([-1]),
+                 "D": e("Shape", v, start=3)}
+        out_shape = e("Concat", *(sizes[label] for label in out_layout), axis=0)
+        out = e("Reshape", e("Transpose", blocks, perm=[block_labels.index(x) for x in stacked]), out_shape)
+        return e("Slice", out, self.zero, q_len, self.axis(out_layout.index("L")))
 
-    def _block_of(self, e, x, start, stop, axis) -> ir.Value:
-        """x[start:stop] along axis, or all of it where that axis has size 1 (broadcast)."""
-        last = e("Sub", e("Shape", x, start=axis, end=axis + 1), self.one)
-        return e("Slice", x, e("Min", start, last), stop, self.axis[axis])
+    def _last_index(self, x: ir.Value, axis: int) -> ir.Value:
+        """[size of x's `axis` − 1], computed in the outer graph."""
+        return self.e("Sub", self.e("Shape", x, start=axis, end=axis + 1), self.one)
 
     def _query_body(self, qg, kg, vg, q_len, qc, dtype, scores) -> ir.Graph:
         b = self.e.subgraph()
@@ -151,8 +185,11 @@ class _Builder:
         q0 = b("Mul", i, qc)
         q1 = b("Min", b("Add", q0, qc), q_len)
         q_scale = self.scale / self.softcap if self.softcap > 0 else self.scale
-        qb = b("Mul", self._as_float(b, b("Slice", qg, q0, q1, self.axis[3])), self.e.const(q_scale, np.float32))
-        rows = [(self._block_of(b, t, q0, q1, 3), role) for t, role in scores]
+        qb = b("Mul", self._read_block(b, qg, q0, q1), self.e.const(q_scale, np.float32))
+        # Bias and mask blocks are sliced from the outer values in the key loop (slicing rows here
+        # and reading that slice in the key loop measured ~16 MiB more peak on ORT 1.32 at n = 16384);
+        # a broadcast (size-1) axis is read whole.
+        rows = [(t, b("Min", q0, self._last_index(t, 3)), q1, self._last_index(t, 4), role) for t, role in scores]
         diagonal = None
         n_k = self._ceil_div(b, self.k_len, self.k_chunk)
         if self.causal:
@@ -160,21 +197,24 @@ class _Builder:
             key_stop = b("Min", b("Max", b("Add", q1, offset), self.zero), self.k_len)
             n_k = self._ceil_div(b, key_stop, self.k_chunk)
             positions = b("Range", b("Squeeze", q0), b("Squeeze", q1), self.e.const(1))
-            query_pos = b("Unsqueeze", b("Add", positions, offset), self.axis[-1])
+            query_pos = b("Unsqueeze", b("Add", positions, offset), self.axis(-1))
             diagonal = (query_pos, b("Add", b("Add", q0, offset), self.one))
         lead = b("Shape", qb, end=4)
         row_shape = b("Concat", lead, self.one, axis=0)
         m0 = b("ConstantOfShape", row_shape, value=ir.tensor([-math.inf], dtype=_FLOAT))
         l0 = b("ConstantOfShape", row_shape, value=ir.tensor([0.0], dtype=_FLOAT))
-        acc_shape = b("Concat", lead, b("Shape", vg, start=4), axis=0)
+        acc_shape = b("Concat", lead, b("Shape", vg[0], start=4), axis=0)
         acc0 = b("ConstantOfShape", acc_shape, value=ir.tensor([0.0], dtype=_FLOAT))
         key_body = self._key_body(qb, kg, vg, rows, diagonal)
         _, row_sum, acc = b("Loop", b("Squeeze", n_k), None, m0, l0, acc0, body=key_body, outputs=3)
         block = b("Div", acc, row_sum)
         if dtype != _FLOAT:
             block = b("Cast", block, to=dtype)
+        out_view = self.layouts["out"].replace("H", "HG")
+        if out_view != _BLOCK_FORM["q"]:
+            block = b("Transpose", block, perm=[_BLOCK_FORM["q"].index(label) for label in out_view])
         pad = b("Concat", self.zero, b("Sub", qc, b("Sub", q1, q0)), axis=0)
-        out = _typed(b("Pad", block, pad, None, self.axis[3]), dtype)
+        out = _typed(b("Pad", block, pad, None, self.axis(out_view.index("L"))), dtype)
         return b.graph([i, cond], [_typed(b("Identity", cond), _BOOL), out], "query_chunk")
 
     def _key_body(self, qb, kg, vg, rows, diagonal) -> ir.Graph:
@@ -183,15 +223,12 @@ class _Builder:
         m, row_sum, acc = (ir.val(b.name(tag), _FLOAT, [None] * 5) for tag in ("m", "l", "acc"))
         k0 = b("Mul", j, self.k_chunk)
         k1 = b("Add", k0, self.k_chunk)
-        if self.key_transposed:
-            kt = self._as_float(b, b("Slice", kg, k0, k1, self.axis[4]))
-        else:
-            kt = b("Transpose", self._as_float(b, b("Slice", kg, k0, k1, self.axis[3])), perm=[0, 1, 2, 4, 3])
-        s = b("MatMul", qb, kt)
+        s = b("MatMul", qb, self._read_block(b, kg, k0, k1))
         if self.softcap > 0:
             s = b("Mul", b("Tanh", s), self.e.const(self.softcap, np.float32))
-        for block_rows, role in rows:
-            block = self._block_of(b, block_rows, k0, k1, 4)
+        for x, row_start, row_stop, last_key, role in rows:
+            starts = b("Concat", row_start, b("Min", k0, last_key), axis=0)
+            block = _typed(b("Slice", x, starts, b("Concat", row_stop, k1, axis=0), self.axis(3, 4)), x.dtype)
             if role == "bias":
                 s = b("Add", s, self._as_float(b, block))
             elif self.mask_fill == -math.inf:
@@ -200,12 +237,12 @@ class _Builder:
                 s = b("Where", block, s, self.e.const(self.mask_fill, np.float32))
         if diagonal is not None:
             s = self._causal(b, s, k0, b("Min", k1, self.k_len), *diagonal)
-        m_new = b("Max", m, b("ReduceMax", s, self.axis[-1], keepdims=1))
+        m_new = b("Max", m, b("ReduceMax", s, self.axis(-1), keepdims=1))
         ref = b("Max", m_new, self.neg_max)
         p = b("Exp", b("Sub", s, ref))
         rescale = b("Exp", b("Sub", m, ref))
-        l_new = b("Add", b("Mul", row_sum, rescale), b("ReduceSum", p, self.axis[-1], keepdims=1))
-        pv = b("MatMul", p, self._as_float(b, b("Slice", vg, k0, k1, self.axis[3])))
+        l_new = b("Add", b("Mul", row_sum, rescale), b("ReduceSum", p, self.axis(-1), keepdims=1))
+        pv = b("MatMul", p, self._read_block(b, vg, k0, k1))
         acc_new = b("Add", b("Mul", acc, rescale), pv)
         outputs = [_typed(b("Identity", cond), _BOOL), *(_typed(x, _FLOAT) for x in (m_new, l_new, acc_new))]
         return b.graph([j, cond, m, row_sum, acc], outputs, "key_chunk")
@@ -254,11 +291,17 @@ def build_chunked_attention(
     causal_offset: int = 0,
     q_chunk: int = 1024,
     k_chunk: int = 4096,
-    key_transposed: bool = False,
+    q_layout: str = "BHLD",
+    k_layout: str = "BHLD",
+    v_layout: str = "BHLD",
+    out_layout: str = "BHLD",
     name: str = "chunked_attention",
 ) -> ir.Value:
-    """Append chunked attention over q (B,H,Lq,D), k (B,Hkv,Lk,D), v (B,Hkv,Lk,Dv) to `tape`;
-    with `key_transposed`, k is (B,Hkv,D,Lk).
+    """Append chunked attention over q (B,H,Lq,D), k (B,Hkv,Lk,D), v (B,Hkv,Lk,Dv) to `tape`.
+
+    The `*_layout` options give other axis orders, read block by block with no whole copy:
+    "BLHD" (sequence before heads, as projections are reshaped) for any of them, "BHDL" (Kᵀ)
+    for k. The output is (B, H, Lq, Dv), or (B, Lq, H, Dv) with `out_layout="BLHD"`.
 
     `bias` (float, added) and `mask` (bool, kept where true, else replaced by `mask_fill`) must
     have a known rank ≤ 4, broadcast to (B, H, Lq, Lk) and have a head axis of static size 1 or
@@ -267,6 +310,10 @@ def build_chunked_attention(
     """
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+    layouts = {"q": q_layout, "k": k_layout, "v": v_layout, "out": out_layout}
+    for role, layout in layouts.items():
+        if layout not in _LAYOUTS[role]:
+            raise ValueError(f"{role}_layout must be one of {_LAYOUTS[role]}, got {layout!r}")
     if q_chunk < 1 or k_chunk < 1 or softcap < 0:
         raise ValueError(f"bad chunk sizes ({q_chunk}, {k_chunk}) or softcap {softcap}")
     if q.dtype is None or not q.dtype.is_floating_point() or (mask is not None and mask.dtype != _BOOL):
@@ -274,11 +321,12 @@ def build_chunked_attention(
     logger.debug("chunked attention %s: heads %d/%d, chunks (%d, %d), causal=%s offset=%d",
                  name, num_heads, num_kv_heads, q_chunk, k_chunk, causal, causal_offset)
     builder = _Builder(_Emitter(tape, name), num_heads, num_kv_heads, scale, softcap, mask_fill,
-                       causal, causal_offset, q_chunk, k_chunk, key_transposed)
+                       causal, causal_offset, q_chunk, k_chunk, layouts)
     out = builder.build(q, k, v, bias, mask)
     out.dtype = q.dtype
     if q.shape is not None and v.shape is not None:
-        out.shape = ir.Shape([q.shape[0], num_heads, q.shape[2], v.shape[3]])
+        dims = {"B": q.shape[0], "H": num_heads, "L": q.shape[q_layout.index("L")], "D": v.shape[3]}
+        out.shape = ir.Shape([dims[label] for label in out_layout])
     return out
 
 
