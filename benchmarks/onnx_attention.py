@@ -47,12 +47,13 @@ import io
 import json
 import logging
 import os
-import subprocess
 import sys
 import tempfile
 import warnings
 
 import numpy as np
+
+from child_points import fill_from_child, fmt, set_ratios
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -285,30 +286,14 @@ def run_child(model: Model, n: int) -> Row:
         row.note = f"skipped (~{estimate:.0f} GiB)"
         return row
     command = [sys.executable, os.path.abspath(__file__), "--one", model.path, model.variant, str(n)]
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        row.note = f"error: timed out after {CHILD_TIMEOUT_S} s"
-        return row
-    if proc.returncode != 0:
-        last_line = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-        row.note = f"error: {last_line}"
-        return row
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    row.extra_peak_mib, row.seconds, row.cpu_seconds = (
-        result["extra_peak_mib"], result["seconds"], result["cpu_seconds"]
-    )
+    fill_from_child(row, command, CHILD_TIMEOUT_S)
     return row
 
 
 def add_ratios(rows: list[Row]) -> None:
     naive = {(r.variant, r.n): r for r in rows if r.impl == "naive" and r.measured}
     for row in rows:
-        base = naive.get((row.variant, row.n))
-        if base is None or not row.measured:
-            continue
-        row.memory_ratio = base.extra_peak_mib / max(row.extra_peak_mib, 1e-3)
-        row.time_ratio = row.seconds / base.seconds
+        set_ratios(row, naive.get((row.variant, row.n)))
 
 
 def sweep(models: dict[tuple[str, str], Model], variants, sizes, impls) -> list[Row]:
@@ -347,10 +332,6 @@ def check_targets(rows: list[Row]) -> list[tuple[str, str]]:
     return verdicts
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "" if value is None else format(value, spec)
-
-
 def markdown_table(rows: list[Row]) -> str:
     lines = [
         "| variant | impl | n | extra peak MiB | time s | CPU s"
@@ -358,11 +339,11 @@ def markdown_table(rows: list[Row]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        memory = r.note if not r.measured else _fmt(r.extra_peak_mib, ".1f")
+        memory = r.note if not r.measured else fmt(r.extra_peak_mib, ".1f")
         became = "" if r.impl == "naive" or r.became in r.note else r.became
         lines.append(
-            f"| {r.variant} | {r.impl} | {r.n} | {memory} | {_fmt(r.seconds, '.3f')} | {_fmt(r.cpu_seconds, '.2f')} "
-            f"| {_fmt(r.memory_ratio, '.1f')} | {_fmt(r.time_ratio, '.3f')} | {became} |"
+            f"| {r.variant} | {r.impl} | {r.n} | {memory} | {fmt(r.seconds, '.3f')} | {fmt(r.cpu_seconds, '.2f')} "
+            f"| {fmt(r.memory_ratio, '.1f')} | {fmt(r.time_ratio, '.3f')} | {became} |"
         )
     return "\n".join(lines)
 

@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import rewriter
+from child_points import fill_from_child, fmt, set_ratios
 from rewriter.measure import measure_call
 
 BATCH, HEADS, HEAD_DIM = 1, 2, 64
@@ -204,30 +204,14 @@ def run_child(variant: str, mode: str, n: int, impl: str) -> Row:
         row.note = f"skipped (~{naive_estimate_gib(mode, n):.0f} GiB)"
         return row
     command = [sys.executable, __file__, "--one", variant, mode, str(n), impl]
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        row.note = f"error: timed out after {CHILD_TIMEOUT_S} s"
-        return row
-    if proc.returncode != 0:
-        last_line = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-        row.note = f"error: {last_line}"
-        return row
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    row.extra_peak_mib, row.seconds, row.cpu_seconds = (
-        result["extra_peak_mib"], result["seconds"], result["cpu_seconds"]
-    )
+    fill_from_child(row, command, CHILD_TIMEOUT_S)
     return row
 
 
 def add_ratios(rows: list[Row]) -> None:
     naive = {(r.variant, r.mode, r.n): r for r in rows if r.impl == "naive" and r.measured}
     for row in rows:
-        base = naive.get((row.variant, row.mode, row.n))
-        if base is None or not row.measured:
-            continue
-        row.memory_ratio = base.extra_peak_mib / max(row.extra_peak_mib, 1e-3)
-        row.time_ratio = row.seconds / base.seconds
+        set_ratios(row, naive.get((row.variant, row.mode, row.n)))
 
 
 def sweep(variants, modes, sizes, impls) -> list[Row]:
@@ -267,10 +251,6 @@ def check_targets(rows: list[Row]) -> list[tuple[str, str]]:
     return verdicts
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "" if value is None else format(value, spec)
-
-
 def markdown_table(rows: list[Row]) -> str:
     lines = [
         "| variant | mode | n | impl | extra peak MiB | time s"
@@ -278,10 +258,10 @@ def markdown_table(rows: list[Row]) -> str:
         "|---|---|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        memory = r.note if not r.measured else _fmt(r.extra_peak_mib, ".1f")
+        memory = r.note if not r.measured else fmt(r.extra_peak_mib, ".1f")
         lines.append(
-            f"| {r.variant} | {r.mode} | {r.n} | {r.impl} | {memory} | {_fmt(r.seconds, '.3f')} "
-            f"| {_fmt(r.memory_ratio, '.1f')} | {_fmt(r.time_ratio, '.3f')} |"
+            f"| {r.variant} | {r.mode} | {r.n} | {r.impl} | {memory} | {fmt(r.seconds, '.3f')} "
+            f"| {fmt(r.memory_ratio, '.1f')} | {fmt(r.time_ratio, '.3f')} |"
         )
     return "\n".join(lines)
 

@@ -1,0 +1,39 @@
+"""What the benchmark scripts share: one measurement run in a child process, and its ratios.
+
+A row is any object with the fields `extra_peak_mib`, `seconds`, `cpu_seconds`, `memory_ratio`,
+`time_ratio` and `note` (why there is no measurement).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+__all__ = ["fill_from_child", "fmt", "set_ratios"]
+
+
+def fill_from_child(row, command: list[str], timeout_s: int) -> None:
+    """Run `command` (which prints one JSON measurement last) and put its result, or why not, in `row`."""
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        row.note = f"error: timed out after {timeout_s} s"
+        return
+    if proc.returncode != 0:
+        last_line = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        row.note = f"error: {last_line}"
+        return
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    row.extra_peak_mib, row.seconds, row.cpu_seconds = result["extra_peak_mib"], result["seconds"], result["cpu_seconds"]
+
+
+def set_ratios(row, base) -> None:
+    """Memory ratio base/row and time ratio row/base, when both were measured."""
+    if base is None or row.seconds is None or base.seconds is None:
+        return
+    row.memory_ratio = base.extra_peak_mib / max(row.extra_peak_mib, 1e-3)
+    row.time_ratio = row.seconds / base.seconds
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
