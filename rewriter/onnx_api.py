@@ -8,10 +8,15 @@ raises the opset where a target needs it, rewrites, and reports every candidate.
 - ``onnx-attention``: opset-23 ``Attention`` where exact and the opset can be raised to 23.
 - ``auto``: on CPU, MultiHeadAttention for blocks without masks, bias or causality (its flash
   path), chunked otherwise; with ``provider="cuda"``, MultiHeadAttention wherever it is exact.
+
+Performer (linear attention) blocks are found alongside (`detect_linear_attention`) and become the
+slice loop of `build_linear_attention` (target ``chunked``) under ``auto`` and ``chunked``; under
+``ort`` a causal block becomes ``com.microsoft.LinearAttention``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -19,7 +24,9 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes
 
+from passes.fx.rewrite_linear_attention import default_slice_size
 from passes.onnx.detect_fused_attention import ONNX_ATTENTION, ORT_MHA, detect_fused_attention
+from passes.onnx.detect_linear_attention import OnnxLinearAttentionMatch, detect_linear_attention
 from passes.onnx.detect_softmax_attention import detect_softmax_attention
 from passes.onnx.emit_chunked import CHUNKED
 from passes.onnx.emit_fused import onnx_attention_reason, ort_mha_reason
@@ -27,6 +34,7 @@ from passes.onnx.graph_values import is_op
 from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch
 from passes.onnx.raise_opset import RaiseOpsetPass
 from passes.onnx.rewrite_attention import PlannedRewrite, RewriteOnnxAttention
+from passes.onnx.rewrite_linear_attention import LINEAR_ORT, PlannedLinearRewrite, RewriteOnnxLinearAttention
 from rewriter.planner import plan_chunk_sizes
 from rewriter.report import MatchReport, Report
 
@@ -36,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 TARGET_NAMES = {"auto": None, "chunked": CHUNKED, "ort": ORT_MHA, "onnx-attention": ONNX_ATTENTION}
 _PROVIDERS = ("cpu", "cuda")
-_REQUIRED_OPSET = {CHUNKED: 18, ONNX_ATTENTION: 23}
+_REQUIRED_OPSET = {CHUNKED: 18, ONNX_ATTENTION: 23, LINEAR_ORT: 18}
 
 
 def _load(model_or_path) -> tuple[onnx.ModelProto, str]:
@@ -69,16 +77,22 @@ def _as_written(original: onnx.ModelProto, model: ir.Model) -> onnx.ModelProto:
     return proto
 
 
-def _detect(ctx: AnalysisContext) -> list[OnnxAttentionMatch]:
-    """All candidates (softmax patterns and fused nodes) in graph order."""
+def _graph_order(ctx: AnalysisContext):
+    """A sort key placing any candidate (softmax, fused or Performer) at its block's position in the graph."""
     order = {node: index for index, node in enumerate(ir.traversal.RecursiveGraphIterator(ctx.model.graph))}
-    matches = detect_softmax_attention(ctx) + detect_fused_attention(ctx)
 
-    def position(match: OnnxAttentionMatch) -> int:
+    def position(match: OnnxAttentionMatch | OnnxLinearAttentionMatch) -> int:
+        if isinstance(match, OnnxLinearAttentionMatch):
+            return min((order.get(node, len(order)) for node in match.nodes or [match.anchor]), default=len(order))
         anchor = match.fused or (match.nodes[-1] if match.nodes else None)
         return order.get(anchor, len(order))
 
-    return sorted(matches, key=position)
+    return position
+
+
+def _detect(ctx: AnalysisContext) -> list[OnnxAttentionMatch]:
+    """All candidates (softmax patterns and fused nodes) in graph order."""
+    return sorted(detect_softmax_attention(ctx) + detect_fused_attention(ctx), key=_graph_order(ctx))
 
 
 def _flash_eligible(match: OnnxAttentionMatch) -> bool:
@@ -120,7 +134,52 @@ def _plan(ctx, matches, target, provider, memory_budget, chunk_size):
     return plans, reasons
 
 
-def _report(matches, plans, reasons, source: str) -> Report:
+def _plan_linear(matches: list[OnnxLinearAttentionMatch], target: str, chunk_size):
+    """Performer blocks: the slice loop under auto/chunked, LinearAttention for causal ones under ort."""
+    plans, reasons = [], {}
+    for index, match in enumerate(matches):
+        if not match.spec.accepted:
+            continue
+        if target in ("auto", "chunked"):
+            chosen = CHUNKED
+        elif target == "ort" and match.causal:
+            chosen = LINEAR_ORT
+        else:
+            reasons[index] = (f"{LINEAR_ORT} computes causal Performer attention only" if target == "ort" else
+                              f"no {target} form for Performer attention") + "; use --target auto or chunked"
+            continue
+        slice_size = chunk_size[1] if chunk_size else default_slice_size(match.spec)
+        plans.append((index, PlannedLinearRewrite(match, chosen, slice_size)))
+    return plans, reasons
+
+
+@dataclasses.dataclass
+class _Analysis:
+    """Candidates of one model and what to do with them: softmax/fused and Performer kept apart."""
+
+    ctx: AnalysisContext
+    matches: list[OnnxAttentionMatch]
+    plans: list[tuple[int, PlannedRewrite]]
+    reasons: dict[int, str]
+    linear: list[OnnxLinearAttentionMatch]
+    linear_plans: list[tuple[int, PlannedLinearRewrite]]
+    linear_reasons: dict[int, str]
+
+    @property
+    def targets(self) -> list[str]:
+        return [plan.target for _, plan in self.plans + self.linear_plans]
+
+
+def _analyse(model: ir.Model, target, provider, memory_budget, chunk_size) -> _Analysis:
+    ctx = AnalysisContext(model)
+    matches = _detect(ctx)
+    plans, reasons = _plan(ctx, matches, target, provider, memory_budget, chunk_size)
+    linear = detect_linear_attention(ctx)
+    linear_plans, linear_reasons = _plan_linear(linear, target, chunk_size)
+    return _Analysis(ctx, matches, plans, reasons, linear, linear_plans, linear_reasons)
+
+
+def _entries(matches, plans, reasons) -> list[tuple[object, MatchReport]]:
     planned = dict(plans)
     entries = []
     for index, match in enumerate(matches):
@@ -130,9 +189,20 @@ def _report(matches, plans, reasons, source: str) -> Report:
         elif plan is not None and not plan.done:
             spec = spec.rejected(plan.failure or "not rewritten")
         done = plan is not None and plan.done
-        chunks = (plan.chunks.query, plan.chunks.key) if done and plan.chunks else None
-        entries.append(MatchReport(spec, done, plan.target if done else None, chunks))
-    return Report(source, entries)
+        if isinstance(plan, PlannedLinearRewrite):
+            chunks = (plan.slice_size, plan.slice_size) if done and plan.target == CHUNKED else None
+        else:
+            chunks = (plan.chunks.query, plan.chunks.key) if done and plan.chunks else None
+        entries.append((match, MatchReport(spec, done, plan.target if done else None, chunks)))
+    return entries
+
+
+def _report(analysis: _Analysis, source: str) -> Report:
+    """Every candidate, softmax and Performer, in graph order."""
+    entries = _entries(analysis.matches, analysis.plans, analysis.reasons) + \
+        _entries(analysis.linear, analysis.linear_plans, analysis.linear_reasons)
+    position = _graph_order(analysis.ctx)
+    return Report(source, [entry for _, entry in sorted(entries, key=lambda pair: position(pair[0]))])
 
 
 def _chunk_pair(chunk_size) -> tuple[int, int] | None:
@@ -147,7 +217,9 @@ def _chunk_pair(chunk_size) -> tuple[int, int] | None:
 def detect_onnx(model_or_path) -> Report:
     """What `optimize_onnx` would find, without changing anything."""
     proto, source = _load(model_or_path)
-    matches = _detect(AnalysisContext(ir.serde.deserialize_model(proto)))
+    ctx = AnalysisContext(ir.serde.deserialize_model(proto))
+    position = _graph_order(ctx)
+    matches = sorted(_detect(ctx) + detect_linear_attention(ctx), key=position)
     return Report(source, [MatchReport(match.spec, False) for match in matches])
 
 
@@ -165,23 +237,24 @@ def optimize_onnx(model_or_path, *, target: str = "auto", provider: str = "cpu",
     chunk_size = _chunk_pair(chunk_size)
     original, source = _load(model_or_path)
     model = ir.serde.deserialize_model(original)
-    ctx = AnalysisContext(model)
-    matches = _detect(ctx)
-    plans, reasons = _plan(ctx, matches, target, provider, memory_budget, chunk_size)
-    needed = max((_REQUIRED_OPSET.get(plan.target, 0) for _, plan in plans), default=0)
+    analysis = _analyse(model, target, provider, memory_budget, chunk_size)
+    needed = max((_REQUIRED_OPSET.get(chosen, 0) for chosen in analysis.targets), default=0)
     current = model.opset_imports.get("", 1)
     if needed > current:
         try:
             raised = RaiseOpsetPass(needed)(model).model
         except onnx_ir.passes.PassError as error:
-            reasons.update({index: str(error) for index, plan in plans if _REQUIRED_OPSET.get(plan.target, 0) > current})
-            plans = [(index, plan) for index, plan in plans if index not in reasons]
+            for plans, reasons in ((analysis.plans, analysis.reasons), (analysis.linear_plans, analysis.linear_reasons)):
+                reasons.update({index: str(error) for index, plan in plans
+                                if _REQUIRED_OPSET.get(plan.target, 0) > current})
+                plans[:] = [(index, plan) for index, plan in plans if index not in reasons]
         else:  # the raised model is a new graph: find the same blocks in it
-            model, ctx = raised, AnalysisContext(raised)
-            matches = _detect(ctx)
-            plans, reasons = _plan(ctx, matches, target, provider, memory_budget, chunk_size)
-    modified = RewriteOnnxAttention(ctx, [plan for _, plan in plans])(model).modified
-    report = _report(matches, plans, reasons, source)
+            model = raised
+            analysis = _analyse(model, target, provider, memory_budget, chunk_size)
+    modified = RewriteOnnxAttention(analysis.ctx, [plan for _, plan in analysis.plans])(model).modified
+    linear_pass = RewriteOnnxLinearAttention(analysis.ctx, [plan for _, plan in analysis.linear_plans])
+    modified = linear_pass(model).modified or modified
+    report = _report(analysis, source)
     logger.info(report.summary())
     if not modified:
         unchanged = onnx.ModelProto()

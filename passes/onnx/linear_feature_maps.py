@@ -1,0 +1,296 @@
+"""The Performer feature maps φ in an ONNX graph, proven from the ops that compute them.
+
+    favor_softmax  ratio·(Exp(x·c·Ωᵀ − Unsqueeze(ReduceSum(x², −1)/2·c²) − ReduceMax(x·c·Ωᵀ)) + ε)
+                   (performer-pytorch `softmax_kernel`; queries: ReduceMax over the features,
+                   keys: over features and keys, i.e. per batch·head)
+    relu           Relu(x·c·Ωᵀ) + ε   or Relu(c·x) + ε     (`generalized_kernel`)
+    elu_plus_one   Elu(x·c·Ωᵀ) + 1 (+ ε)                   (Katharopoulos et al.)
+
+    x ─ Mul c ─ Einsum('…id,…jd->…ij', ·, Ω) ─┬─ Sub ─ Sub ─ Exp ─ Add ε ─ Mul ratio ─ φ(x)
+    x ─ Pow 2 ─ ReduceSum ─ Div 2 ─ Mul c² ─ Unsqueeze ┘     │
+                             (same einsum) ─ ReduceMax ─────┘
+
+Ω must be a constant (initializer or ``Constant``), c, ε and the ratio scalars that depend on no
+input (``Pow(8, -0.25)`` as the TorchScript exporter writes it counts), and every intermediate may
+be used only inside φ. `NotProven` carries the reason when any of that fails. The small einsum,
+axis and scalar readers here are shared with `detect_linear_attention`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import string
+
+import onnx_ir as ir
+
+from passes.onnx.graph_values import attribute, const_array, is_op, producer_op, value_consumers
+from passes.onnx.onnx_match import AnalysisContext, Rejected
+
+__all__ = ["OnnxFeatureMap", "axes_of", "einsum_labels", "match_feature_map", "rank_of", "require_closed", "scalar",
+           "split_scale"]
+
+logger = logging.getLogger(__name__)
+
+_PASSTHROUGH = ("Identity", "Cast")
+
+
+@dataclasses.dataclass(frozen=True)
+class OnnxFeatureMap:
+    """φ(x) proven: the op's feature-map arguments and the nodes φ consists of."""
+
+    source: ir.Value
+    projection: ir.Value | None
+    kind: str
+    data_scale: float
+    epsilon: float
+    nodes: tuple[ir.Node, ...]
+
+
+def scalar(ctx: AnalysisContext, value: ir.Value | None, what: str) -> float:
+    """The value of a one-element input-independent `value`, or Rejected naming `what`."""
+    result = ctx.folder.scalar(value)
+    if result is None:
+        raise Rejected(f"{what} is not a scalar constant")
+    return result
+
+
+def split_scale(ctx: AnalysisContext, value: ir.Value) -> tuple[ir.Value, float, ir.Node | None]:
+    """(x, c, node) for `Mul(x, c)`, `Mul(c, x)` or `Div(x, 1/c)` with c a scalar constant, else (value, 1, None)."""
+    node = producer_op(value, "Mul", "Div")
+    if node is None:
+        return value, 1.0, None
+    pairs = [(0, 1), (1, 0)] if node.op_type == "Mul" else [(0, 1)]
+    for data, factor in pairs:
+        c = ctx.folder.scalar(node.inputs[factor])
+        if c is not None and not ctx.folder.depends_only_on_shapes(node.inputs[data]):
+            return node.inputs[data], (c if node.op_type == "Mul" else 1.0 / c), node
+    return value, 1.0, None
+
+
+def einsum_labels(ctx: AnalysisContext, node: ir.Node | None) -> tuple[list[ir.Value], list[str], str] | None:
+    """Operands, their labels and the output labels of an Einsum node, its ellipsis spelt out."""
+    if not is_op(node, "Einsum"):
+        return None
+    equation = attribute(node, "equation", "").replace(" ", "")
+    ranks = [rank_of(ctx, value) for value in node.inputs]
+    if "->" not in equation or None in ranks:
+        return None
+    inputs, out = equation.split("->")
+    specs = inputs.split(",")
+    if len(specs) != len(ranks):
+        return None
+    spare = [c for c in string.ascii_uppercase if c not in equation]
+    batch_rank = max((rank - len(spec.replace("...", "")) for spec, rank in zip(specs, ranks) if "..." in spec),
+                     default=0)
+    batch = "".join(spare[:batch_rank])
+
+    def expand(spec: str, own: int) -> str:
+        return spec.replace("...", batch[batch_rank - own:]) if "..." in spec else spec
+
+    labels = [expand(spec, rank - len(spec.replace("...", ""))) for spec, rank in zip(specs, ranks)]
+    if any(len(lab) != rank or len(set(lab)) != rank for lab, rank in zip(labels, ranks)):
+        return None  # a rank mismatch, or a repeated label taking a diagonal
+    return list(node.inputs), labels, expand(out, batch_rank)
+
+
+_SAME_RANK = {"Add", "Sub", "Mul", "Div", "Pow", "Exp", "Relu", "Elu", "Reciprocal", "CumSum", "Cast", "Identity",
+              "Transpose", "MatMul"}  # MatMul: both operands are at least matrices here
+
+
+def rank_of(ctx: AnalysisContext, value: ir.Value | None, depth: int = 0) -> int | None:
+    """The rank from the shape facts or, where inference gave none (ONNX's and ORT's inference skip
+    ellipsis einsums of TorchScript exports), from the producer: elementwise ops broadcast to their
+    largest input, an einsum has its output labels."""
+    rank = ctx.facts.rank(value)
+    if rank is not None or value is None or depth > 64:
+        return rank
+    node = value.producer()
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type in _SAME_RANK:
+        ranks = [rank_of(ctx, x, depth + 1) for x in node.inputs[:1 if node.op_type == "CumSum" else None]]
+        return None if None in ranks else max(ranks)
+    if node.op_type in ("ReduceMax", "ReduceSum", "Unsqueeze"):
+        rank = rank_of(ctx, node.inputs[0], depth + 1)
+        if rank is not None and node.op_type != "Unsqueeze" and attribute(node, "keepdims", 1):
+            return rank
+        axes = axes_of(ctx, node, rank) if rank is not None else None
+        if axes is None:
+            return None
+        return rank + len(axes) if node.op_type == "Unsqueeze" else rank - len(axes)
+    if node.op_type == "Einsum":
+        equation = attribute(node, "equation", "").replace(" ", "")
+        ranks = [rank_of(ctx, x, depth + 1) for x in node.inputs]
+        specs = equation.split("->")[0].split(",") if "->" in equation else []
+        if None in ranks or len(specs) != len(ranks):
+            return None
+        ellipsis = max((r - len(s.replace("...", "")) for s, r in zip(specs, ranks) if "..." in s), default=0)
+        out = equation.split("->")[1]
+        return len(out.replace("...", "")) + ellipsis * ("..." in out)
+    return None
+
+
+def axes_of(ctx: AnalysisContext, node: ir.Node, rank: int, input_index: int = 1) -> set[int] | None:
+    """The axes a Reduce*/Unsqueeze/CumSum node names (input or attribute), counted from 0; None: unknown.
+
+    A reduction without axes reduces every axis (unless `noop_with_empty_axes`, then none).
+    """
+    if len(node.inputs) > input_index and node.inputs[input_index] is not None:
+        array = ctx.folder.evaluate(node.inputs[input_index])
+        if array is None:
+            return None
+        axes = [int(a) for a in array.reshape(-1)]
+    elif "axes" in node.attributes:
+        axes = list(attribute(node, "axes"))
+    elif node.op_type.startswith("Reduce"):
+        axes = [] if attribute(node, "noop_with_empty_axes", 0) else list(range(rank))
+    else:
+        return None
+    return {a % rank for a in axes}
+
+
+def require_closed(nodes, inside: set[ir.Node], what: str) -> None:
+    """Every output of `nodes` is read only by nodes in `inside` (and is no graph output)."""
+    for node in nodes:
+        for output in node.outputs:
+            for user in value_consumers(output):
+                if user not in inside:
+                    where = "a graph output" if user is None else f"'{user.name}'"
+                    raise Rejected(f"{what} intermediate '{output.name}' is also used by {where}")
+
+
+def _strip(value: ir.Value, nodes: list[ir.Node]) -> ir.Value:
+    while (node := producer_op(value, *_PASSTHROUGH)) is not None:
+        nodes.append(node)
+        value = node.inputs[0]
+    return value
+
+
+def _added_constant(ctx: AnalysisContext, value: ir.Value) -> tuple[ir.Value, float, ir.Node] | None:
+    """(x, ε, node) for `Add(x, ε)` / `Add(ε, x)` with ε a scalar constant."""
+    node = producer_op(value, "Add")
+    if node is None:
+        return None
+    for data, other in ((0, 1), (1, 0)):
+        eps = ctx.folder.scalar(node.inputs[other])
+        if eps is not None and not ctx.folder.depends_only_on_shapes(node.inputs[data]):
+            return node.inputs[data], eps, node
+    return None
+
+
+def _projected(ctx: AnalysisContext, value: ir.Value, nodes: list[ir.Node]) -> tuple[ir.Value, ir.Value | None, float]:
+    """(x, Ω, c) for `Einsum('…id,…jd->…ij', c·x, Ω)`, or (x, None, c) for `c·x`."""
+    einsum = producer_op(value, "Einsum")
+    parsed = einsum_labels(ctx, einsum)
+    if parsed is None:
+        x, c, node = split_scale(ctx, value)
+        nodes += [node] if node is not None else []
+        return x, None, c
+    if len(parsed[0]) != 2:
+        raise Rejected(f"'{einsum.name}' is not x·Ωᵀ (an einsum of {len(parsed[0])} operands)")
+    (scaled, projection), (data_labels, proj_labels), out = parsed
+    if len(proj_labels) != 2 or data_labels[:-1] + proj_labels[0] != out or proj_labels[1] != data_labels[-1]:
+        raise Rejected(f"'{einsum.name}' is not x·Ωᵀ over the head dim")
+    if const_array(projection) is None:
+        raise Rejected(f"the projection of '{einsum.name}' is not a constant initializer")
+    nodes.append(einsum)
+    x, c, node = split_scale(ctx, scaled)
+    nodes += [node] if node is not None else []
+    return x, projection, c
+
+
+def _favor(ctx: AnalysisContext, phi: ir.Value, is_query: bool) -> OnnxFeatureMap:
+    nodes: list[ir.Node] = []
+    inner, ratio, node = split_scale(ctx, phi)
+    added = _added_constant(ctx, inner)
+    if node is None or added is None:
+        raise Rejected("FAVOR+ features are not ratio·(Exp(·) + ε)")
+    exp_value, eps, add = added
+    nodes += [node, add]
+    exp = producer_op(exp_value, "Exp")
+    outer = producer_op(exp.inputs[0], "Sub") if exp is not None else None
+    centred = producer_op(outer.inputs[0], "Sub") if outer is not None else None
+    stab = producer_op(outer.inputs[1], "ReduceMax") if outer is not None else None
+    if centred is None or stab is None:
+        raise Rejected("FAVOR+ features are not Exp(x·Ωᵀ − ‖x‖²/2 − ReduceMax(x·Ωᵀ))")
+    dash, diag = centred.inputs
+    if stab.inputs[0] is not dash:
+        raise Rejected("FAVOR+ stabiliser is taken over a different tensor than x·Ωᵀ")
+    rank = rank_of(ctx, dash)
+    dims = axes_of(ctx, stab, rank) if rank else None
+    want = {rank - 1} if is_query else {rank - 1, rank - 2}
+    if dims != want or not attribute(stab, "keepdims", 1):
+        which = "query features" if is_query else "features and keys (per batch·head)"
+        raise Rejected(f"FAVOR+ stabiliser '{stab.name}' reduces axes {sorted(dims or [])}, not the {which}")
+    nodes += [exp, outer, centred, stab]
+    x, projection, c = _projected(ctx, dash, nodes)
+    if projection is None:
+        raise Rejected("FAVOR+ features without a projection")
+    features = const_array(projection).shape[0]
+    if abs(ratio - features ** -0.5) > 1e-6 * ratio:
+        raise Rejected(f"FAVOR+ ratio {ratio:g} is not M^-½ for M = {features} features")
+    _prove_half_norm(ctx, diag, x, c, rank, nodes)
+    inside = set(nodes)
+    require_closed(nodes[1:], inside, "FAVOR+")
+    return OnnxFeatureMap(x, projection, "favor_softmax", c, eps, tuple(nodes))
+
+
+def _prove_half_norm(ctx: AnalysisContext, diag: ir.Value, x: ir.Value, c: float, rank: int, nodes: list) -> None:
+    """`diag` is Unsqueeze(ReduceSum(x², −1) / 2 · c², −1)."""
+    unsqueeze = producer_op(diag, "Unsqueeze")
+    if unsqueeze is None or axes_of(ctx, unsqueeze, rank) != {rank - 1}:
+        raise Rejected("FAVOR+ ‖x‖² term is not unsqueezed on the feature axis")
+    half_value, c2, scale_node = split_scale(ctx, unsqueeze.inputs[0])
+    half = producer_op(half_value, "Div")
+    if half is None or ctx.folder.scalar(half.inputs[1]) != 2.0:
+        raise Rejected("FAVOR+ ‖x‖² term is not halved")
+    square_sum = producer_op(half.inputs[0], "ReduceSum")
+    if square_sum is None or axes_of(ctx, square_sum, rank) != {rank - 1} or attribute(square_sum, "keepdims", 1):
+        raise Rejected("FAVOR+ ‖x‖² is not summed over the head dim")
+    square = producer_op(square_sum.inputs[0], "Pow")
+    if square is None or square.inputs[0] is not x or ctx.folder.scalar(square.inputs[1]) != 2.0:
+        raise Rejected("FAVOR+ ‖x‖² is not of the projected input")
+    if abs(c2 - c * c) > 1e-6 * c * c:
+        raise Rejected(f"FAVOR+ ‖x‖² scale {c2:g} is not the data scale squared ({c * c:g})")
+    nodes += [unsqueeze] + ([scale_node] if scale_node is not None else []) + [half, square_sum, square]
+
+
+def _generalized(ctx: AnalysisContext, phi: ir.Value) -> OnnxFeatureMap:
+    nodes: list[ir.Node] = []
+    constants: list[float] = []
+    value = phi
+    while len(constants) < 2 and (added := _added_constant(ctx, value)) is not None:
+        value, constant, node = added
+        constants.append(constant)
+        nodes.append(node)
+    relu, elu = producer_op(value, "Relu"), producer_op(value, "Elu")
+    if relu is not None and len(constants) <= 1:
+        kind, eps, node = "relu", (constants or [0.0])[0], relu
+    elif elu is not None and constants and constants[-1] == 1.0:
+        kind, eps, node = "elu_plus_one", (constants[0] if len(constants) == 2 else 0.0), elu
+        if attribute(elu, "alpha", 1.0) != 1.0:
+            raise Rejected("elu features with alpha ≠ 1")
+    else:
+        raise Rejected(f"'{phi.name}' is not a known feature map (FAVOR+, Relu + ε, Elu + 1)")
+    nodes.append(node)
+    x, projection, c = _projected(ctx, node.inputs[0], nodes)
+    require_closed(nodes[1:], set(nodes), "feature-map")
+    return OnnxFeatureMap(x, projection, kind, c, eps, tuple(nodes))
+
+
+def match_feature_map(ctx: AnalysisContext, phi: ir.Value, is_query: bool) -> OnnxFeatureMap:
+    """φ proven from `phi` (the value the attention products read), or Rejected with the reason."""
+    passthrough: list[ir.Node] = []
+    value = _strip(phi, passthrough)
+    added = _added_constant(ctx, split_scale(ctx, value)[0])
+    if producer_op(value, "Mul") is not None and added is not None and producer_op(added[0], "Exp") is not None:
+        fmap = _favor(ctx, value, is_query)
+    else:
+        fmap = _generalized(ctx, value)
+    if passthrough:
+        nodes = tuple(passthrough) + fmap.nodes
+        require_closed(nodes[1:], set(nodes), "feature-map")
+        fmap = dataclasses.replace(fmap, nodes=nodes)
+    logger.debug("%s: %s features of %s", phi.name, fmap.kind, fmap.source.name)
+    return fmap
