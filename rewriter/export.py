@@ -39,22 +39,32 @@ class ExportVerificationError(ValueError):
 
 
 def _register_schema() -> None:
-    """Give `ai.rewriter::Attention` a schema, so that onnxscript can trace calls to it."""
-    if defs.has("Attention", REWRITER_DOMAIN):
-        return
+    """Give `ai.rewriter::Attention` and `::LinearAttention` schemas, so that onnxscript can trace calls to them."""
     param, optional = defs.OpSchema.FormalParameter, defs.OpSchema.FormalParameterOption.Optional
     kinds = defs.OpSchema.AttrType
-    attributes = [("scale", kinds.FLOAT), ("softcap", kinds.FLOAT), ("mask_fill", kinds.FLOAT), ("causal", kinds.INT),
-                  ("causal_offset", kinds.INT), ("q_chunk", kinds.INT), ("k_chunk", kinds.INT)]
     floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
-    defs.register_schema(defs.OpSchema(
-        "Attention", REWRITER_DOMAIN, 1,
-        doc="torch.ops.rewriter.attention; lowered by passes.onnx.lower_rewriter_ops before saving",
-        inputs=[param("q", "T"), param("k", "T"), param("v", "T"), param("bias", "T", param_option=optional),
-                param("mask", "B", param_option=optional)],
-        outputs=[param("out", "T"), param("row_stats", "S")],
-        type_constraints=[("T", floats, ""), ("B", ["tensor(bool)"], ""), ("S", ["tensor(float)"], "")],
-        attributes=[defs.OpSchema.Attribute(name, kind, "") for name, kind in attributes]))
+    lowered_by = "lowered by passes.onnx.lower_rewriter_ops before saving"
+    if not defs.has("Attention", REWRITER_DOMAIN):
+        attributes = [("scale", kinds.FLOAT), ("softcap", kinds.FLOAT), ("mask_fill", kinds.FLOAT),
+                      ("causal", kinds.INT), ("causal_offset", kinds.INT), ("q_chunk", kinds.INT), ("k_chunk", kinds.INT)]
+        defs.register_schema(defs.OpSchema(
+            "Attention", REWRITER_DOMAIN, 1, doc=f"torch.ops.rewriter.attention; {lowered_by}",
+            inputs=[param("q", "T"), param("k", "T"), param("v", "T"), param("bias", "T", param_option=optional),
+                    param("mask", "B", param_option=optional)],
+            outputs=[param("out", "T"), param("row_stats", "S")],
+            type_constraints=[("T", floats, ""), ("B", ["tensor(bool)"], ""), ("S", ["tensor(float)"], "")],
+            attributes=[defs.OpSchema.Attribute(name, kind, "") for name, kind in attributes]))
+    if not defs.has("LinearAttention", REWRITER_DOMAIN):
+        attributes = [("feature_map", kinds.STRING), ("causal", kinds.INT), ("data_scale", kinds.FLOAT),
+                      ("epsilon", kinds.FLOAT), ("normalizer_epsilon", kinds.FLOAT), ("stabilizer_grad", kinds.INT),
+                      ("slice_size", kinds.INT)]
+        defs.register_schema(defs.OpSchema(
+            "LinearAttention", REWRITER_DOMAIN, 1, doc=f"torch.ops.rewriter.linear_attention; {lowered_by}",
+            inputs=[param("q", "T"), param("k", "T"), param("v", "T"),
+                    param("projection", "T", param_option=optional)],
+            outputs=[param("out", "T"), param("state", "S"), param("key_max", "S")],
+            type_constraints=[("T", floats, ""), ("S", ["tensor(float)", "tensor(double)"], "")],
+            attributes=[defs.OpSchema.Attribute(name, kind, "") for name, kind in attributes]))
 
 
 def _translate_attention(q, k, v, bias=None, mask=None, scale=1.0, softcap=0.0, mask_fill=-math.inf,
@@ -65,6 +75,17 @@ def _translate_attention(q, k, v, bias=None, mask=None, scale=1.0, softcap=0.0, 
     return onnxscript.values.Opset(REWRITER_DOMAIN, 1).Attention(q, k, v, bias, mask, scale=float(scale), softcap=float(softcap),
                             mask_fill=float(mask_fill), causal=int(bool(causal)), causal_offset=int(causal_offset),
                             q_chunk=int(q_chunk), k_chunk=int(k_chunk))
+
+
+def _translate_linear_attention(q, k, v, projection, feature_map, causal, data_scale, epsilon, normalizer_epsilon,
+                                stabilizer_grad, slice_size):
+    """torch.ops.rewriter.linear_attention → one ai.rewriter::LinearAttention node (out, state, key_max)."""
+    import onnxscript
+
+    return onnxscript.values.Opset(REWRITER_DOMAIN, 1).LinearAttention(
+        q, k, v, projection, feature_map=str(feature_map), causal=int(bool(causal)), data_scale=float(data_scale),
+        epsilon=float(epsilon), normalizer_epsilon=float(normalizer_epsilon),
+        stabilizer_grad=int(bool(stabilizer_grad)), slice_size=int(slice_size), _num_outputs=3)
 
 
 def _positional_shapes(module, example_inputs: tuple, dynamic_shapes):
@@ -154,7 +175,8 @@ def to_onnx(module, example_inputs, *, target: str = "auto", dynamic_shapes=None
         warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
         program = torch.onnx.export(
             gm, example_inputs, dynamo=True, dynamic_shapes=shapes, opset_version=opset, verbose=False,
-            custom_translation_table={torch.ops.rewriter.attention.default: _translate_attention})
+            custom_translation_table={torch.ops.rewriter.attention.default: _translate_attention,
+                                      torch.ops.rewriter.linear_attention.default: _translate_linear_attention})
     # auto is chunked: on ORT's CPU provider MultiHeadAttention and Attention-23 hold n × n
     # whenever there is a mask, a bias or causality, the chunked form never does.
     lowered = target if target in (ONNX_ATTENTION, ORT) else CHUNKED

@@ -12,7 +12,8 @@ NaN, as the torch op does), or on request with opset-23 `Attention` or ORT's
 mask broadcast to (.., Lq, Lk); K/V heads are repeated for MultiHeadAttention), and then drops
 the private domain from the opset imports. `row_stats`
 is what the torch op's backward needs; an exported inference graph never reads it, and a node
-whose `row_stats` is read is refused.
+whose `row_stats` is read is refused. `ai.rewriter::LinearAttention` nodes (Performer blocks) are
+lowered by `passes.onnx.lower_linear_attention`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from passes.onnx.lower_linear_attention import (
+    LINEAR_OP,
+    linear_attention_replacement,
+    linear_fallback_reason,
+    used_auxiliary_outputs,
+)
 from rewriter.kernels.onnx_chunked_attention import build_chunked_attention
 
 __all__ = ["CHUNKED", "ONNX_ATTENTION", "ORT", "REWRITER_DOMAIN", "LowerRewriterOps", "LoweringError"]
@@ -131,6 +138,8 @@ def _lower(graph: ir.Graph, node: ir.Node, index: int, target: str) -> tuple[str
 
     Returns the form used and, on a fallback, why.
     """
+    if node.op_type == LINEAR_OP:
+        return _lower_linear(graph, node, index, target)
     if len(node.outputs) > 1 and node.outputs[1].uses():
         raise LoweringError(f"{node.name}: its row_stats output is used; only the attention output can be lowered")
     if target != CHUNKED:
@@ -163,17 +172,44 @@ def _replace(graph: ir.Graph, node: ir.Node, index: int, target: str) -> None:
             mask_fill=float(attrs["mask_fill"]), causal=bool(attrs["causal"]),
             causal_offset=int(attrs["causal_offset"]), q_chunk=int(attrs["q_chunk"]),
             k_chunk=int(attrs["k_chunk"]), name=f"rewriter_attention_{index}")
+    _splice(graph, node, tape.nodes, out)
+
+
+def _splice(graph: ir.Graph, node: ir.Node, nodes, out: ir.Value) -> None:
+    """Put `nodes` in place of `node`, with `out` taking over the users of its first output."""
     old = node.outputs[0]
     if old.shape is not None:
         out.shape = old.shape  # the exporter's symbolic dims ("s0", "batch") beat the kernel's own
-    ir.convenience.replace_nodes_and_values(graph, node, [node], tape.nodes, [old], [out])
+    ir.convenience.replace_nodes_and_values(graph, node, [node], nodes, [old], [out])
+
+
+def _lower_linear(graph: ir.Graph, node: ir.Node, index: int, target: str) -> tuple[str, str | None]:
+    """A LinearAttention node with `target`, or in the sliced standard-op form when `target` cannot compute it."""
+    used = used_auxiliary_outputs(node)
+    if used:
+        raise LoweringError(f"{node.name}: its {' and '.join(used)} output is used; only the attention output "
+                            f"can be lowered")
+    reason = linear_fallback_reason(node, target)
+    form = CHUNKED if reason else target
+    try:
+        nodes, out = linear_attention_replacement(node, index, form)
+    except ValueError as error:
+        if form == CHUNKED:
+            raise LoweringError(f"{node.name}: {error}") from error
+        reason, form = str(error), CHUNKED
+        nodes, out = linear_attention_replacement(node, index, form)
+    if reason:
+        logger.warning("%s: %s; lowered to %s instead", node.name, reason, CHUNKED)
+    _splice(graph, node, nodes, out)
+    return form, reason
 
 
 class LowerRewriterOps(ir.passes.InPlacePass):
     """Replace every `ai.rewriter::Attention` of the main graph with chunked standard ops, with
     opset-23 `Attention` ("onnx-attention"; the model must import opset 23 or newer) or with
     `com.microsoft.MultiHeadAttention` ("ort"); a node the chosen op cannot compute exactly
-    (soft-cap, causal offset, ...) becomes chunked, and `lowered` says so."""
+    (soft-cap, causal offset, ...) becomes chunked, and `lowered` says so. `ai.rewriter::LinearAttention`
+    becomes sliced standard ops, or `com.microsoft.LinearAttention` for a causal node with "ort"."""
 
     def __init__(self, target: str = CHUNKED):
         super().__init__()
@@ -187,7 +223,7 @@ class LowerRewriterOps(ir.passes.InPlacePass):
             raise LoweringError(f"opset-23 Attention needs opset 23, the model has {model.graph.opset_imports.get('')}")
         targets = [node for node in model.graph if node.domain == REWRITER_DOMAIN]
         for index, node in enumerate(targets):
-            if node.op_type != "Attention":
+            if node.op_type not in ("Attention", LINEAR_OP):
                 raise LoweringError(f"{node.name}: unknown {REWRITER_DOMAIN} op {node.op_type}")
             self.lowered.append(_lower(model.graph, node, index, self.target))
         leftovers = [node.name for node in ir.traversal.RecursiveGraphIterator(model.graph)
@@ -198,5 +234,5 @@ class LowerRewriterOps(ir.passes.InPlacePass):
         model.graph.opset_imports.pop(REWRITER_DOMAIN, None)
         if any(form == ORT for form, _ in self.lowered):
             model.graph.opset_imports.setdefault("com.microsoft", 1)
-        logger.info("lowered %d %s::Attention nodes to %s", len(targets), REWRITER_DOMAIN, self.target)
+        logger.info("lowered %d %s nodes to %s", len(targets), REWRITER_DOMAIN, self.target)
         return ir.passes.PassResult(model, modified=bool(targets))

@@ -104,9 +104,13 @@ class _LinearBuilder:
     def block(self, e: _Emitter, x: ir.Value, start: ir.Value, stop: ir.Value) -> ir.Value:
         return self.cast(e, e("Slice", x, start, stop, e.const([3])))
 
-    def with_ones(self, e: _Emitter, v_block: ir.Value) -> ir.Value:
-        """[v | 1]: numerator and denominator from one product."""
-        return e("Pad", v_block, e.const([0, 1]), self.const(1.0), e.const([-1]))
+    def with_ones(self, e: _Emitter, v_block: ir.Value, rank: int = 5) -> ir.Value:
+        """[v | 1]: numerator and denominator from one product.
+
+        Pads are spelled out for every axis: ORT 1.32's transpose optimizer mis-permutes a Pad's
+        `axes` input when it moves a Transpose (from the model's head split) through the Pad.
+        """
+        return e("Pad", v_block, e.const([0] * (2 * rank - 1) + [1]), self.const(1.0))
 
     def bounds(self, e: _Emitter, i: ir.Value) -> tuple[ir.Value, ir.Value]:
         start = e("Mul", i, self.slice)
@@ -119,8 +123,8 @@ class _LinearBuilder:
         rows = e("Div", e("Slice", num, self.zero, minus_one, minus_one), den)
         if self.out_dtype != self.dtype:
             rows = e("Cast", rows, to=self.out_dtype)
-        pad = e("Concat", self.zero, e("Sub", self.slice, e("Sub", stop, start)), axis=0)
-        return _typed(e("Pad", rows, pad, None, e.const([3])), self.out_dtype)
+        pads = e("Concat", e.const([0] * 8), e("Sub", self.slice, e("Sub", stop, start)), self.zero, axis=0)
+        return _typed(e("Pad", rows, pads), self.out_dtype)
 
     # ----------------------------------------------------------------------- loops
 
@@ -205,7 +209,7 @@ class _LinearBuilder:
         key_max = e("ReduceMax", key_pre, e.const([-2, -1]), keepdims=1) if self.kind == "favor_softmax" else None
         phi_k = self.features(e, self.cast(e, self.k), key_max, a=key_pre)
         phi_q = self.features(e, self.cast(e, self.q))
-        v = self.with_ones(e, self.cast(e, self.v))
+        v = self.with_ones(e, self.cast(e, self.v), rank=4)
 
         def packed(x: ir.Value) -> ir.Value:
             return e("Reshape", e("Transpose", x, perm=[0, 2, 1, 3]), e.const([0, 0, -1]))
