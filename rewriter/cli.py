@@ -184,6 +184,75 @@ def _export(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    """`rewriter bench MODEL.onnx|MODULE:CALLABLE`: naive vs rewritten over --lengths, a child per point."""
+    import os
+
+    from rewriter.bench import BenchInputError, bench_module, bench_onnx, terminal_progress
+    from rewriter.onnx_io import ModelFileError
+
+    lengths = _lengths(args.lengths)
+    if args.threads < 1:
+        raise UsageError(f"--threads must be at least 1 (got {args.threads})")
+    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+        raise UsageError(f"--out-dir {args.out_dir}: exists and is not a directory")
+    is_onnx = args.model.endswith(".onnx") or os.path.isfile(args.model)
+    if not is_onnx and ":" not in args.model:
+        raise UsageError(f"{args.model}: no such file (give MODEL.onnx or MODULE:CALLABLE)")
+    if not is_onnx and (args.dim or args.memory_limit):
+        raise UsageError("--dim and --memory-limit apply to ONNX models only")
+    if is_onnx and args.training:
+        raise UsageError("--training applies to PyTorch models (MODULE:CALLABLE) only")
+    progress = terminal_progress(sys.stderr)
+    try:
+        if is_onnx:
+            result = bench_onnx(args.model, lengths, target=args.target, threads=args.threads, dims=_dims(args.dim),
+                                memory_limit=_memory_limit(args.memory_limit), timeout_s=args.timeout,
+                                progress=progress)
+        else:
+            sys.path.insert(0, "")  # MODULE may live in the working directory, as with `python -m`
+            result = bench_module(args.model, lengths, threads=args.threads, training=args.training,
+                                  timeout_s=args.timeout, progress=progress)
+    except (BenchInputError, ModelFileError) as error:
+        raise UsageError(str(error)) from None
+    os.makedirs(args.out_dir, exist_ok=True)
+    json_path, png_path = os.path.join(args.out_dir, "bench.json"), os.path.join(args.out_dir, "bench.png")
+    result.write_json(json_path)
+    result.plot(png_path)
+    log = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    log(result.table())
+    log(f"wrote {json_path} and {png_path}")
+    if args.json:
+        _print_json(result.to_dict())
+    return 0
+
+
+def _lengths(text: str) -> list[int]:
+    parts = text.split(",")
+    if not all(part.strip().isdigit() and int(part) > 0 for part in parts):
+        raise UsageError(f"--lengths takes positive integers separated by commas, e.g. 1024,2048, got {text!r}")
+    return [int(part) for part in parts]
+
+
+def _memory_limit(text: str | None) -> int | None:
+    from rewriter.planner import parse_size
+
+    try:
+        return None if text is None else parse_size(text)
+    except ValueError as error:
+        raise UsageError(f"--memory-limit: {error}") from None
+
+
+def _dims(pairs: list[str] | None) -> dict[str, int]:
+    dims = {}
+    for pair in pairs or ():
+        name, _, value = pair.partition("=")
+        if not name or not value.strip().isdigit() or int(value) < 1:
+            raise UsageError(f"--dim takes NAME=SIZE with a positive SIZE, got {pair!r}")
+        dims[name] = int(value)
+    return dims
+
+
 def _symbolic_dims(model) -> set[str]:
     return {dim.dim_param for value in model.graph.input for dim in value.type.tensor_type.shape.dim
             if dim.dim_param}
@@ -254,6 +323,33 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs eager check")
     export.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     export.set_defaults(run=_export)
+
+    bench = commands.add_parser(
+        "bench", help="measure naive vs rewritten memory and time over a sweep of sequence lengths",
+        description="Rewrites MODEL.onnx (or the PyTorch model that MODULE:CALLABLE(seq_len) returns as "
+                    "(model, example_inputs)), then measures one inference of the original and of the rewrite "
+                    "at each length, each in a fresh process (ONNX: ONNX Runtime CPU; PyTorch: eager vs "
+                    "optimize_module). Prints a table and writes DIR/bench.json and DIR/bench.png. Symbolic "
+                    "ONNX input dims: names with seq/len/tokens and other non-batch dims take the length, "
+                    "'batch' names and dims seen only at axis 0 take 1; --dim overrides either.")
+    bench.add_argument("model", metavar="MODEL.onnx|MODULE:CALLABLE")
+    bench.add_argument("--lengths", default="1024,2048,4096", metavar="N,N,...",
+                       help="sequence lengths (default 1024,2048,4096)")
+    bench.add_argument("--target", choices=["auto", "chunked", "ort", "onnx-attention"], default="auto",
+                       help="form of the rewritten ONNX attention (default auto)")
+    bench.add_argument("--threads", type=int, default=2, help="intra-op threads per measurement (default 2)")
+    bench.add_argument("--dim", action="append", metavar="NAME=SIZE",
+                       help="fix a symbolic ONNX input dim, e.g. --dim batch=2 (repeatable)")
+    bench.add_argument("--memory-limit", metavar="SIZE",
+                       help="skip naive ONNX points whose peak-activation estimate exceeds SIZE "
+                            "(default half the physical memory)")
+    bench.add_argument("--training", action="store_true",
+                       help="PyTorch: measure forward and backward instead of a no_grad forward")
+    bench.add_argument("--timeout", type=float, default=1800, metavar="S",
+                       help="seconds before a measurement is given up as failed (default 1800)")
+    bench.add_argument("--out-dir", default=".", metavar="DIR", help="where bench.json and bench.png go (default .)")
+    bench.add_argument("--json", action="store_true", help="print the result JSON on stdout (table on stderr)")
+    bench.set_defaults(run=_bench)
     return parser
 
 
