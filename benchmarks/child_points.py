@@ -6,24 +6,19 @@ A row is any object with the fields `extra_peak_mib`, `seconds`, `cpu_seconds`, 
 
 from __future__ import annotations
 
-import json
-import subprocess
-
 __all__ = ["fill_from_child", "fmt", "set_ratios"]
 
 
 def fill_from_child(row, command: list[str], timeout_s: int) -> None:
     """Run `command` (which prints one JSON measurement last) and put its result, or why not, in `row`."""
+    # Imported here: the children, which import this module too, need not import rewriter (and torch).
+    from rewriter.bench_child import ChildFailed, run_json_child
+
     try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        row.note = f"error: timed out after {timeout_s} s"
+        result = run_json_child(command, timeout_s)
+    except ChildFailed as error:
+        row.note = f"error: {error}"
         return
-    if proc.returncode != 0:
-        last_line = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
-        row.note = f"error: {last_line}"
-        return
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
     row.extra_peak_mib, row.seconds, row.cpu_seconds = result["extra_peak_mib"], result["seconds"], result["cpu_seconds"]
 
 
