@@ -79,13 +79,30 @@ def test_graph_breaks_compile_each_piece(rewritten_graphs):
     assert len(rewritten_graphs) == 2  # one graph per side of the break; only the second holds attention
 
 
-def test_dynamic_shapes_compile_unrewritten():
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_dynamic_lengths_are_rewritten_once_for_all(dynamic, rewritten_graphs):
+    """dynamic=None: the second length recompiles with a symbolic length; dynamic=True: symbolic from the start.
+
+    Either way the symbolic graph holds the op and serves the later lengths without recompiling.
+    """
     torch._dynamo.reset()
+    torch.manual_seed(0)
     model = GPT2Model().eval()
-    compiled = torch.compile(model, backend="rewriter", options={"compiler": "eager"}, dynamic=True)
-    for length in (12, 20):
-        ids = torch.randint(0, 50, (1, length))
-        torch.testing.assert_close(compiled(ids), model(ids))
+    compiled = torch.compile(model, backend="rewriter", options={"compiler": "aot_eager"}, dynamic=dynamic)
+    parameters = list(model.parameters())
+    graphs_after = []
+    for length in (12, 20, 27, 9):
+        ids = model.example_inputs(1, length)
+        expected, actual = model(*ids), compiled(*ids)
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
+        for want, got in zip(torch.autograd.grad(_loss(expected), parameters),
+                             torch.autograd.grad(_loss(actual), parameters)):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        graphs_after.append(len(rewritten_graphs))
+    assert graphs_after[1] == graphs_after[2] == graphs_after[3]  # no compile after the symbolic one
+    last = rewritten_graphs[-1]
+    assert any(isinstance(node.meta.get("val"), torch.SymInt) for node in last.graph.find_nodes(op="placeholder"))
+    assert sum(node.target is ATTENTION_OP for node in last.graph.nodes) == 2
 
 
 def test_unknown_compiler_is_refused():
