@@ -12,7 +12,9 @@ scaling, ε = 1e-4, detached stabiliser):
     op        torch.ops.rewriter.linear_attention (slices of SLICE positions, state carried,
               reverse-walk backward with states recomputed at slice boundaries)
 
-in inference (no_grad forward) and training (forward + backward of out.sum()). Every measurement
+in inference (no_grad forward) and training (forward + backward of out.sum()); mode "ort" runs the
+naive block exported to ONNX, our op's ONNX form and ORT's LinearAttention on ONNX Runtime (see
+`performer_onnx.py`; forward only, ratios against the ONNX naive block). Every measurement
 runs in a fresh process (`rewriter.measure.measure_in_fresh_process`), which warms up at L = 256,
 builds the inputs and then records one call's wall time and extra peak RSS (VmHWM during the call,
 reset via /proc/self/clear_refs after malloc_trim, minus VmRSS before). Points estimated above
@@ -23,6 +25,7 @@ fails. Times are wall-clock times of single calls: other load on the 2 cores ske
     PYTHONPATH=. python benchmarks/performer_attention.py            # full run: 5-10 minutes,
                                                                      # mostly the naive L = 16384 points
     PYTHONPATH=. python benchmarks/performer_attention.py --quick    # L = 1024, 2048; flat line to 8192
+    PYTHONPATH=. python benchmarks/performer_attention.py --modes ort --sizes 4096 16384   # ORT rows only
 """
 
 from __future__ import annotations
@@ -31,28 +34,34 @@ import argparse
 import contextlib
 import os
 import sys
+import tempfile
 
 import torch
 
+import performer_onnx
 from rewriter.kernels import linear_attention_op  # noqa: F401  (registers the op)
 from rewriter.measure import measure_in_fresh_process
 
 BATCH, HEADS, HEAD_DIM, FEATURES = 1, 2, 64, 256
 THREADS, EPSILON, CHUNK, SLICE, WARMUP_L = 2, 1e-4, 1024, 256, 256
-IMPLS, MODES = ("naive", "chunked", "op"), ("inference", "training")
+IMPLS, MODES = {"inference": ("naive", "chunked", "op"), "training": ("naive", "chunked", "op"),
+                "ort": performer_onnx.ORT_IMPLS}, ("inference", "training", "ort")
 SIZES, FLAT_SIZES = (4096, 16384), (4096, 16384, 65536)
 QUICK_SIZES, QUICK_FLAT_SIZES = (1024, 2048), (1024, 2048, 8192)
 # Peak of the naive block in copies of the (B, H, L, M, Dv) fp32 context (measured at L = 1024
 # and 2048, rounded up); the chunked block's training peak is about the same.
-CONTEXT_COPIES = {"inference": 2.1, "training": 4.2}
+CONTEXT_COPIES = {"inference": 2.1, "training": 4.2, "ort": 3.2}  # ort: the naive ONNX block on ORT 1.32
 MAX_GIB = 18
 TARGETS = {"inference": 50, "training": 20}  # minimum memory ratio naive / op at the largest L
 
 
 def softmax_kernel(data, projection, is_query):
-    """performer-pytorch `softmax_kernel` (normalize_data=True, eps=1e-4, detached stabiliser)."""
+    """performer-pytorch `softmax_kernel` (normalize_data=True, eps=1e-4, detached stabiliser).
+
+    Its "...id,...jd->...ij" einsum is spelled for (B, H, L, D) data: ORT 1.32 rejects the ONNX
+    Einsum of a 4-D by a 2-D operand under one "..." that the exporter writes for it."""
     normalizer = data.size(-1) ** -0.25
-    data_dash = torch.einsum("...id,...jd->...ij", normalizer * data, projection)
+    data_dash = torch.einsum("bhid,jd->bhij", normalizer * data, projection)
     diag = ((data**2).sum(-1) / 2.0 * normalizer**2).unsqueeze(-1)
     stab = data_dash.amax(-1, keepdim=True) if is_query else data_dash.amax((-1, -2), keepdim=True)
     return projection.size(0) ** -0.5 * (torch.exp(data_dash - diag - stab.detach()) + EPSILON)
@@ -110,18 +119,26 @@ def prepare_call(impl: str, mode: str, length: int):
 
 
 def estimate_gib(impl: str, mode: str, length: int) -> float:
-    if impl == "op":
+    if impl != "naive" and impl != "chunked":
         return 0.0
     return CONTEXT_COPIES[mode] * BATCH * HEADS * length * FEATURES * HEAD_DIM * 4 / 2**30
 
 
-def run_point(impl: str, mode: str, length: int) -> dict:
+def run_point(impl: str, mode: str, length: int, onnx_models: dict | None = None) -> dict:
+    """One measurement; ORT points (mode "ort") take the model `onnx_models[impl]` = (path, why not)."""
     row = {"impl": impl, "mode": mode, "L": length, "mib": None, "s": None, "note": ""}
     estimate = estimate_gib(impl, mode, length)
-    if estimate > MAX_GIB:
+    path, problem = onnx_models[impl] if mode == "ort" else (None, "")
+    if problem:
+        row["note"] = problem
+    elif estimate > MAX_GIB:
         row["note"] = f"skipped: needs ~{estimate:.0f} GiB > {MAX_GIB} GiB"
     else:
-        result = measure_in_fresh_process(prepare_call, impl, mode, length)
+        if mode == "ort":
+            shape = (BATCH, HEADS, HEAD_DIM, FEATURES)
+            result = measure_in_fresh_process(performer_onnx.prepare_ort_call, path, length, shape, THREADS, WARMUP_L)
+        else:
+            result = measure_in_fresh_process(prepare_call, impl, mode, length)
         row["mib"], row["s"] = result.extra_peak_mib, result.seconds
     result_text = row["note"] or f"{row['mib']:.1f} MiB, {row['s']:.3f} s"
     print(f"{mode:>9} L={length:<6} {impl:>7}: {result_text}", file=sys.stderr, flush=True)
@@ -147,6 +164,8 @@ def verdicts(rows: list[dict], length: int) -> list[str]:
     by_key = {(r["impl"], r["mode"], r["L"]): r for r in rows}
     lines = []
     for mode, min_ratio in TARGETS.items():
+        if not any(r["mode"] == mode for r in rows):
+            continue
         naive, op = by_key.get(("naive", mode, length)), by_key.get(("op", mode, length))
         goal = f"{mode} L={length}: op ≥{min_ratio}x less extra memory than naive cumsum, ≤1x its time"
         if naive is None or op is None or naive["mib"] is None or op["mib"] is None:
@@ -212,12 +231,21 @@ def flat_lines(sizes, repeats: int = 3) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--sizes", type=int, nargs="+", help="sequence lengths (default: 4096 16384)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="the op's flat-memory check runs with inference")
     args = parser.parse_args(argv)
     sizes, flat_sizes = (QUICK_SIZES, QUICK_FLAT_SIZES) if args.quick else (SIZES, FLAT_SIZES)
+    sizes = tuple(args.sizes or sizes)
     if os.getloadavg()[0] > 0.5:
         print(f"warning: load average {os.getloadavg()[0]:.1f}; times will be skewed", file=sys.stderr)
-    rows = [run_point(impl, mode, n) for mode in MODES for n in sizes for impl in IMPLS]
-    lines = verdicts(rows, sizes[-1]) + flat_lines(flat_sizes)
+    with tempfile.TemporaryDirectory(prefix="performer-onnx-") as directory:
+        onnx_models = None
+        if "ort" in args.modes:
+            onnx_models = performer_onnx.build_models(directory, naive_causal, (BATCH, HEADS, HEAD_DIM, FEATURES),
+                                                      epsilon=EPSILON, slice_size=SLICE, threads=THREADS)
+        rows = [run_point(impl, mode, n, onnx_models) for mode in args.modes for n in sizes for impl in IMPLS[mode]]
+    lines = verdicts(rows, sizes[-1]) + (flat_lines(flat_sizes) if "inference" in args.modes else [])
     print(table(rows) + "\n\n" + "\n".join(lines))
     return 1 if any(line.startswith("FAIL") for line in lines) else 0
 
