@@ -110,6 +110,19 @@ def test_double_inputs_give_double_output_to_double_precision():
     np.testing.assert_allclose(actual, expected.numpy(), rtol=1e-10, atol=1e-12)
 
 
+def test_projection_with_a_symbolic_feature_count():
+    q = ir.val("q", ir.DataType.FLOAT, ["b", HEADS, "l", HEAD_DIM])
+    k = ir.val("k", ir.DataType.FLOAT, ["b", KV_HEADS, "l", HEAD_DIM])
+    v = ir.val("v", ir.DataType.FLOAT, ["b", KV_HEADS, "l", V_DIM])
+    projection = ir.val("projection", ir.DataType.FLOAT, ["m", HEAD_DIM])
+    tape = ir.tape.Tape()
+    out = build_linear_attention(tape, q, k, v, projection, feature_map="favor_softmax", causal=True,
+                                 data_scale=HEAD_DIM**-0.25, epsilon=1e-4, normalizer_epsilon=1e-6, slice_size=4)
+    out.name = "out"
+    graph = ir.Graph([q, k, v, projection], [out], nodes=tape.nodes, opset_imports={"": 18}, name="symbolic_m")
+    _check_lengths(ir.to_proto(ir.Model(graph, ir_version=10)), "favor_softmax", True, 1e-4, True, 4, lengths=(7,))
+
+
 @pytest.mark.parametrize(("options", "message"), [
     ({"feature_map": "favor_softmax", "projection": False}, "needs a projection"),
     ({"feature_map": "cosine"}, "is not one of"),

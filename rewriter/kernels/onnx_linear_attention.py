@@ -171,9 +171,10 @@ class _LinearBuilder:
             running = ir.val(b.name("state"), self.dtype, [None] * 5)
             phi_k = self.features(b, self.block(b, kg, start, stop), key_max)
             vb = self.with_ones(b, self.block(b, vg, start, stop))
-            scores = b("Trilu", b("MatMul", phi_q, b("Transpose", phi_k, perm=[0, 1, 2, 4, 3])), upper=0)
+            phi_k_t = b("Transpose", phi_k, perm=[0, 1, 2, 4, 3])
+            scores = b("Trilu", b("MatMul", phi_q, phi_k_t), upper=0)  # keys after the query: 0
             num = b("Add", b("MatMul", phi_q, running), b("MatMul", scores, vb))
-            new = b("Add", running, b("MatMul", b("Transpose", phi_k, perm=[0, 1, 2, 4, 3]), vb))
+            new = b("Add", running, b("MatMul", phi_k_t, vb))
             carried = [(running, _typed(new, self.dtype))]
         else:
             num = b("MatMul", phi_q, state)
@@ -205,9 +206,10 @@ class _LinearBuilder:
     def build_ort(self, heads: int, kv_heads: int) -> ir.Value:
         """Causal: com.microsoft.LinearAttention on φ(Q), φ(K), [v | 1] packed as (B, L, heads · ·)."""
         e = self.e
-        key_pre = self.pre_activation(e, self.cast(e, self.k))
+        k = self.cast(e, self.k)
+        key_pre = self.pre_activation(e, k)
         key_max = e("ReduceMax", key_pre, e.const([-2, -1]), keepdims=1) if self.kind == "favor_softmax" else None
-        phi_k = self.features(e, self.cast(e, self.k), key_max, a=key_pre)
+        phi_k = self.features(e, k, key_max, a=key_pre)
         phi_q = self.features(e, self.cast(e, self.q))
         v = self.with_ones(e, self.cast(e, self.v), rank=4)
 
