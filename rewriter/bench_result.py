@@ -120,6 +120,10 @@ class BenchResult:
         from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
         from matplotlib.ticker import FuncFormatter, LogFormatter, NullFormatter
 
+        class PlainLogFormatter(LogFormatter):  # labels the minor ticks LogFormatter picks, as 0.3 not 3e-01
+            def __call__(self, value, pos=None):
+                return f"{value:g}" if super().__call__(value, pos) else ""
+
         figure = Figure(figsize=(10, 4), layout="constrained")
         memory_axes, time_axes = figure.subplots(1, 2)
         for impl, style in zip(IMPLEMENTATIONS, ("o-", "s-")):
@@ -133,7 +137,7 @@ class BenchResult:
             axes.set_xticks(self.lengths, [str(length) for length in self.lengths])
             axes.xaxis.set_minor_formatter(NullFormatter())
             axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-            axes.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+            axes.yaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
             axes.set_xlabel("sequence length")
             axes.set_ylabel(label)
             axes.grid(True, which="both", alpha=0.3)
