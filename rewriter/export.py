@@ -1,11 +1,12 @@
 """`export_onnx`: a PyTorch module to an ONNX file whose attention never holds Lq × Lk.
 
-    module ─optimize_module→ GraphModule with rewriter::attention
-           ─torch.onnx.export(dynamo=True)→ one ai.rewriter::Attention node per block
+    module ─optimize_module→ GraphModule with rewriter::attention / rewriter::linear_attention
+           ─torch.onnx.export(dynamo=True)→ one ai.rewriter::Attention / ::LinearAttention node per block
            ─LowerRewriterOps→ chunked standard ops ─check, verify on ORT vs eager→ save (atomic)
 
 The private node carries the op's scalar arguments as attributes; it exists only between the
-exporter and the lowering pass, and never reaches the file.
+exporter and the lowering pass, and never reaches the file. Performer blocks become Loops over
+slices carrying only the (M, Dv + 1) state (never the L × M × Dv of the cumsum form).
 """
 
 from __future__ import annotations
