@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Callable
 
 import onnx
 import onnx_ir as ir
@@ -164,6 +165,7 @@ class _Analysis:
     linear: list[OnnxLinearAttentionMatch]
     linear_plans: list[tuple[int, PlannedLinearRewrite]]
     linear_reasons: dict[int, str]
+    position: Callable[[object], int]  # sort key over candidates, taken before any rewrite changes the graph
 
     @property
     def targets(self) -> list[str]:
@@ -176,7 +178,7 @@ def _analyse(model: ir.Model, target, provider, memory_budget, chunk_size) -> _A
     plans, reasons = _plan(ctx, matches, target, provider, memory_budget, chunk_size)
     linear = detect_linear_attention(ctx)
     linear_plans, linear_reasons = _plan_linear(linear, target, chunk_size)
-    return _Analysis(ctx, matches, plans, reasons, linear, linear_plans, linear_reasons)
+    return _Analysis(ctx, matches, plans, reasons, linear, linear_plans, linear_reasons, _graph_order(ctx))
 
 
 def _entries(matches, plans, reasons) -> list[tuple[object, MatchReport]]:
@@ -201,8 +203,7 @@ def _report(analysis: _Analysis, source: str) -> Report:
     """Every candidate, softmax and Performer, in graph order."""
     entries = _entries(analysis.matches, analysis.plans, analysis.reasons) + \
         _entries(analysis.linear, analysis.linear_plans, analysis.linear_reasons)
-    position = _graph_order(analysis.ctx)
-    return Report(source, [entry for _, entry in sorted(entries, key=lambda pair: position(pair[0]))])
+    return Report(source, [entry for _, entry in sorted(entries, key=lambda pair: analysis.position(pair[0]))])
 
 
 def _chunk_pair(chunk_size) -> tuple[int, int] | None:

@@ -26,15 +26,8 @@ import onnx_ir as ir
 
 from passes.attention_spec import AttentionSpec
 from passes.onnx.graph_values import attribute, const_array, is_op, producer_op
-from passes.onnx.linear_feature_maps import (
-    OnnxFeatureMap,
-    axes_of,
-    einsum_labels,
-    match_feature_map,
-    rank_of,
-    require_closed,
-    split_scale,
-)
+from passes.onnx.labelled_ops import axes_of, einsum_labels, rank_of
+from passes.onnx.linear_feature_maps import OnnxFeatureMap, match_feature_map, require_closed, split_scale
 from passes.onnx.onnx_match import AnalysisContext, Rejected
 from passes.onnx.shape_facts import ShapeFacts
 
@@ -112,7 +105,10 @@ def _two_operand_einsum(ctx: AnalysisContext, value: ir.Value, what: str):
 
 
 def _match_einsum(ctx: AnalysisContext, anchor: ir.Node) -> OnnxLinearAttentionMatch:
-    (context, phi_q, d_inv), (c_lab, q_lab, n_lab), out = einsum_labels(ctx, anchor)
+    parsed = einsum_labels(ctx, anchor)
+    if parsed is None:
+        raise Rejected("the ranks of the output product's operands are unknown (shape inference gave none)")
+    (context, phi_q, d_inv), (c_lab, q_lab, n_lab), out = parsed
     batch, n, e, d = out[:-2], out[-2:-1], out[-1:], q_lab[-1:]
     seq = len(batch)
     if q_lab != batch + n + d or n_lab != batch + n:
@@ -223,7 +219,7 @@ def _static(dim) -> int | None:
 
 
 def _is_einsum_anchor(ctx: AnalysisContext, node: ir.Node) -> bool:
-    return is_op(node, "Einsum") and len(node.inputs) == 3 and einsum_labels(ctx, node) is not None
+    return is_op(node, "Einsum") and len(node.inputs) == 3
 
 
 def _is_matmul_anchor(ctx: AnalysisContext, node: ir.Node) -> bool:

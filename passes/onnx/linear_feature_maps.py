@@ -12,23 +12,22 @@
 
 Ω must be a constant (initializer or ``Constant``), c, ε and the ratio scalars that depend on no
 input (``Pow(8, -0.25)`` as the TorchScript exporter writes it counts), and every intermediate may
-be used only inside φ. `NotProven` carries the reason when any of that fails. The small einsum,
-axis and scalar readers here are shared with `detect_linear_attention`.
+be used only inside φ. `Rejected` carries the reason when any of that fails. The scale and
+closure checks here are shared with `detect_linear_attention`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import string
 
 import onnx_ir as ir
 
-from passes.onnx.graph_values import attribute, const_array, is_op, producer_op, value_consumers
+from passes.onnx.graph_values import attribute, const_array, producer_op, value_consumers
+from passes.onnx.labelled_ops import axes_of, einsum_labels, rank_of
 from passes.onnx.onnx_match import AnalysisContext, Rejected
 
-__all__ = ["OnnxFeatureMap", "axes_of", "einsum_labels", "match_feature_map", "rank_of", "require_closed", "scalar",
-           "split_scale"]
+__all__ = ["OnnxFeatureMap", "match_feature_map", "require_closed", "scalar", "split_scale"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,88 +65,6 @@ def split_scale(ctx: AnalysisContext, value: ir.Value) -> tuple[ir.Value, float,
         if c is not None and not ctx.folder.depends_only_on_shapes(node.inputs[data]):
             return node.inputs[data], (c if node.op_type == "Mul" else 1.0 / c), node
     return value, 1.0, None
-
-
-def einsum_labels(ctx: AnalysisContext, node: ir.Node | None) -> tuple[list[ir.Value], list[str], str] | None:
-    """Operands, their labels and the output labels of an Einsum node, its ellipsis spelt out."""
-    if not is_op(node, "Einsum"):
-        return None
-    equation = attribute(node, "equation", "").replace(" ", "")
-    ranks = [rank_of(ctx, value) for value in node.inputs]
-    if "->" not in equation or None in ranks:
-        return None
-    inputs, out = equation.split("->")
-    specs = inputs.split(",")
-    if len(specs) != len(ranks):
-        return None
-    spare = [c for c in string.ascii_uppercase if c not in equation]
-    batch_rank = max((rank - len(spec.replace("...", "")) for spec, rank in zip(specs, ranks) if "..." in spec),
-                     default=0)
-    batch = "".join(spare[:batch_rank])
-
-    def expand(spec: str, own: int) -> str:
-        return spec.replace("...", batch[batch_rank - own:]) if "..." in spec else spec
-
-    labels = [expand(spec, rank - len(spec.replace("...", ""))) for spec, rank in zip(specs, ranks)]
-    if any(len(lab) != rank or len(set(lab)) != rank for lab, rank in zip(labels, ranks)):
-        return None  # a rank mismatch, or a repeated label taking a diagonal
-    return list(node.inputs), labels, expand(out, batch_rank)
-
-
-_SAME_RANK = {"Add", "Sub", "Mul", "Div", "Pow", "Exp", "Relu", "Elu", "Reciprocal", "CumSum", "Cast", "Identity",
-              "Transpose", "MatMul"}  # MatMul: both operands are at least matrices here
-
-
-def rank_of(ctx: AnalysisContext, value: ir.Value | None, depth: int = 0) -> int | None:
-    """The rank from the shape facts or, where inference gave none (ONNX's and ORT's inference skip
-    ellipsis einsums of TorchScript exports), from the producer: elementwise ops broadcast to their
-    largest input, an einsum has its output labels."""
-    rank = ctx.facts.rank(value)
-    if rank is not None or value is None or depth > 64:
-        return rank
-    node = value.producer()
-    if node is None or node.domain not in ("", "ai.onnx"):
-        return None
-    if node.op_type in _SAME_RANK:
-        ranks = [rank_of(ctx, x, depth + 1) for x in node.inputs[:1 if node.op_type == "CumSum" else None]]
-        return None if None in ranks else max(ranks)
-    if node.op_type in ("ReduceMax", "ReduceSum", "Unsqueeze"):
-        rank = rank_of(ctx, node.inputs[0], depth + 1)
-        if rank is not None and node.op_type != "Unsqueeze" and attribute(node, "keepdims", 1):
-            return rank
-        axes = axes_of(ctx, node, rank) if rank is not None else None
-        if axes is None:
-            return None
-        return rank + len(axes) if node.op_type == "Unsqueeze" else rank - len(axes)
-    if node.op_type == "Einsum":
-        equation = attribute(node, "equation", "").replace(" ", "")
-        ranks = [rank_of(ctx, x, depth + 1) for x in node.inputs]
-        specs = equation.split("->")[0].split(",") if "->" in equation else []
-        if None in ranks or len(specs) != len(ranks):
-            return None
-        ellipsis = max((r - len(s.replace("...", "")) for s, r in zip(specs, ranks) if "..." in s), default=0)
-        out = equation.split("->")[1]
-        return len(out.replace("...", "")) + ellipsis * ("..." in out)
-    return None
-
-
-def axes_of(ctx: AnalysisContext, node: ir.Node, rank: int, input_index: int = 1) -> set[int] | None:
-    """The axes a Reduce*/Unsqueeze/CumSum node names (input or attribute), counted from 0; None: unknown.
-
-    A reduction without axes reduces every axis (unless `noop_with_empty_axes`, then none).
-    """
-    if len(node.inputs) > input_index and node.inputs[input_index] is not None:
-        array = ctx.folder.evaluate(node.inputs[input_index])
-        if array is None:
-            return None
-        axes = [int(a) for a in array.reshape(-1)]
-    elif "axes" in node.attributes:
-        axes = list(attribute(node, "axes"))
-    elif node.op_type.startswith("Reduce"):
-        axes = [] if attribute(node, "noop_with_empty_axes", 0) else list(range(rank))
-    else:
-        return None
-    return {a % rank for a in axes}
 
 
 def require_closed(nodes, inside: set[ir.Node], what: str) -> None:
@@ -242,6 +159,9 @@ def _prove_half_norm(ctx: AnalysisContext, diag: ir.Value, x: ir.Value, c: float
     if unsqueeze is None or axes_of(ctx, unsqueeze, rank) != {rank - 1}:
         raise Rejected("FAVOR+ ‖x‖² term is not unsqueezed on the feature axis")
     half_value, c2, scale_node = split_scale(ctx, unsqueeze.inputs[0])
+    if scale_node is None and producer_op(half_value, "Mul") is not None:
+        raise Rejected(f"the FAVOR+ ‖x‖² scale at '{half_value.name}' is not a proven scalar constant "
+                       "(a shape it is computed from could not be inferred)")
     half = producer_op(half_value, "Div")
     if half is None or ctx.folder.scalar(half.inputs[1]) != 2.0:
         raise Rejected("FAVOR+ ‖x‖² term is not halved")

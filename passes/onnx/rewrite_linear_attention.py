@@ -94,7 +94,8 @@ class RewriteOnnxLinearAttention(onnx_ir.passes.InPlacePass):
             old = match.output
             ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
             name, old.name = old.name, f"{old.name}/replaced"
-            new.name, new.type, new.shape = name, old.type, old.shape
+            new.name = name
+            new.type, new.shape = old.type or new.type, old.shape or new.shape  # the builder's when inference gave none
             replaced[old] = new
             remove_dead_block(match.nodes)
             plan.done = True

@@ -1,0 +1,275 @@
+"""Performer / linear attention in exported ONNX files: detection, near-misses, rewrite parity on ORT.
+
+Models come from `tests/performer_models.py` (written like performer-pytorch) and are exported in the
+test: the TorchScript exporter for the many small FastAttention variants (it is fast), the dynamo
+exporter (opset 18) for the causal and bidirectional blocks and whole models, one with a dynamic
+sequence length. Exported Performer files do not load in ONNX Runtime (its Einsum rejects the
+ellipsis of `…id,…jd->…ij` against the 2-D projection), so the original runs on ONNX's reference
+evaluator and in eager PyTorch, the rewritten file on ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+from onnx.reference import ReferenceEvaluator
+from torch import nn
+
+import rewriter
+from passes.onnx.detect_linear_attention import detect_linear_attention
+from passes.onnx.onnx_match import AnalysisContext
+from rewriter.memory_estimate import estimate_peak_activation_bytes, sequence_dims
+from tests.performer_models import FastAttention, PerformerEncoder, PerformerLM, linear_attention, softmax_kernel
+
+NAMES = ["q", "k", "v"]
+
+
+def _qkv(length, batch=2, heads=2, dim=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(batch, heads, length, dim, generator=generator) for _ in range(3))
+
+
+def _export(model, inputs, names=NAMES, dynamo=False, dynamic_shapes=None) -> onnx.ModelProto:
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            program = torch.onnx.export(model, inputs, dynamo=True, opset_version=18, input_names=names,
+                                        dynamic_shapes=dynamic_shapes, verbose=False)
+            return program.model_proto
+        buffer = io.BytesIO()
+        torch.onnx.export(model, inputs, buffer, dynamo=False, opset_version=18, input_names=names)
+        return onnx.load_from_string(buffer.getvalue())
+
+
+def _feeds(model: onnx.ModelProto, inputs) -> dict:
+    return {value.name: x.numpy() for value, x in zip(model.graph.input, inputs)}
+
+
+def _run_ort(model: onnx.ModelProto, feeds: dict) -> np.ndarray:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def _ops(model: onnx.ModelProto) -> set[str]:
+    return {node.op_type for node in model.graph.node}
+
+
+def _performer(report):
+    return [match for match in report.matches if match.kind == "performer"]
+
+
+def _assert_rewritten_parity(model, proto, inputs, *, atol=2e-5):
+    """Rewrite `proto`; the result on ORT equals eager and the original on the reference evaluator."""
+    optimized, report = rewriter.optimize_onnx(proto)
+    feeds = _feeds(proto, inputs)
+    got = _run_ort(optimized, feeds)
+    np.testing.assert_allclose(got, model(*inputs).detach().numpy(), atol=atol, rtol=1e-4)
+    np.testing.assert_allclose(got, ReferenceEvaluator(proto).run(None, feeds)[0], atol=atol, rtol=1e-4)
+    return optimized, report
+
+
+class _EluPlusOne(nn.Module):
+    """Katharopoulos et al.: φ(x) = elu(x) + 1, no projection, bidirectional."""
+
+    def forward(self, q, k, v):
+        q, k = (torch.nn.functional.elu(t) + 1 for t in (q, k))
+        return linear_attention(q, k, v)
+
+
+# --------------------------------------------------------------------------- FastAttention blocks
+
+_VARIANTS = {
+    "favor causal": dict(causal=True),
+    "relu causal": dict(causal=True, generalized_attention=True),
+    "favor bidirectional": {},
+    "relu bidirectional": dict(generalized_attention=True),
+    "relu without projection": dict(generalized_attention=True, near_miss="no_projection"),
+    "favor matmul form": dict(variant="matmul"),
+}
+
+
+@pytest.mark.parametrize("variant", list(_VARIANTS))
+def test_torchscript_export_of_each_form_is_rewritten_exactly(variant):
+    options = _VARIANTS[variant]
+    model = FastAttention(8, nb_features=12, **options).eval()
+    inputs = _qkv(19)
+    optimized, report = _assert_rewritten_parity(model, _export(model, inputs), inputs)
+    [match] = _performer(report)
+    assert match.rewritten and match.target == "chunked", match.reason
+    assert match.spec.causal == bool(options.get("causal"))
+    assert match.spec.feature_map == ("relu" if options.get("generalized_attention") else "favor_softmax")
+    assert match.spec.scale == pytest.approx(8 ** -0.25)
+    assert not {"CumSum", "Einsum"} & _ops(optimized)
+
+
+def test_elu_plus_one_features():
+    model, inputs = _EluPlusOne(), _qkv(13)
+    _, report = _assert_rewritten_parity(model, _export(model, inputs), inputs)
+    [match] = _performer(report)
+    assert match.rewritten and match.spec.feature_map == "elu_plus_one" and match.spec.scale == 1.0
+
+
+@pytest.mark.parametrize("features", ["favor", "relu"])
+def test_dynamo_causal_block_loses_its_prefix_sums(features):
+    model = FastAttention(8, nb_features=12, causal=True, generalized_attention=features == "relu").eval()
+    inputs = _qkv(23, seed=1)
+    proto = _export(model, inputs, dynamo=True)
+    assert "CumSum" in _ops(proto)
+    optimized, report = _assert_rewritten_parity(model, proto, inputs)
+    [match] = _performer(report)
+    assert match.rewritten and match.spec.causal and match.chunk_sizes == (256, 256)
+    assert "CumSum" not in _ops(optimized)
+
+
+def test_slice_size_follows_chunk_size_and_ort_target_takes_causal_blocks_only():
+    causal = FastAttention(8, nb_features=12, causal=True).eval()
+    inputs = _qkv(21, seed=2)
+    proto = _export(causal, inputs)
+    optimized, report = rewriter.optimize_onnx(proto, chunk_size=5)
+    assert _performer(report)[0].chunk_sizes == (5, 5)
+    np.testing.assert_allclose(_run_ort(optimized, _feeds(proto, inputs)), causal(*inputs).numpy(), atol=2e-5, rtol=1e-4)
+    optimized, report = rewriter.optimize_onnx(proto, target="ort")
+    assert _performer(report)[0].target == "com.microsoft.LinearAttention"
+    np.testing.assert_allclose(_run_ort(optimized, _feeds(proto, inputs)), causal(*inputs).numpy(), atol=2e-5, rtol=1e-4)
+    bidirectional = FastAttention(8, nb_features=12).eval()
+    _, report = rewriter.optimize_onnx(_export(bidirectional, inputs), target="ort")
+    [match] = _performer(report)
+    assert not match.rewritten and "causal Performer attention only" in match.reason
+
+
+# --------------------------------------------------------------------------- whole models
+
+
+def test_causal_lm_with_dynamic_length_is_rewritten_at_two_lengths():
+    torch.manual_seed(0)
+    features, heads, dim = 64, 2, 32
+    model = PerformerLM(vocab=50, dim=dim, depth=2, heads=heads, max_len=128, nb_features=features).eval()
+    tokens = torch.randint(0, 50, (2, 24))
+    seq = torch.export.Dim("seq", min=2, max=128)
+    proto = _export(model, (tokens,), names=["tokens"], dynamo=True, dynamic_shapes=({1: seq},))
+    optimized, report = rewriter.optimize_onnx(proto)
+    performer = _performer(report)
+    assert len(performer) == 2 and all(m.rewritten and m.spec.causal for m in performer), report.summary()
+    assert "CumSum" not in _ops(optimized)
+    for length in (24, 37):
+        tokens = torch.randint(0, 50, (2, length), generator=torch.Generator().manual_seed(length))
+        got = _run_ort(optimized, {"tokens": tokens.numpy()})
+        np.testing.assert_allclose(got, model(tokens).detach().numpy(), atol=5e-5, rtol=1e-4)
+    # The original holds the prefix-summed context, B·H·L·M·Dv floats, per block; the rewrite far less.
+    length = 4096
+    context_bytes = 2 * heads * length * features * (dim // heads) * 4
+    after = estimate_peak_activation_bytes(optimized, sequence_dims(optimized, length))
+    assert after.unknown_values == 0 and after.peak_bytes * 8 < context_bytes, (after, context_bytes)
+
+
+def test_bidirectional_encoder_is_rewritten():
+    torch.manual_seed(0)
+    model = PerformerEncoder(dim=32, depth=2, heads=2, nb_features=12).eval()
+    x = torch.randn(2, 29, 32)
+    proto = _export(model, (x,), names=["x"], dynamo=True)
+    optimized, report = rewriter.optimize_onnx(proto)
+    performer = _performer(report)
+    assert len(performer) == 2 and all(m.rewritten and not m.spec.causal for m in performer), report.summary()
+    np.testing.assert_allclose(_run_ort(optimized, {"x": x.numpy()}), model(x).detach().numpy(), atol=5e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- near-misses
+
+
+class _FeaturesReused(nn.Module):
+    """φ(k) is also returned: replacing the block would drop a value the model still needs."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = FastAttention(8, nb_features=12)
+
+    def forward(self, q, k, v):
+        proj = self.attn.projection_matrix
+        phi_q = softmax_kernel(q, projection_matrix=proj, is_query=True)
+        phi_k = softmax_kernel(k, projection_matrix=proj, is_query=False)
+        return linear_attention(phi_q, phi_k, v), phi_k.sum()
+
+
+class _SwappedBatchAxes(nn.Module):
+    """The context pairs φ(k) of head h, batch b with v of batch h, head b: not attention per head."""
+
+    def forward(self, q, k, v):
+        q, k = (torch.relu(t) + 1e-3 for t in (q, k))
+        d_inv = 1.0 / torch.einsum("...nd,...d->...n", q, k.sum(dim=-2))
+        context = torch.einsum("hbnd,bhne->bhde", k, v)
+        return torch.einsum("...de,...nd,...n->...ne", context, q, d_inv)
+
+
+_NEAR_MISSES = {
+    "global_stabiliser": (lambda: FastAttention(8, nb_features=12, near_miss="global_stabiliser"),
+                          "stabiliser '", "reduces axes [0, 1, 2, 3]"),
+    "normaliser_axis": (lambda: FastAttention(8, nb_features=12, near_miss="normaliser_axis"), "key", "sum"),
+    "features_reused": (_FeaturesReused, "is also used by", ""),
+    "swapped_batch_axes": (_SwappedBatchAxes, "key axis", ""),
+}
+
+
+@pytest.mark.parametrize("case", list(_NEAR_MISSES))
+def test_near_misses_are_reported_and_left_unchanged(case):
+    factory, *reasons = _NEAR_MISSES[case]
+    model = factory().eval()
+    inputs = _qkv(10, seed=3)
+    proto = _export(model, inputs)
+    optimized, report = rewriter.optimize_onnx(proto)
+    performer = _performer(report)
+    assert performer and not any(m.rewritten for m in performer)
+    assert any(all(r in (m.reason or "") for r in reasons) for m in performer), [m.reason for m in performer]
+    assert optimized.SerializeToString() == proto.SerializeToString()
+
+
+def test_projection_passed_as_input_is_not_constant():
+    model = FastAttention(8, nb_features=12).eval()  # forward(q, k, v, projection)
+    inputs = _qkv(10) + (torch.randn(12, 8),)
+    proto = _export(model, inputs, names=NAMES + ["projection"])
+    [match] = _performer(rewriter.detect_onnx(proto))
+    assert not match.spec.accepted and "not a constant initializer" in match.reason
+
+
+@pytest.mark.parametrize("attribute", ["exclusive", "reverse"])
+def test_exclusive_or_reversed_prefix_sum_is_not_causal_attention(attribute):
+    model = FastAttention(8, nb_features=12, causal=True, generalized_attention=True).eval()
+    proto = _export(model, _qkv(10))
+    cumsum = next(node for node in proto.graph.node if node.op_type == "CumSum")
+    cumsum.attribute.append(onnx.helper.make_attribute(attribute, 1))
+    [match] = _performer(rewriter.detect_onnx(proto))
+    assert not match.spec.accepted and "exclusive or reversed prefix sum" in match.reason
+
+
+def test_prefix_sum_over_the_features_is_not_causal_attention():
+    model = FastAttention(8, nb_features=12, causal=True, generalized_attention=True).eval()
+    proto = ir.from_proto(_export(model, _qkv(10)))
+    cumsum = next(node for node in proto.graph if node.op_type == "CumSum")
+    last_axis = ir.Value(name="last_axis", const_value=ir.tensor(np.array(-1, np.int64)))
+    proto.graph.register_initializer(last_axis)
+    cumsum.replace_input_with(1, last_axis)
+    [match] = detect_linear_attention(AnalysisContext(proto))
+    assert not match.spec.accepted and "over an axis other than the keys" in match.spec.reason
+
+
+# --------------------------------------------------------------------------- report and CLI
+
+
+def test_inspect_lists_performer_blocks(tmp_path):
+    model = FastAttention(8, nb_features=12, causal=True).eval()
+    path = tmp_path / "performer.onnx"
+    onnx.save(_export(model, _qkv(10)), path)
+    result = subprocess.run([sys.executable, "-m", "rewriter", "inspect", str(path)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "performer, causal" in result.stdout
