@@ -342,7 +342,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="fix a symbolic ONNX input dim, e.g. --dim batch=2 (repeatable)")
     bench.add_argument("--memory-limit", metavar="SIZE",
                        help="skip naive ONNX points whose peak-activation estimate exceeds SIZE "
-                            "(default half the physical memory)")
+                            "(default a quarter of the physical memory)")
     bench.add_argument("--training", action="store_true",
                        help="PyTorch: measure forward and backward instead of a no_grad forward")
     bench.add_argument("--timeout", type=float, default=1800, metavar="S",
