@@ -8,6 +8,7 @@ eager's outputs on ORT at the export length and at another length.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import subprocess
 import sys
@@ -227,3 +228,24 @@ def test_cli_exports(tmp_path):
     model = onnx.load(str(out))
     onnx.checker.check_model(model, full_check=True)
     assert any(dim.dim_param for value in model.graph.input for dim in value.type.tensor_type.shape.dim)
+
+
+def test_cli_exports_a_saved_program_keeping_its_dynamic_axes(tmp_path):
+    model, example = tiny_gpt2(EXPORT_LEN)
+    program = torch.export.export(model, example, dynamic_shapes=({1: torch.export.Dim("seq", min=2, max=63)},))
+    saved, out = tmp_path / "gpt2.pt2", tmp_path / "out.onnx"
+    torch.export.save(program, str(saved))
+    result = _cli(str(saved), "-o", str(out), "--target", "chunked", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["matches"][0]["rewritten"]
+    sequence_dims = [dim.dim_param for dim in onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim]
+    assert sequence_dims[1] and not sequence_dims[0]  # the program's dynamic axis only
+
+
+def test_cli_refuses_a_file_that_is_not_a_program(tmp_path, capsys):
+    bogus, out = tmp_path / "model.pt2", tmp_path / "out.onnx"
+    bogus.write_bytes(b"not a zip archive")
+    assert main(["export", str(bogus), "-o", str(out)]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.strip().count("\n") == 0 and "not a saved torch.export program" in stderr
+    assert not out.exists()
