@@ -135,42 +135,31 @@ def _optimize(args) -> int:
 
 
 def _export(args) -> int:
-    """`rewriter export MODULE:CALLABLE`: CALLABLE(seq_len) returns (model, example_inputs)."""
-    import importlib
-
+    """`rewriter export MODULE:CALLABLE | PROGRAM.pt2`: CALLABLE(seq_len) returns (model, example_inputs)."""
     import torch
 
     from rewriter.export import ExportVerificationError, export_onnx
+    from rewriter.model_source import ModelSourceError, call_factory, load_exported_program
     from rewriter.onnx_io import ModelFileError
 
-    module_name, _, attribute = args.spec.partition(":")
-    if not module_name or not attribute:
-        raise UsageError(f"{args.spec}: expected MODULE:CALLABLE, e.g. mypackage.models:make_model")
     if args.seq_len < 1:
         raise UsageError(f"--seq-len must be at least 1 (got {args.seq_len})")
-    sys.path.insert(0, "")  # MODULE may live in the working directory, as with `python -m`
     try:
-        factory = importlib.import_module(module_name)
-        for part in attribute.split("."):
-            factory = getattr(factory, part)
-    except ImportError as error:
-        raise UsageError(f"{args.spec}: cannot import {module_name} ({error})") from None
-    except AttributeError:
-        raise UsageError(f"{args.spec}: {module_name} has no attribute {attribute}") from None
-    if not callable(factory):
-        raise UsageError(f"{args.spec}: {attribute} is not callable")
-    made = factory(args.seq_len)
-    if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module)):
-        raise UsageError(f"{args.spec}: must return (model, example_inputs), got {type(made).__name__}")
-    model, example_inputs = made
-    if not isinstance(example_inputs, tuple):
-        example_inputs = (example_inputs,)
-    dynamic = None
-    if not args.static:  # axis 1 of every input of rank ≥ 2 is the sequence: one shared dim
-        seq = torch.export.Dim.AUTO
-        dynamic = tuple({1: seq} if isinstance(x, torch.Tensor) and x.dim() >= 2 else None for x in example_inputs)
+        if args.spec.endswith(".pt2"):
+            model, example_inputs, dynamic = load_exported_program(args.spec)
+        else:
+            sys.path.insert(0, "")  # MODULE may live in the working directory, as with `python -m`
+            model, example_inputs = call_factory(args.spec, args.seq_len)
+            model.eval()
+            # axis 1 of every input of rank ≥ 2 is the sequence: one shared dim
+            dynamic = tuple({1: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() >= 2 else None
+                            for x in example_inputs)
+    except ModelSourceError as error:
+        raise UsageError(str(error)) from None
+    if args.static:
+        dynamic = None
     try:
-        report = export_onnx(model.eval(), example_inputs, args.output, target=args.target, dynamic_shapes=dynamic,
+        report = export_onnx(model, example_inputs, args.output, target=args.target, dynamic_shapes=dynamic,
                              opset=args.opset, verify=not args.no_verify)
     except ModelFileError as error:
         raise UsageError(str(error)) from None
@@ -310,12 +299,15 @@ def _parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser(
         "export", help="export a PyTorch model to ONNX with memory-efficient attention",
-        description="Imports MODULE, calls CALLABLE(seq_len) to get (model, example_inputs), rewrites its "
-                    "attention, exports it with a dynamic sequence axis (axis 1 of every input of rank >= 2), "
-                    "checks ONNX Runtime against eager and writes OUT (whole or not at all).")
-    export.add_argument("spec", metavar="MODULE:CALLABLE")
+        description="Imports MODULE and calls CALLABLE(seq_len) to get (model, example_inputs), or loads a "
+                    "program saved by torch.export.save (PROGRAM.pt2, with its example inputs); rewrites its "
+                    "attention, exports it with a dynamic sequence axis (axis 1 of every input of rank >= 2; "
+                    "for a .pt2, the axes that are dynamic in the program), checks ONNX Runtime against eager "
+                    "and writes OUT (whole or not at all).")
+    export.add_argument("spec", metavar="MODULE:CALLABLE|PROGRAM.pt2")
     export.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
-    export.add_argument("--seq-len", type=int, default=128, metavar="N", help="example sequence length (default 128)")
+    export.add_argument("--seq-len", type=int, default=128, metavar="N",
+                        help="example sequence length for CALLABLE (default 128)")
     export.add_argument("--target", choices=["auto", "chunked", "ort", "onnx-attention"], default="auto",
                         help="form of the attention in OUT (default auto)")
     export.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
