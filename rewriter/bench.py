@@ -138,7 +138,7 @@ def bench_onnx(model_or_path, lengths: Iterable[int], *, target: str = "auto", t
     from rewriter.onnx_api import optimize_onnx
     from rewriter.onnx_io import load_model, save_model
 
-    lengths = _checked_lengths(lengths)
+    lengths = _checked_lengths(lengths, threads)
     is_path = isinstance(model_or_path, (str, os.PathLike))
     model = load_model(os.fspath(model_or_path)) if is_path else model_or_path
     name = os.fspath(model_or_path) if is_path else (model.graph.name or "model")
@@ -179,7 +179,7 @@ def bench_module(factory: str | Callable, lengths: Iterable[int], *, threads: in
     """
     import rewriter
 
-    lengths = _checked_lengths(lengths)
+    lengths = _checked_lengths(lengths, threads)
     spec_name = factory if isinstance(factory, str) else _importable_name(factory)
     module, inputs = _made(spec_name, resolve_factory(spec_name)(lengths[0]))
     _, report = rewriter.optimize_module(module.eval(), inputs)  # the report, and a failure before any child
@@ -206,7 +206,7 @@ def _sweep(points: list[tuple[BenchRow, dict | None]], timeout_s: float, progres
                 measured = run_point(spec, timeout_s)
             except ChildFailed as error:
                 row.status, row.note = "failed", str(error)
-                logger.warning("length %d %s: %s", row.length, row.impl, error)
+                logger.info("length %d %s failed: %s", row.length, row.impl, error)  # the table lists it too
             else:
                 row.status = "ok"
                 row.extra_peak_mib, row.seconds, row.cpu_seconds = (
@@ -216,7 +216,9 @@ def _sweep(points: list[tuple[BenchRow, dict | None]], timeout_s: float, progres
     return [row for row, _ in points]
 
 
-def _checked_lengths(lengths: Iterable[int]) -> list[int]:
+def _checked_lengths(lengths: Iterable[int], threads: int) -> list[int]:
+    if not isinstance(threads, int) or threads < 1:
+        raise BenchInputError(f"threads must be a positive integer, got {threads!r}")
     lengths = sorted(set(lengths))
     if not lengths or any(not isinstance(n, int) or n < 1 for n in lengths):
         raise BenchInputError(f"sequence lengths must be positive integers, got {lengths}")
