@@ -132,6 +132,26 @@ def test_dynamo_causal_block_loses_its_prefix_sums(features):
     assert "CumSum" not in _ops(optimized)
 
 
+@pytest.mark.parametrize("features,chunks,length", [("favor", 3, 10), ("relu", 4, 37), ("favor", 1, 9)])
+def test_chunked_causal_form_is_one_block(features, chunks, length):
+    model = FastAttention(8, nb_features=12, causal=True, chunk_size=chunks, chunk_eps=0.0,
+                          generalized_attention=features == "relu").eval()
+    inputs = _qkv(length, seed=length)
+    optimized, report = _assert_rewritten_parity(model, _export(model, inputs, dynamo=True), inputs)
+    [match] = _performer(report)
+    assert match.rewritten and match.spec.causal, match.reason
+    assert not {"CumSum", "Einsum"} & _ops(optimized)
+
+
+def test_chunked_form_with_epsilon_inside_the_prefix_sum_is_left_alone():
+    model = FastAttention(8, nb_features=12, causal=True, chunk_size=3, chunk_eps=1e-6).eval()
+    proto = _export(model, _qkv(10), dynamo=True)
+    optimized, report = rewriter.optimize_onnx(proto)
+    [match] = _performer(report)
+    assert not match.rewritten and "not an epsilon the replacement can express" in match.reason
+    assert optimized.SerializeToString() == proto.SerializeToString()
+
+
 def test_slice_size_follows_chunk_size_and_ort_target_takes_causal_blocks_only():
     causal = FastAttention(8, nb_features=12, causal=True).eval()
     inputs = _qkv(21, seed=2)

@@ -50,8 +50,10 @@ def einsum_labels(ctx: AnalysisContext, node: ir.Node | None) -> tuple[list[ir.V
     return list(node.inputs), labels, expand(out, batch_rank)
 
 
+# MatMul: in the blocks matched here both operands are at least matrices, so the output has the larger rank.
 _SAME_RANK = {"Add", "Sub", "Mul", "Div", "Pow", "Exp", "Relu", "Elu", "Reciprocal", "CumSum", "Cast", "Identity",
-              "Transpose", "MatMul"}  # MatMul: both operands are at least matrices here
+              "Transpose", "MatMul", "Concat", "Slice", "Split"}
+_DATA_ONLY = {"CumSum", "Slice", "Split"}  # their other inputs are axes and bounds
 
 
 def rank_of(ctx: AnalysisContext, value: ir.Value | None, depth: int = 0) -> int | None:
@@ -65,7 +67,7 @@ def rank_of(ctx: AnalysisContext, value: ir.Value | None, depth: int = 0) -> int
     if node is None or node.domain not in ("", "ai.onnx"):
         return None
     if node.op_type in _SAME_RANK:
-        ranks = [rank_of(ctx, x, depth + 1) for x in node.inputs[:1 if node.op_type == "CumSum" else None]]
+        ranks = [rank_of(ctx, x, depth + 1) for x in node.inputs[:1 if node.op_type in _DATA_ONLY else None]]
         return None if None in ranks else max(ranks)
     if node.op_type in ("ReduceMax", "ReduceSum", "Unsqueeze"):
         rank = rank_of(ctx, node.inputs[0], depth + 1)

@@ -31,7 +31,7 @@ __all__ = ["OnnxFeatureMap", "match_feature_map", "require_closed", "scalar", "s
 
 logger = logging.getLogger(__name__)
 
-_PASSTHROUGH = ("Identity", "Cast")
+_PASSTHROUGH = ("Identity", "Cast", "Split")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +78,8 @@ def require_closed(nodes, inside: set[ir.Node], what: str) -> None:
 
 
 def _strip(value: ir.Value, nodes: list[ir.Node]) -> ir.Value:
-    while (node := producer_op(value, *_PASSTHROUGH)) is not None:
+    """The value before Cast / Identity and one-piece Splits (a chunked block of a single chunk)."""
+    while (node := producer_op(value, *_PASSTHROUGH)) is not None and len(node.outputs) == 1:
         nodes.append(node)
         value = node.inputs[0]
     return value

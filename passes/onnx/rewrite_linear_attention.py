@@ -24,7 +24,7 @@ import logging
 import onnx_ir as ir
 import onnx_ir.passes
 
-from passes.onnx.detect_linear_attention import OnnxLinearAttentionMatch
+from passes.onnx.linear_block import OnnxLinearAttentionMatch
 from passes.onnx.emit_chunked import CHUNKED
 from passes.onnx.onnx_match import AnalysisContext
 from passes.onnx.rewrite_attention import _remove_dead as remove_dead_block
