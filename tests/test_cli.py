@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -20,6 +22,25 @@ def test_demo_rewrites_verifies_and_measures():
     assert payload["report"]["rewritten"] == payload["report"]["found"] == 2
     assert payload["max_abs_difference"] < 1e-4
     assert payload["eager"]["extra_peak_bytes"] > payload["rewritten"]["extra_peak_bytes"]
+    onnx = payload["onnx"]
+    assert onnx["report"]["rewritten"] == onnx["report"]["found"] == 2
+    assert onnx["verify"]["ok"] and onnx["verify"]["max_abs_difference"] < 1e-4
+    assert onnx["exported"]["seconds"] > 0 and onnx["optimized"]["seconds"] > 0
+
+
+def test_default_demo_runs_in_under_a_minute():
+    start = time.perf_counter()
+    result = rewriter_cli("demo")
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr
+    assert elapsed < 60, f"rewriter demo took {elapsed:.0f} s"
+    lines = result.stdout.splitlines()
+    assert "outputs equal" in result.stdout and "max |rewritten - eager|" in result.stdout
+    for runtime, original in (("PyTorch", "eager"), ("ONNX Runtime", "as exported")):
+        row = next(i for i, line in enumerate(lines) if re.match(rf"\s+{runtime}\s+{original}\s", line))
+        after = lines[row + 1]
+        found = re.search(r"([\d.]+)x less memory, ([\d.]+)x the time", after)
+        assert found and float(found.group(1)) > 3, result.stdout
 
 
 @pytest.mark.parametrize("command", [[], ["demo"]])
