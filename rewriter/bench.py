@@ -20,7 +20,6 @@ as failed and the sweep goes on.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import sys
@@ -34,7 +33,7 @@ from rewriter.bench_result import IMPLEMENTATIONS, BenchResult, BenchRow
 from rewriter.memory_estimate import estimate_peak_activation_bytes, sequence_dims
 
 __all__ = ["BenchInputError", "BenchResult", "bench_module", "bench_onnx", "bind_dims", "default_memory_limit",
-           "resolve_factory", "terminal_progress"]
+           "terminal_progress"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ Progress = Callable[[int, int, BenchRow], None]
 
 
 class BenchInputError(ValueError):
-    """Input the user can fix (lengths, dims, factory, a model with nothing to rewrite): one line."""
+    """Input the user can fix (lengths, threads, dims, a model with nothing to rewrite): one line."""
 
 
 def terminal_progress(stream=sys.stderr) -> Progress:
@@ -111,26 +110,6 @@ def bind_dims(model: onnx.ModelProto, length: int, overrides: Mapping[str, int] 
     return bound
 
 
-def resolve_factory(factory: str | Callable) -> Callable:
-    """The callable `factory` names ("module:callable", dotted attributes allowed), or `factory`."""
-    if callable(factory):
-        return factory
-    module_name, _, attribute = str(factory).partition(":")
-    if not module_name or not attribute:
-        raise BenchInputError(f"{factory}: expected MODULE:CALLABLE, e.g. mypackage.models:make_model")
-    try:
-        found = importlib.import_module(module_name)
-        for part in attribute.split("."):
-            found = getattr(found, part)
-    except ImportError as error:
-        raise BenchInputError(f"{factory}: cannot import {module_name} ({error})") from None
-    except AttributeError:
-        raise BenchInputError(f"{factory}: {module_name} has no attribute {attribute}") from None
-    if not callable(found):
-        raise BenchInputError(f"{factory}: {attribute} is not callable")
-    return found
-
-
 def bench_onnx(model_or_path, lengths: Iterable[int], *, target: str = "auto", threads: int = 2,
                dims: Mapping[str, int] | None = None, memory_limit: int | None = None,
                timeout_s: float = DEFAULT_TIMEOUT_S, progress: Progress | None = None) -> BenchResult:
@@ -174,14 +153,15 @@ def bench_module(factory: str | Callable, lengths: Iterable[int], *, threads: in
                  timeout_s: float = DEFAULT_TIMEOUT_S, progress: Progress | None = None) -> BenchResult:
     """Bench eager vs `optimize_module` for `factory(seq_len) -> (module, example_inputs)`.
 
-    `factory` is a "module:callable" string or an importable module-level callable: each point's
-    child imports it. No memory estimate exists for PyTorch models, so no point is skipped.
+    `factory` is a "module:callable" string (`rewriter.model_source`) or an importable module-level
+    callable: each point's child imports it. No memory estimate exists for PyTorch models, so no point is skipped.
     """
     import rewriter
+    from rewriter.model_source import call_factory
 
     lengths = _checked_lengths(lengths, threads)
     spec_name = factory if isinstance(factory, str) else _importable_name(factory)
-    module, inputs = _made(spec_name, resolve_factory(spec_name)(lengths[0]))
+    module, inputs = call_factory(spec_name, lengths[0])  # ModelSourceError for a bad spec
     _, report = rewriter.optimize_module(module.eval(), inputs)  # the report, and a failure before any child
     _require_rewrite(spec_name, report)
     config = {"model": spec_name, "kind": "torch", "target": "torch", "threads": threads, "lengths": lengths,
@@ -231,15 +211,6 @@ def _importable_name(factory: Callable) -> str:
         raise BenchInputError(f"{qualname or factory!r}: the factory must be a module-level function of an importable "
                          "module (each child process imports it)")
     return f"{module}:{qualname}"
-
-
-def _made(spec_name: str, made) -> tuple:
-    import torch
-
-    if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module)):
-        raise BenchInputError(f"{spec_name}: must return (model, example_inputs), got {type(made).__name__}")
-    module, inputs = made
-    return module, inputs if isinstance(inputs, tuple) else (inputs,)
 
 
 def _require_rewrite(name: str, report) -> None:

@@ -17,7 +17,6 @@ sizes), `warmup_dims`; for "torch": `factory` ("module:callable"), `length`, `re
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import json
 import logging
@@ -94,12 +93,11 @@ def _torch_call(spec: dict):
     import torch
 
     import rewriter
-    from rewriter.bench import resolve_factory
+    from rewriter.model_source import call_factory
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
-    module, inputs = resolve_factory(spec["factory"])(spec["length"])
-    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    module, inputs = call_factory(spec["factory"], spec["length"])
     module = module.eval()
     if spec["rewritten"]:
         module, _ = rewriter.optimize_module(module, inputs)

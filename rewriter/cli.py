@@ -184,6 +184,7 @@ def _bench(args) -> int:
     import os
 
     from rewriter.bench import BenchInputError, bench_module, bench_onnx, terminal_progress
+    from rewriter.model_source import ModelSourceError
     from rewriter.onnx_io import ModelFileError
 
     lengths = _lengths(args.lengths)
@@ -208,7 +209,7 @@ def _bench(args) -> int:
             sys.path.insert(0, "")  # MODULE may live in the working directory, as with `python -m`
             result = bench_module(args.model, lengths, threads=args.threads, training=args.training,
                                   timeout_s=args.timeout, progress=progress)
-    except (BenchInputError, ModelFileError) as error:
+    except (BenchInputError, ModelFileError, ModelSourceError) as error:
         raise UsageError(str(error)) from None
     os.makedirs(args.out_dir, exist_ok=True)
     json_path, png_path = os.path.join(args.out_dir, "bench.json"), os.path.join(args.out_dir, "bench.png")

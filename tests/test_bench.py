@@ -142,3 +142,10 @@ def test_cli_bench_bad_input_exits_2_and_writes_nothing(attention_path, tmp_path
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not os.path.exists(out)
+
+
+def test_cli_bench_help(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert exited.value.code == 0 and "MODEL.onnx|MODULE:CALLABLE" in out and "--lengths" in out
