@@ -14,8 +14,8 @@ backward of the sum of the float outputs). The child runs the call once on the s
 warm-up (the rewritten module is specialised to their shapes), then measures the second run.
 
 Naive ONNX points whose static peak-activation estimate exceeds `memory_limit` (default a quarter
-of the physical memory) are skipped; a child that dies (e.g. killed for memory) or times out is recorded
-as failed and the sweep goes on.
+of the physical memory) are skipped; a child that dies (e.g. killed for memory) or times out is
+recorded as failed and the sweep goes on.
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ class BenchInputError(ValueError):
     """Input the user can fix (lengths, threads, dims, a model with nothing to rewrite): one line."""
 
 
-def terminal_progress(stream=sys.stderr) -> Progress:
-    """A progress bar redrawn in place when `stream` is a terminal; else one line per finished point."""
+def terminal_progress(stream=None) -> Progress:
+    """A progress bar redrawn in place when `stream` (default stderr) is a terminal; else one line per point."""
+    stream = stream or sys.stderr
     redraw = stream.isatty()
 
     def show(done: int, total: int, row: BenchRow) -> None:

@@ -49,7 +49,14 @@ def run_json_child(command: list[str], timeout_s: float, env: dict | None = None
     if proc.returncode != 0:
         last_line = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
         raise ChildFailed(last_line)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = proc.stdout.strip().splitlines()
+    try:
+        result = json.loads(lines[-1])
+    except (IndexError, json.JSONDecodeError):
+        result = None
+    if not isinstance(result, dict):
+        raise ChildFailed(f"printed no measurement (last stdout line: {lines[-1] if lines else 'none'!r})")
+    return result
 
 
 def run_point(spec: dict, timeout_s: float) -> dict:

@@ -97,6 +97,10 @@ def test_bench_module_eager_vs_rewritten(tmp_path):
 def test_a_dead_child_is_a_failed_point_and_the_sweep_goes_on(attention_path):
     with pytest.raises(ChildFailed, match="killed by SIGKILL"):
         run_json_child([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"], 60)
+    with pytest.raises(ChildFailed, match="printed no measurement"):
+        run_json_child([sys.executable, "-c", "print('done')"], 60)
+    with pytest.raises(ChildFailed, match="timed out after 0.5 s"):
+        run_json_child([sys.executable, "-c", "import time; time.sleep(30)"], 0.5)
     dims = {"batch": 1, "q_len": 64}
     spec = {"kind": "onnx", "threads": 1, "dims": dims, "warmup_dims": dims}
     points = [(BenchRow(64, "naive", "pending"), {**spec, "path": attention_path + ".missing"}),
