@@ -268,6 +268,13 @@ def test_projection_passed_as_input_is_not_constant():
     assert not match.spec.accepted and "not a constant initializer" in match.reason
 
 
+def test_queries_and_keys_of_different_lengths_are_left_alone():
+    model = FastAttention(8, nb_features=12).eval()
+    q, k, v = _qkv(10)[0], *_qkv(14, seed=5)[1:]
+    [match] = _performer(rewriter.detect_onnx(_export(model, (q, k, v))))
+    assert not match.spec.accepted and "same length" in match.reason
+
+
 @pytest.mark.parametrize("attribute", ["exclusive", "reverse"])
 def test_exclusive_or_reversed_prefix_sum_is_not_causal_attention(attribute):
     model = FastAttention(8, nb_features=12, causal=True, generalized_attention=True).eval()

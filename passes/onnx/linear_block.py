@@ -115,9 +115,11 @@ def finish_block(ctx: AnalysisContext, anchor: ir.Node, nodes: list[ir.Node], ca
     if any(d is None or len(d) != 4 for d in dims):
         raise Rejected("q, k, v are not 4-D (batch, heads, length, dim)")
     (q, k, v) = dims
-    shared = [(q[0], k[0]), (k[0], v[0]), (q[1], k[1]), (k[1], v[1]), (k[2], v[2])] + [(q[2], k[2])] * causal
+    shared = [(q[0], k[0]), (k[0], v[0]), (q[1], k[1]), (k[1], v[1]), (k[2], v[2])]
     if not all(ShapeFacts.same(a, b) for a, b in shared):
-        raise Rejected("cannot prove that q, k and v share batch, head (and, causal, sequence) axes")
+        raise Rejected("cannot prove that q, k and v share batch and head axes")
+    if not ShapeFacts.same(q[2], k[2]):  # the ONNX replacement slices keys by the query length
+        raise Rejected("cannot prove that queries and keys have the same length")
     block = list(dict.fromkeys(nodes + list(query.nodes) + list(key.nodes)))
     require_closed(block[1:], set(block), "linear-attention")
     spec = AttentionSpec(
