@@ -19,6 +19,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import rewriter
@@ -171,6 +173,20 @@ def test_slice_size_follows_chunk_size_and_ort_target_takes_causal_blocks_only()
     _, report = rewriter.optimize_onnx(_export(bidirectional, inputs), target="ort")
     [match] = _performer(report)
     assert not match.rewritten and "causal Performer attention only" in match.reason
+
+
+@settings(max_examples=8, deadline=None)
+@given(length=st.integers(1, 40), heads=st.integers(1, 3), dim=st.sampled_from([4, 8]), features=st.integers(2, 16),
+       kind=st.sampled_from(["favor", "relu"]), causal=st.booleans(), slice_size=st.sampled_from([1, 7, 256]))
+def test_random_shapes_and_variants(length, heads, dim, features, kind, causal, slice_size):
+    model = FastAttention(dim, nb_features=features, causal=causal, generalized_attention=kind == "relu").eval()
+    inputs = _qkv(length, heads=heads, dim=dim, seed=length)
+    proto = _export(model, inputs)
+    optimized, report = rewriter.optimize_onnx(proto, chunk_size=slice_size)
+    [match] = _performer(report)
+    assert match.rewritten, match.reason
+    feeds = _feeds(proto, inputs)
+    np.testing.assert_allclose(_run_ort(optimized, feeds), model(*inputs).numpy(), atol=2e-5, rtol=1e-4)
 
 
 # --------------------------------------------------------------------------- whole models
