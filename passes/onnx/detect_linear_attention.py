@@ -127,15 +127,20 @@ def _is_einsum_anchor(ctx: AnalysisContext, node: ir.Node) -> bool:
 
 
 def _is_matmul_anchor(ctx: AnalysisContext, node: ir.Node) -> bool:
-    """`Mul(MatMul, D⁻¹)` where D⁻¹ is a Reciprocal (optionally times 1) or `Div(1, ·)`."""
+    """`Mul(MatMul, D⁻¹)` where D⁻¹ is 1 / MatMul: `Reciprocal` (optionally times 1) or `Div(1, ·)`.
+
+    The denominator must itself be a product, so that normalisations such as RMSNorm's
+    `x · Reciprocal(Sqrt(·))` are not candidates at all.
+    """
     if not is_op(node, "Mul"):
         return False
     for product, d_inv in ((node.inputs[0], node.inputs[1]), (node.inputs[1], node.inputs[0])):
         inner = split_scale(ctx, d_inv)[0]
-        divide = producer_op(inner, "Div")
-        if producer_op(product, "MatMul") is not None and (
-                producer_op(inner, "Reciprocal") is not None or
-                divide is not None and ctx.folder.scalar(divide.inputs[0]) == 1.0):
+        reciprocal, divide = producer_op(inner, "Reciprocal"), producer_op(inner, "Div")
+        if divide is not None and ctx.folder.scalar(divide.inputs[0]) != 1.0:
+            divide = None
+        denominator = reciprocal.inputs[0] if reciprocal else divide.inputs[1] if divide else None
+        if producer_op(product, "MatMul") is not None and producer_op(denominator, "MatMul") is not None:
             return True
     return False
 
