@@ -41,14 +41,15 @@ slower on ORT's CPU provider (the causal tile is built with Where once per diago
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import onnx
 import onnx_ir as ir
+
+from rewriter.kernels.onnx_emitter import Emitter, standalone_model, typed
 
 __all__ = ["build_chunked_attention", "make_chunked_attention_model"]
 
@@ -61,37 +62,10 @@ _LAYOUTS = {"q": ("BHLD", "BLHD"), "k": ("BHLD", "BLHD", "BHDL"), "v": ("BHLD", 
 _BLOCK_FORM = {"q": "BHGLD", "k": "BHGDL", "v": "BHGLD"}
 
 
-class _Emitter:
-    """Appends nodes to one tape, naming every value from a counter shared with its subgraphs."""
-
-    def __init__(self, tape: ir.tape.Tape, prefix: str, counter: Iterator[int] | None = None):
-        self.tape = tape
-        self._prefix = prefix
-        self._counter = counter if counter is not None else itertools.count()
-
-    def name(self, tag: str) -> str:
-        return f"{self._prefix}/{tag}_{next(self._counter)}"
-
-    def __call__(self, op_type: str, *inputs: ir.Value | None, outputs: int = 1, **attributes):
-        name = self.name(op_type)
-        values = [ir.Value(name=name if outputs == 1 else f"{name}_{i}") for i in range(outputs)]
-        self.tape.op_multi_out(op_type, inputs, attributes or None, outputs=values, name=name)
-        return values[0] if outputs == 1 else values
-
-    def const(self, value, dtype=np.int64) -> ir.Value:
-        return self("Constant", value=ir.tensor(np.array(value, dtype=dtype)))
-
-    def subgraph(self) -> _Emitter:
-        return _Emitter(ir.tape.Tape(), self._prefix, self._counter)
-
-    def graph(self, inputs: Sequence[ir.Value], outputs: Sequence[ir.Value], tag: str) -> ir.Graph:
-        return ir.Graph(inputs, outputs, nodes=self.tape.nodes, name=self.name(tag))
-
-
 class _Builder:
     """Options and the outer-scope values (constants, k_len) that both loop bodies read."""
 
-    def __init__(self, emit: _Emitter, heads: int, kv_heads: int, scale: float, softcap: float,
+    def __init__(self, emit: Emitter, heads: int, kv_heads: int, scale: float, softcap: float,
                  mask_fill: float, causal: bool, causal_offset: int, q_chunk: int, k_chunk: int,
                  layouts: dict[str, str]):
         self.e = emit
@@ -111,10 +85,10 @@ class _Builder:
             self._axes[axes] = self.e.const(list(axes))
         return self._axes[axes]
 
-    def _ceil_div(self, e: _Emitter, n: ir.Value, d: ir.Value) -> ir.Value:
+    def _ceil_div(self, e: Emitter, n: ir.Value, d: ir.Value) -> ir.Value:
         return e("Div", e("Sub", e("Add", n, d), self.one), d)
 
-    def _as_float(self, e: _Emitter, x: ir.Value) -> ir.Value:
+    def _as_float(self, e: Emitter, x: ir.Value) -> ir.Value:
         return x if x.dtype == _FLOAT else e("Cast", x, to=_FLOAT)
 
     def _group_heads(self, x: ir.Value, heads: int, head_axis: int = 1) -> ir.Value:
@@ -133,13 +107,13 @@ class _Builder:
         layout = self.layouts[role]
         view = layout.replace("H", "HG")
         perm = [view.index(label) for label in _BLOCK_FORM[role]]
-        return (_typed(self._group_heads(x, heads, layout.index("H")), x.dtype), self.axis(view.index("L")),
+        return (typed(self._group_heads(x, heads, layout.index("H")), x.dtype), self.axis(view.index("L")),
                 None if perm == sorted(perm) else perm)
 
-    def _read_block(self, e: _Emitter, sliceable, start, stop) -> ir.Value:
+    def _read_block(self, e: Emitter, sliceable, start, stop) -> ir.Value:
         """One block of Q, K or V in fp32 and in `_BLOCK_FORM`."""
         x, axis, perm = sliceable
-        block = self._as_float(e, _typed(e("Slice", x, start, stop, axis), x.dtype))
+        block = self._as_float(e, typed(e("Slice", x, start, stop, axis), x.dtype))
         return block if perm is None else e("Transpose", block, perm=perm)
 
     def _grouped_operand(self, x: ir.Value, role: str) -> ir.Value:
@@ -152,7 +126,7 @@ class _Builder:
         dtype = x.dtype
         if x.shape.rank() < 4:
             x = self.e("Unsqueeze", x, self.e.const(list(range(4 - x.shape.rank()))))
-        return _typed(self._group_heads(x, heads), dtype)
+        return typed(self._group_heads(x, heads), dtype)
 
     def build(self, q, k, v, bias, mask) -> ir.Value:
         e = self.e
@@ -214,8 +188,8 @@ class _Builder:
         if out_view != _BLOCK_FORM["q"]:
             block = b("Transpose", block, perm=[_BLOCK_FORM["q"].index(label) for label in out_view])
         pad = b("Concat", self.zero, b("Sub", qc, b("Sub", q1, q0)), axis=0)
-        out = _typed(b("Pad", block, pad, None, self.axis(out_view.index("L"))), dtype)
-        return b.graph([i, cond], [_typed(b("Identity", cond), _BOOL), out], "query_chunk")
+        out = typed(b("Pad", block, pad, None, self.axis(out_view.index("L"))), dtype)
+        return b.graph([i, cond], [typed(b("Identity", cond), _BOOL), out], "query_chunk")
 
     def _key_body(self, qb, kg, vg, rows, diagonal) -> ir.Graph:
         b = self.e.subgraph()
@@ -229,7 +203,7 @@ class _Builder:
         terms = []  # in the kernels' order: + bias, mask, + causal
         for x, row_start, row_stop, last_key, role in rows:
             starts = b("Concat", row_start, b("Min", k0, last_key), axis=0)
-            block = _typed(b("Slice", x, starts, b("Concat", row_stop, k1, axis=0), self.axis(3, 4)), x.dtype)
+            block = typed(b("Slice", x, starts, b("Concat", row_stop, k1, axis=0), self.axis(3, 4)), x.dtype)
             if role == "bias":
                 terms.append(("Add", self._as_float(b, block)))
             elif self.mask_fill == -math.inf:
@@ -250,10 +224,10 @@ class _Builder:
         l_new = b("Add", b("Mul", row_sum, rescale), b("ReduceSum", p, self.axis(-1), keepdims=1))
         pv = b("MatMul", p, vb)
         acc_new = b("Add", b("Mul", acc, rescale), pv)
-        outputs = [_typed(b("Identity", cond), _BOOL), *(_typed(x, _FLOAT) for x in (m_new, l_new, acc_new))]
+        outputs = [typed(b("Identity", cond), _BOOL), *(typed(x, _FLOAT) for x in (m_new, l_new, acc_new))]
         return b.graph([j, cond, m, row_sum, acc], outputs, "key_chunk")
 
-    def _causal_tile(self, b: _Emitter, k0, k_end, query_pos, first_hidden) -> ir.Value:
+    def _causal_tile(self, b: Emitter, k0, k_end, query_pos, first_hidden) -> ir.Value:
         """A (rows, keys) tile to add to S: −∞ above the diagonal where it crosses the block (key
         k_end − 1 ≥ first_hidden), zeros elsewhere. Adding a tile, not choosing between S and a
         masked S, keeps S from being copied out of an If branch."""
@@ -265,18 +239,13 @@ class _Builder:
         tile_shape = below("Concat", below("Shape", query_pos, end=1), below("Sub", k_end, k0), axis=0)
         zeros = below("ConstantOfShape", tile_shape, value=ir.tensor([0.0], dtype=_FLOAT))
         return b("If", b("Greater", k_end, first_hidden),
-                 then_branch=crossed.graph([], [_typed(tile, _FLOAT)], "diagonal_block"),
-                 else_branch=below.graph([], [_typed(zeros, _FLOAT)], "below_diagonal_block"))
+                 then_branch=crossed.graph([], [typed(tile, _FLOAT)], "diagonal_block"),
+                 else_branch=below.graph([], [typed(zeros, _FLOAT)], "below_diagonal_block"))
 
 
-def _neg_inf_where_false(e: _Emitter, keep: ir.Value) -> ir.Value:
+def _neg_inf_where_false(e: Emitter, keep: ir.Value) -> ir.Value:
     """log(keep): 0 where kept, −∞ elsewhere, to be added to the scores."""
     return e("Log", e("Cast", keep, to=_FLOAT))
-
-
-def _typed(value: ir.Value, dtype: ir.DataType) -> ir.Value:
-    value.dtype = dtype
-    return value
 
 
 def build_chunked_attention(
@@ -325,7 +294,7 @@ def build_chunked_attention(
         raise ValueError(f"q must be floating point (got {q.dtype}) and mask boolean")
     logger.debug("chunked attention %s: heads %d/%d, chunks (%d, %d), causal=%s offset=%d",
                  name, num_heads, num_kv_heads, q_chunk, k_chunk, causal, causal_offset)
-    builder = _Builder(_Emitter(tape, name), num_heads, num_kv_heads, scale, softcap, mask_fill,
+    builder = _Builder(Emitter(tape, name), num_heads, num_kv_heads, scale, softcap, mask_fill,
                        causal, causal_offset, q_chunk, k_chunk, layouts)
     out = builder.build(q, k, v, bias, mask)
     out.dtype = q.dtype
@@ -360,8 +329,4 @@ def make_chunked_attention_model(
     tape = ir.tape.Tape()
     out = build_chunked_attention(tape, q, k, v, bias=bias, mask=mask, num_heads=num_heads,
                                   num_kv_heads=num_kv_heads, **options)
-    out.name = "out"
-    inputs = [x for x in (q, k, v, bias, mask) if x is not None]
-    graph = ir.Graph(inputs, [out], nodes=tape.nodes, opset_imports={"": opset},
-                     name="chunked_attention")
-    return ir.to_proto(ir.Model(graph, ir_version=10))
+    return standalone_model((q, k, v, bias, mask), out, tape, "chunked_attention", {"": opset})

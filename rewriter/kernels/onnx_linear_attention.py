@@ -31,7 +31,7 @@ import onnx
 import onnx_ir as ir
 
 from rewriter.kernels.linear_attention import FEATURE_MAPS
-from rewriter.kernels.onnx_chunked_attention import _Emitter, _typed
+from rewriter.kernels.onnx_emitter import Emitter, standalone_model, typed
 
 __all__ = ["LINEAR_TARGETS", "build_linear_attention", "make_linear_attention_model"]
 
@@ -44,7 +44,7 @@ _INT64, _BOOL = ir.DataType.INT64, ir.DataType.BOOL
 class _LinearBuilder:
     """Options, and the outer-scope values (constants, lengths, grouped operands) the loop bodies read."""
 
-    def __init__(self, emit: _Emitter, q, k, v, projection, *, feature_map: str, data_scale: float,
+    def __init__(self, emit: Emitter, q, k, v, projection, *, feature_map: str, data_scale: float,
                  epsilon: float, normalizer_epsilon: float, slice_size: int):
         e = self.e = emit
         self.dtype = ir.DataType.DOUBLE if q.dtype == ir.DataType.DOUBLE else ir.DataType.FLOAT
@@ -62,21 +62,21 @@ class _LinearBuilder:
     def const(self, value) -> ir.Value:
         return self.e.const(value, self.np_dtype)
 
-    def cast(self, e: _Emitter, x: ir.Value) -> ir.Value:
+    def cast(self, e: Emitter, x: ir.Value) -> ir.Value:
         return x if x.dtype == self.dtype else e("Cast", x, to=self.dtype)
 
-    def feature_count(self, e: _Emitter) -> ir.Value:
+    def feature_count(self, e: Emitter) -> ir.Value:
         """[M], from the projection (or D without one)."""
         return e("Shape", self.projection_t, start=1) if self.projection_t is not None else e("Shape", self.k, start=3)
 
     # ----------------------------------------------------------------------- feature maps
 
-    def pre_activation(self, e: _Emitter, x: ir.Value) -> ir.Value:
+    def pre_activation(self, e: Emitter, x: ir.Value) -> ir.Value:
         """c·x·Ωᵀ (or c·x without a projection) of rows x in the compute dtype."""
         a = e("Mul", x, self.const(self.data_scale))
         return a if self.projection_t is None else e("MatMul", a, self.projection_t)
 
-    def features(self, e: _Emitter, x: ir.Value, key_max: ir.Value | None = None,
+    def features(self, e: Emitter, x: ir.Value, key_max: ir.Value | None = None,
                  a: ir.Value | None = None) -> ir.Value:
         """φ(x) row by row; `key_max` is the FAVOR+ key stabiliser (queries use their row max)."""
         a = self.pre_activation(e, x) if a is None else a
@@ -101,10 +101,10 @@ class _LinearBuilder:
                   e("Shape", x, start=2), axis=0)
         return e("Reshape", x, split)
 
-    def block(self, e: _Emitter, x: ir.Value, start: ir.Value, stop: ir.Value) -> ir.Value:
+    def block(self, e: Emitter, x: ir.Value, start: ir.Value, stop: ir.Value) -> ir.Value:
         return self.cast(e, e("Slice", x, start, stop, e.const([3])))
 
-    def with_ones(self, e: _Emitter, v_block: ir.Value, rank: int = 5) -> ir.Value:
+    def with_ones(self, e: Emitter, v_block: ir.Value, rank: int = 5) -> ir.Value:
         """[v | 1]: numerator and denominator from one product.
 
         Pads are spelled out for every axis: ORT 1.32's transpose optimizer mis-permutes a Pad's
@@ -112,11 +112,11 @@ class _LinearBuilder:
         """
         return e("Pad", v_block, e.const([0] * (2 * rank - 1) + [1]), self.const(1.0))
 
-    def bounds(self, e: _Emitter, i: ir.Value) -> tuple[ir.Value, ir.Value]:
+    def bounds(self, e: Emitter, i: ir.Value) -> tuple[ir.Value, ir.Value]:
         start = e("Mul", i, self.slice)
         return start, e("Min", e("Add", start, self.slice), self.length)
 
-    def rows_out(self, e: _Emitter, num: ir.Value, start, stop) -> ir.Value:
+    def rows_out(self, e: Emitter, num: ir.Value, start, stop) -> ir.Value:
         """num[:, :Dv] / (num[:, Dv:] + normalizer_epsilon) in the output dtype, padded to s rows."""
         minus_one, last = e.const([-1]), e.const([np.iinfo(np.int64).max])
         den = e("Add", e("Slice", num, minus_one, last, minus_one), self.const(self.normalizer_epsilon))
@@ -124,11 +124,11 @@ class _LinearBuilder:
         if self.out_dtype != self.dtype:
             rows = e("Cast", rows, to=self.out_dtype)
         pads = e("Concat", e.const([0] * 8), e("Sub", self.slice, e("Sub", stop, start)), self.zero, axis=0)
-        return _typed(e("Pad", rows, pads), self.out_dtype)
+        return typed(e("Pad", rows, pads), self.out_dtype)
 
     # ----------------------------------------------------------------------- loops
 
-    def body(self) -> tuple[_Emitter, ir.Value, ir.Value]:
+    def body(self) -> tuple[Emitter, ir.Value, ir.Value]:
         b = self.e.subgraph()
         return b, ir.val(b.name("i"), _INT64, []), ir.val(b.name("cond"), _BOOL, [])
 
@@ -139,7 +139,7 @@ class _LinearBuilder:
         running = ir.val(b.name("key_max"), self.dtype, [None] * 5)
         a = self.pre_activation(b, self.block(b, kg, *self.bounds(b, i)))
         new = b("Max", running, b("ReduceMax", a, b.const([-2, -1]), keepdims=1))
-        graph = b.graph([i, cond, running], [_typed(b("Identity", cond), _BOOL), _typed(new, self.dtype)], "key_max")
+        graph = b.graph([i, cond, running], [typed(b("Identity", cond), _BOOL), typed(new, self.dtype)], "key_max")
         shape = e("Concat", e("Shape", kg, end=2), e.const([1, 1, 1]), axis=0)
         start = e("ConstantOfShape", shape, value=ir.tensor(np.array([-np.inf], self.np_dtype)))
         return e("Loop", self.n_slices, None, start, body=graph)
@@ -158,7 +158,7 @@ class _LinearBuilder:
         phi_k = self.features(b, self.block(b, kg, start, stop), key_max)
         vb = self.with_ones(b, self.block(b, vg, start, stop))
         new = b("Add", state, b("MatMul", b("Transpose", phi_k, perm=[0, 1, 2, 4, 3]), vb))
-        graph = b.graph([i, cond, state], [_typed(b("Identity", cond), _BOOL), _typed(new, self.dtype)], "key_state")
+        graph = b.graph([i, cond, state], [typed(b("Identity", cond), _BOOL), typed(new, self.dtype)], "key_state")
         return self.e("Loop", self.n_slices, None, self.zero_state(kg), body=graph)
 
     def output_loop(self, qg, kg, vg, key_max, state: ir.Value | None) -> ir.Value:
@@ -175,11 +175,11 @@ class _LinearBuilder:
             scores = b("Trilu", b("MatMul", phi_q, phi_k_t), upper=0)  # keys after the query: 0
             num = b("Add", b("MatMul", phi_q, running), b("MatMul", scores, vb))
             new = b("Add", running, b("MatMul", phi_k_t, vb))
-            carried = [(running, _typed(new, self.dtype))]
+            carried = [(running, typed(new, self.dtype))]
         else:
             num = b("MatMul", phi_q, state)
         rows = self.rows_out(b, num, start, stop)
-        outputs = [_typed(b("Identity", cond), _BOOL), *(new for _, new in carried), rows]
+        outputs = [typed(b("Identity", cond), _BOOL), *(new for _, new in carried), rows]
         graph = b.graph([i, cond, *(old for old, _ in carried)], outputs, "linear_slice")
         initial = [self.zero_state(kg)] if state is None else []
         results = self.e("Loop", self.n_slices, None, *initial, body=graph, outputs=1 + len(initial))
@@ -259,7 +259,7 @@ def build_linear_attention(tape: ir.tape.Tape, q: ir.Value, k: ir.Value, v: ir.V
     if q.dtype is None or not q.dtype.is_floating_point():
         raise ValueError(f"q must be floating point, got {q.dtype}")
     logger.debug("linear attention %s: %s, causal=%s, slice %d, target %s", name, feature_map, causal, slice_size, target)
-    builder = _LinearBuilder(_Emitter(tape, name), q, k, v, projection, feature_map=feature_map, data_scale=data_scale,
+    builder = _LinearBuilder(Emitter(tape, name), q, k, v, projection, feature_map=feature_map, data_scale=data_scale,
                              epsilon=epsilon, normalizer_epsilon=normalizer_epsilon, slice_size=slice_size)
     if target == "ort":
         out = builder.build_ort(_static_heads(q, "q"), _static_heads(k, "k"))
@@ -285,8 +285,5 @@ def make_linear_attention_model(*, num_heads: int, num_kv_heads: int, head_dim: 
     projection = None if features is None else ir.val("projection", dtype, [features, head_dim])
     tape = ir.tape.Tape()
     out = build_linear_attention(tape, q, k, v, projection, **options)
-    out.name = "out"
-    inputs = [x for x in (q, k, v, projection) if x is not None]
     imports = {"": opset, **({"com.microsoft": 1} if options.get("target") == "ort" else {})}
-    graph = ir.Graph(inputs, [out], nodes=tape.nodes, opset_imports=imports, name="linear_attention")
-    return ir.to_proto(ir.Model(graph, ir_version=10))
+    return standalone_model((q, k, v, projection), out, tape, "linear_attention", imports)
