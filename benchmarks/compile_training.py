@@ -19,8 +19,8 @@ whose buffers are freed and reallocated each step). Ratios are against `inductor
 A point estimated above MAX_CHILD_GIB is skipped. Times are wall-clock times of a single step:
 other load on the 2 cores skews them; the CPU-seconds column moves less.
 
-    PYTHONPATH=. python benchmarks/compile_training.py              # n = 4096, 8192: ~4-6 minutes,
-                                                                    # mostly Inductor compiling
+    PYTHONPATH=. python benchmarks/compile_training.py              # n = 4096, 8192: 9 minutes on a busy
+                                                                    # 2-core machine, mostly compiling
     PYTHONPATH=. python benchmarks/compile_training.py --sizes 2048 --impls inductor rewriter \\
         --json out.json --markdown out.md
 """
