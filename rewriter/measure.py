@@ -11,6 +11,7 @@ import ctypes
 import dataclasses
 import gc
 import multiprocessing
+import queue as queue_module
 import time
 from collections.abc import Callable
 
@@ -60,12 +61,19 @@ def measure_in_fresh_process(setup: Callable[..., Callable[[], object]], *args) 
     """`setup(*args)` runs in a new process and returns the call to measure there.
 
     `setup` must be importable (a module-level function): the child is spawned, not forked.
+    A child that dies without reporting (killed for memory, say) raises `ChildProcessError`.
     """
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=_child, args=(queue, setup, args))
     process.start()
-    result = queue.get()
+    while True:
+        try:
+            result = queue.get(timeout=1.0)
+            break
+        except queue_module.Empty:
+            if not process.is_alive():  # killed (e.g. out of memory) before it could report
+                raise ChildProcessError(f"the measuring process died with exit code {process.exitcode}") from None
     process.join()
     if isinstance(result, BaseException):
         raise result
