@@ -5,7 +5,7 @@ test: the TorchScript exporter for the many small FastAttention variants (it is 
 exporter (opset 18) for the causal and bidirectional blocks and whole models, one with a dynamic
 sequence length. Exported Performer files do not load in ONNX Runtime as written (its Einsum rejects
 the ellipsis of `…id,…jd->…ij` against the 2-D projection), so the original runs on ONNX Runtime
-after `SpellOutEinsumEllipsis` (same computation, explicit labels), and both are compared with eager.
+after `spelt_out` (same computation, explicit labels), and both are compared with eager.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch import nn
 
 import rewriter
 from passes.onnx.detect_linear_attention import detect_linear_attention
-from passes.onnx.einsum_ellipsis import SpellOutEinsumEllipsis, explicit_equation
+from passes.onnx.einsum_ellipsis import explicit_equation, spelt_out
 from passes.onnx.onnx_match import AnalysisContext
 from rewriter.cli import main as cli_main
 from rewriter.memory_estimate import estimate_peak_activation_bytes, sequence_dims
@@ -70,18 +70,11 @@ def _performer(report):
     return [match for match in report.matches if match.kind == "performer"]
 
 
-def _runnable_original(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """The exported model with its uneven einsum ellipses spelt out, so that ONNX Runtime loads it."""
-    model = ir.from_proto(proto)
-    SpellOutEinsumEllipsis(AnalysisContext(model))(model)
-    return ir.to_proto(model)
-
-
 def _assert_rewritten_parity(model, proto, inputs, *, atol=2e-5):
     """Rewrite `proto`; on ORT the result equals the original and eager PyTorch."""
     optimized, report = rewriter.optimize_onnx(proto)
     feeds = _feeds(proto, inputs)
-    got, original = _run_ort(optimized, feeds), _run_ort(_runnable_original(proto), feeds)
+    got, original = _run_ort(optimized, feeds), _run_ort(spelt_out(proto), feeds)
     np.testing.assert_allclose(got, original, atol=atol, rtol=1e-4)
     np.testing.assert_allclose(got, model(*inputs).detach().numpy(), atol=atol, rtol=1e-4)
     return optimized, report
@@ -211,7 +204,7 @@ def test_causal_lm_with_dynamic_length_is_rewritten_at_two_lengths():
     length = 4096
     context_bytes = 2 * heads * length * features * (dim // heads) * 4
     before, after = (estimate_peak_activation_bytes(m, sequence_dims(m, length))
-                     for m in (_runnable_original(proto), optimized))
+                     for m in (spelt_out(proto), optimized))
     assert before.unknown_values == after.unknown_values == 0, (before, after)
     assert before.peak_bytes >= context_bytes > 8 * after.peak_bytes, (before, after, context_bytes)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import string
 
+import onnx
 import onnx_ir as ir
 import onnx_ir.passes
 
@@ -24,7 +25,7 @@ from passes.onnx.graph_values import attribute, is_op
 from passes.onnx.labelled_ops import rank_of
 from passes.onnx.onnx_match import AnalysisContext
 
-__all__ = ["SpellOutEinsumEllipsis", "explicit_equation"]
+__all__ = ["SpellOutEinsumEllipsis", "explicit_equation", "spelt_out"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,3 +71,15 @@ class SpellOutEinsumEllipsis(onnx_ir.passes.InPlacePass):
             node.attributes["equation"] = ir.AttrString("equation", equation)
             self.count += 1
         return onnx_ir.passes.PassResult(model, self.count > 0)
+
+
+def spelt_out(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `proto` with its uneven einsum ellipses spelt out (`proto` itself when it has none).
+
+    What to hand ONNX Runtime or shape-based estimates when the original must run as it is, e.g. the
+    "before" side of a verification or a memory comparison of an exported Performer model.
+    """
+    model = ir.from_proto(proto)
+    if not SpellOutEinsumEllipsis(AnalysisContext(model))(model).modified:
+        return proto
+    return ir.to_proto(model)
