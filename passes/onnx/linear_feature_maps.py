@@ -13,7 +13,7 @@
 Ω must be a constant (initializer or ``Constant``), c, ε and the ratio scalars that depend on no
 input (``Pow(8, -0.25)`` as the TorchScript exporter writes it counts), and every intermediate may
 be used only inside φ. `Rejected` carries the reason when any of that fails. The scale and
-closure checks here are shared with `detect_linear_attention`.
+closure checks here are shared with the block proofs (`linear_block`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from passes.onnx.graph_values import attribute, const_array, producer_op, value_
 from passes.onnx.labelled_ops import axes_of, einsum_labels, rank_of
 from passes.onnx.onnx_match import AnalysisContext, Rejected
 
-__all__ = ["OnnxFeatureMap", "match_feature_map", "require_closed", "scalar", "split_scale"]
+__all__ = ["OnnxFeatureMap", "match_feature_map", "require_closed", "split_scale"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,16 +46,11 @@ class OnnxFeatureMap:
     nodes: tuple[ir.Node, ...]
 
 
-def scalar(ctx: AnalysisContext, value: ir.Value | None, what: str) -> float:
-    """The value of a one-element input-independent `value`, or Rejected naming `what`."""
-    result = ctx.folder.scalar(value)
-    if result is None:
-        raise Rejected(f"{what} is not a scalar constant")
-    return result
-
-
 def split_scale(ctx: AnalysisContext, value: ir.Value) -> tuple[ir.Value, float, ir.Node | None]:
-    """(x, c, node) for `Mul(x, c)`, `Mul(c, x)` or `Div(x, 1/c)` with c a scalar constant, else (value, 1, None)."""
+    """(x, c, node) for `Mul(x, c)`, `Mul(c, x)` or `Div(x, 1/c)` with the factor a scalar constant.
+
+    (value, 1, None) when `value` is not such a product.
+    """
     node = producer_op(value, "Mul", "Div")
     if node is None:
         return value, 1.0, None
@@ -101,6 +96,8 @@ def _projected(ctx: AnalysisContext, value: ir.Value, nodes: list[ir.Node]) -> t
     """(x, Ω, c) for `Einsum('…id,…jd->…ij', c·x, Ω)`, or (x, None, c) for `c·x`."""
     einsum = producer_op(value, "Einsum")
     parsed = einsum_labels(ctx, einsum)
+    if einsum is not None and parsed is None:
+        raise Rejected(f"the ranks of the operands of '{einsum.name}' are unknown (shape inference gave none)")
     if parsed is None:
         x, c, node = split_scale(ctx, value)
         nodes += [node] if node is not None else []
