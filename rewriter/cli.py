@@ -23,6 +23,21 @@ class VerificationError(Exception):
     """--verify found the rewritten model different: nothing is written, exit code 1."""
 
 
+def _log(args):
+    """Where the human-readable lines go: stderr when stdout carries the JSON."""
+    return (lambda line: print(line, file=sys.stderr)) if args.json else print
+
+
+def _finish(args, lines: list[str], payload: dict) -> int:
+    """Log `lines`, print `payload` as JSON when --json asked for it; exit status 0."""
+    log = _log(args)
+    for line in lines:
+        log(line)
+    if args.json:
+        _print_json(payload)
+    return 0
+
+
 def _print_json(payload: dict) -> None:
     json.dump(payload, sys.stdout, indent=2)
     sys.stdout.write("\n")
@@ -35,7 +50,7 @@ def _demo(args) -> int:
         raise UsageError(f"--seq-len must be positive, got {args.seq_len}")
     if args.threads < 1:
         raise UsageError(f"--threads must be positive, got {args.threads}")
-    log = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    log = _log(args)
     result = run_demo(args.seq_len, args.threads, log=log)
     if args.json:
         _print_json(result.to_dict())
@@ -119,7 +134,7 @@ def _optimize(args) -> int:
         raise UsageError(str(error)) from None
     chunk_size, memory_budget = _chunk_size(args.chunk_size), _memory_budget(args.memory_budget)
     original = _load(args.model)
-    log = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    log = _log(args)
     optimized, report = optimize_onnx(original, target=args.target, provider=args.provider,
                                       chunk_size=chunk_size, memory_budget=memory_budget)
     report.memory = _compare_memory(original, optimized, args.seq_len)
@@ -134,10 +149,7 @@ def _optimize(args) -> int:
         if not result.ok:
             raise VerificationError(f"rewritten model differs from the original: {result.message}; nothing written")
     save_model(optimized, args.output)
-    log(f"wrote {args.output}")
-    if args.json:
-        _print_json(payload)
-    return 0
+    return _finish(args, [f"wrote {args.output}"], payload)
 
 
 def _export(args) -> int:
@@ -171,12 +183,7 @@ def _export(args) -> int:
         raise UsageError(str(error)) from None
     except ExportVerificationError as error:
         raise VerificationError(str(error)) from None
-    log = (lambda line: print(line, file=sys.stderr)) if args.json else print
-    log(report.summary())
-    log(f"wrote {args.output}")
-    if args.json:
-        _print_json(report.to_dict())
-    return 0
+    return _finish(args, [report.summary(), f"wrote {args.output}"], report.to_dict())
 
 
 def _bench(args) -> int:
@@ -215,12 +222,7 @@ def _bench(args) -> int:
     json_path, png_path = os.path.join(args.out_dir, "bench.json"), os.path.join(args.out_dir, "bench.png")
     result.write_json(json_path)
     result.plot(png_path)
-    log = (lambda line: print(line, file=sys.stderr)) if args.json else print
-    log(result.table())
-    log(f"wrote {json_path} and {png_path}")
-    if args.json:
-        _print_json(result.to_dict())
-    return 0
+    return _finish(args, [result.table(), f"wrote {json_path} and {png_path}"], result.to_dict())
 
 
 def _lengths(text: str) -> list[int]:
