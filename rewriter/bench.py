@@ -115,6 +115,7 @@ def bench_onnx(model_or_path, lengths: Iterable[int], *, target: str = "auto", t
                dims: Mapping[str, int] | None = None, memory_limit: int | None = None,
                timeout_s: float = DEFAULT_TIMEOUT_S, progress: Progress | None = None) -> BenchResult:
     """Bench an ONNX model (path or ModelProto) against its rewrite for `target` at each length."""
+    from passes.onnx.einsum_ellipsis import spelt_out
     from rewriter.onnx_api import optimize_onnx
     from rewriter.onnx_io import load_model, save_model
 
@@ -125,6 +126,7 @@ def bench_onnx(model_or_path, lengths: Iterable[int], *, target: str = "auto", t
     bind_dims(model, lengths[0], dims)  # a bad --dim fails before any work
     optimized, report = optimize_onnx(model, target=target)
     _require_rewrite(name, report)
+    model = spelt_out(model)  # as ONNX Runtime can run it: exported Performer einsums need explicit labels
     limit = memory_limit or default_memory_limit()
     config = {"model": name, "kind": "onnx", "target": target, "threads": threads, "lengths": lengths,
               "dims": {length: bind_dims(model, length, dims) for length in lengths},

@@ -26,7 +26,7 @@ from passes.onnx.graph_values import attribute, is_op
 from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch, Rejected
 from passes.onnx.operand_layout import NodeWriter
 
-__all__ = ["PlannedRewrite", "RewriteOnnxAttention", "TARGETS"]
+__all__ = ["PlannedRewrite", "RewriteOnnxAttention", "TARGETS", "remove_dead_block"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def _is_dead(node: ir.Node) -> bool:
     return not any(output.uses() or output.is_graph_output() for output in node.outputs)
 
 
-def _remove_dead(nodes: list[ir.Node]) -> None:
+def remove_dead_block(nodes: list[ir.Node]) -> None:
     """Remove `nodes` and then every producer that only they kept alive."""
     work, initializers = list(nodes), []
     while work:
@@ -136,7 +136,7 @@ class RewriteOnnxAttention(onnx_ir.passes.InPlacePass):
             name, old.name = old.name, f"{old.name}/replaced"
             new.name, new.type, new.shape = name, old.type, old.shape
             replaced[old] = new
-            _remove_dead(match.nodes)
+            remove_dead_block(match.nodes)
             plan.done = True
             logger.info("rewrote attention at %s as %s", name, plan.target)
         return onnx_ir.passes.PassResult(model, any(plan.done for plan in self.plans))

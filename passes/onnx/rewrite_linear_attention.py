@@ -27,7 +27,7 @@ import onnx_ir.passes
 from passes.onnx.linear_block import OnnxLinearAttentionMatch
 from passes.onnx.emit_chunked import CHUNKED
 from passes.onnx.onnx_match import AnalysisContext
-from passes.onnx.rewrite_attention import _remove_dead as remove_dead_block
+from passes.onnx.rewrite_attention import remove_dead_block
 from rewriter.kernels.onnx_linear_attention import build_linear_attention
 
 __all__ = ["LINEAR_ORT", "PlannedLinearRewrite", "RewriteOnnxLinearAttention"]
