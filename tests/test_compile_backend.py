@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import rewriter.compile_backend
-from model_families import GPT2Model, LlamaModel
+from model_families import LAYERS, BertModel, GPT2Model, GPT2SdpaModel, LlamaModel, T5EncoderModel
 from parity import ATTENTION_OP
 
 
@@ -52,6 +52,24 @@ def test_compiled_forward_and_backward_match_eager(family, compiler, rewritten_g
     for want, got in zip(torch.autograd.grad(_loss(expected), parameters), torch.autograd.grad(_loss(actual), parameters)):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert sum(node.target is ATTENTION_OP for gm in rewritten_graphs for node in gm.graph.nodes) == 2
+
+
+@pytest.mark.parametrize("family", [BertModel, GPT2SdpaModel, T5EncoderModel])
+def test_other_families_compiled_match_eager(family, rewritten_graphs):
+    """The rest of the foundation's families (padding mask, SDPA calls, unscaled relative bias)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = family().eval()
+    inputs = model.example_inputs(2, 24)
+    compiled = torch.compile(model, backend="rewriter", options={"compiler": "eager", "chunk_size": (8, 16)})
+    expected, actual = model(*inputs), compiled(*inputs)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    for want, got in zip(torch.autograd.grad(_loss(expected), parameters, allow_unused=True),
+                         torch.autograd.grad(_loss(actual), parameters, allow_unused=True)):
+        if want is not None:
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert sum(node.target is ATTENTION_OP for gm in rewritten_graphs for node in gm.graph.nodes) == LAYERS
 
 
 def test_inductor_compiles_the_rewritten_graph(rewritten_graphs):
