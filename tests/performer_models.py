@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["FastAttention", "PerformerLM", "PerformerEncoder", "gaussian_orthogonal_random_matrix"]
+__all__ = ["FastAttention", "FeaturesReused", "PerformerLM", "PerformerEncoder", "gaussian_orthogonal_random_matrix"]
 
 
 def gaussian_orthogonal_random_matrix(rows: int, columns: int, generator=None) -> torch.Tensor:
@@ -127,6 +127,20 @@ class FastAttention(nn.Module):
         if self.variant == "matmul":
             return linear_attention_matmul(q, k, v)
         return linear_attention(q, k, v, self.near_miss)
+
+
+class FeaturesReused(nn.Module):
+    """Near-miss: φ(k) is also returned, so replacing the block would drop a value the model still needs."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = FastAttention(8, nb_features=12)
+
+    def forward(self, q, k, v):
+        proj = self.attn.projection_matrix
+        phi_q = softmax_kernel(q, projection_matrix=proj, is_query=True)
+        phi_k = softmax_kernel(k, projection_matrix=proj, is_query=False)
+        return linear_attention(phi_q, phi_k, v), phi_k.sum()
 
 
 class _Block(nn.Module):

@@ -10,7 +10,7 @@ from torch import nn
 
 from passes.fx.detect_linear_attention import detect_linear_attention
 from rewriter.torch_api import capture, optimize_module
-from tests.performer_models import FastAttention, PerformerEncoder, PerformerLM
+from tests.performer_models import FastAttention, FeaturesReused, PerformerEncoder, PerformerLM
 
 TARGET = "rewriter::linear_attention"
 
@@ -189,23 +189,8 @@ def test_chunked_with_epsilon_inside_the_prefix_sum_is_left_alone():
     _assert_parity(model, gm, inputs)
 
 
-class _FeaturesReused(nn.Module):
-    """φ(k) is also returned: replacing the block would drop a value the model still needs."""
-
-    def __init__(self):
-        super().__init__()
-        self.attn = FastAttention(8, nb_features=12)
-
-    def forward(self, q, k, v):
-        from tests.performer_models import linear_attention, softmax_kernel
-        proj = self.attn.projection_matrix
-        phi_q = softmax_kernel(q, projection_matrix=proj, is_query=True)
-        phi_k = softmax_kernel(k, projection_matrix=proj, is_query=False)
-        return linear_attention(phi_q, phi_k, v), phi_k.sum()
-
-
 def test_an_intermediate_used_elsewhere_blocks_the_rewrite():
-    model = _FeaturesReused().eval()
+    model = FeaturesReused().eval()
     inputs = _qkv(10)
     gm, report = optimize_module(model, inputs)
     [match] = [m for m in report.matches if m.kind == "performer"]

@@ -30,7 +30,7 @@ from passes.onnx.einsum_ellipsis import explicit_equation, spelt_out
 from passes.onnx.onnx_match import AnalysisContext
 from rewriter.cli import main as cli_main
 from rewriter.memory_estimate import estimate_peak_activation_bytes, sequence_dims
-from tests.performer_models import FastAttention, PerformerEncoder, PerformerLM, linear_attention, softmax_kernel
+from tests.performer_models import FastAttention, FeaturesReused, PerformerEncoder, PerformerLM, linear_attention
 
 NAMES = ["q", "k", "v"]
 
@@ -224,20 +224,6 @@ def test_bidirectional_encoder_is_rewritten():
 # --------------------------------------------------------------------------- near-misses
 
 
-class _FeaturesReused(nn.Module):
-    """φ(k) is also returned: replacing the block would drop a value the model still needs."""
-
-    def __init__(self):
-        super().__init__()
-        self.attn = FastAttention(8, nb_features=12)
-
-    def forward(self, q, k, v):
-        proj = self.attn.projection_matrix
-        phi_q = softmax_kernel(q, projection_matrix=proj, is_query=True)
-        phi_k = softmax_kernel(k, projection_matrix=proj, is_query=False)
-        return linear_attention(phi_q, phi_k, v), phi_k.sum()
-
-
 class _SwappedBatchAxes(nn.Module):
     """The context pairs φ(k) of head h, batch b with v of batch h, head b: not attention per head."""
 
@@ -252,7 +238,7 @@ _NEAR_MISSES = {
     "global_stabiliser": (lambda: FastAttention(8, nb_features=12, near_miss="global_stabiliser"),
                           "stabiliser '", "reduces axes [0, 1, 2, 3]"),
     "normaliser_axis": (lambda: FastAttention(8, nb_features=12, near_miss="normaliser_axis"), "key", "sum"),
-    "features_reused": (_FeaturesReused, "is also used by", ""),
+    "features_reused": (FeaturesReused, "is also used by", ""),
     "swapped_batch_axes": (_SwappedBatchAxes, "key axis", ""),
 }
 

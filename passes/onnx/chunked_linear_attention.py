@@ -25,10 +25,11 @@ import numpy as np
 import onnx_ir as ir
 
 from passes.onnx.graph_values import is_op, producer_op
-from passes.onnx.labelled_ops import axes_of, einsum_labels, rank_of
+from passes.onnx.labelled_ops import axes_of, rank_of
 from passes.onnx.linear_block import (
     OnnxLinearAttentionMatch,
     finish_block,
+    output_product,
     prefix_sum_of,
     reciprocal_of,
     strip_casts,
@@ -80,13 +81,11 @@ def _running_sum(ctx: AnalysisContext, value: ir.Value, axis: int, what: str, no
 
 
 def _piece(ctx: AnalysisContext, anchor: ir.Node) -> _Piece:
-    parsed = einsum_labels(ctx, anchor)
-    if parsed is None:
-        raise Rejected("the ranks of a chunk's output product are unknown (shape inference gave none)")
-    (context, phi_q, d_inv), (c_lab, q_lab, n_lab), out = parsed
-    batch, n, e, d = out[:-2], out[-2:-1], out[-1:], q_lab[-1:]
+    product = output_product(ctx, anchor, "a chunk's output product")
+    context, phi_q, d_inv = product.context, product.phi_q, product.d_inv
+    batch, n, e, d = product.batch, product.n, product.e, product.d
     seq = len(batch)
-    if q_lab != batch + n + d or n_lab != batch + n or c_lab != batch + n + d + e:
+    if product.context_labels != batch + n + d + e:
         raise Rejected("a chunk's output is not Einsum(prefix-summed context, φ(q), D⁻¹)")
     nodes = [anchor]
     denominator = reciprocal_of(ctx, d_inv, nodes)

@@ -26,11 +26,12 @@ import onnx_ir as ir
 from passes.attention_spec import AttentionSpec
 from passes.onnx.chunked_linear_attention import is_chunked_anchor, match_chunked
 from passes.onnx.graph_values import attribute, is_op, producer_op
-from passes.onnx.labelled_ops import einsum_labels, rank_of
+from passes.onnx.labelled_ops import rank_of
 from passes.onnx.linear_block import (
     OnnxLinearAttentionMatch,
     finish_block,
     key_sum_of,
+    output_product,
     prefix_sum_of,
     reciprocal_of,
     strip_casts,
@@ -45,14 +46,10 @@ logger = logging.getLogger(__name__)
 
 
 def _match_einsum(ctx: AnalysisContext, anchor: ir.Node) -> OnnxLinearAttentionMatch:
-    parsed = einsum_labels(ctx, anchor)
-    if parsed is None:
-        raise Rejected("the ranks of the output product's operands are unknown (shape inference gave none)")
-    (context, phi_q, d_inv), (c_lab, q_lab, n_lab), out = parsed
-    batch, n, e, d = out[:-2], out[-2:-1], out[-1:], q_lab[-1:]
+    product = output_product(ctx, anchor, "the output product")
+    context, phi_q, d_inv, c_lab = product.context, product.phi_q, product.d_inv, product.context_labels
+    batch, n, e, d = product.batch, product.n, product.e, product.d
     seq = len(batch)
-    if q_lab != batch + n + d or n_lab != batch + n:
-        raise Rejected("the output product is not over (φ(q), D⁻¹) rows")
     if c_lab not in (batch + d + e, batch + n + d + e):
         raise Rejected("the output product's context is neither (d, e) nor prefix-summed (n, d, e)")
     causal = c_lab == batch + n + d + e

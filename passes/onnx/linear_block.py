@@ -22,7 +22,7 @@ from passes.onnx.linear_feature_maps import OnnxFeatureMap, match_feature_map, r
 from passes.onnx.onnx_match import AnalysisContext, Rejected
 from passes.onnx.shape_facts import ShapeFacts
 
-__all__ = ["OnnxLinearAttentionMatch", "finish_block", "key_sum_of", "prefix_sum_of", "reciprocal_of", "strip_casts",
+__all__ = ["OnnxLinearAttentionMatch", "OutputProduct", "finish_block", "output_product", "key_sum_of", "prefix_sum_of", "reciprocal_of", "strip_casts",
            "two_operand_einsum"]
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,33 @@ class OnnxLinearAttentionMatch:
     value: ir.Value | None = None
     causal: bool = False
     nodes: list[ir.Node] = dataclasses.field(default_factory=list)  # dead once `output` is replaced
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputProduct:
+    """`Einsum(context, φ(q), D⁻¹)`, the block's output: its operands, the context's labels, and the
+    output's labels split into batch axes, the query axis `n` and the value axis `e` (`d`: φ(q)'s features)."""
+
+    context: ir.Value
+    phi_q: ir.Value
+    d_inv: ir.Value
+    context_labels: str
+    batch: str
+    n: str
+    e: str
+    d: str
+
+
+def output_product(ctx: AnalysisContext, anchor: ir.Node, what: str) -> OutputProduct:
+    """`anchor` read as the three-operand output product, or `Rejected` saying why not."""
+    parsed = einsum_labels(ctx, anchor)
+    if parsed is None:
+        raise Rejected(f"the ranks of {what}'s operands are unknown (shape inference gave none)")
+    (context, phi_q, d_inv), (c_lab, q_lab, n_lab), out = parsed
+    batch, n, e, d = out[:-2], out[-2:-1], out[-1:], q_lab[-1:]
+    if q_lab != batch + n + d or n_lab != batch + n:
+        raise Rejected(f"{what} is not over (φ(q), D⁻¹) rows")
+    return OutputProduct(context, phi_q, d_inv, c_lab, batch, n, e, d)
 
 
 def reciprocal_of(ctx: AnalysisContext, value: ir.Value, nodes: list[ir.Node]) -> ir.Value:
