@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["FastAttention", "FeaturesReused", "PerformerLM", "PerformerEncoder", "gaussian_orthogonal_random_matrix"]
+__all__ = ["FastAttention", "FeaturesReused", "SwappedBatchAxes", "PerformerLM", "PerformerEncoder", "gaussian_orthogonal_random_matrix"]
 
 
 def gaussian_orthogonal_random_matrix(rows: int, columns: int, generator=None) -> torch.Tensor:
@@ -141,6 +141,16 @@ class FeaturesReused(nn.Module):
         phi_q = softmax_kernel(q, projection_matrix=proj, is_query=True)
         phi_k = softmax_kernel(k, projection_matrix=proj, is_query=False)
         return linear_attention(phi_q, phi_k, v), phi_k.sum()
+
+
+class SwappedBatchAxes(nn.Module):
+    """Near-miss: the context pairs φ(k) of head h, batch b with v of batch h, head b: not attention per head."""
+
+    def forward(self, q, k, v):
+        q, k = (torch.relu(t) + 1e-3 for t in (q, k))
+        d_inv = 1.0 / torch.einsum("...nd,...d->...n", q, k.sum(dim=-2))
+        context = torch.einsum("hbnd,bhne->bhde", k, v)
+        return torch.einsum("...de,...nd,...n->...ne", context, q, d_inv)
 
 
 class _Block(nn.Module):

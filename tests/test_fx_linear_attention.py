@@ -10,7 +10,7 @@ from torch import nn
 
 from passes.fx.detect_linear_attention import detect_linear_attention
 from rewriter.torch_api import capture, optimize_module
-from tests.performer_models import FastAttention, FeaturesReused, PerformerEncoder, PerformerLM
+from tests.performer_models import FastAttention, FeaturesReused, SwappedBatchAxes, PerformerEncoder, PerformerLM
 
 TARGET = "rewriter::linear_attention"
 
@@ -216,18 +216,8 @@ def test_random_shapes_and_variants(length, heads, dim, features, kind, causal, 
     _assert_parity(model, gm, inputs)
 
 
-class _SwappedBatchAxes(nn.Module):
-    """The context pairs φ(k) of head h, batch b with v of batch h, head b: not attention per head."""
-
-    def forward(self, q, k, v):
-        q, k = (torch.relu(t) + 1e-3 for t in (q, k))
-        d_inv = 1.0 / torch.einsum("...nd,...d->...n", q, k.sum(dim=-2))
-        context = torch.einsum("hbnd,bhne->bhde", k, v)
-        return torch.einsum("...de,...nd,...n->...ne", context, q, d_inv)
-
-
 def test_swapped_batch_axes_are_left_alone():
     inputs = _qkv(6, batch=2, heads=2)
-    gm, report = optimize_module(_SwappedBatchAxes().eval(), inputs)
+    gm, report = optimize_module(SwappedBatchAxes().eval(), inputs)
     [match] = [m for m in report.matches if m.kind == "performer"]
     assert not match.rewritten and "key axis" in match.reason

@@ -30,7 +30,7 @@ from passes.onnx.einsum_ellipsis import explicit_equation, spelt_out
 from passes.onnx.onnx_match import AnalysisContext
 from rewriter.cli import main as cli_main
 from rewriter.memory_estimate import estimate_peak_activation_bytes, sequence_dims
-from tests.performer_models import FastAttention, FeaturesReused, PerformerEncoder, PerformerLM, linear_attention
+from tests.performer_models import FastAttention, FeaturesReused, SwappedBatchAxes, PerformerEncoder, PerformerLM, linear_attention
 
 NAMES = ["q", "k", "v"]
 
@@ -224,22 +224,12 @@ def test_bidirectional_encoder_is_rewritten():
 # --------------------------------------------------------------------------- near-misses
 
 
-class _SwappedBatchAxes(nn.Module):
-    """The context pairs φ(k) of head h, batch b with v of batch h, head b: not attention per head."""
-
-    def forward(self, q, k, v):
-        q, k = (torch.relu(t) + 1e-3 for t in (q, k))
-        d_inv = 1.0 / torch.einsum("...nd,...d->...n", q, k.sum(dim=-2))
-        context = torch.einsum("hbnd,bhne->bhde", k, v)
-        return torch.einsum("...de,...nd,...n->...ne", context, q, d_inv)
-
-
 _NEAR_MISSES = {
     "global_stabiliser": (lambda: FastAttention(8, nb_features=12, near_miss="global_stabiliser"),
                           "stabiliser '", "reduces axes [0, 1, 2, 3]"),
     "normaliser_axis": (lambda: FastAttention(8, nb_features=12, near_miss="normaliser_axis"), "key", "sum"),
     "features_reused": (FeaturesReused, "is also used by", ""),
-    "swapped_batch_axes": (_SwappedBatchAxes, "key axis", ""),
+    "swapped_batch_axes": (SwappedBatchAxes, "key axis", ""),
 }
 
 
