@@ -10,7 +10,7 @@ from torch import nn
 
 from passes.fx.detect_linear_attention import detect_linear_attention
 from rewriter.torch_api import capture, optimize_module
-from tests.performer_models import FastAttention, FeaturesReused, SwappedBatchAxes, PerformerEncoder, PerformerLM
+from tests.performer_models import FastAttention, FeaturesReused, PerformerEncoder, PerformerLM, SwappedBatchAxes
 
 TARGET = "rewriter::linear_attention"
 

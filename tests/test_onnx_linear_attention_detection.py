@@ -30,7 +30,14 @@ from passes.onnx.einsum_ellipsis import explicit_equation, spelt_out
 from passes.onnx.onnx_match import AnalysisContext
 from rewriter.cli import main as cli_main
 from rewriter.memory_estimate import estimate_peak_activation_bytes, sequence_dims
-from tests.performer_models import FastAttention, FeaturesReused, SwappedBatchAxes, PerformerEncoder, PerformerLM, linear_attention
+from tests.performer_models import (
+    FastAttention,
+    FeaturesReused,
+    PerformerEncoder,
+    PerformerLM,
+    SwappedBatchAxes,
+    linear_attention,
+)
 
 NAMES = ["q", "k", "v"]
 
