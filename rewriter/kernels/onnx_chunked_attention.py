@@ -187,8 +187,13 @@ class _Builder:
         out_view = self.layouts["out"].replace("H", "HG")
         if out_view != _BLOCK_FORM["q"]:
             block = b("Transpose", block, perm=[_BLOCK_FORM["q"].index(label) for label in out_view])
-        pad = b("Concat", self.zero, b("Sub", qc, b("Sub", q1, q0)), axis=0)
-        out = typed(b("Pad", block, pad, None, self.axis(out_view.index("L"))), dtype)
+        # Pads spelled out for every axis: ORT 1.32's transpose optimizer mis-permutes a Pad's `axes`
+        # input when it moves a Transpose (the model's head split) through the Pad.
+        rank, row_axis = len(out_view), out_view.index("L")
+        missing_rows = b("Sub", qc, b("Sub", q1, q0))
+        before, after = self.e.const([0] * (rank + row_axis)), self.e.const([0] * (rank - 1 - row_axis))
+        pad = b("Concat", before, missing_rows, after, axis=0)
+        out = typed(b("Pad", block, pad), dtype)
         return b.graph([i, cond], [typed(b("Identity", cond), _BOOL), out], "query_chunk")
 
     def _key_body(self, qb, kg, vg, rows, diagonal) -> ir.Graph:
