@@ -188,11 +188,15 @@ def to_onnx(module, example_inputs, *, target: str = "auto", dynamic_shapes=None
         model_ir = RaiseOpsetPass(23)(model_ir).model
     lowering = LowerRewriterOps(lowered)
     lowering(model_ir)
-    rewritten = [match for match in report.matches if match.rewritten]
-    # Exported nodes keep the FX graph's order; should the counts differ, the requested form is reported.
-    forms = lowering.lowered if len(lowering.lowered) == len(rewritten) else [(lowered, None)] * len(rewritten)
-    for match, (form, _fallback) in zip(rewritten, forms):
-        match.target = form
+    # Exported nodes of each kind keep the FX graph's order; should the counts differ, the requested
+    # form is reported.
+    for kind in ("softmax", "performer"):
+        rewritten = [match for match in report.matches if match.rewritten and match.kind == kind]
+        forms = [done for done, done_kind in zip(lowering.lowered, lowering.kinds) if done_kind == kind]
+        if len(forms) != len(rewritten):
+            forms = [(lowered, None)] * len(rewritten)
+        for match, (form, _fallback) in zip(rewritten, forms):
+            match.target = form
     model = ir.serde.serialize_model(model_ir)
     onnx.checker.check_model(model, full_check=True)
     return model, report

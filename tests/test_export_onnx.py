@@ -22,6 +22,7 @@ import torch
 
 import rewriter
 from model_families import MAX_POSITIONS, BertModel, GPT2Model, LlamaModel
+from performer_models import FastAttention
 from passes.onnx.lower_rewriter_ops import LowerRewriterOps
 from rewriter.cli import main
 from rewriter.export import ExportVerificationError
@@ -249,3 +250,23 @@ def test_cli_refuses_a_file_that_is_not_a_program(tmp_path, capsys):
     stderr = capsys.readouterr().err
     assert stderr.strip().count("\n") == 0 and "not a saved torch.export program" in stderr
     assert not out.exists()
+
+
+class PerformerThenSoftmax(torch.nn.Module):
+    """A bidirectional Performer block, then plain softmax attention: the graph order differs from the report's."""
+
+    def __init__(self):
+        super().__init__()
+        self.performer = FastAttention(8, nb_features=12)
+
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(self.performer(q, k, v), k, v)
+
+
+def test_report_names_each_kind_with_its_own_lowering(tmp_path):
+    """target ort: the softmax block becomes MultiHeadAttention, the bidirectional Performer block falls back to chunked."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 10, 8) for _ in range(3))
+    report = rewriter.export_onnx(PerformerThenSoftmax().eval(), (q, k, v), str(tmp_path / "mixed.onnx"), target="ort")
+    targets = {match.kind: match.target for match in report.matches if match.rewritten}
+    assert targets == {"softmax": "ort", "performer": "chunked"}, report.summary()

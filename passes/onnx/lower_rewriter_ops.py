@@ -217,6 +217,7 @@ class LowerRewriterOps(ir.passes.InPlacePass):
             raise ValueError(f"unknown lowering target {target!r}")
         self.target = target
         self.lowered: list[tuple[str, str | None]] = []  # per node, in graph order: (form, fallback reason)
+        self.kinds: list[str] = []  # per node, in the same order: "softmax" or "performer"
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if self.target == ONNX_ATTENTION and model.graph.opset_imports.get("", 0) < 23:
@@ -225,6 +226,7 @@ class LowerRewriterOps(ir.passes.InPlacePass):
         for index, node in enumerate(targets):
             if node.op_type not in ("Attention", LINEAR_OP):
                 raise LoweringError(f"{node.name}: unknown {REWRITER_DOMAIN} op {node.op_type}")
+            self.kinds.append("performer" if node.op_type == LINEAR_OP else "softmax")
             self.lowered.append(_lower(model.graph, node, index, self.target))
         leftovers = [node.name for node in ir.traversal.RecursiveGraphIterator(model.graph)
                      if node.domain == REWRITER_DOMAIN]
