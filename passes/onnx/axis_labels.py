@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import string
+from collections.abc import Callable
 
 import onnx_ir as ir
 
 from passes.onnx.graph_values import attribute, is_op
 from passes.onnx.shape_facts import Dim, ShapeFacts
 
-__all__ = ["LabeledProduct", "Operand", "label_product", "trace_to_source"]
+__all__ = ["Axis", "LabeledProduct", "Operand", "label_product", "regroup_axes", "trace_to_source", "walk_views"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,62 +84,60 @@ def label_product(node: ir.Node | None, facts: ShapeFacts) -> LabeledProduct | N
 
 
 # While tracing, each axis is a tuple of (label, dim) atoms: one atom, or several for merged axes.
-_Axis = tuple[tuple[str, Dim], ...]
+Axis = tuple[tuple[str, Dim], ...]
+# How one Reshape is crossed: (input dims, output dims, output axes) → input axes, or None.
+ReshapeRule = Callable[[list | None, list | None, list[Axis]], list[Axis] | None]
 
 
-def _through_transpose(node: ir.Node, axes: list[_Axis]) -> list[_Axis] | None:
+def _through_transpose(node: ir.Node, axes: list[Axis]) -> list[Axis] | None:
     perm = attribute(node, "perm", list(range(len(axes)))[::-1])
     if sorted(perm) != list(range(len(axes))):
         return None
-    source: list[_Axis] = [()] * len(axes)
+    source: list[Axis] = [()] * len(axes)
     for position, axis in enumerate(perm):
         source[axis] = axes[position]
     return source
 
 
-def _reshape_groups(in_dims, out_dims) -> tuple[int, int, int]:
-    """Strip provably equal dims from both ends: the middle is in_dims[left:in_stop] → out[left:out_stop]."""
+def regroup_axes(in_dims, out_dims, axes: list[Axis]) -> list[Axis] | None:
+    """Input axes of a row-major reshape `in_dims` → `out_dims` that splits or merges whole axes, else None."""
     left = 0
     while left < min(len(in_dims), len(out_dims)) and ShapeFacts.same(in_dims[left], out_dims[left]):
         left += 1
     in_stop, out_stop = len(in_dims), len(out_dims)
     while in_stop > left and out_stop > left and ShapeFacts.same(in_dims[in_stop - 1], out_dims[out_stop - 1]):
         in_stop, out_stop = in_stop - 1, out_stop - 1
-    return left, in_stop, out_stop
-
-
-def _through_reshape(node: ir.Node, axes: list[_Axis], facts: ShapeFacts) -> list[_Axis] | None:
-    """Input axes of a reshape that splits or merges whole axes (row-major), else None."""
-    in_dims, out_dims = facts.dims(node.inputs[0]), facts.dims(node.outputs[0])
-    if in_dims is None or out_dims is None or len(out_dims) != len(axes):
-        return None
-    left, in_stop, out_stop = _reshape_groups(in_dims, out_dims)
-    head, middle, tail = axes[:left], axes[left:out_stop], axes[out_stop:]
-    in_middle = in_dims[left:in_stop]
+    head, middle, tail, in_middle = axes[:left], axes[left:out_stop], axes[out_stop:], in_dims[left:in_stop]
     if not in_middle and not middle:
-        return axes
-    if len(in_middle) == 1 and len(middle) >= 1:  # a merge, seen from above: one axis of all atoms
+        return head + tail
+    if len(in_middle) == 1 and middle:  # a merge, seen from above: one axis of all atoms
         return head + [tuple(atom for axis in middle for atom in axis)] + tail
-    if len(middle) == 1 and len(in_middle) == len(middle[0]) > 1:  # a split of a merged axis
-        atoms = middle[0]
-        if all(ShapeFacts.same(dim, atom_dim) for dim, (_, atom_dim) in zip(in_middle, atoms)):
-            return head + [(atom,) for atom in atoms] + tail
+    if len(middle) == 1 and len(in_middle) == len(middle[0]) > 1 and all(
+            ShapeFacts.same(dim, atom_dim) for dim, (_, atom_dim) in zip(in_middle, middle[0])):
+        return head + [(atom,) for atom in middle[0]] + tail  # a split of a merged axis
     return None
 
 
-def trace_to_source(operand: Operand, facts: ShapeFacts) -> Operand:
-    """The earliest value before transposes and whole-axis reshapes, with its axes relabelled."""
+def _whole_axes(in_dims, out_dims, axes: list[Axis]) -> list[Axis] | None:
+    if in_dims is None or out_dims is None or len(out_dims) != len(axes):
+        return None
+    return regroup_axes(in_dims, out_dims, axes)
+
+
+def walk_views(operand: Operand, facts: ShapeFacts, through_reshape: ReshapeRule) -> Operand:
+    """The earliest value up through Transposes and the Reshapes `through_reshape` can cross whose
+    axes carry one label each, relabelled; `operand` itself when there is none."""
     dims = facts.dims(operand.value)
     if dims is None or len(dims) != len(operand.labels):
         return operand
-    axes: list[_Axis] = [((label, dim),) for label, dim in zip(operand.labels, dims)]
+    axes: list[Axis] = [((label, dim),) for label, dim in zip(operand.labels, dims)]
     value, best = operand.value, operand
     while True:
         node = value.producer()
         if is_op(node, "Transpose"):
             axes = _through_transpose(node, axes)
         elif is_op(node, "Reshape"):
-            axes = _through_reshape(node, axes, facts)
+            axes = through_reshape(facts.dims(node.inputs[0]), facts.dims(node.outputs[0]), axes)
         else:
             return best
         if axes is None:
@@ -146,3 +145,8 @@ def trace_to_source(operand: Operand, facts: ShapeFacts) -> Operand:
         value = node.inputs[0]
         if all(len(axis) == 1 for axis in axes):
             best = Operand(value, "".join(axis[0][0] for axis in axes), operand.target)
+
+
+def trace_to_source(operand: Operand, facts: ShapeFacts) -> Operand:
+    """The earliest value before transposes and whole-axis reshapes, with its axes relabelled."""
+    return walk_views(operand, facts, _whole_axes)

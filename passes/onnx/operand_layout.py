@@ -23,8 +23,7 @@ import itertools
 import numpy as np
 import onnx_ir as ir
 
-from passes.onnx.axis_labels import Operand
-from passes.onnx.graph_values import attribute, is_op
+from passes.onnx.axis_labels import Operand, regroup_axes, walk_views
 from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch
 from passes.onnx.shape_facts import ShapeFacts
 
@@ -101,27 +100,8 @@ def arranged_dims(ctx: AnalysisContext, operand: Operand, order=BNSH) -> list:
     return [1 if four[axis] is None else by_label.get(four[axis], 1) for axis in order]
 
 
-def _regroup(in_dims, out_dims, axes):
-    """Input axes of a row-major reshape `in_dims` → `out_dims` that splits or merges whole axes."""
-    left = 0
-    while left < min(len(in_dims), len(out_dims)) and ShapeFacts.same(in_dims[left], out_dims[left]):
-        left += 1
-    in_stop, out_stop = len(in_dims), len(out_dims)
-    while in_stop > left and out_stop > left and ShapeFacts.same(in_dims[in_stop - 1], out_dims[out_stop - 1]):
-        in_stop, out_stop = in_stop - 1, out_stop - 1
-    head, middle, tail, in_middle = axes[:left], axes[left:out_stop], axes[out_stop:], in_dims[left:in_stop]
-    if not in_middle and not middle:
-        return head + tail
-    if len(in_middle) == 1 and middle:  # a merge, seen from above
-        return head + [tuple(atom for axis in middle for atom in axis)] + tail
-    if len(middle) == 1 and len(in_middle) == len(middle[0]) > 1 and all(
-            ShapeFacts.same(dim, atom_dim) for dim, (_, atom_dim) in zip(in_middle, middle[0])):
-        return head + [(atom,) for atom in middle[0]] + tail
-    return None
-
-
 def _through_reshape(in_dims, out_dims, axes, spare: list[str]):
-    """Like `_regroup` with size-1 axes left out; input axes of size 1 take labels from `spare`,
+    """Like `regroup_axes` with size-1 axes left out; input axes of size 1 take labels from `spare`,
     the labels of size-1 axes that earlier reshapes dropped (any size-1 axis is as good as another)."""
     if in_dims is None or out_dims is None or len(out_dims) != len(axes):
         return None
@@ -131,7 +111,7 @@ def _through_reshape(in_dims, out_dims, axes, spare: list[str]):
         if dim != 1:
             kept_axes.append(tuple(atom for atom in axis if atom[1] != 1))
             kept_dims.append(dim)
-    grouped = _regroup([d for d in in_dims if d != 1], kept_dims, kept_axes)
+    grouped = regroup_axes([d for d in in_dims if d != 1], kept_dims, kept_axes)
     if grouped is None:
         return None
     grouped = iter(grouped)
@@ -145,31 +125,10 @@ def view_source(facts: ShapeFacts, operand: Operand) -> Operand:
     writes Kᵀ as (B, H, L, D) → (B·H, L, D) → (B·H, D, L) → (B, H, D, L), which is K for B = 1 too);
     labels of size-1 axes that no source axis carries are simply absent (`arrange` adds them back).
     """
-    dims = facts.dims(operand.value)
-    if operand.split_heads or dims is None or len(dims) != len(operand.labels):
+    if operand.split_heads:
         return operand
-    axes = [((label, dim),) for label, dim in zip(operand.labels, dims)]
     spare: list[str] = []
-    value, best = operand.value, operand
-    while True:
-        node = value.producer()
-        if is_op(node, "Transpose"):
-            perm = attribute(node, "perm", list(range(len(axes)))[::-1])
-            if sorted(perm) != list(range(len(axes))):
-                return best
-            source = [()] * len(axes)
-            for position, axis in enumerate(perm):
-                source[axis] = axes[position]
-            axes = source
-        elif is_op(node, "Reshape"):
-            axes = _through_reshape(facts.dims(node.inputs[0]), facts.dims(node.outputs[0]), axes, spare)
-        else:
-            return best
-        if axes is None:
-            return best
-        value = node.inputs[0]
-        if all(len(axis) == 1 for axis in axes):
-            best = Operand(value, "".join(axis[0][0] for axis in axes), operand.target)
+    return walk_views(operand, facts, lambda in_dims, out_dims, axes: _through_reshape(in_dims, out_dims, axes, spare))
 
 
 def _plan(ctx: AnalysisContext, operand: Operand, order) -> tuple[Operand, list[int], list[int]]:
