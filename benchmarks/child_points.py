@@ -1,12 +1,29 @@
 """What the benchmark scripts share: one measurement run in a child process, and its ratios.
 
-A row is any object with the fields `extra_peak_mib`, `seconds`, `cpu_seconds`, `memory_ratio`,
-`time_ratio` and `note` (why there is no measurement).
+A script's row is a dataclass deriving from `PointFigures`, adding the fields that name its point.
 """
 
 from __future__ import annotations
 
-__all__ = ["fill_from_child", "fmt", "set_ratios"]
+import dataclasses
+
+__all__ = ["PointFigures", "fill_from_child", "fmt", "set_ratios"]
+
+
+@dataclasses.dataclass(kw_only=True)
+class PointFigures:
+    """What one child measured (or why not), and its ratios against the row it is compared with."""
+
+    extra_peak_mib: float | None = None
+    seconds: float | None = None
+    cpu_seconds: float | None = None  # over all threads; unlike `seconds`, barely moved by other load
+    memory_ratio: float | None = None  # base / this
+    time_ratio: float | None = None  # this / base
+    note: str = ""  # why there is no measurement: n/a, skipped, error
+
+    @property
+    def measured(self) -> bool:
+        return self.seconds is not None
 
 
 def fill_from_child(row, command: list[str], timeout_s: int) -> None:

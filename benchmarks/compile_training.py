@@ -36,7 +36,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from child_points import fill_from_child, fmt, set_ratios
+from child_points import PointFigures, fill_from_child, fmt, set_ratios
 from rewriter.demo import TinyDecoder
 from rewriter.measure import measure_call
 
@@ -88,15 +88,9 @@ def measure(impl: str, n: int) -> dict:
 
 
 @dataclasses.dataclass
-class Row:
+class Row(PointFigures):
     n: int
     impl: str
-    extra_peak_mib: float | None = None
-    seconds: float | None = None
-    cpu_seconds: float | None = None
-    memory_ratio: float | None = None  # inductor / impl
-    time_ratio: float | None = None  # impl / inductor
-    note: str = ""  # why there is no measurement: skipped, error
 
 
 def naive_estimate_gib(n: int) -> float:

@@ -53,7 +53,7 @@ import warnings
 
 import numpy as np
 
-from child_points import fill_from_child, fmt, set_ratios
+from child_points import PointFigures, fill_from_child, fmt, set_ratios
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -232,21 +232,11 @@ def check_models(models: dict[tuple[str, str], Model]) -> None:
 
 
 @dataclasses.dataclass
-class Row:
+class Row(PointFigures):
     variant: str
     impl: str
     n: int
     became: str = ""
-    extra_peak_mib: float | None = None
-    seconds: float | None = None
-    cpu_seconds: float | None = None  # over all threads; unlike `seconds`, barely moved by other load
-    memory_ratio: float | None = None  # naive / impl
-    time_ratio: float | None = None  # impl / naive
-    note: str = ""  # why there is no measurement: n/a, skipped, error
-
-    @property
-    def measured(self) -> bool:
-        return self.seconds is not None
 
 
 @dataclasses.dataclass(frozen=True)

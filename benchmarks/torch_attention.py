@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import rewriter
-from child_points import fill_from_child, fmt, set_ratios
+from child_points import PointFigures, fill_from_child, fmt, set_ratios
 from rewriter.measure import measure_call
 
 BATCH, HEADS, HEAD_DIM = 1, 2, 64
@@ -155,21 +155,11 @@ def measure(variant: str, mode: str, n: int, impl: str) -> dict:
 
 
 @dataclasses.dataclass
-class Row:
+class Row(PointFigures):
     variant: str
     mode: str
     n: int
     impl: str
-    extra_peak_mib: float | None = None
-    seconds: float | None = None
-    cpu_seconds: float | None = None  # over all threads; unlike `seconds`, barely moved by other load
-    memory_ratio: float | None = None  # naive / impl
-    time_ratio: float | None = None  # impl / naive
-    note: str = ""  # why there is no measurement: n/a, skipped, error
-
-    @property
-    def measured(self) -> bool:
-        return self.seconds is not None
 
 
 @dataclasses.dataclass(frozen=True)
