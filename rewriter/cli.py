@@ -360,6 +360,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Packages some commands need that the base install leaves out, and how to get them.
+_OPTIONAL_PACKAGES = {"onnxruntime": "pip install 'attention-rewriter[cpu]' (or [gpu])"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -377,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
         print("rewriter: interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # an internal error: one line, plus the traceback with -v
+        if isinstance(error, ModuleNotFoundError) and error.name in _OPTIONAL_PACKAGES:
+            print(f"rewriter: error: {args.command} needs {error.name}, which is not installed: "
+                  f"{_OPTIONAL_PACKAGES[error.name]}", file=sys.stderr)
+            return 2
         if args.verbose:
             traceback.print_exc()
         print(f"rewriter: internal error: {type(error).__name__}: {error}", file=sys.stderr)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from model_families import GPT2Model
+from rewriter.cli import main
 
 
 def rewriter_cli(*args: str) -> subprocess.CompletedProcess:
@@ -111,3 +112,12 @@ def test_model_without_attention_is_fine(tmp_path):
     path = _no_attention_model(tmp_path)
     result = rewriter_cli("optimize", path, "-o", str(tmp_path / "out.onnx"))
     assert result.returncode == 0 and "found 0 attention blocks" in result.stdout
+
+
+def test_missing_onnxruntime_says_how_to_install_it(gpt2_onnx, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now fails as if absent
+    output = tmp_path / "out.onnx"
+    assert main(["optimize", gpt2_onnx, "-o", str(output), "--verify"]) == 2
+    stderr = capsys.readouterr().err.strip()
+    assert stderr.count("\n") == 0 and "needs onnxruntime" in stderr and "[cpu]" in stderr
+    assert not output.exists()
