@@ -30,13 +30,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from child_points import PointFigures, fill_from_child, fmt, set_ratios
+from child_points import (
+    PointFigures,
+    fill_from_child,
+    fmt,
+    memory_cell,
+    point_line,
+    set_ratios,
+    warn_if_busy,
+    write_outputs,
+)
 from rewriter.demo import TinyDecoder
 from rewriter.measure import measure_call
 
@@ -111,14 +119,11 @@ def sweep(sizes, impls) -> list[Row]:
     for n in sizes:
         for impl in impls:
             row = run_child(impl, n)
-            result = row.note or (f"{row.extra_peak_mib:.1f} MiB extra, {row.seconds:.3f} s"
-                                  f" ({row.cpu_seconds:.3f} s CPU)")
-            print(f"n={n:<6} {impl:>9}: {result}", file=sys.stderr, flush=True)
+            print(f"n={n:<6} {impl:>9}: {point_line(row)}", file=sys.stderr, flush=True)
             rows.append(row)
-    baselines = {row.n: row for row in rows if row.impl == BASELINE and row.seconds is not None}
+    baselines = {row.n: row for row in rows if row.impl == BASELINE and row.measured}
     for row in rows:
-        if row.seconds is not None:
-            set_ratios(row, baselines.get(row.n))
+        set_ratios(row, baselines.get(row.n))
     return rows
 
 
@@ -127,8 +132,7 @@ def markdown_table(rows: list[Row]) -> str:
              f" | memory ratio ({BASELINE}/impl) | time ratio (impl/{BASELINE}) |",
              "|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        memory = r.note if r.seconds is None else fmt(r.extra_peak_mib, ".1f")
-        lines.append(f"| {r.n} | {r.impl} | {memory} | {fmt(r.seconds, '.3f')} | {fmt(r.cpu_seconds, '.3f')} "
+        lines.append(f"| {r.n} | {r.impl} | {memory_cell(r)} | {fmt(r.seconds, '.3f')} | {fmt(r.cpu_seconds, '.3f')} "
                      f"| {fmt(r.memory_ratio, '.1f')} | {fmt(r.time_ratio, '.2f')} |")
     return "\n".join(lines)
 
@@ -152,21 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     if any(n < 2 for n in args.sizes):
         print("compile_training.py: --sizes must be at least 2", file=sys.stderr)
         return 2
-    load = os.getloadavg()[0]
-    if load > 0.5:
-        print(f"warning: load average {load:.1f} before starting; other processes will skew the times",
-              file=sys.stderr)
+    load = warn_if_busy("before starting")
     rows = sweep(args.sizes, args.impls)
-    table = markdown_table(rows)
-    print(table)
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump({"results": [dataclasses.asdict(r) for r in rows], "load_average": load}, out, indent=2)
-    if args.markdown:
-        with open(args.markdown, "w") as out:
-            out.write(table + "\n")
+    write_outputs(markdown_table(rows), [], args.json, args.markdown,
+                  {"results": [dataclasses.asdict(r) for r in rows], "load_average": load})
     return 1 if any(r.note.startswith("error") for r in rows) else 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

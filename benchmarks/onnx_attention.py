@@ -53,7 +53,17 @@ import warnings
 
 import numpy as np
 
-from child_points import PointFigures, fill_from_child, fmt, set_ratios
+from child_points import (
+    PointFigures,
+    fill_from_child,
+    fmt,
+    judge,
+    memory_cell,
+    point_line,
+    set_ratios,
+    warn_if_busy,
+    write_outputs,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -292,9 +302,7 @@ def sweep(models: dict[tuple[str, str], Model], variants, sizes, impls) -> list[
         for n in sizes:
             for impl in impls:
                 row = run_child(models[variant, impl], n)
-                result = row.note or (f"{row.extra_peak_mib:.1f} MiB extra, {row.seconds:.3f} s"
-                                      f" ({row.cpu_seconds:.3f} s CPU)")
-                print(f"{variant:>6} n={n:<6} {impl:>14}: {result}", file=sys.stderr, flush=True)
+                print(f"{variant:>6} n={n:<6} {impl:>14}: {point_line(row)}", file=sys.stderr, flush=True)
                 rows.append(row)
     add_ratios(rows)
     return rows
@@ -307,18 +315,9 @@ def check_targets(rows: list[Row]) -> list[tuple[str, str]]:
     for t in TARGETS:
         goal = (f"n={t.n} {t.variant}: {t.impl} ≥{t.min_memory_ratio:g}x less memory than naive,"
                 f" ≤{t.max_time_ratio:g}x time")
-        naive = by_key.get((t.variant, t.n, "naive"))
         rewritten = by_key.get((t.variant, t.n, t.impl))
-        if naive is None or rewritten is None:
-            verdicts.append(("SKIP", f"{goal} (not run)"))
-        elif rewritten.memory_ratio is None:
-            verdicts.append(("FAIL", f"{goal} ({rewritten.note or naive.note})"))
-        else:
-            ok = (rewritten.memory_ratio >= t.min_memory_ratio
-                  and rewritten.time_ratio <= t.max_time_ratio)
-            got = (f"got {rewritten.memory_ratio:.0f}x less memory, {rewritten.time_ratio:.3f}x time"
-                   f" ({rewritten.became})")
-            verdicts.append(("PASS" if ok else "FAIL", f"{goal}: {got}"))
+        verdicts.append(judge(goal, by_key.get((t.variant, t.n, "naive")), rewritten, t.min_memory_ratio,
+                              t.max_time_ratio, ".3f", f" ({rewritten.became})" if rewritten else ""))
     return verdicts
 
 
@@ -329,10 +328,9 @@ def markdown_table(rows: list[Row]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        memory = r.note if not r.measured else fmt(r.extra_peak_mib, ".1f")
         became = "" if r.impl == "naive" or r.became in r.note else r.became
         lines.append(
-            f"| {r.variant} | {r.impl} | {r.n} | {memory} | {fmt(r.seconds, '.3f')} | {fmt(r.cpu_seconds, '.2f')} "
+            f"| {r.variant} | {r.impl} | {r.n} | {memory_cell(r)} | {fmt(r.seconds, '.3f')} | {fmt(r.cpu_seconds, '.2f')} "
             f"| {fmt(r.memory_ratio, '.1f')} | {fmt(r.time_ratio, '.3f')} | {became} |"
         )
     return "\n".join(lines)
@@ -354,13 +352,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _warn_if_busy(when: str) -> float:
-    load = os.getloadavg()[0]
-    if load > 0.5:
-        print(f"warning: load average {load:.1f} {when}; other processes skew the times", file=sys.stderr)
-    return load
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.one:
@@ -371,33 +362,20 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, ROOT)
     sizes = tuple(args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES))
     impls = ["naive"] + [impl for impl in args.impls if impl != "naive"]
-    load_before = _warn_if_busy("before starting")
+    load_before = warn_if_busy("before starting")
     with contextlib.ExitStack() as stack:
         directory = args.model_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="onnx-attention-"))
         os.makedirs(directory, exist_ok=True)
         models = build_models(args.variants, impls, directory)
         rows = sweep(models, args.variants, sizes, impls)
-    load_after = _warn_if_busy("at the end")
-    verdicts = check_targets(rows)
-    table = markdown_table(rows)
-    targets = "\n".join(f"{verdict}  {text}" for verdict, text in verdicts)
-    print(f"{table}\n\n{targets}")
-    if args.json:
-        import onnxruntime
+    load_after = warn_if_busy("at the end")
+    import onnxruntime
 
-        with open(args.json, "w") as out:
-            json.dump({
-                "config": {"batch": BATCH, "heads": HEADS, "head_dim": HEAD_DIM, "threads": THREADS,
-                           "onnxruntime": onnxruntime.__version__, "load_average": [load_before, load_after]},
-                "models": [dataclasses.asdict(m) for m in models.values()],
-                "results": [dataclasses.asdict(r) for r in rows],
-                "targets": [{"verdict": v, "target": text} for v, text in verdicts],
-            }, out, indent=2)
-    if args.markdown:
-        with open(args.markdown, "w") as out:
-            out.write(f"{table}\n\n```\n{targets}\n```\n")
-    return 1 if any(verdict == "FAIL" for verdict, _ in verdicts) else 0
-
+    config = {"batch": BATCH, "heads": HEADS, "head_dim": HEAD_DIM, "threads": THREADS,
+              "onnxruntime": onnxruntime.__version__, "load_average": [load_before, load_after]}
+    return write_outputs(markdown_table(rows), check_targets(rows), args.json, args.markdown,
+                         {"config": config, "models": [dataclasses.asdict(m) for m in models.values()],
+                          "results": [dataclasses.asdict(r) for r in rows]})
 
 if __name__ == "__main__":
     sys.exit(main())

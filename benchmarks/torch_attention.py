@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from collections.abc import Callable
 
@@ -40,7 +39,17 @@ import torch.nn.functional as F
 from torch import nn
 
 import rewriter
-from child_points import PointFigures, fill_from_child, fmt, set_ratios
+from child_points import (
+    PointFigures,
+    fill_from_child,
+    fmt,
+    judge,
+    memory_cell,
+    point_line,
+    set_ratios,
+    warn_if_busy,
+    write_outputs,
+)
 from rewriter.measure import measure_call
 
 BATCH, HEADS, HEAD_DIM = 1, 2, 64
@@ -211,9 +220,7 @@ def sweep(variants, modes, sizes, impls) -> list[Row]:
             for n in sizes[mode]:
                 for impl in impls:
                     row = run_child(variant, mode, n, impl)
-                    result = row.note or (f"{row.extra_peak_mib:.1f} MiB extra, {row.seconds:.3f} s"
-                                          f" ({row.cpu_seconds:.3f} s CPU)")
-                    print(f"{variant:>12} {mode:>9} n={n:<6} {impl:>9}: {result}",
+                    print(f"{variant:>12} {mode:>9} n={n:<6} {impl:>9}: {point_line(row)}",
                           file=sys.stderr, flush=True)
                     rows.append(row)
     add_ratios(rows)
@@ -223,22 +230,10 @@ def sweep(variants, modes, sizes, impls) -> list[Row]:
 def check_targets(rows: list[Row]) -> list[tuple[str, str]]:
     """(PASS | FAIL | SKIP, description) per target line."""
     by_key = {(r.variant, r.mode, r.n, r.impl): r for r in rows}
-    verdicts = []
-    for t in TARGETS:
-        goal = (f"{t.mode} n={t.n} {t.variant}: rewritten ≥{t.min_memory_ratio:g}x less memory,"
-                f" ≤{t.max_time_ratio:g}x time")
-        naive = by_key.get((t.variant, t.mode, t.n, "naive"))
-        rewritten = by_key.get((t.variant, t.mode, t.n, "rewritten"))
-        if naive is None or rewritten is None:
-            verdicts.append(("SKIP", f"{goal} (not run)"))
-        elif rewritten.memory_ratio is None:
-            verdicts.append(("FAIL", f"{goal} ({naive.note or rewritten.note})"))
-        else:
-            ok = (rewritten.memory_ratio >= t.min_memory_ratio
-                  and rewritten.time_ratio <= t.max_time_ratio)
-            got = f"got {rewritten.memory_ratio:.0f}x less memory, {rewritten.time_ratio:.2f}x time"
-            verdicts.append(("PASS" if ok else "FAIL", f"{goal}: {got}"))
-    return verdicts
+    return [judge(f"{t.mode} n={t.n} {t.variant}: rewritten ≥{t.min_memory_ratio:g}x less memory,"
+                  f" ≤{t.max_time_ratio:g}x time", by_key.get((t.variant, t.mode, t.n, "naive")),
+                  by_key.get((t.variant, t.mode, t.n, "rewritten")), t.min_memory_ratio, t.max_time_ratio)
+            for t in TARGETS]
 
 
 def markdown_table(rows: list[Row]) -> str:
@@ -248,9 +243,8 @@ def markdown_table(rows: list[Row]) -> str:
         "|---|---|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        memory = r.note if not r.measured else fmt(r.extra_peak_mib, ".1f")
         lines.append(
-            f"| {r.variant} | {r.mode} | {r.n} | {r.impl} | {memory} | {fmt(r.seconds, '.3f')} "
+            f"| {r.variant} | {r.mode} | {r.n} | {r.impl} | {memory_cell(r)} | {fmt(r.seconds, '.3f')} "
             f"| {fmt(r.memory_ratio, '.1f')} | {fmt(r.time_ratio, '.3f')} |"
         )
     return "\n".join(lines)
@@ -280,25 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     sizes = dict(DEFAULT_SIZES)
     if args.quick or args.sizes:
         sizes = {mode: tuple(args.sizes or QUICK_SIZES) for mode in MODES}
-    load = os.getloadavg()[0]
-    if load > 0.5:
-        print(f"warning: load average {load:.1f} before starting; other processes will skew the times",
-              file=sys.stderr)
+    warn_if_busy("before starting")
     rows = sweep(args.variants, args.modes, sizes, args.impls)
-    verdicts = check_targets(rows)
-    table = markdown_table(rows)
-    targets = "\n".join(f"{verdict}  {text}" for verdict, text in verdicts)
-    print(f"{table}\n\n{targets}")
-    if args.json:
-        with open(args.json, "w") as out:
-            results = [dataclasses.asdict(r) for r in rows]
-            checks = [{"verdict": v, "target": text} for v, text in verdicts]
-            json.dump({"results": results, "targets": checks}, out, indent=2)
-    if args.markdown:
-        with open(args.markdown, "w") as out:
-            out.write(f"{table}\n\n```\n{targets}\n```\n")
-    return 1 if any(verdict == "FAIL" for verdict, _ in verdicts) else 0
-
+    return write_outputs(markdown_table(rows), check_targets(rows), args.json, args.markdown,
+                         {"results": [dataclasses.asdict(r) for r in rows]})
 
 if __name__ == "__main__":
     sys.exit(main())
