@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["ChainError", "MaskStep", "ReducedScores", "reduce_score_steps"]
+__all__ = ["ChainError", "MaskStep", "ReducedScores", "reduce_score_steps", "scores_side_of_sum"]
 
 
 class ChainError(Exception):
@@ -75,3 +76,22 @@ def reduce_score_steps(steps_top_down: list[tuple[str, Any]]) -> ReducedScores:
     reduced.softcap = post_tanh_scale if capped else 0.0
     reduced.scale = post_tanh_scale * pre_tanh_scale if capped else pre_tanh_scale
     return reduced
+
+
+def scores_side_of_sum(name: str, left, right, walk: Callable[[Any, list, list], Any]):
+    """Which operand of the sum `name` leads back to the scores: (scores, bias, found, steps, nodes).
+
+    `walk(operand, steps, nodes)` follows an operand to the product, recording its steps and nodes,
+    and raises ChainError when it does not get there; exactly one operand may.
+    """
+    paths = []
+    for scores, bias in ((left, right), (right, left)):
+        steps, nodes = [], []
+        try:
+            found = walk(scores, steps, nodes)
+        except ChainError:
+            continue
+        paths.append((scores, bias, found, steps, nodes))
+    if len(paths) != 1:
+        raise ChainError(f"cannot tell scores from bias in '{name}'")
+    return paths[0]

@@ -18,7 +18,7 @@ from torch.fx import GraphModule, Node
 from passes.fx import aten_vocabulary as ops
 from passes.fx.constant_values import scalar_constant
 from passes.fx.product_labels import LabeledProduct, label_product
-from passes.score_algebra import ChainError, MaskStep, reduce_score_steps
+from passes.score_algebra import ChainError, MaskStep, reduce_score_steps, scores_side_of_sum
 
 __all__ = ["ScoreChain", "trace_score_chain"]
 
@@ -124,17 +124,8 @@ def _walk_sum(gm, node: Node, steps, nodes):
         if scalar_constant(gm, other) is not None and isinstance(scores, Node) and scores_kept:
             steps.append(("shift", None))  # softmax is invariant to adding a constant
             return _walk_to(gm, scores, node, steps, nodes)
-    paths = []
-    for scores, bias in ((left, right), (right, left)):
-        branch_steps, branch_nodes = [], []
-        try:
-            found = _walk_to(gm, scores, node, branch_steps, branch_nodes)
-        except ChainError:
-            continue
-        paths.append((scores, bias, found, branch_steps, branch_nodes))
-    if len(paths) != 1:
-        raise ChainError(f"cannot tell scores from bias in '{node.name}'")
-    scores, bias, found, branch_steps, branch_nodes = paths[0]
+    scores, bias, found, branch_steps, branch_nodes = scores_side_of_sum(
+        node.name, left, right, lambda operand, *path: _walk_to(gm, operand, node, *path))
     if scores is right and (subtract or alpha != 1):
         raise ChainError(f"'{node.name}' negates or rescales the scores")
     steps.append(("bias", (bias, -alpha if subtract else alpha)))

@@ -22,7 +22,7 @@ import onnx_ir as ir
 from passes.onnx.axis_labels import LabeledProduct, label_product
 from passes.onnx.constant_folding import ShapeOnlyFolder
 from passes.onnx.graph_values import FLOAT_TYPES, attribute, const_array, value_consumers
-from passes.score_algebra import ChainError, MaskStep, reduce_score_steps
+from passes.score_algebra import ChainError, MaskStep, reduce_score_steps, scores_side_of_sum
 
 __all__ = ["ScoreChain", "trace_score_chain", "check_inference_dropout"]
 
@@ -114,17 +114,8 @@ class _Walker:
             if self.folder.scalar(other) is not None and (scores is left or not subtract):
                 steps.append(("shift", None))  # softmax is invariant to adding a constant
                 return self.walk_to(scores, node, steps, nodes)
-        paths = []
-        for scores, bias in ((left, right), (right, left)):
-            branch_steps, branch_nodes = [], []
-            try:
-                found = self.walk_to(scores, node, branch_steps, branch_nodes)
-            except ChainError:
-                continue
-            paths.append((scores, bias, found, branch_steps, branch_nodes))
-        if len(paths) != 1:
-            raise ChainError(f"cannot tell scores from bias in '{node.name}'")
-        scores, bias, found, branch_steps, branch_nodes = paths[0]
+        scores, bias, found, branch_steps, branch_nodes = scores_side_of_sum(
+            node.name, left, right, lambda operand, *path: self.walk_to(operand, node, *path))
         if scores is right and subtract:
             raise ChainError(f"'{node.name}' negates the scores")
         steps.append(("bias", (bias, -1.0 if subtract else 1.0)))
