@@ -15,12 +15,7 @@ from tests.performer_models import FastAttention, FeaturesReused, PerformerEncod
 TARGET = "rewriter::linear_attention"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _qkv(length, batch=2, heads=2, dim=8, seed=0):

@@ -19,13 +19,7 @@ from rewriter.kernels.linear_attention import (
 FEATURE_EPSILON = {"favor_softmax": 1e-4, "relu": 1e-3, "elu_plus_one": 0.0}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: a second thread only adds waiting, badly so on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- naive reference
