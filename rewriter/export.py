@@ -24,6 +24,7 @@ from onnx import defs
 
 from passes.onnx.lower_rewriter_ops import CHUNKED, ONNX_ATTENTION, ORT, REWRITER_DOMAIN, LowerRewriterOps
 from passes.onnx.raise_opset import RaiseOpsetPass
+from rewriter.onnx_api import TARGET_NAMES
 from rewriter.onnx_io import check_output_path, save_model
 from rewriter.report import Report
 from rewriter.torch_api import optimize_module
@@ -32,7 +33,7 @@ __all__ = ["ExportVerificationError", "export_onnx", "to_onnx"]
 
 logger = logging.getLogger(__name__)
 
-TARGETS = ("auto", "chunked", "ort", "onnx-attention")
+TARGETS = tuple(TARGET_NAMES)
 
 
 class ExportVerificationError(ValueError):
