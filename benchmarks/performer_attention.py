@@ -135,11 +135,10 @@ def run_point(impl: str, mode: str, length: int, onnx_models: dict | None = None
         row["note"] = f"skipped: needs ~{estimate:.0f} GiB > {MAX_GIB} GiB"
     else:
         if mode == "ort":
-            shape = (BATCH, HEADS, HEAD_DIM, FEATURES)
-            result = measure_in_fresh_process(performer_onnx.prepare_ort_call, path, length, shape, THREADS, WARMUP_L)
+            row["mib"], row["s"] = performer_onnx.measure_ort(path, length, THREADS, WARMUP_L)
         else:
             result = measure_in_fresh_process(prepare_call, impl, mode, length)
-        row["mib"], row["s"] = result.extra_peak_mib, result.seconds
+            row["mib"], row["s"] = result.extra_peak_mib, result.seconds
     result_text = row["note"] or f"{row['mib']:.1f} MiB, {row['s']:.3f} s"
     print(f"{mode:>9} L={length:<6} {impl:>7}: {result_text}", file=sys.stderr, flush=True)
     return row

@@ -10,9 +10,9 @@ Three models with inputs q, k, v (1, 2, L, 64) and the projection (256, 64), seq
              `com.microsoft.LinearAttention` (update_rule "linear")
 
 The rewritten models are checked against `naive` at L = CHECK_L before anything is measured. Each
-point runs in a fresh process (`rewriter.measure.measure_in_fresh_process`), which creates the
-session (2 intra-op threads, ORT's default arena), runs it once at L = 256, builds the inputs and
-records one `session.run`: wall time and extra peak RSS.
+point runs in a fresh interpreter (`rewriter.bench_child.run_point`, as `rewriter bench` does), which
+creates the session (2 intra-op threads, ORT's default arena), runs it once at L = 256, builds random
+inputs and records one `session.run`: wall time and extra peak RSS.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ import warnings
 
 import numpy as np
 
-__all__ = ["ORT_IMPLS", "build_models", "prepare_ort_call"]
+__all__ = ["ORT_IMPLS", "build_models", "measure_ort"]
 
 ORT_IMPLS = ("naive", "op", "op-ort")
 CHECK_L, CHECK_TOLERANCE = 1100, 1e-4
+POINT_TIMEOUT_S = 600
 
 
 def _feeds(length: int, batch: int, heads: int, head_dim: int, features: int) -> dict[str, np.ndarray]:
@@ -47,12 +48,18 @@ def _session(path: str, threads: int):
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
-def prepare_ort_call(path: str, length: int, shape: tuple[int, int, int, int], threads: int, warmup: int):
-    """Module-level (the spawned child imports it): the session, warmed up, and the call to measure."""
-    session = _session(path, threads)
-    session.run(None, _feeds(warmup, *shape))
-    feeds = _feeds(length, *shape)
-    return lambda: session.run(None, feeds)
+def measure_ort(path: str, length: int, threads: int, warmup: int) -> tuple[float, float]:
+    """(extra peak MiB, seconds) of one ORT run at `length`, in a fresh interpreter (`rewriter.bench_child`)."""
+    import onnx
+
+    from rewriter.bench import bind_dims
+    from rewriter.bench_child import run_point
+
+    model = onnx.load(path, load_external_data=False)
+    spec = {"kind": "onnx", "threads": threads, "path": path, "dims": bind_dims(model, length),
+            "warmup_dims": bind_dims(model, warmup)}
+    measured = run_point(spec, POINT_TIMEOUT_S)
+    return measured["extra_peak_mib"], measured["seconds"]
 
 
 def _export_naive(naive_causal, path: str, shape) -> None:
