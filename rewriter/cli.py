@@ -99,12 +99,18 @@ def _memory_budget(text: str | None) -> int | None:
         raise UsageError(f"--memory-budget: {error}") from None
 
 
-def _compare_memory(original, optimized, seq_len: int):
+def _runnable(original):
+    """`original` as ONNX Runtime and shape inference can read it: exported Performer einsums spelt out."""
     from passes.onnx.einsum_ellipsis import spelt_out
+
+    return spelt_out(original)
+
+
+def _compare_memory(original, optimized, seq_len: int):
+    """Peak-activation estimates of `original` (as `_runnable` gives it) and `optimized` at `seq_len`."""
     from rewriter.memory_estimate import estimate_peak_activation_bytes, sequence_dims
     from rewriter.report import MemoryComparison
 
-    original = spelt_out(original)  # exported Performer einsums: shapes are inferred only once spelt out
     dims = sequence_dims(original, seq_len)
     before = estimate_peak_activation_bytes(original, dims)
     after = estimate_peak_activation_bytes(optimized, dims)
@@ -112,14 +118,13 @@ def _compare_memory(original, optimized, seq_len: int):
 
 
 def _inspect(args) -> int:
-    from rewriter.onnx_api import detect_onnx, optimize_onnx
+    from rewriter.onnx_api import optimize_onnx
 
     model = _load(args.model)
-    report = detect_onnx(model)
-    optimized, planned = optimize_onnx(model, target=args.target, provider=args.provider)
-    for found, plan in zip(report.matches, planned.matches):  # what `optimize` would make of each block
-        found.spec, found.target = plan.spec, plan.target
-    report.memory = _compare_memory(model, optimized, args.seq_len)
+    optimized, report = optimize_onnx(model, target=args.target, provider=args.provider)
+    for match in report.matches:  # nothing is written: each block is what `optimize` would make of it
+        match.rewritten = False
+    report.memory = _compare_memory(_runnable(model), optimized, args.seq_len)
     if args.json:
         _print_json(report.to_dict())
     else:
@@ -128,7 +133,6 @@ def _inspect(args) -> int:
 
 
 def _optimize(args) -> int:
-    from passes.onnx.einsum_ellipsis import spelt_out
     from rewriter.onnx_api import optimize_onnx
     from rewriter.onnx_io import ModelFileError, check_output_path, save_model
     from rewriter.verify import verify_onnx
@@ -142,13 +146,13 @@ def _optimize(args) -> int:
     log = _log(args)
     optimized, report = optimize_onnx(original, target=args.target, provider=args.provider,
                                       chunk_size=chunk_size, memory_budget=memory_budget)
-    report.memory = _compare_memory(original, optimized, args.seq_len)
+    runnable = _runnable(original)
+    report.memory = _compare_memory(runnable, optimized, args.seq_len)
     log(report.summary())
     payload = report.to_dict()
     if args.verify:
         dims = {name: args.verify_seq_len for name in _symbolic_dims(original)}
-        # ONNX Runtime runs exported Performer files only with their einsums spelt out (same computation)
-        result = verify_onnx(spelt_out(original), optimized, dims, default_dim=args.verify_seq_len)
+        result = verify_onnx(runnable, optimized, dims, default_dim=args.verify_seq_len)
         payload["verify"] = {"ok": result.ok, "max_abs_difference": result.max_abs_difference,
                              "message": result.message}
         log(f"verify at dims = {args.verify_seq_len}: {result.message}")
