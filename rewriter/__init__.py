@@ -1,11 +1,37 @@
-"""Find attention in PyTorch and ONNX models and rewrite it into exact, memory-efficient forms."""
+"""Find attention in PyTorch and ONNX models and rewrite it into exact, memory-efficient forms.
 
-from rewriter.bench import BenchResult, bench_module, bench_onnx
-from rewriter.compile_backend import backend
-from rewriter.export import export_onnx
-from rewriter.onnx_api import detect_onnx, optimize_onnx
-from rewriter.report import MatchReport, Report
-from rewriter.torch_api import detect_module, optimize_module
+The public names are imported on first use (PEP 562), so ``import rewriter`` loads neither torch
+nor ONNX Runtime and every submodule can be imported on its own.
+"""
 
-__all__ = ["BenchResult", "MatchReport", "Report", "backend", "bench_module", "bench_onnx", "detect_module",
-           "detect_onnx", "export_onnx", "optimize_module", "optimize_onnx"]
+from __future__ import annotations
+
+import importlib
+
+_PUBLIC = {
+    "BenchResult": "rewriter.bench",
+    "bench_module": "rewriter.bench",
+    "bench_onnx": "rewriter.bench",
+    "backend": "rewriter.compile_backend",
+    "export_onnx": "rewriter.export",
+    "detect_onnx": "rewriter.onnx_api",
+    "optimize_onnx": "rewriter.onnx_api",
+    "MatchReport": "rewriter.report",
+    "Report": "rewriter.report",
+    "detect_module": "rewriter.torch_api",
+    "optimize_module": "rewriter.torch_api",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'rewriter' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))
