@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from rewriter.demo import VOCAB, TinyDecoder
 from rewriter.measure import measure_call
 from rewriter.memory_estimate import format_bytes
-from rewriter.planner import parse_size
+from passes.core.planner import parse_size
 
 
 def naive_attention_bytes(model: TinyDecoder, seq_len: int) -> int:

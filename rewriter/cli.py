@@ -89,7 +89,7 @@ def _chunk_size(text: str | None) -> tuple[int, int] | None:
 
 
 def _memory_budget(text: str | None) -> int | None:
-    from rewriter.planner import parse_size
+    from passes.core.planner import parse_size
 
     if text is None:
         return None
@@ -243,7 +243,7 @@ def _lengths(text: str) -> list[int]:
 
 
 def _memory_limit(text: str | None) -> int | None:
-    from rewriter.planner import parse_size
+    from passes.core.planner import parse_size
 
     try:
         return None if text is None else parse_size(text)

@@ -20,9 +20,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import torch
-from onnx import defs
 
-from passes.onnx.lower_rewriter_ops import CHUNKED, ONNX_ATTENTION, ORT, REWRITER_DOMAIN, LowerRewriterOps
+from passes.onnx.attention_node import REWRITER_DOMAIN, AttentionAttributes, register_schemas
+from passes.onnx.lower_attention import CHUNKED, ONNX_ATTENTION, ORT, TARGET_OPS
+from passes.onnx.lower_rewriter_ops import LowerRewriterOps
+from passes.onnx.rewrite_linear_attention import LINEAR_ORT
 from passes.onnx.raise_opset import RaiseOpsetPass
 from rewriter.onnx_api import TARGET_NAMES
 from rewriter.onnx_io import check_output_path, save_model
@@ -33,40 +35,10 @@ __all__ = ["ExportVerificationError", "export_onnx", "to_onnx"]
 
 logger = logging.getLogger(__name__)
 
-TARGETS = tuple(TARGET_NAMES)
 
 
 class ExportVerificationError(ValueError):
     """The exported model's ONNX Runtime outputs differ from the eager module's; nothing was written."""
-
-
-def _register_schema() -> None:
-    """Give `ai.rewriter::Attention` and `::LinearAttention` schemas, so that onnxscript can trace calls to them."""
-    param, optional = defs.OpSchema.FormalParameter, defs.OpSchema.FormalParameterOption.Optional
-    kinds = defs.OpSchema.AttrType
-    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
-    lowered_by = "lowered by passes.onnx.lower_rewriter_ops before saving"
-    if not defs.has("Attention", REWRITER_DOMAIN):
-        attributes = [("scale", kinds.FLOAT), ("softcap", kinds.FLOAT), ("mask_fill", kinds.FLOAT),
-                      ("causal", kinds.INT), ("causal_offset", kinds.INT), ("q_chunk", kinds.INT), ("k_chunk", kinds.INT)]
-        defs.register_schema(defs.OpSchema(
-            "Attention", REWRITER_DOMAIN, 1, doc=f"torch.ops.rewriter.attention; {lowered_by}",
-            inputs=[param("q", "T"), param("k", "T"), param("v", "T"), param("bias", "T", param_option=optional),
-                    param("mask", "B", param_option=optional)],
-            outputs=[param("out", "T"), param("row_stats", "S")],
-            type_constraints=[("T", floats, ""), ("B", ["tensor(bool)"], ""), ("S", ["tensor(float)"], "")],
-            attributes=[defs.OpSchema.Attribute(name, kind, "") for name, kind in attributes]))
-    if not defs.has("LinearAttention", REWRITER_DOMAIN):
-        attributes = [("feature_map", kinds.STRING), ("causal", kinds.INT), ("data_scale", kinds.FLOAT),
-                      ("epsilon", kinds.FLOAT), ("normalizer_epsilon", kinds.FLOAT), ("stabilizer_grad", kinds.INT),
-                      ("slice_size", kinds.INT)]
-        defs.register_schema(defs.OpSchema(
-            "LinearAttention", REWRITER_DOMAIN, 1, doc=f"torch.ops.rewriter.linear_attention; {lowered_by}",
-            inputs=[param("q", "T"), param("k", "T"), param("v", "T"),
-                    param("projection", "T", param_option=optional)],
-            outputs=[param("out", "T"), param("state", "S"), param("key_max", "S")],
-            type_constraints=[("T", floats, ""), ("S", ["tensor(float)", "tensor(double)"], "")],
-            attributes=[defs.OpSchema.Attribute(name, kind, "") for name, kind in attributes]))
 
 
 def _translate_attention(q, k, v, bias=None, mask=None, scale=1.0, softcap=0.0, mask_fill=-math.inf,
@@ -74,9 +46,9 @@ def _translate_attention(q, k, v, bias=None, mask=None, scale=1.0, softcap=0.0, 
     """torch.ops.rewriter.attention → one ai.rewriter::Attention node (traced by onnxscript)."""
     import onnxscript  # only when exporting: importing it costs about a second
 
-    return onnxscript.values.Opset(REWRITER_DOMAIN, 1).Attention(q, k, v, bias, mask, scale=float(scale), softcap=float(softcap),
-                            mask_fill=float(mask_fill), causal=int(bool(causal)), causal_offset=int(causal_offset),
-                            q_chunk=int(q_chunk), k_chunk=int(k_chunk))
+    attributes = AttentionAttributes(float(scale), float(softcap), float(mask_fill), bool(causal), int(causal_offset),
+                                     q_chunk=int(q_chunk), k_chunk=int(k_chunk))
+    return onnxscript.values.Opset(REWRITER_DOMAIN, 1).Attention(q, k, v, bias, mask, **attributes.as_onnx())
 
 
 def _translate_linear_attention(q, k, v, projection, feature_map, causal, data_scale, epsilon, normalizer_epsilon,
@@ -160,15 +132,15 @@ def _compare(module, model: onnx.ModelProto, inputs: tuple, atol: float, rtol: f
 def to_onnx(module, example_inputs, *, target: str = "auto", dynamic_shapes=None, opset: int = 18,
             **options) -> tuple[onnx.ModelProto, Report]:
     """The checked ONNX model of `module` with attention lowered to `target`, and the report; nothing saved."""
-    if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if target not in TARGET_NAMES:
+        raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGET_NAMES)}")
     if opset < 18:
         raise ValueError(f"export needs opset 18 or newer (got {opset})")
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     shapes = _positional_shapes(module, example_inputs, dynamic_shapes)
     gm, report = optimize_module(module, example_inputs, dynamic_shapes=shapes, **options)
-    _register_schema()
+    register_schemas()
     if getattr(module, "training", False):
         logger.warning("exporting %s in training mode (dropout stays in the graph); call .eval() first",
                        type(module).__name__)
@@ -196,8 +168,9 @@ def to_onnx(module, example_inputs, *, target: str = "auto", dynamic_shapes=None
         forms = [done for done, done_kind in zip(lowering.lowered, lowering.kinds) if done_kind == kind]
         if len(forms) != len(rewritten):
             forms = [(lowered, None)] * len(rewritten)
+        names = TARGET_OPS if kind == "softmax" else {CHUNKED: CHUNKED, ORT: LINEAR_ORT}
         for match, (form, _fallback) in zip(rewritten, forms):
-            match.target = form
+            match.target = names[form]
     model = ir.serde.serialize_model(model_ir)
     onnx.checker.check_model(model, full_check=True)
     return model, report

@@ -26,24 +26,25 @@ import onnx_ir as ir
 import onnx_ir.passes
 
 from passes.fx.rewrite_linear_attention import default_slice_size
-from passes.onnx.detect_fused_attention import ONNX_ATTENTION, ORT_MHA, detect_fused_attention
+from passes.core.attention_spec import ChunkSizes
+from passes.core.planner import plan_chunk_sizes
+from passes.onnx.canonicalize_attention import CanonicalizeAttention, block_facts_of_match
+from passes.onnx.detect_fused_attention import detect_fused_attention
 from passes.onnx.detect_linear_attention import OnnxLinearAttentionMatch, detect_linear_attention
 from passes.onnx.detect_softmax_attention import detect_softmax_attention
-from passes.onnx.emit_chunked import CHUNKED
-from passes.onnx.emit_fused import onnx_attention_reason, ort_mha_reason
 from passes.onnx.graph_values import is_op
+from passes.onnx.lower_attention import CHUNKED, ONNX_ATTENTION, ORT, TARGET_OPS, refusal
+from passes.onnx.lower_rewriter_ops import LowerRewriterOps
 from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch
 from passes.onnx.raise_opset import RaiseOpsetPass
-from passes.onnx.rewrite_attention import PlannedRewrite, RewriteOnnxAttention
 from passes.onnx.rewrite_linear_attention import LINEAR_ORT, PlannedLinearRewrite, RewriteOnnxLinearAttention
-from rewriter.planner import plan_chunk_sizes
 from rewriter.report import MatchReport, Report
 
 __all__ = ["detect_onnx", "optimize_onnx", "TARGET_NAMES"]
 
 logger = logging.getLogger(__name__)
 
-TARGET_NAMES = {"auto": None, "chunked": CHUNKED, "ort": ORT_MHA, "onnx-attention": ONNX_ATTENTION}
+TARGET_NAMES = ("auto", CHUNKED, ORT, ONNX_ATTENTION)
 _PROVIDERS = ("cpu", "cuda")
 _REQUIRED_OPSET = {CHUNKED: 18, ONNX_ATTENTION: 23, LINEAR_ORT: 18}
 
@@ -96,29 +97,38 @@ def _detect(ctx: AnalysisContext) -> list[OnnxAttentionMatch]:
     return sorted(detect_softmax_attention(ctx) + detect_fused_attention(ctx), key=_graph_order(ctx))
 
 
-def _flash_eligible(match: OnnxAttentionMatch) -> bool:
-    return not (match.causal or match.biases or match.mask is not None or match.softcap)
+@dataclasses.dataclass
+class PlannedRewrite:
+    """One accepted softmax block and the target it is lowered to."""
+
+    match: OnnxAttentionMatch
+    target: str  # CHUNKED, ORT or ONNX_ATTENTION
+    chunks: ChunkSizes | None = None
+    done: bool = False
+    failure: str | None = None
 
 
 def _choose(ctx: AnalysisContext, match: OnnxAttentionMatch, target: str, provider: str) -> tuple[str | None, str | None]:
     """(target, None) for the rewrite to do, or (None, reason) to leave the block alone."""
-    if target == "chunked":
-        return CHUNKED, None
-    if target == "ort":
-        reason = ort_mha_reason(ctx, match)
-        return (ORT_MHA, None) if reason is None else (None, reason)
-    if target == "onnx-attention":
-        reason = onnx_attention_reason(ctx, match)
-        return (ONNX_ATTENTION, None) if reason is None else (None, reason)
-    mha_reason = ort_mha_reason(ctx, match)
+    facts = block_facts_of_match(ctx, match)
+    if target != "auto":
+        if is_op(match.fused, "MultiHeadAttention", domain="com.microsoft") and target == ORT:
+            return None, "already com.microsoft.MultiHeadAttention"
+        if is_op(match.fused, "Attention") and target == ONNX_ATTENTION:
+            return None, "already an Attention-23 node"
+        reason = refusal(facts, target)
+        return (target, None) if reason is None else (None, reason)
+    fused_mha = is_op(match.fused, "MultiHeadAttention", domain="com.microsoft")
+    mha_reason = "already com.microsoft.MultiHeadAttention" if fused_mha else refusal(facts, ORT)
     if provider == "cuda" and mha_reason is None:
-        return ORT_MHA, None
-    if _flash_eligible(match):
-        if is_op(match.fused, "MultiHeadAttention", domain="com.microsoft"):
+        return ORT, None
+    if facts.flash_eligible:
+        if fused_mha:
             return None, "already com.microsoft.MultiHeadAttention on its flash path"
         if mha_reason is None:
-            return ORT_MHA, None
-    return CHUNKED, None
+            return ORT, None
+    reason = refusal(facts, CHUNKED)
+    return (CHUNKED, None) if reason is None else (None, reason)
 
 
 def _plan(ctx, matches, target, provider, memory_budget, chunk_size):
@@ -195,7 +205,8 @@ def _entries(matches, plans, reasons) -> list[tuple[object, MatchReport]]:
             chunks = (plan.slice_size, plan.slice_size) if done and plan.target == CHUNKED else None
         else:
             chunks = (plan.chunks.query, plan.chunks.key) if done and plan.chunks else None
-        entries.append((match, MatchReport(spec, done, plan.target if done else None, chunks)))
+        entries.append((match, MatchReport(spec, done, TARGET_OPS.get(plan.target, plan.target) if done else None,
+                                           chunks)))
     return entries
 
 
@@ -213,6 +224,25 @@ def _chunk_pair(chunk_size) -> tuple[int, int] | None:
         return chunk_size, chunk_size
     query, key = chunk_size
     return int(query), int(key)
+
+
+def _rewrite_softmax(model: ir.Model, analysis: _Analysis) -> bool:
+    """Canonicalise every planned block, then lower each canonical node to its planned target."""
+    plans = [plan for _, plan in analysis.plans]
+    canonical = CanonicalizeAttention(analysis.ctx, [(plan.match, plan.chunks) for plan in plans])
+    canonical(model)
+    targets = {}
+    for plan, node, failure in zip(plans, canonical.nodes, canonical.failures):
+        plan.failure = failure
+        if node is not None:
+            targets[node] = plan.target
+    if not targets:
+        return False
+    lowering = LowerRewriterOps(targets=targets)
+    lowering(model)
+    for plan, node in zip(plans, canonical.nodes):
+        plan.done = node is not None
+    return True
 
 
 def detect_onnx(model_or_path) -> Report:
@@ -252,7 +282,7 @@ def optimize_onnx(model_or_path, *, target: str = "auto", provider: str = "cpu",
         else:  # the raised model is a new graph: find the same blocks in it
             model = raised
             analysis = _analyse(model, target, provider, memory_budget, chunk_size)
-    modified = RewriteOnnxAttention(analysis.ctx, [plan for _, plan in analysis.plans])(model).modified
+    modified = _rewrite_softmax(model, analysis)
     linear_pass = RewriteOnnxLinearAttention(analysis.ctx, [plan for _, plan in analysis.linear_plans])
     modified = linear_pass(model).modified or modified
     report = _report(analysis, source)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from passes.attention_spec import AttentionSpec
+from passes.core.attention_spec import AttentionSpec
 
 __all__ = ["MatchReport", "MemoryComparison", "Report"]
 

@@ -11,7 +11,7 @@ from passes.fx.detect_softmax_attention import FxAttentionMatch, detect_softmax_
 from passes.fx.detect_linear_attention import detect_linear_attention
 from passes.fx.rewrite_attention import RewriteSoftmaxAttention
 from passes.fx.rewrite_linear_attention import RewriteLinearAttention
-from rewriter.planner import plan_chunk_sizes
+from passes.core.planner import plan_chunk_sizes
 from rewriter.report import MatchReport, Report
 
 __all__ = ["capture", "detect_module", "optimize_module", "rewrite_graph_module"]

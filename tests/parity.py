@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import rewriter
+import rewriter.kernels.attention_op  # noqa: F401 - registers torch.ops.rewriter.attention
 
 ATTENTION_OP = torch.ops.rewriter.attention.default
 

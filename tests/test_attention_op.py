@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 import rewriter.kernels.attention_op as attention_op
 from rewriter.kernels.chunked_attention import ScoreOptions
-from rewriter.planner import parse_size, plan_chunk_sizes
-from passes.attention_spec import AttentionSpec
+from passes.core.planner import parse_size, plan_chunk_sizes
+from passes.core.attention_spec import AttentionSpec
 
 
 def naive_attention(q, k, v, bias, mask, opts: ScoreOptions):

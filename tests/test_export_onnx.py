@@ -77,7 +77,7 @@ def _op_types(model: onnx.ModelProto) -> list[tuple[str, str]]:
     return [(node.domain, node.op_type) for node in ir.traversal.RecursiveGraphIterator(graph)]
 
 
-def _private_attention_model(causal: int, with_mask: bool) -> ir.Model:
+def _private_attention_model(causal: int, with_mask: bool, zero_masked_rows: int = 0) -> ir.Model:
     """q (B,4,Lq,8), k/v (B,2,Lk,8) [, mask (B,1,Lq,Lk)] → one ai.rewriter::Attention → out."""
     q = ir.val("q", ir.DataType.FLOAT, ["b", 4, "lq", 8])
     keys = "lq" if causal else "lk"  # MultiHeadAttention is causal only for provably equal lengths
@@ -87,7 +87,8 @@ def _private_attention_model(causal: int, with_mask: bool) -> ir.Model:
     out, stats = ir.val("out", ir.DataType.FLOAT, ["b", 4, "lq", 8]), ir.Value(name="row_stats")
     node = ir.node("Attention", [q, k, v, None, mask], domain="ai.rewriter", outputs=[out, stats],
                    attributes={"scale": 0.3, "softcap": 0.0, "mask_fill": float("-inf"), "causal": causal,
-                               "causal_offset": 0, "q_chunk": 3, "k_chunk": 2})
+                               "causal_offset": 0, "zero_masked_rows": zero_masked_rows, "q_chunk": 3,
+                               "k_chunk": 2})
     inputs = [x for x in (q, k, v, mask) if x is not None]
     graph = ir.Graph(inputs, [out], nodes=[node], opset_imports={"": 23, "ai.rewriter": 1}, name="private")
     return ir.Model(graph, ir_version=10)
@@ -98,7 +99,13 @@ def _private_attention_model(causal: int, with_mask: bool) -> ir.Model:
 def test_lowering_pass_matches_the_torch_op(target, causal, with_mask):
     model = _private_attention_model(causal, with_mask)
     lowering = LowerRewriterOps(target)
-    assert lowering(model).modified and lowering.lowered == [(target, None)]
+    assert lowering(model).modified
+    if target == "onnx-attention" and with_mask:
+        # The torch op gives NaN for a row whose every key is masked, Attention-23 gives 0: refused.
+        (form, reason), = lowering.lowered
+        assert form == "chunked" and "gives 0 for rows whose every key is masked" in reason
+    else:
+        assert lowering.lowered == [(target, None)]
     proto = ir.serde.serialize_model(model)
     onnx.checker.check_model(proto, full_check=True)
     assert "ai.rewriter" not in {entry.domain for entry in proto.opset_import}
@@ -111,6 +118,23 @@ def test_lowering_pass_matches_the_torch_op(target, causal, with_mask):
     expected, _ = torch.ops.rewriter.attention(q, k, v, None, mask if with_mask else None, 0.3, 0.0,
                                                float("-inf"), bool(causal), 0, 3, 2)
     np.testing.assert_allclose(actual, expected.numpy(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("target", ["chunked", "onnx-attention", "ort"])
+def test_rows_every_key_masked_give_zero_on_every_target_when_the_node_says_so(target):
+    model = _private_attention_model(0, with_mask=True, zero_masked_rows=1)
+    lowering = LowerRewriterOps(target)
+    lowering(model)
+    assert lowering.lowered == [(target, None)]
+    mask = torch.rand(2, 1, 7, 7) > 0.3
+    mask[..., 0] = True
+    mask[:, :, 2] = False  # row 2 hides every key
+    q, k, v = torch.randn(2, 4, 7, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
+    (actual,) = _ort_outputs(ir.serde.serialize_model(model).SerializeToString(), (q, k, v, mask))
+    expected, _ = torch.ops.rewriter.attention(q, k, v, None, mask, 0.3, 0.0, float("-inf"), False, 0, 3, 2)
+    assert np.isnan(expected.numpy()[:, :, 2]).all() and (actual[:, :, 2] == 0).all()
+    np.testing.assert_allclose(np.delete(actual, 2, axis=2), np.delete(expected.numpy(), 2, axis=2), atol=1e-5,
+                               rtol=1e-4)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -145,7 +169,7 @@ def test_export_onnx_writes_verified_file_ort_target(tmp_path):
     model, example = CausalSelfAttention().eval(), (torch.randn(2, EXPORT_LEN, 32),)
     path = tmp_path / "causal_sdpa.onnx"
     report = rewriter.export_onnx(model, example, str(path), target="ort", dynamic_shapes=_dynamic(example))
-    assert [(match.target, match.causal) for match in report.matches] == [("ort", True)]
+    assert [(match.target, match.causal) for match in report.matches] == [("com.microsoft.MultiHeadAttention", True)]
     saved = onnx.load(str(path))
     onnx.checker.check_model(saved, full_check=True)
     ops = _op_types(saved)
@@ -161,7 +185,7 @@ def test_onnx_attention_target(tmp_path):
     model, example = tiny_gpt2(EXPORT_LEN)
     path = tmp_path / "gpt2_attention23.onnx"
     report = rewriter.export_onnx(model, example, str(path), target="onnx-attention", dynamic_shapes=_dynamic(example))
-    assert [match.target for match in report.matches] == ["onnx-attention"]
+    assert [match.target for match in report.matches] == ["Attention-23"]
     saved = onnx.load(str(path))
     onnx.checker.check_model(saved, full_check=True)
     assert {entry.domain: entry.version for entry in saved.opset_import}[""] == 23
@@ -269,4 +293,4 @@ def test_report_names_each_kind_with_its_own_lowering(tmp_path):
     q, k, v = (torch.randn(1, 2, 10, 8) for _ in range(3))
     report = rewriter.export_onnx(PerformerThenSoftmax().eval(), (q, k, v), str(tmp_path / "mixed.onnx"), target="ort")
     targets = {match.kind: match.target for match in report.matches if match.rewritten}
-    assert targets == {"softmax": "ort", "performer": "chunked"}, report.summary()
+    assert targets == {"softmax": "com.microsoft.MultiHeadAttention", "performer": "chunked"}, report.summary()

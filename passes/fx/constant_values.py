@@ -15,7 +15,7 @@ from torch.fx import GraphModule, Node
 
 from passes.fx.aten_vocabulary import scalar_value
 
-__all__ = ["constant_value", "scalar_constant", "causal_offset_of_keep_mask", "causal_offset_of_bias"]
+__all__ = ["constant_value", "scalar_constant"]
 
 
 def _ancestors_are_constant(node: Node, seen: dict[Node, bool]) -> bool:
@@ -65,37 +65,3 @@ def scalar_constant(gm: GraphModule, arg) -> float | None:
     if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype.is_floating_point:
         return float(value.item())
     return None
-
-
-def _tril(query_len: int, key_len: int, offset: int, device) -> torch.Tensor:
-    return torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril(offset)
-
-
-def causal_offset_of_keep_mask(keep: torch.Tensor, query_len: int, key_len: int) -> int | None:
-    """`o` when `keep` (broadcast over leading axes) is exactly `key ≤ query + o`, else None."""
-    if keep.dtype != torch.bool or keep.dim() < 2 or tuple(keep.shape[-2:]) != (query_len, key_len):
-        return None
-    if any(size != 1 for size in keep.shape[:-2]):
-        return None
-    keep = keep.reshape(query_len, key_len)
-    offset = int(keep[-1].sum()) - query_len
-    return offset if torch.equal(keep, _tril(query_len, key_len, offset, keep.device)) else None
-
-
-def causal_offset_of_bias(bias: torch.Tensor, query_len: int, key_len: int) -> tuple[int, float] | None:
-    """(offset, fill) when `bias` is 0 on and below a causal diagonal and one constant fill above."""
-    if not bias.dtype.is_floating_point or bias.dim() < 2:
-        return None
-    if tuple(bias.shape[-2:]) != (query_len, key_len) or any(size != 1 for size in bias.shape[:-2]):
-        return None
-    bias = bias.reshape(query_len, key_len)
-    offset = causal_offset_of_keep_mask(bias == 0, query_len, key_len)
-    if offset is None:
-        return None
-    hidden = bias[~_tril(query_len, key_len, offset, bias.device)]
-    if hidden.numel() == 0:
-        return None
-    fill = float(hidden[0])
-    if not (fill < 0 and bool((hidden == fill).all())) or math.isnan(fill):
-        return None
-    return offset, fill

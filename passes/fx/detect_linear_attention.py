@@ -24,7 +24,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from passes.attention_spec import AttentionSpec
+from passes.core.attention_spec import AttentionSpec
 from passes.fx import aten_vocabulary as ops
 from passes.fx.constant_values import scalar_constant
 from passes.fx.detect_softmax_attention import Operand

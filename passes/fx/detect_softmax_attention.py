@@ -19,30 +19,23 @@ import dataclasses
 import logging
 import math
 
+import numpy as np
 import torch
 from torch.fx import GraphModule, Node
 
-from passes.attention_labels import LabelError, prove_pv_axes, prove_qk_axes
-from passes.attention_spec import AttentionSpec
+from passes.core.attention_labels import LabelError, prove_pv_axes, prove_qk_axes
+from passes.core.attention_spec import AttentionSpec
 from passes.fx import aten_vocabulary as ops
-from passes.fx.constant_values import (
-    causal_offset_of_bias,
-    causal_offset_of_keep_mask,
-    constant_value,
-    scalar_constant,
-)
+from passes.core.causal_proofs import causal_offset_of_bias, causal_offset_of_keep
+from passes.fx.constant_values import constant_value, scalar_constant
 from passes.fx.product_labels import label_product
 from passes.fx.score_chain import ScoreChain, trace_score_chain
-from passes.score_algebra import ChainError, MaskStep
+from passes.core.mask_semantics import fill_is_neg_inf, mask_kind, sort_score_terms
+from passes.core.score_algebra import ChainError, MaskStep
 
 __all__ = ["Operand", "FxAttentionMatch", "detect_softmax_attention"]
 
 logger = logging.getLogger(__name__)
-
-# A finite mask fill this negative is as good as −∞ once every row keeps a real score: exp(fill − max)
-# underflows to exactly 0 in every float type for scores of any realistic magnitude (< 1e29).
-_EFFECTIVELY_NEG_INF = -1e30
-
 
 @dataclasses.dataclass(frozen=True)
 class Operand:
@@ -258,43 +251,31 @@ class _Builder:
         return _Scores(scores, _shape(chain.product_node), axes.batch, axes.query, axes.key)
 
     def _fill_masks(self, match, scores_info: _Scores, biases: list[tuple[Node, float]], masks: list[MaskStep]):
+        """Sort biases and masks into the match (`mask_semantics.sort_score_terms`)."""
         scores, scores_shape, batch = scores_info.labels, scores_info.shape, scores_info.batch
-        query_label, key_label = scores_info.query, scores_info.key
-        canonical = batch + query_label + key_label
-        query_len, key_len = scores_shape[scores.index(query_label)], scores_shape[scores.index(key_label)]
-        causal_offsets = []
-        remaining_biases = []
-        only_masking = len(biases) + len(masks) == 1
-        for node, factor in biases:
-            operand = dataclasses.replace(_aligned(node, scores, scores_shape, "bias"), target=canonical)
-            proven = self._causal_from_bias(operand, factor, query_len, key_len, only_masking)
-            if proven is None:
-                remaining_biases.append((operand, factor))
-            else:
-                causal_offsets.append(proven)
-        remaining_masks = []
-        for step in masks:
-            operand = dataclasses.replace(_aligned(step.condition, scores, scores_shape, "mask"), target=canonical)
-            proven = self._causal_from_mask(operand, step, query_len, key_len, only_masking)
-            if proven is None:
-                if causal_offsets and math.isfinite(step.fill):
-                    # Keys hidden by both would hold the fill in the model but −∞ in the op.
-                    raise _Rejected("a mask with a finite fill is applied after the causal mask")
-                remaining_masks.append((operand, step))
-            else:
-                causal_offsets.append(proven)
-        if len(set(causal_offsets)) > 1:
-            raise _Rejected("two different causal masks")
-        if causal_offsets:
-            match.causal, match.causal_offset = True, causal_offsets[0]
-        match.biases = remaining_biases
-        if len(remaining_masks) > 1:
-            raise _Rejected("several boolean masks on one block")
-        if remaining_masks:
-            operand, step = remaining_masks[0]
-            match.mask, match.mask_keep_when_true, match.mask_fill = operand, step.keep_when_true, step.fill
+        canonical = batch + scores_info.query + scores_info.key
+        query_len = scores_shape[scores.index(scores_info.query)]
+        key_len = scores_shape[scores.index(scores_info.key)]
 
-    def _canonical_constant(self, operand: Operand) -> torch.Tensor | None:
+        def aligned(node, what):
+            return dataclasses.replace(_aligned(node, scores, scores_shape, what), target=canonical)
+
+        def bias_offset(operand, factor, only_masking):
+            return self._causal_from_bias(operand, factor, query_len, key_len, only_masking)
+
+        def mask_offset(operand, step, only_masking):
+            return self._causal_from_mask(operand, step, query_len, key_len, only_masking)
+
+        aligned_biases = [(aligned(node, "bias"), factor) for node, factor in biases]
+        aligned_masks = [dataclasses.replace(step, condition=aligned(step.condition, "mask")) for step in masks]
+        try:
+            terms = sort_score_terms(aligned_biases, aligned_masks, bias_offset, mask_offset)
+        except ChainError as error:
+            raise _Rejected(str(error)) from error
+        match.causal, match.causal_offset, match.biases = terms.causal, terms.causal_offset, terms.biases
+        match.mask, match.mask_keep_when_true, match.mask_fill = terms.mask, terms.mask_keep_when_true, terms.mask_fill
+
+    def _canonical_constant(self, operand: Operand) -> np.ndarray | None:
         """The operand's value with axes in target order (absent ones of size 1), if constant."""
         value = constant_value(self.gm, operand.node)
         if not isinstance(value, torch.Tensor):
@@ -303,24 +284,25 @@ class _Builder:
         for label in operand.target:
             if label not in labels:
                 value, labels = value.unsqueeze(-1), labels + label
-        return value.permute([labels.index(label) for label in operand.target])
+        value = value.permute([labels.index(label) for label in operand.target]).detach().cpu()
+        return (value.float() if value.dtype in (torch.bfloat16, torch.float16) else value).numpy()
 
     def _causal_from_mask(self, operand, step: MaskStep, query_len, key_len, only_masking) -> int | None:
         keep = self._canonical_constant(operand)
-        if keep is None or keep.dtype.is_floating_point:
+        if keep is None or keep.dtype != np.bool_:
             return None
-        offset = causal_offset_of_keep_mask(keep if step.keep_when_true else ~keep, query_len, key_len)
-        return offset if offset is not None and _fill_is_neg_inf(step.fill, offset, only_masking) else None
+        offset = causal_offset_of_keep(keep if step.keep_when_true else ~keep, query_len, key_len)
+        return offset if offset is not None and fill_is_neg_inf(step.fill, offset, only_masking) else None
 
     def _causal_from_bias(self, operand, factor, query_len, key_len, only_masking) -> int | None:
         bias = self._canonical_constant(operand)
-        if bias is None or not bias.dtype.is_floating_point or factor <= 0:
+        if bias is None or not np.issubdtype(bias.dtype, np.floating) or factor <= 0:
             return None
         found = causal_offset_of_bias(bias, query_len, key_len)
         if found is None:
             return None
         offset, fill = found
-        return offset if _fill_is_neg_inf(fill * factor, offset, only_masking) else None
+        return offset if fill_is_neg_inf(fill * factor, offset, only_masking) else None
 
     def from_sdpa(self, node: Node) -> FxAttentionMatch:
         args = list(node.args) + [None] * (8 - len(node.args))
@@ -372,19 +354,12 @@ class _Builder:
         if match.query is not None and match.key is not None:
             fields.update(_layout_fields(match))
         if reason is None:
-            mask_kind = {(False, False): "none", (True, False): "boolean", (False, True): "additive"}.get(
-                (match.mask is not None, bool(match.biases)), "boolean+additive")
             fields.update(
                 causal=match.causal, causal_offset=match.causal_offset, scale=match.scale,
-                softcap=match.softcap or None, mask_kind=mask_kind, mask_fill=match.mask_fill,
+                softcap=match.softcap or None, mask_kind=mask_kind(match.mask is not None, bool(match.biases)),
+                mask_fill=match.mask_fill,
             )
         return dataclasses.replace(match.spec, **fields)
-
-
-def _fill_is_neg_inf(fill: float, offset: int, only_masking: bool) -> bool:
-    if fill == -math.inf:
-        return True
-    return fill <= _EFFECTIVELY_NEG_INF and offset >= 0 and only_masking
 
 
 def _layout_fields(match: FxAttentionMatch) -> dict:

@@ -20,7 +20,7 @@ import torch
 from torch.fx import Graph, GraphModule, Node
 
 import rewriter.kernels.attention_op  # noqa: F401  (registers torch.ops.rewriter.attention)
-from passes.attention_spec import ChunkSizes
+from passes.core.attention_spec import ChunkSizes
 from passes.fx import aten_vocabulary as ops
 from passes.fx.detect_softmax_attention import FxAttentionMatch, Operand
 

@@ -19,7 +19,7 @@ import torch
 from torch.fx import GraphModule
 
 import rewriter.kernels.linear_attention_op  # noqa: F401  (registers torch.ops.rewriter.linear_attention)
-from passes.attention_spec import AttentionSpec
+from passes.core.attention_spec import AttentionSpec
 from passes.fx import aten_vocabulary as ops
 from passes.fx.detect_linear_attention import FxLinearAttentionMatch
 

@@ -6,7 +6,7 @@ Accepted between the product and softmax (in any order the algebra allows):
            ──(masked_fill | where with a scalar fill)──(c·tanh(scores/c))──(casts, clones)── softmax
 
 The ops are reduced to the `rewriter::attention` order ``scale → softcap → +bias → mask`` by
-`passes.score_algebra`, which refuses the orders that would change a result.
+`passes.core.score_algebra`, which refuses the orders that would change a result.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch.fx import GraphModule, Node
 from passes.fx import aten_vocabulary as ops
 from passes.fx.constant_values import scalar_constant
 from passes.fx.product_labels import LabeledProduct, label_product
-from passes.score_algebra import ChainError, MaskStep, reduce_score_steps, scores_side_of_sum
+from passes.core.score_algebra import ChainError, MaskStep, reduce_score_steps, scores_side_of_sum
 
 __all__ = ["ScoreChain", "trace_score_chain"]
 

@@ -20,7 +20,7 @@ from onnx.reference import ReferenceEvaluator
 from passes.onnx.graph_values import attribute, const_array
 from passes.onnx.shape_facts import ShapeFacts
 
-__all__ = ["ShapeOnlyFolder", "causal_offset_of_bias", "causal_offset_of_keep"]
+__all__ = ["ShapeOnlyFolder"]
 
 logger = logging.getLogger(__name__)
 
@@ -198,42 +198,3 @@ def _slice(data, starts=None, ends=None, axes=None, steps=None, *, node) -> np.n
 
 def _clamp(start: int, end: int, step: int, size: int) -> tuple[int, int]:
     return slice(start, end, step).indices(size)[:2]
-
-
-def _tril(query_len: int, key_len: int, offset: int) -> np.ndarray:
-    return np.tril(np.ones((query_len, key_len), dtype=bool), offset)
-
-
-def _single_matrix(array: np.ndarray, query_len: int, key_len: int) -> np.ndarray | None:
-    """The (query, key) matrix of `array`, when every leading slice is that same matrix."""
-    if array.ndim < 2 or array.shape[-2:] != (query_len, key_len):
-        return None
-    flat = array.reshape(-1, query_len, key_len)
-    return flat[0] if all(np.array_equal(flat[0], other) for other in flat[1:]) else None
-
-
-def causal_offset_of_keep(keep: np.ndarray, query_len: int, key_len: int) -> int | None:
-    """`o` when `keep` (identical over leading axes) is exactly `key ≤ query + o`, else None."""
-    if keep.dtype != np.bool_:
-        return None
-    matrix = _single_matrix(keep, query_len, key_len)
-    if matrix is None:
-        return None
-    offset = int(matrix[-1].sum()) - query_len
-    return offset if np.array_equal(matrix, _tril(query_len, key_len, offset)) else None
-
-
-def causal_offset_of_bias(bias: np.ndarray, query_len: int, key_len: int) -> tuple[int, float] | None:
-    """(offset, fill) when `bias` is 0 on and below a causal diagonal and one negative fill above."""
-    if not np.issubdtype(bias.dtype, np.floating):
-        return None
-    matrix = _single_matrix(bias, query_len, key_len)
-    if matrix is None:
-        return None
-    offset = causal_offset_of_keep(matrix == 0, query_len, key_len)
-    if offset is None:
-        return None
-    hidden = matrix[~_tril(query_len, key_len, offset)]
-    if hidden.size == 0 or np.isnan(hidden[0]) or not (hidden[0] < 0 and (hidden == hidden[0]).all()):
-        return None
-    return offset, float(hidden[0])

@@ -21,21 +21,19 @@ import math
 
 import onnx_ir as ir
 
-from passes.attention_spec import AttentionSpec
+from passes.core.attention_spec import AttentionSpec
 from passes.onnx.axis_labels import Operand
 from passes.onnx.graph_values import attribute, is_op, value_consumers
 from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch, Rejected
 from passes.onnx.score_operands import Scores, fill_masks
-from passes.score_algebra import MaskStep
+from passes.core.score_algebra import MaskStep
 from passes.onnx.shape_facts import ShapeFacts
 from passes.onnx.spec_fields import spec_fields
 
-__all__ = ["detect_fused_attention", "ONNX_ATTENTION", "ORT_MHA"]
+__all__ = ["detect_fused_attention"]
 
 logger = logging.getLogger(__name__)
 
-ONNX_ATTENTION = "Attention-23"
-ORT_MHA = "com.microsoft.MultiHeadAttention"
 _CANONICAL = "bhMP"
 
 

@@ -23,7 +23,7 @@ import logging
 
 import onnx_ir as ir
 
-from passes.attention_spec import AttentionSpec
+from passes.core.attention_spec import AttentionSpec
 from passes.onnx.chunked_linear_attention import is_chunked_anchor, match_chunked
 from passes.onnx.graph_values import attribute, is_op, producer_op
 from passes.onnx.labelled_ops import rank_of

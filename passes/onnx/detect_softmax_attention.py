@@ -21,8 +21,8 @@ import logging
 
 import onnx_ir as ir
 
-from passes.attention_labels import LabelError, QkAxes, prove_pv_axes, prove_qk_axes
-from passes.attention_spec import AttentionSpec
+from passes.core.attention_labels import LabelError, QkAxes, prove_pv_axes, prove_qk_axes
+from passes.core.attention_spec import AttentionSpec
 from passes.onnx.axis_labels import Operand, label_product, trace_to_source
 from passes.onnx.graph_values import FLOAT_TYPES, attribute, const_array, is_op, value_consumers
 from passes.onnx.grouped_heads import repeat_interleave_source
@@ -31,7 +31,7 @@ from passes.onnx.score_chain import check_inference_dropout, trace_score_chain
 from passes.onnx.score_operands import Scores, fill_masks
 from passes.onnx.shape_facts import ShapeFacts
 from passes.onnx.spec_fields import spec_fields
-from passes.score_algebra import ChainError
+from passes.core.score_algebra import ChainError
 
 __all__ = ["detect_softmax_attention", "anchor_softmax"]
 

@@ -15,7 +15,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from passes.attention_spec import AttentionSpec
+from passes.core.attention_spec import AttentionSpec
 from passes.onnx.graph_values import attribute, const_array, producer_op
 from passes.onnx.labelled_ops import axes_of, einsum_labels, rank_of
 from passes.onnx.linear_feature_maps import OnnxFeatureMap, match_feature_map, require_closed, split_scale

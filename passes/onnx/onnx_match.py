@@ -14,7 +14,7 @@ import math
 
 import onnx_ir as ir
 
-from passes.attention_spec import AttentionSpec
+from passes.core.attention_spec import AttentionSpec
 from passes.onnx.axis_labels import Operand
 from passes.onnx.constant_folding import ShapeOnlyFolder
 from passes.onnx.shape_facts import ShapeFacts

@@ -25,9 +25,9 @@ import onnx_ir as ir
 import onnx_ir.passes
 
 from passes.onnx.linear_block import OnnxLinearAttentionMatch
-from passes.onnx.emit_chunked import CHUNKED
+from passes.onnx.lower_attention import CHUNKED
 from passes.onnx.onnx_match import AnalysisContext
-from passes.onnx.rewrite_attention import remove_dead_block
+from passes.onnx.dead_nodes import remove_dead_block
 from rewriter.kernels.onnx_linear_attention import build_linear_attention
 
 __all__ = ["LINEAR_ORT", "PlannedLinearRewrite", "RewriteOnnxLinearAttention"]

@@ -22,7 +22,7 @@ import onnx_ir as ir
 from passes.onnx.axis_labels import LabeledProduct, label_product
 from passes.onnx.constant_folding import ShapeOnlyFolder
 from passes.onnx.graph_values import FLOAT_TYPES, attribute, const_array, value_consumers
-from passes.score_algebra import ChainError, MaskStep, reduce_score_steps, scores_side_of_sum
+from passes.core.score_algebra import ChainError, MaskStep, reduce_score_steps, scores_side_of_sum
 
 __all__ = ["ScoreChain", "trace_score_chain", "check_inference_dropout"]
 

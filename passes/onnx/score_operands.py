@@ -10,21 +10,16 @@ with the same ``o``, it becomes the kernel's causal flag instead of a materialis
 from __future__ import annotations
 
 import dataclasses
-import math
-
 import numpy as np
 
 from passes.onnx.axis_labels import Operand
-from passes.onnx.constant_folding import causal_offset_of_bias, causal_offset_of_keep
+from passes.core.causal_proofs import causal_offset_of_bias, causal_offset_of_keep
 from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch, Rejected
-from passes.score_algebra import MaskStep
+from passes.core.mask_semantics import fill_is_neg_inf, sort_score_terms
+from passes.core.score_algebra import ChainError, MaskStep
 from passes.onnx.shape_facts import ShapeFacts
 
-__all__ = ["Scores", "fill_masks", "EFFECTIVELY_NEG_INF"]
-
-# A finite mask fill this negative is as good as −∞ once every row keeps a real score: exp(fill − max)
-# underflows to exactly 0 in every float type for scores of any realistic magnitude (< 1e29).
-EFFECTIVELY_NEG_INF = -1e30
+__all__ = ["Scores", "fill_masks"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,12 +56,6 @@ def _canonical_array(array: np.ndarray, operand: Operand) -> np.ndarray:
     return np.transpose(array, [labels.index(label) for label in operand.target])
 
 
-def _fill_is_neg_inf(fill: float, offset: int, only_masking: bool) -> bool:
-    if fill == -math.inf:
-        return True
-    return fill <= EFFECTIVELY_NEG_INF and offset >= 0 and only_masking
-
-
 def _proven_offset(ctx: AnalysisContext, operand: Operand, scores: Scores, prove) -> int | None:
     """The causal offset `prove(array, lq, lk)` finds at every evaluated shape, if they all agree."""
     if not ctx.folder.depends_only_on_shapes(operand.value):
@@ -88,47 +77,30 @@ def _proven_offset(ctx: AnalysisContext, operand: Operand, scores: Scores, prove
 
 def fill_masks(ctx: AnalysisContext, match: OnnxAttentionMatch, scores: Scores,
                biases: list[tuple[object, float]], masks: list[MaskStep]) -> None:
-    """Sort biases and masks into the match: causal flag, remaining biases, at most one mask."""
-    only_masking = len(biases) + len(masks) == 1
-    causal_offsets, remaining_biases, remaining_masks = [], [], []
-    for value, factor in biases:
-        operand = _aligned(ctx, value, scores, "bias")
-
-        def bias_offset(array, lq, lk, factor=factor):
+    """Sort biases and masks into the match: causal flag, remaining biases, at most one mask
+    (`mask_semantics.sort_score_terms`, with offsets proven on shape-only evaluations)."""
+    def bias_offset(operand, factor, only_masking):
+        def prove(array, lq, lk):
             found = causal_offset_of_bias(array, lq, lk) if factor > 0 else None
-            if found is None or not _fill_is_neg_inf(found[1] * factor, found[0], only_masking):
+            if found is None or not fill_is_neg_inf(found[1] * factor, found[0], only_masking):
                 return None
             return found[0]
+        return _proven_offset(ctx, operand, scores, prove)
 
-        proven = _proven_offset(ctx, operand, scores, bias_offset)
-        if proven is None:
-            remaining_biases.append((operand, factor))
-        else:
-            causal_offsets.append(proven)
-    for step in masks:
-        operand = _aligned(ctx, step.condition, scores, "mask")
-
-        def mask_offset(array, lq, lk, step=step):
+    def mask_offset(operand, step, only_masking):
+        def prove(array, lq, lk):
             if array.dtype != np.bool_:
                 return None
             offset = causal_offset_of_keep(array if step.keep_when_true else ~array, lq, lk)
-            return offset if offset is not None and _fill_is_neg_inf(step.fill, offset, only_masking) else None
+            return offset if offset is not None and fill_is_neg_inf(step.fill, offset, only_masking) else None
+        return _proven_offset(ctx, operand, scores, prove)
 
-        proven = _proven_offset(ctx, operand, scores, mask_offset)
-        if proven is None:
-            if causal_offsets and math.isfinite(step.fill):
-                # Keys hidden by both would hold the fill in the model but −∞ in the kernel.
-                raise Rejected("a mask with a finite fill is applied after the causal mask")
-            remaining_masks.append((operand, step))
-        else:
-            causal_offsets.append(proven)
-    if len(set(causal_offsets)) > 1:
-        raise Rejected("two different causal masks")
-    if causal_offsets:
-        match.causal, match.causal_offset = True, causal_offsets[0]
-    match.biases = remaining_biases
-    if len(remaining_masks) > 1:
-        raise Rejected("several boolean masks on one block")
-    if remaining_masks:
-        operand, step = remaining_masks[0]
-        match.mask, match.mask_keep_when_true, match.mask_fill = operand, step.keep_when_true, step.fill
+    aligned_biases = [(_aligned(ctx, value, scores, "bias"), factor) for value, factor in biases]
+    aligned_masks = [dataclasses.replace(step, condition=_aligned(ctx, step.condition, scores, "mask"))
+                     for step in masks]
+    try:
+        terms = sort_score_terms(aligned_biases, aligned_masks, bias_offset, mask_offset)
+    except ChainError as error:
+        raise Rejected(str(error)) from error
+    match.causal, match.causal_offset, match.biases = terms.causal, terms.causal_offset, terms.biases
+    match.mask, match.mask_keep_when_true, match.mask_fill = terms.mask, terms.mask_keep_when_true, terms.mask_fill

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from passes.core.mask_semantics import mask_kind
 from passes.onnx.axis_labels import Operand
 from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch
 
@@ -15,11 +16,6 @@ def _layout(operand: Operand) -> str:
     return "".join(names.get(label, "?") for label in operand.labels)
 
 
-def _mask_kind(match: OnnxAttentionMatch) -> str:
-    return {(False, False): "none", (True, False): "boolean", (False, True): "additive"}.get(
-        (match.mask is not None, bool(match.biases)), "boolean+additive")
-
-
 def spec_fields(ctx: AnalysisContext, match: OnnxAttentionMatch) -> dict:
     """Spec fields of an accepted match; sizes are ints where static, else None."""
     query, key, value = match.query, match.key_source or match.key, match.value_source or match.value
@@ -27,7 +23,7 @@ def spec_fields(ctx: AnalysisContext, match: OnnxAttentionMatch) -> dict:
     batch = query.target[:-2]
     fields = {
         "causal": match.causal, "causal_offset": match.causal_offset, "scale": match.scale,
-        "softcap": match.softcap or None, "mask_kind": _mask_kind(match), "mask_fill": match.mask_fill,
+        "softcap": match.softcap or None, "mask_kind": mask_kind(match.mask is not None, bool(match.biases)), "mask_fill": match.mask_fill,
         "q_layout": _layout(query), "k_layout": _layout(key), "v_layout": _layout(value),
         "out_layout": _layout(Operand(match.output, match.out_labels, match.out_canonical)),
         "seq_len_q": ctx.static_dim(query, q_seq), "seq_len_k": ctx.static_dim(key, key.target[-2]),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from passes.attention_spec import AttentionSpec, ChunkSizes
+from passes.core.attention_spec import AttentionSpec, ChunkSizes
 
 __all__ = ["DEFAULT_BLOCK_BUDGET", "parse_size", "plan_chunk_sizes"]
 

@@ -1,0 +1,96 @@
+"""What masks and biases do to the scores, IR-neutrally: the rules both front ends apply.
+
+- `EFFECTIVELY_NEG_INF`: a finite fill at or below −1e30 hides a key as −∞ does, once the row keeps
+  one real score: exp(fill − max) underflows to exactly 0 in every float type for scores of any
+  realistic magnitude (< 1e29).
+- `sort_score_terms`: which of a block's biases and boolean masks are its causal mask (becoming the
+  kernel's causal flag and offset), which stay operands, and the orders that would change a result
+  (a finite fill after the causal mask, two different causal masks, several boolean masks).
+- `mask_kind`: the report's word for what is left.
+
+Rows whose every key is masked: a hand-written softmax gives NaN; SDPA, ``aten._safe_softmax``,
+Attention-23 and exports that zero such rows give 0. A match records which (``zero_masked_rows``)
+and every kernel and lowering reproduces it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+from passes.core.score_algebra import ChainError, MaskStep
+
+__all__ = ["EFFECTIVELY_NEG_INF", "ScoreTerms", "fill_is_neg_inf", "mask_kind", "sort_score_terms"]
+
+EFFECTIVELY_NEG_INF = -1e30
+
+
+def fill_is_neg_inf(fill: float, offset: int, only_masking: bool) -> bool:
+    """Whether a causal mask filled with `fill` may become the kernel's −∞ causal flag.
+
+    A finite fill counts only when it is the block's only mask or bias and no row is fully hidden
+    (offset ≥ 0 keeps key 0 for every query).
+    """
+    if fill == -math.inf:
+        return True
+    return fill <= EFFECTIVELY_NEG_INF and offset >= 0 and only_masking
+
+
+@dataclasses.dataclass
+class ScoreTerms:
+    """A block's masks and biases once sorted: the causal flag, bias operands, at most one mask."""
+
+    causal: bool = False
+    causal_offset: int = 0
+    biases: list[tuple[Any, float]] = dataclasses.field(default_factory=list)
+    mask: Any = None
+    mask_keep_when_true: bool = True
+    mask_fill: float = -math.inf
+
+
+def sort_score_terms(biases: list[tuple[Any, float]], masks: list[MaskStep],
+                     bias_offset: Callable[[Any, float, bool], int | None],
+                     mask_offset: Callable[[Any, MaskStep, bool], int | None]) -> ScoreTerms:
+    """Sort `biases` ((operand, factor)) and `masks` into causal flag, remaining biases and mask.
+
+    `bias_offset(operand, factor, only_masking)` and `mask_offset(operand, step, only_masking)` are
+    the IR's provers: the causal offset o when the term is exactly ``key ≤ query + o`` (checked with
+    `fill_is_neg_inf`), else None. The operands in `masks` are already aligned with the scores.
+    Raises ChainError for the combinations no kernel computes exactly.
+    """
+    only_masking = len(biases) + len(masks) == 1
+    terms, offsets = ScoreTerms(), []
+    for operand, factor in biases:
+        proven = bias_offset(operand, factor, only_masking)
+        if proven is None:
+            terms.biases.append((operand, factor))
+        else:
+            offsets.append(proven)
+    remaining = []
+    for step in masks:
+        proven = mask_offset(step.condition, step, only_masking)
+        if proven is None:
+            if offsets and math.isfinite(step.fill):
+                # Keys hidden by both would hold the fill in the model but −∞ in the kernel.
+                raise ChainError("a mask with a finite fill is applied after the causal mask")
+            remaining.append(step)
+        else:
+            offsets.append(proven)
+    if len(set(offsets)) > 1:
+        raise ChainError("two different causal masks")
+    if offsets:
+        terms.causal, terms.causal_offset = True, offsets[0]
+    if len(remaining) > 1:
+        raise ChainError("several boolean masks on one block")
+    if remaining:
+        step = remaining[0]
+        terms.mask, terms.mask_keep_when_true, terms.mask_fill = step.condition, step.keep_when_true, step.fill
+    return terms
+
+
+def mask_kind(has_mask: bool, has_bias: bool) -> str:
+    """"none", "boolean", "additive" or "boolean+additive"."""
+    return {(False, False): "none", (True, False): "boolean", (False, True): "additive"}.get(
+        (has_mask, has_bias), "boolean+additive")
