@@ -155,7 +155,7 @@ def to_onnx(module, example_inputs, *, target: str = "auto", dynamic_shapes=None
     # whenever there is a mask, a bias or causality, the chunked form never does.
     lowered = target if target in (ONNX_ATTENTION, ORT) else CHUNKED
     model_ir = program.model
-    if lowered == ONNX_ATTENTION:
+    if lowered == ONNX_ATTENTION and model_ir.opset_imports.get("", 1) < 23:
         # Raised after export: torch's opset-23 export fuses rotary embeddings into a
         # RotaryEmbedding node that ONNX Runtime 1.32 rejects for Llama-style caches.
         model_ir = RaiseOpsetPass(23)(model_ir).model
