@@ -30,7 +30,8 @@ from passes.onnx.dead_nodes import remove_dead_block
 from passes.onnx.graph_values import attribute, is_op
 from passes.onnx.lower_attention import BlockFacts
 from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch
-from passes.onnx.operand_layout import NodeWriter, arrange, arranged_dims, restore_layout
+from passes.onnx.operand_layout import arrange, arranged_dims, restore_layout
+from rewriter.kernels.onnx_emitter import Emitter
 from passes.onnx.shape_facts import ShapeFacts
 
 __all__ = ["CanonicalizeAttention", "block_facts_of_match"]
@@ -46,7 +47,7 @@ def _broadcast(dims_list: list[list]) -> list:
     return out
 
 
-def _combined_bias(w: NodeWriter, ctx: AnalysisContext, match: OnnxAttentionMatch, dtype) -> ir.Value | None:
+def _combined_bias(w: Emitter, ctx: AnalysisContext, match: OnnxAttentionMatch, dtype) -> ir.Value | None:
     """The sum of the match's bias terms (each times its factor), 4-D, in `dtype` when they differ."""
     terms, dims = [], []
     dtypes = {ctx.facts.dtype(operand.value) for operand, _ in match.biases}
@@ -67,7 +68,7 @@ def _combined_bias(w: NodeWriter, ctx: AnalysisContext, match: OnnxAttentionMatc
     return w.annotate(total, dtype if len(dtypes) > 1 else dtypes.pop(), _broadcast(dims))
 
 
-def _keep_mask(w: NodeWriter, ctx: AnalysisContext, match: OnnxAttentionMatch) -> ir.Value | None:
+def _keep_mask(w: Emitter, ctx: AnalysisContext, match: OnnxAttentionMatch) -> ir.Value | None:
     """The boolean mask as 4-D 'true = keep'."""
     if match.mask is None:
         return None
@@ -123,7 +124,7 @@ def _absorb_output_transpose(match: OnnxAttentionMatch) -> None:
     match.nodes.append(users[0])
 
 
-def _canonical_node(w: NodeWriter, ctx: AnalysisContext, match: OnnxAttentionMatch,
+def _canonical_node(w: Emitter, ctx: AnalysisContext, match: OnnxAttentionMatch,
                     chunks: ChunkSizes | None) -> ir.Value:
     dtype = ctx.facts.dtype(match.query.value)
     q = arrange(w, ctx, match.query, dtype)
@@ -152,7 +153,7 @@ class CanonicalizeAttention(onnx_ir.passes.InPlacePass):
             _follow_replacements(match, replaced)
             _absorb_output_transpose(match)
             anchor = match.output.producer()
-            w = NodeWriter(ir.tape.Tape(), f"{match.output.name}/attention")
+            w = Emitter(ir.tape.Tape(), f"{match.output.name}/attention")
             try:
                 new = _canonical_node(w, self.ctx, match, chunks)
             except Exception as error:  # noqa: BLE001 - nothing was inserted yet; leave this block alone

@@ -32,8 +32,9 @@ import onnx_ir as ir
 
 from passes.core.mask_semantics import EFFECTIVELY_NEG_INF
 from passes.onnx.attention_node import ATTENTION_OP, REWRITER_DOMAIN, AttentionAttributes, attention_attributes
-from passes.onnx.operand_layout import NodeWriter, repeat_heads
+from passes.onnx.operand_layout import repeat_heads
 from rewriter.kernels.onnx_chunked_attention import build_chunked_attention
+from rewriter.kernels.onnx_emitter import Emitter
 
 __all__ = ["CHUNKED", "ONNX_ATTENTION", "ORT", "TARGET_OPS", "BlockFacts", "LoweringError", "block_facts",
            "lower_attention_node", "refusal"]
@@ -158,7 +159,7 @@ def _written_transposed(out: ir.Value) -> ir.Node | None:
     return users[0]
 
 
-def _chunked(w: NodeWriter, node: ir.Node, facts: BlockFacts, out_layout: str) -> ir.Value:
+def _chunked(w: Emitter, node: ir.Node, facts: BlockFacts, out_layout: str) -> ir.Value:
     a = facts.attributes
     (q, q_layout), (k, k_layout), (v, v_layout) = (
         _read(node.inputs[0], ("BLHD",)), _read(node.inputs[1], ("BLHD", "BHDL")), _read(node.inputs[2], ("BLHD",)))
@@ -169,7 +170,7 @@ def _chunked(w: NodeWriter, node: ir.Node, facts: BlockFacts, out_layout: str) -
         v_layout=v_layout, out_layout=out_layout, name=f"{w.prefix}/chunked")
 
 
-def _additive_mask(w: NodeWriter, node: ir.Node, facts: BlockFacts, keep_bool: bool) -> ir.Value | None:
+def _additive_mask(w: Emitter, node: ir.Node, facts: BlockFacts, keep_bool: bool) -> ir.Value | None:
     """Bias and keep-mask as one attention mask over the full (.., Lq, Lk): ORT's kernels do not
     broadcast the length axes. With `keep_bool`, a lone −∞ mask stays boolean (Attention-23 keeps where true)."""
     q, k, bias, mask = node.inputs[0], node.inputs[1], _input(node, 3), _input(node, 4)
@@ -191,7 +192,7 @@ def _additive_mask(w: NodeWriter, node: ir.Node, facts: BlockFacts, keep_bool: b
     return w.op("Expand", attn_mask, lengths)
 
 
-def _packed(w: NodeWriter, value: ir.Value, heads: int, source_heads: int) -> ir.Value:
+def _packed(w: Emitter, value: ir.Value, heads: int, source_heads: int) -> ir.Value:
     """(B, Hs, L, D) → (B, L, H·D), heads repeated to `heads`; a view when the input transposes (B, L, H, D)."""
     if source_heads == heads:
         source = _through_transpose(value, _TO_BSNH)
@@ -201,7 +202,7 @@ def _packed(w: NodeWriter, value: ir.Value, heads: int, source_heads: int) -> ir
     return w.op("Reshape", w.op("Transpose", value, perm=_TO_BSNH), w.const([0, 0, -1]))
 
 
-def _head(w: NodeWriter, value: ir.Value, head: int) -> ir.Value:
+def _head(w: Emitter, value: ir.Value, head: int) -> ir.Value:
     """Head `head` as (B, L, D), sliced from (B, L, H, D) where that is the source. The slices carry no
     ``axes`` input: ORT fuses slices of one tensor along a constant axis into a Split, which would
     make every head's copy live at once."""
@@ -211,7 +212,7 @@ def _head(w: NodeWriter, value: ir.Value, head: int) -> ir.Value:
     return w.op("Squeeze", w.op("Slice", value, w.const(starts), w.const(ends)), w.const([axis]))
 
 
-def _ort_mha(w: NodeWriter, node: ir.Node, facts: BlockFacts, out_layout: str) -> ir.Value:
+def _ort_mha(w: Emitter, node: ir.Node, facts: BlockFacts, out_layout: str) -> ir.Value:
     """The result in `out_layout` from MultiHeadAttention: one node over all heads, or one per head
     (see the module docstring)."""
     q, k, v = node.inputs[:3]
@@ -234,7 +235,7 @@ def _ort_mha(w: NodeWriter, node: ir.Node, facts: BlockFacts, out_layout: str) -
     return out if out_layout == "BLHD" else w.op("Transpose", out, perm=_TO_BSNH)
 
 
-def _onnx_attention(w: NodeWriter, node: ir.Node, facts: BlockFacts) -> ir.Value:
+def _onnx_attention(w: Emitter, node: ir.Node, facts: BlockFacts) -> ir.Value:
     a = facts.attributes
     attributes = {"scale": float(a.scale), "is_causal": int(a.causal)}
     if a.softcap:
@@ -254,7 +255,7 @@ def lower_attention_node(node: ir.Node, target: str) -> None:
     if reason is not None:
         raise LoweringError(f"{node.name}: {reason}")
     old, graph = node.outputs[0], node.graph
-    w = NodeWriter(ir.tape.Tape(), f"{node.name or old.name}/{target}")
+    w = Emitter(ir.tape.Tape(), f"{node.name or old.name}/{target}")
     transpose = _written_transposed(old) if target != ONNX_ATTENTION else None
     out_layout = "BLHD" if transpose is not None else "BHLD"
     if target == CHUNKED:

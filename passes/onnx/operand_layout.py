@@ -11,70 +11,23 @@ axes); `copies` says whether that order needs the transpose::
     K, V, bias, mask likewise ─────────────────┼─ attention ─ (Squeeze)─(Transpose)─(merge heads)─(Cast)─ users
                                                ┘
 
-`NodeWriter` appends the new nodes to a tape with names under one unique prefix; values that
-are passed through unchanged get their dtype/shape annotated only while a kernel is built.
+New nodes go on an `Emitter`'s tape (names under one unique prefix).
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-
-import numpy as np
 import onnx_ir as ir
 
 from passes.onnx.axis_labels import Operand, regroup_axes, walk_views
 from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch
 from passes.onnx.shape_facts import ShapeFacts
+from rewriter.kernels.onnx_emitter import Emitter
 
-__all__ = ["BNSH", "BSNH", "NodeWriter", "arrange", "arranged_dims", "copies", "repeat_heads", "restore_layout",
+__all__ = ["BNSH", "BSNH", "arrange", "arranged_dims", "copies", "repeat_heads", "restore_layout",
            "restores_in_place", "view_source"]
 
 BNSH = (0, 1, 2, 3)  # (batch, heads, rows, cols): the canonical order
 BSNH = (0, 2, 1, 3)  # (batch, rows, heads, cols): ORT's packed (B, L, H·D) once the last two merge
-
-
-class NodeWriter:
-    """Appends nodes to a tape; every node and value is named `<prefix>/<op>_<n>`."""
-
-    def __init__(self, tape: ir.tape.Tape, prefix: str):
-        self.tape, self.prefix = tape, prefix
-        self._counter = itertools.count()
-        self._annotated: list[tuple[ir.Value, object, object]] = []
-
-    def op(self, op_type: str, *inputs: ir.Value | None, domain: str = "", dtype=None, shape=None, **attributes):
-        name = f"{self.prefix}/{op_type}_{next(self._counter)}"
-        value = ir.Value(name=name)
-        self.tape.op(op_type, list(inputs), attributes or None, domain=domain, name=name, output=value)
-        if dtype is not None:
-            value.dtype = dtype
-        if shape is not None:
-            value.shape = ir.Shape(list(shape))
-        return value
-
-    def const(self, values, dtype=np.int64) -> ir.Value:
-        array = np.array(values, dtype=dtype)
-        return self.op("Constant", value=ir.tensor(array), dtype=ir.DataType.from_numpy(array.dtype),
-                       shape=array.shape)
-
-    @contextlib.contextmanager
-    def annotated(self):
-        """Annotations made with `annotate` inside the block are undone when it ends."""
-        try:
-            yield
-        finally:
-            for value, type_, shape in reversed(self._annotated):
-                value.type, value.shape = type_, shape
-            self._annotated.clear()
-
-    def annotate(self, value: ir.Value, dtype, dims) -> ir.Value:
-        if value.producer() is None or not value.producer().name.startswith(self.prefix + "/"):
-            self._annotated.append((value, value.type, value.shape))
-        if dtype is not None:
-            value.dtype = dtype
-        if dims is not None:
-            value.shape = ir.Shape(list(dims))
-        return value
 
 
 def _padding_axes(canonical: str) -> list[int]:
@@ -149,7 +102,7 @@ def copies(ctx: AnalysisContext, operand: Operand, order=BNSH) -> bool:
     return perm != sorted(perm)
 
 
-def arrange(w: NodeWriter, ctx: AnalysisContext, operand: Operand, dtype=None, order=BNSH) -> ir.Value:
+def arrange(w: Emitter, ctx: AnalysisContext, operand: Operand, dtype=None, order=BNSH) -> ir.Value:
     """`operand` as a 4-D value with its (batch, heads, rows, cols) axes in `order`; absent labels
     become size-1 axes, inserted with Unsqueeze rather than moved by a transpose."""
     source, perm, inserted = _plan(ctx, operand, order)
@@ -163,7 +116,7 @@ def arrange(w: NodeWriter, ctx: AnalysisContext, operand: Operand, dtype=None, o
     return w.annotate(value, dtype or ctx.facts.dtype(operand.value), arranged_dims(ctx, operand, order))
 
 
-def repeat_heads(w: NodeWriter, value: ir.Value, groups: int, kv_heads: int) -> ir.Value:
+def repeat_heads(w: Emitter, value: ir.Value, groups: int, kv_heads: int) -> ir.Value:
     """(B, Hkv, L, D) → (B, Hkv·G, L, D), head h reading h // G (repeat-interleave)."""
     if groups == 1:
         return value
@@ -174,7 +127,7 @@ def repeat_heads(w: NodeWriter, value: ir.Value, groups: int, kv_heads: int) -> 
     return w.op("Reshape", w.op("Expand", grouped, shape), merged)
 
 
-def restore_layout(w: NodeWriter, value: ir.Value, match: OnnxAttentionMatch, dtype, out_dtype,
+def restore_layout(w: Emitter, value: ir.Value, match: OnnxAttentionMatch, dtype, out_dtype,
                    order=BNSH) -> ir.Value:
     """A 4-D result of `dtype`, its (batch, heads, rows, value-dim) axes in `order`, in the layout
     and dtype of the value it replaces."""

@@ -1,12 +1,15 @@
-"""The small node-writing layer the ONNX kernel builders share.
+"""The one node-writing layer of the ONNX builders and passes.
 
-`Emitter` appends nodes to an onnx_ir tape and names every value from one counter shared with its
-Loop/If bodies; `standalone_model` wraps a builder's output into a model of its own (used by tests,
-benchmarks and the memory estimate).
+`Emitter` appends nodes to an onnx_ir tape and names every value `<prefix>/<op>_<n>` from one
+counter shared with its Loop/If bodies; `annotate` gives a value its dtype and shape while a
+builder reads them (undone at the end of an `annotated()` block for values the model owns);
+`standalone_model` wraps a builder's output into a model of its own (used by tests, benchmarks and
+the memory estimate).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Iterator, Sequence
 
@@ -22,26 +25,58 @@ class Emitter:
 
     def __init__(self, tape: ir.tape.Tape, prefix: str, counter: Iterator[int] | None = None):
         self.tape = tape
-        self._prefix = prefix
+        self.prefix = prefix
         self._counter = counter if counter is not None else itertools.count()
+        self._annotated: list[tuple[ir.Value, object, object]] = []
 
     def name(self, tag: str) -> str:
-        return f"{self._prefix}/{tag}_{next(self._counter)}"
+        return f"{self.prefix}/{tag}_{next(self._counter)}"
 
-    def __call__(self, op_type: str, *inputs: ir.Value | None, outputs: int = 1, **attributes):
+    def __call__(self, op_type: str, *inputs: ir.Value | None, outputs: int = 1, domain: str = "", **attributes):
         name = self.name(op_type)
         values = [ir.Value(name=name if outputs == 1 else f"{name}_{i}") for i in range(outputs)]
-        self.tape.op_multi_out(op_type, inputs, attributes or None, outputs=values, name=name)
+        self.tape.op_multi_out(op_type, inputs, attributes or None, domain=domain, outputs=values, name=name)
         return values[0] if outputs == 1 else values
 
-    def const(self, value, dtype=np.int64) -> ir.Value:
-        return self("Constant", value=ir.tensor(np.array(value, dtype=dtype)))
+    def op(self, op_type: str, *inputs: ir.Value | None, domain: str = "", dtype=None, shape=None, **attributes):
+        """One node with one output, that output given `dtype` and `shape` when they are known."""
+        value = self(op_type, *inputs, domain=domain, **attributes)
+        if dtype is not None:
+            value.dtype = dtype
+        if shape is not None:
+            value.shape = ir.Shape(list(shape))
+        return value
+
+    def const(self, values, dtype=np.int64) -> ir.Value:
+        array = np.array(values, dtype=dtype)
+        return self.op("Constant", value=ir.tensor(array), dtype=ir.DataType.from_numpy(array.dtype),
+                       shape=array.shape)
 
     def subgraph(self) -> Emitter:
-        return Emitter(ir.tape.Tape(), self._prefix, self._counter)
+        return Emitter(ir.tape.Tape(), self.prefix, self._counter)
 
     def graph(self, inputs: Sequence[ir.Value], outputs: Sequence[ir.Value], tag: str) -> ir.Graph:
         return ir.Graph(inputs, outputs, nodes=self.tape.nodes, name=self.name(tag))
+
+    @contextlib.contextmanager
+    def annotated(self):
+        """Annotations made with `annotate` on values the model owns are undone when the block ends."""
+        try:
+            yield
+        finally:
+            for value, type_, shape in reversed(self._annotated):
+                value.type, value.shape = type_, shape
+            self._annotated.clear()
+
+    def annotate(self, value: ir.Value, dtype, dims) -> ir.Value:
+        """`value` with `dtype` and `dims` (None leaves either as it is)."""
+        if value.producer() is None or not value.producer().name.startswith(self.prefix + "/"):
+            self._annotated.append((value, value.type, value.shape))
+        if dtype is not None:
+            value.dtype = dtype
+        if dims is not None:
+            value.shape = ir.Shape(list(dims))
+        return value
 
 
 def typed(value: ir.Value, dtype: ir.DataType) -> ir.Value:
