@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["LabelError", "PvAxes", "QkAxes", "prove_pv_axes", "prove_qk_axes"]
+__all__ = ["LabelError", "PvAxes", "QkAxes", "ScoreAxes", "prove_pv_axes", "prove_qk_axes"]
 
 
 class LabelError(Exception):
@@ -35,6 +35,22 @@ class QkAxes:
     @property
     def key_target(self) -> str:
         return self.batch + self.key + self.head_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreAxes:
+    """The scores' axis labels and sizes (ints, or the IR's symbolic sizes), and the roles of the labels."""
+
+    labels: str
+    dims: tuple
+    batch: str
+    query: str
+    key: str
+
+    @property
+    def canonical(self) -> str:
+        """The labels in the kernels' order: batch…, query, key."""
+        return self.batch + self.query + self.key
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Any
 
 from passes.core.score_algebra import ChainError, MaskStep
 
-__all__ = ["EFFECTIVELY_NEG_INF", "ScoreTerms", "fill_is_neg_inf", "mask_kind", "sort_score_terms"]
+__all__ = ["EFFECTIVELY_NEG_INF", "ScoreSemantics", "fill_is_neg_inf", "mask_kind", "sort_score_terms"]
 
 EFFECTIVELY_NEG_INF = -1e30
 
@@ -38,22 +38,31 @@ def fill_is_neg_inf(fill: float, offset: int, only_masking: bool) -> bool:
     return fill <= EFFECTIVELY_NEG_INF and offset >= 0 and only_masking
 
 
-@dataclasses.dataclass
-class ScoreTerms:
-    """A block's masks and biases once sorted: the causal flag, bias operands, at most one mask."""
+@dataclasses.dataclass(kw_only=True)
+class ScoreSemantics:
+    """What one block does to its scores, in the kernels' order: ``scale`` → soft-cap
+    (``softcap·tanh(s/softcap)`` folded as in `score_algebra`) → ``+ Σ factor·bias`` → where the
+    mask hides a key, ``mask_fill`` → causal (``key ≤ query + causal_offset``, else −∞); rows whose
+    every key ends up hidden give NaN, or 0 with ``zero_masked_rows``. Operands are the IR's values.
 
-    causal: bool = False
-    causal_offset: int = 0
+    Both IRs' match records extend it, so each field means the same everywhere.
+    """
+
+    scale: float = 1.0
+    softcap: float = 0.0
     biases: list[tuple[Any, float]] = dataclasses.field(default_factory=list)
     mask: Any = None
     mask_keep_when_true: bool = True
     mask_fill: float = -math.inf
+    causal: bool = False
+    causal_offset: int = 0
+    zero_masked_rows: bool = False
 
 
-def sort_score_terms(biases: list[tuple[Any, float]], masks: list[MaskStep],
+def sort_score_terms(semantics: ScoreSemantics, biases: list[tuple[Any, float]], masks: list[MaskStep],
                      bias_offset: Callable[[Any, float, bool], int | None],
-                     mask_offset: Callable[[Any, MaskStep, bool], int | None]) -> ScoreTerms:
-    """Sort `biases` ((operand, factor)) and `masks` into causal flag, remaining biases and mask.
+                     mask_offset: Callable[[Any, MaskStep, bool], int | None]) -> None:
+    """Sort `biases` ((operand, factor)) and `masks` into `semantics`: causal flag, remaining biases, mask.
 
     `bias_offset(operand, factor, only_masking)` and `mask_offset(operand, step, only_masking)` are
     the IR's provers: the causal offset o when the term is exactly ``key ≤ query + o`` (checked with
@@ -61,11 +70,11 @@ def sort_score_terms(biases: list[tuple[Any, float]], masks: list[MaskStep],
     Raises ChainError for the combinations no kernel computes exactly.
     """
     only_masking = len(biases) + len(masks) == 1
-    terms, offsets = ScoreTerms(), []
+    offsets, remaining_biases = [], []
     for operand, factor in biases:
         proven = bias_offset(operand, factor, only_masking)
         if proven is None:
-            terms.biases.append((operand, factor))
+            remaining_biases.append((operand, factor))
         else:
             offsets.append(proven)
     remaining = []
@@ -80,14 +89,15 @@ def sort_score_terms(biases: list[tuple[Any, float]], masks: list[MaskStep],
             offsets.append(proven)
     if len(set(offsets)) > 1:
         raise ChainError("two different causal masks")
-    if offsets:
-        terms.causal, terms.causal_offset = True, offsets[0]
     if len(remaining) > 1:
         raise ChainError("several boolean masks on one block")
+    if offsets:
+        semantics.causal, semantics.causal_offset = True, offsets[0]
+    semantics.biases = remaining_biases
     if remaining:
         step = remaining[0]
-        terms.mask, terms.mask_keep_when_true, terms.mask_fill = step.condition, step.keep_when_true, step.fill
-    return terms
+        semantics.mask, semantics.mask_keep_when_true, semantics.mask_fill = (
+            step.condition, step.keep_when_true, step.fill)
 
 
 def mask_kind(has_mask: bool, has_bias: bool) -> str:

@@ -23,14 +23,14 @@ import numpy as np
 import torch
 from torch.fx import GraphModule, Node
 
-from passes.core.attention_labels import LabelError, prove_pv_axes, prove_qk_axes
+from passes.core.attention_labels import LabelError, ScoreAxes, prove_pv_axes, prove_qk_axes
 from passes.core.attention_spec import AttentionSpec
 from passes.fx import aten_vocabulary as ops
 from passes.core.causal_proofs import causal_offset_of_bias, causal_offset_of_keep
 from passes.fx.constant_values import constant_value, scalar_constant
 from passes.fx.product_labels import label_product
 from passes.fx.score_chain import ScoreChain, trace_score_chain
-from passes.core.mask_semantics import fill_is_neg_inf, mask_kind, sort_score_terms
+from passes.core.mask_semantics import ScoreSemantics, fill_is_neg_inf, mask_kind, sort_score_terms
 from passes.core.score_algebra import ChainError, MaskStep
 
 __all__ = ["Operand", "FxAttentionMatch", "detect_softmax_attention"]
@@ -64,7 +64,9 @@ class Operand:
 
 
 @dataclasses.dataclass
-class FxAttentionMatch:
+class FxAttentionMatch(ScoreSemantics):
+    """One candidate: its spec, the FX operands, and (inherited) what it does to its scores."""
+
     spec: AttentionSpec
     output: Node | None = None  # the node whose value the op replaces
     query: Operand | None = None
@@ -72,29 +74,12 @@ class FxAttentionMatch:
     value: Operand | None = None
     out_canonical: str = ""  # labels of the op's output (batch…, query, value-dim)
     out_labels: str = ""  # labels of `output`
-    biases: list[tuple[Operand, float]] = dataclasses.field(default_factory=list)
-    mask: Operand | None = None
-    mask_keep_when_true: bool = True
-    mask_fill: float = -math.inf
-    causal: bool = False
-    causal_offset: int = 0
-    scale: float = 1.0
-    softcap: float = 0.0
     replaced: list[Node] = dataclasses.field(default_factory=list)  # dead once `output` is replaced
     cast_output_to: torch.dtype | None = None  # the op returns q's dtype; the model's output may differ
 
 
 class _Rejected(Exception):
     pass
-
-
-@dataclasses.dataclass(frozen=True)
-class _Scores:
-    labels: str
-    shape: tuple[int, ...]
-    batch: str
-    query: str
-    key: str
 
 
 def _softmax_dim(node: Node) -> int:
@@ -248,12 +233,11 @@ class _Builder:
         value = Operand(value_node, value_labels, pv_axes.value_target).before_permutes()
         match.key, match.value = _unexpanded_key_value(match.key, value)
         match.output, match.out_canonical, match.out_labels = pv_node, pv_axes.out_canonical, pv.out_labels
-        return _Scores(scores, _shape(chain.product_node), axes.batch, axes.query, axes.key)
+        return ScoreAxes(scores, _shape(chain.product_node), axes.batch, axes.query, axes.key)
 
-    def _fill_masks(self, match, scores_info: _Scores, biases: list[tuple[Node, float]], masks: list[MaskStep]):
+    def _fill_masks(self, match, scores_info: ScoreAxes, biases: list[tuple[Node, float]], masks: list[MaskStep]):
         """Sort biases and masks into the match (`mask_semantics.sort_score_terms`)."""
-        scores, scores_shape, batch = scores_info.labels, scores_info.shape, scores_info.batch
-        canonical = batch + scores_info.query + scores_info.key
+        scores, scores_shape, canonical = scores_info.labels, scores_info.dims, scores_info.canonical
         query_len = scores_shape[scores.index(scores_info.query)]
         key_len = scores_shape[scores.index(scores_info.key)]
 
@@ -269,11 +253,9 @@ class _Builder:
         aligned_biases = [(aligned(node, "bias"), factor) for node, factor in biases]
         aligned_masks = [dataclasses.replace(step, condition=aligned(step.condition, "mask")) for step in masks]
         try:
-            terms = sort_score_terms(aligned_biases, aligned_masks, bias_offset, mask_offset)
+            sort_score_terms(match, aligned_biases, aligned_masks, bias_offset, mask_offset)
         except ChainError as error:
             raise _Rejected(str(error)) from error
-        match.causal, match.causal_offset, match.biases = terms.causal, terms.causal_offset, terms.biases
-        match.mask, match.mask_keep_when_true, match.mask_fill = terms.mask, terms.mask_keep_when_true, terms.mask_fill
 
     def _canonical_constant(self, operand: Operand) -> np.ndarray | None:
         """The operand's value with axes in target order (absent ones of size 1), if constant."""
@@ -332,7 +314,7 @@ class _Builder:
                     biases.append((mask, 1.0))
                 else:
                     masks.append(MaskStep(mask, keep_when_true=True, fill=-math.inf))
-            self._fill_masks(match, _Scores(batch + "MP", scores_shape, batch, "M", "P"), biases, masks)
+            self._fill_masks(match, ScoreAxes(batch + "MP", scores_shape, batch, "M", "P"), biases, masks)
             if is_causal:
                 if match.causal:
                     raise _Rejected("is_causal together with a causal mask")

@@ -21,11 +21,12 @@ import math
 
 import onnx_ir as ir
 
+from passes.core.attention_labels import ScoreAxes
 from passes.core.attention_spec import AttentionSpec
 from passes.onnx.axis_labels import Operand
 from passes.onnx.graph_values import attribute, is_op, value_consumers
 from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch, Rejected
-from passes.onnx.score_operands import Scores, fill_masks
+from passes.onnx.score_operands import fill_masks
 from passes.core.score_algebra import MaskStep
 from passes.onnx.shape_facts import ShapeFacts
 from passes.onnx.spec_fields import spec_fields
@@ -97,10 +98,10 @@ def _match(ctx, node, query, key, value, heads, kv_heads, scale, out_labels) -> 
     return match
 
 
-def _scores(ctx: AnalysisContext, match: OnnxAttentionMatch, query: Operand, key: Operand, heads: int) -> Scores:
+def _scores(ctx: AnalysisContext, match: OnnxAttentionMatch, query: Operand, key: Operand, heads: int) -> ScoreAxes:
     batch, q_len, k_len = _lengths(ctx, query, key)
     match.equal_lengths = ShapeFacts.same(q_len, k_len)
-    return Scores(_CANONICAL, (batch, heads, q_len, k_len), "bh", "M", "P")
+    return ScoreAxes(_CANONICAL, (batch, heads, q_len, k_len), "bh", "M", "P")
 
 
 def _from_onnx_attention(ctx: AnalysisContext, node: ir.Node) -> OnnxAttentionMatch:

@@ -21,14 +21,14 @@ import logging
 
 import onnx_ir as ir
 
-from passes.core.attention_labels import LabelError, QkAxes, prove_pv_axes, prove_qk_axes
+from passes.core.attention_labels import LabelError, QkAxes, ScoreAxes, prove_pv_axes, prove_qk_axes
 from passes.core.attention_spec import AttentionSpec
 from passes.onnx.axis_labels import Operand, label_product, trace_to_source
 from passes.onnx.graph_values import FLOAT_TYPES, attribute, const_array, is_op, value_consumers
 from passes.onnx.grouped_heads import repeat_interleave_source
 from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch, Rejected
 from passes.onnx.score_chain import check_inference_dropout, trace_score_chain
-from passes.onnx.score_operands import Scores, fill_masks
+from passes.onnx.score_operands import fill_masks
 from passes.onnx.shape_facts import ShapeFacts
 from passes.onnx.spec_fields import spec_fields
 from passes.core.score_algebra import ChainError
@@ -174,7 +174,7 @@ class _Builder:
             factor *= scalar if node.op_type == "Mul" else 1.0 / scalar
             operand = dataclasses.replace(operand, value=other)
 
-    def fill_from_products(self, match, chain, axis: int, probabilities, pv) -> Scores:
+    def fill_from_products(self, match, chain, axis: int, probabilities, pv) -> ScoreAxes:
         facts, qk = self.ctx.facts, chain.product
         scores = qk.out_labels
         scores_dims = facts.dims(qk.node.outputs[0])
@@ -192,7 +192,7 @@ class _Builder:
         match.scale = query_scale * key_scale
         self.fill_value(match, pv, probabilities, scores, axes, scores_dims)
         match.equal_lengths = ShapeFacts.same(scores_dims[scores.index(query_label)], scores_dims[axis])
-        return Scores(scores, scores_dims, batch, query_label, key_label)
+        return ScoreAxes(scores, scores_dims, batch, query_label, key_label)
 
     def check_broadcast(self, query: Operand, key: Operand, scores: str, scores_dims, batch: str) -> None:
         for label in batch:

@@ -10,11 +10,11 @@ which masks are evaluated.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import onnx_ir as ir
 
 from passes.core.attention_spec import AttentionSpec
+from passes.core.mask_semantics import ScoreSemantics
 from passes.onnx.axis_labels import Operand
 from passes.onnx.constant_folding import ShapeOnlyFolder
 from passes.onnx.shape_facts import ShapeFacts
@@ -31,7 +31,9 @@ class Rejected(Exception):
 
 
 @dataclasses.dataclass
-class OnnxAttentionMatch:
+class OnnxAttentionMatch(ScoreSemantics):
+    """One candidate: its spec, the ONNX operands, and (inherited) what it does to its scores."""
+
     spec: AttentionSpec
     graph: ir.Graph | None = None
     output: ir.Value | None = None  # the value the rewrite replaces
@@ -43,15 +45,6 @@ class OnnxAttentionMatch:
     out_canonical: str = ""  # labels of the attention result: batch…, query, value-dim
     out_labels: str = ""  # labels of `output`
     out_merged: bool = False  # `output` packs its last two labelled axes into one
-    biases: list[tuple[Operand, float]] = dataclasses.field(default_factory=list)
-    mask: Operand | None = None
-    mask_keep_when_true: bool = True
-    mask_fill: float = -math.inf
-    causal: bool = False
-    causal_offset: int = 0
-    scale: float = 1.0
-    softcap: float = 0.0
-    zero_masked_rows: bool = False  # rows whose every key is masked give 0, not NaN
     num_heads: int | None = None
     num_kv_heads: int | None = None  # of key_source / value_source
     nodes: list[ir.Node] = dataclasses.field(default_factory=list)  # dead once `output` is replaced

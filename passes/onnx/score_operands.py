@@ -15,27 +15,15 @@ import numpy as np
 from passes.onnx.axis_labels import Operand
 from passes.core.causal_proofs import causal_offset_of_bias, causal_offset_of_keep
 from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch, Rejected
+from passes.core.attention_labels import ScoreAxes
 from passes.core.mask_semantics import fill_is_neg_inf, sort_score_terms
 from passes.core.score_algebra import ChainError, MaskStep
 from passes.onnx.shape_facts import ShapeFacts
 
-__all__ = ["Scores", "fill_masks"]
+__all__ = ["fill_masks"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Scores:
-    labels: str
-    dims: tuple
-    batch: str
-    query: str
-    key: str
-
-    @property
-    def canonical(self) -> str:
-        return self.batch + self.query + self.key
-
-
-def _aligned(ctx: AnalysisContext, value, scores: Scores, what: str) -> Operand:
+def _aligned(ctx: AnalysisContext, value, scores: ScoreAxes, what: str) -> Operand:
     dims = ctx.facts.dims(value)
     if dims is None:
         raise Rejected(f"the shape of {what} '{value.name}' is unknown")
@@ -56,7 +44,7 @@ def _canonical_array(array: np.ndarray, operand: Operand) -> np.ndarray:
     return np.transpose(array, [labels.index(label) for label in operand.target])
 
 
-def _proven_offset(ctx: AnalysisContext, operand: Operand, scores: Scores, prove) -> int | None:
+def _proven_offset(ctx: AnalysisContext, operand: Operand, scores: ScoreAxes, prove) -> int | None:
     """The causal offset `prove(array, lq, lk)` finds at every evaluated shape, if they all agree."""
     if not ctx.folder.depends_only_on_shapes(operand.value):
         return None
@@ -75,7 +63,7 @@ def _proven_offset(ctx: AnalysisContext, operand: Operand, scores: Scores, prove
     return found.pop() if len(found) == 1 else None
 
 
-def fill_masks(ctx: AnalysisContext, match: OnnxAttentionMatch, scores: Scores,
+def fill_masks(ctx: AnalysisContext, match: OnnxAttentionMatch, scores: ScoreAxes,
                biases: list[tuple[object, float]], masks: list[MaskStep]) -> None:
     """Sort biases and masks into the match: causal flag, remaining biases, at most one mask
     (`mask_semantics.sort_score_terms`, with offsets proven on shape-only evaluations)."""
@@ -99,8 +87,6 @@ def fill_masks(ctx: AnalysisContext, match: OnnxAttentionMatch, scores: Scores,
     aligned_masks = [dataclasses.replace(step, condition=_aligned(ctx, step.condition, scores, "mask"))
                      for step in masks]
     try:
-        terms = sort_score_terms(aligned_biases, aligned_masks, bias_offset, mask_offset)
+        sort_score_terms(match, aligned_biases, aligned_masks, bias_offset, mask_offset)
     except ChainError as error:
         raise Rejected(str(error)) from error
-    match.causal, match.causal_offset, match.biases = terms.causal, terms.causal_offset, terms.biases
-    match.mask, match.mask_keep_when_true, match.mask_fill = terms.mask, terms.mask_keep_when_true, terms.mask_fill
