@@ -26,9 +26,8 @@ import onnx_ir as ir
 import onnx_ir.passes
 
 from passes.fx.rewrite_linear_attention import default_slice_size
-from passes.core.attention_spec import ChunkSizes
 from passes.core.planner import plan_chunk_sizes
-from passes.onnx.canonicalize_attention import CanonicalizeAttention, block_facts_of_match
+from passes.onnx.canonicalize_attention import CanonicalizeAttention, PlannedRewrite, block_facts_of_match
 from passes.onnx.detect_fused_attention import detect_fused_attention
 from passes.onnx.detect_linear_attention import OnnxLinearAttentionMatch, detect_linear_attention
 from passes.onnx.detect_softmax_attention import detect_softmax_attention
@@ -95,17 +94,6 @@ def _graph_order(ctx: AnalysisContext):
 def _detect(ctx: AnalysisContext) -> list[OnnxAttentionMatch]:
     """All candidates (softmax patterns and fused nodes) in graph order."""
     return sorted(detect_softmax_attention(ctx) + detect_fused_attention(ctx), key=_graph_order(ctx))
-
-
-@dataclasses.dataclass
-class PlannedRewrite:
-    """One accepted softmax block and the target it is lowered to."""
-
-    match: OnnxAttentionMatch
-    target: str  # CHUNKED, ORT or ONNX_ATTENTION
-    chunks: ChunkSizes | None = None
-    done: bool = False
-    failure: str | None = None
 
 
 def _choose(ctx: AnalysisContext, match: OnnxAttentionMatch, target: str, provider: str) -> tuple[str | None, str | None]:
@@ -226,25 +214,6 @@ def _chunk_pair(chunk_size) -> tuple[int, int] | None:
     return int(query), int(key)
 
 
-def _rewrite_softmax(model: ir.Model, analysis: _Analysis) -> bool:
-    """Canonicalise every planned block, then lower each canonical node to its planned target."""
-    plans = [plan for _, plan in analysis.plans]
-    canonical = CanonicalizeAttention(analysis.ctx, [(plan.match, plan.chunks) for plan in plans])
-    canonical(model)
-    targets = {}
-    for plan, node, failure in zip(plans, canonical.nodes, canonical.failures):
-        plan.failure = failure
-        if node is not None:
-            targets[node] = plan.target
-    if not targets:
-        return False
-    lowering = LowerRewriterOps(targets=targets)
-    lowering(model)
-    for plan, node in zip(plans, canonical.nodes):
-        plan.done = node is not None
-    return True
-
-
 def detect_onnx(model_or_path) -> Report:
     """What `optimize_onnx` would find, without changing anything."""
     proto, source = _load(model_or_path)
@@ -282,9 +251,12 @@ def optimize_onnx(model_or_path, *, target: str = "auto", provider: str = "cpu",
         else:  # the raised model is a new graph: find the same blocks in it
             model = raised
             analysis = _analyse(model, target, provider, memory_budget, chunk_size)
-    modified = _rewrite_softmax(model, analysis)
-    linear_pass = RewriteOnnxLinearAttention(analysis.ctx, [plan for _, plan in analysis.linear_plans])
-    modified = linear_pass(model).modified or modified
+    # Softmax blocks become canonical nodes, lowered by the pass `export_onnx` uses; Performer blocks
+    # are rewritten directly.
+    canonical = CanonicalizeAttention(analysis.ctx, [plan for _, plan in analysis.plans])
+    modified = onnx_ir.passes.Sequential(
+        canonical, LowerRewriterOps(targets=canonical.targets),
+        RewriteOnnxLinearAttention(analysis.ctx, [plan for _, plan in analysis.linear_plans]))(model).modified
     report = _report(analysis, source)
     logger.info(report.summary())
     if not modified:

@@ -34,7 +34,7 @@ from passes.onnx.operand_layout import arrange, arranged_dims, restore_layout
 from rewriter.kernels.onnx_emitter import Emitter
 from passes.onnx.shape_facts import ShapeFacts
 
-__all__ = ["CanonicalizeAttention", "block_facts_of_match"]
+__all__ = ["CanonicalizeAttention", "PlannedRewrite", "block_facts_of_match"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,19 +137,30 @@ def _canonical_node(w: Emitter, ctx: AnalysisContext, match: OnnxAttentionMatch,
     return restore_layout(w, out, match, dtype, ctx.facts.dtype(match.output))
 
 
-class CanonicalizeAttention(onnx_ir.passes.InPlacePass):
-    """Replaces each planned match with its canonical node; `nodes[i]` is plan i's node, or None when
-    building it failed (`failures[i]` says why)."""
+@dataclasses.dataclass
+class PlannedRewrite:
+    """One accepted softmax block, the target it is to be lowered to, and what became of it."""
 
-    def __init__(self, ctx: AnalysisContext, plans: list[tuple[OnnxAttentionMatch, ChunkSizes | None]]):
+    match: OnnxAttentionMatch
+    target: str  # a target of `passes.onnx.lower_attention`
+    chunks: ChunkSizes | None = None
+    done: bool = False
+    failure: str | None = None
+
+
+class CanonicalizeAttention(onnx_ir.passes.InPlacePass):
+    """Replaces each planned match with its canonical node, and records in `targets` the target each
+    new node is to be lowered to; a plan whose node could not be built keeps its block and says why."""
+
+    def __init__(self, ctx: AnalysisContext, plans: list[PlannedRewrite]):
         super().__init__()
         self.ctx, self.plans = ctx, plans
-        self.nodes: list[ir.Node | None] = []
-        self.failures: list[str | None] = []
+        self.targets: dict[ir.Node, str] = {}
 
     def call(self, model: ir.Model) -> onnx_ir.passes.PassResult:
         replaced: dict[ir.Value, ir.Value] = {}
-        for match, chunks in self.plans:
+        for plan in self.plans:
+            match, chunks = plan.match, plan.chunks
             _follow_replacements(match, replaced)
             _absorb_output_transpose(match)
             anchor = match.output.producer()
@@ -158,8 +169,7 @@ class CanonicalizeAttention(onnx_ir.passes.InPlacePass):
                 new = _canonical_node(w, self.ctx, match, chunks)
             except Exception as error:  # noqa: BLE001 - nothing was inserted yet; leave this block alone
                 logger.exception("canonicalising the block at %s failed", match.output.name)
-                self.nodes.append(None)
-                self.failures.append(f"building the attention node failed: {error!r}")
+                plan.failure = f"building the attention node failed: {error!r}"
                 continue
             anchor.graph.insert_before(anchor, w.tape.nodes)
             old = match.output
@@ -168,6 +178,6 @@ class CanonicalizeAttention(onnx_ir.passes.InPlacePass):
             new.name, new.type, new.shape = name, old.type, old.shape
             replaced[old] = new
             remove_dead_block(match.nodes)
-            self.nodes.append(next(node for node in w.tape.nodes if node.domain == REWRITER_DOMAIN))
-            self.failures.append(None)
-        return onnx_ir.passes.PassResult(model, any(node is not None for node in self.nodes))
+            self.targets[next(node for node in w.tape.nodes if node.domain == REWRITER_DOMAIN)] = plan.target
+            plan.done = True
+        return onnx_ir.passes.PassResult(model, bool(self.targets))

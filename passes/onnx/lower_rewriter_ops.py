@@ -88,7 +88,7 @@ class LowerRewriterOps(ir.passes.InPlacePass):
         super().__init__()
         if target not in (CHUNKED, ONNX_ATTENTION, ORT):
             raise ValueError(f"unknown lowering target {target!r}")
-        self.target, self.targets = target, targets or {}
+        self.target, self.targets = target, targets if targets is not None else {}
         self.lowered: list[tuple[str, str | None]] = []
         self.kinds: list[str] = []
 
