@@ -45,7 +45,10 @@ logger = logging.getLogger(__name__)
 
 TARGET_NAMES = ("auto", CHUNKED, ORT, ONNX_ATTENTION)
 _PROVIDERS = ("cpu", "cuda")
-_REQUIRED_OPSET = {CHUNKED: 18, ONNX_ATTENTION: 23, LINEAR_ORT: 18}
+# Default-domain opsets: every softmax lowering emits ops valid from opset 13 on, so a model is raised
+# (before it is analysed, and only then) to 13, or to 23 when Attention-23 is the requested target.
+# The Performer builders still emit opset-18 forms.
+_SOFTMAX_OPSET, _ONNX_ATTENTION_OPSET, _LINEAR_OPSET = 13, 23, 18
 
 
 def _load(model_or_path) -> tuple[onnx.ModelProto, str]:
@@ -223,6 +226,22 @@ def detect_onnx(model_or_path) -> Report:
     return Report(source, [MatchReport(match.spec, False) for match in matches])
 
 
+def _raised(model: ir.Model, opset: int) -> tuple[ir.Model, str | None]:
+    """`model` at default-domain `opset` at least, or unchanged with the reason it cannot be raised."""
+    if model.opset_imports.get("", 1) >= opset:
+        return model, None
+    try:
+        return RaiseOpsetPass(opset)(model).model, None
+    except onnx_ir.passes.PassError as error:
+        return model, str(error)
+
+
+def _refuse_all(plans: list, reasons: dict[int, str], reason: str) -> None:
+    """Turn every plan into a near-miss with `reason`."""
+    reasons.update({index: reason for index, _ in plans})
+    plans.clear()
+
+
 def optimize_onnx(model_or_path, *, target: str = "auto", provider: str = "cpu", chunk_size=None,
                   memory_budget=None) -> tuple[onnx.ModelProto, Report]:
     """Rewrite every proven attention block for `target`; report every candidate.
@@ -237,17 +256,14 @@ def optimize_onnx(model_or_path, *, target: str = "auto", provider: str = "cpu",
     chunk_size = _chunk_pair(chunk_size)
     original, source = _load(model_or_path)
     model = ir.serde.deserialize_model(original)
+    model, raise_error = _raised(model, _ONNX_ATTENTION_OPSET if target == ONNX_ATTENTION else _SOFTMAX_OPSET)
     analysis = _analyse(model, target, provider, memory_budget, chunk_size)
-    needed = max((_REQUIRED_OPSET.get(chosen, 0) for chosen in analysis.targets), default=0)
-    current = model.opset_imports.get("", 1)
-    if needed > current:
-        try:
-            raised = RaiseOpsetPass(needed)(model).model
-        except onnx_ir.passes.PassError as error:
-            for plans, reasons in ((analysis.plans, analysis.reasons), (analysis.linear_plans, analysis.linear_reasons)):
-                reasons.update({index: str(error) for index, plan in plans
-                                if _REQUIRED_OPSET.get(plan.target, 0) > current})
-                plans[:] = [(index, plan) for index, plan in plans if index not in reasons]
+    if raise_error:
+        _refuse_all(analysis.plans, analysis.reasons, raise_error)
+    if analysis.linear_plans and model.opset_imports.get("", 1) < _LINEAR_OPSET:
+        raised, raise_error = _raised(model, _LINEAR_OPSET)
+        if raise_error:
+            _refuse_all(analysis.linear_plans, analysis.linear_reasons, raise_error)
         else:  # the raised model is a new graph: find the same blocks in it
             model = raised
             analysis = _analyse(model, target, provider, memory_budget, chunk_size)

@@ -286,14 +286,26 @@ def test_attention_inside_an_if_branch(target):
         assert_close(run(optimized, feeds), run(model, feeds))
 
 
-def test_opset_17_model_is_raised_to_18_for_the_chunked_subgraph():
-    model = attention_model(mask="bias", opset=17)
+@pytest.mark.parametrize("opset", [13, 14, 17])
+@pytest.mark.parametrize("target", ["chunked", "ort"])
+def test_a_model_keeps_its_own_opset_from_13_on(opset, target):
+    """The lowerings emit ops valid in the model's opset (Shape without start/end before 15, ReduceMax
+    with an axes attribute before 18), so nothing else in the model is converted."""
+    model = attention_model(mask="bias" if target == "chunked" else None, opset=opset)
     b = GraphBuilder()
     extra = b.op("ReduceMean", "q", axes=[-1], keepdims=1)  # axes moved to an input in opset 18
     model.graph.node.extend(b.nodes)
     model.graph.output.append(helper.make_tensor_value_info(extra, TensorProto.FLOAT, ["batch", 2, "q_len", 1]))
-    optimized, _ = assert_parity(model, SIZES, target="chunked", rewrites=1)
-    assert optimized.opset_import[0].version == 18
+    optimized, _ = assert_parity(model, SIZES, target=target, rewrites=1, chunk_size=(2, 3))
+    assert optimized.opset_import[0].version == opset
+    onnx.checker.check_model(optimized, full_check=True)
+
+
+def test_opset_23_is_raised_to_only_for_attention_23():
+    model = attention_model(opset=17)
+    optimized, report = onnx_api.optimize_onnx(model, target="onnx-attention")
+    assert report.matches[0].target == "Attention-23"
+    assert {entry.version for entry in optimized.opset_import if entry.domain in ("", "ai.onnx")} == {23}
 
 
 def test_everything_else_is_left_as_it_was():

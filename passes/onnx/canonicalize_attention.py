@@ -164,7 +164,7 @@ class CanonicalizeAttention(onnx_ir.passes.InPlacePass):
             _follow_replacements(match, replaced)
             _absorb_output_transpose(match)
             anchor = match.output.producer()
-            w = Emitter(ir.tape.Tape(), f"{match.output.name}/attention")
+            w = Emitter(ir.tape.Tape(), f"{match.output.name}/attention", opset=self.ctx.opsets.get("", 1))
             try:
                 new = _canonical_node(w, self.ctx, match, chunks)
             except Exception as error:  # noqa: BLE001 - nothing was inserted yet; leave this block alone

@@ -167,7 +167,7 @@ def _chunked(w: Emitter, node: ir.Node, facts: BlockFacts, out_layout: str) -> i
         w.tape, q, k, v, num_heads=facts.heads, num_kv_heads=facts.kv_heads, scale=a.scale, bias=_input(node, 3),
         mask=_input(node, 4), softcap=a.softcap, mask_fill=a.mask_fill, causal=a.causal,
         causal_offset=a.causal_offset, q_chunk=a.q_chunk, k_chunk=a.k_chunk, q_layout=q_layout, k_layout=k_layout,
-        v_layout=v_layout, out_layout=out_layout, name=f"{w.prefix}/chunked")
+        v_layout=v_layout, out_layout=out_layout, name=f"{w.prefix}/chunked", opset=w.opset)
 
 
 def _additive_mask(w: Emitter, node: ir.Node, facts: BlockFacts, keep_bool: bool) -> ir.Value | None:
@@ -187,7 +187,7 @@ def _additive_mask(w: Emitter, node: ir.Node, facts: BlockFacts, keep_bool: bool
             attn_mask = fill_values if bias is None else w.op("Add", bias, fill_values)
     if attn_mask is None:
         return None
-    lengths = w.op("Concat", w.const([1, 1]), w.op("Shape", q, start=2, end=3), w.op("Shape", k, start=2, end=3),
+    lengths = w.op("Concat", w.const([1, 1]), w.shape(q, start=2, end=3), w.shape(k, start=2, end=3),
                    axis=0)
     return w.op("Expand", attn_mask, lengths)
 
@@ -243,9 +243,10 @@ def _onnx_attention(w: Emitter, node: ir.Node, facts: BlockFacts) -> ir.Value:
     return w.op("Attention", *node.inputs[:3], _additive_mask(w, node, facts, keep_bool=True), **attributes)
 
 
-def lower_attention_node(node: ir.Node, target: str) -> None:
-    """Replace the canonical `node` in its graph by `target`'s ops; raises LoweringError when `target`
-    refuses it (`refusal`) or its ``row_stats`` output is read."""
+def lower_attention_node(node: ir.Node, target: str, opset: int) -> None:
+    """Replace the canonical `node` in its graph by `target`'s ops, valid in default-domain `opset`
+    (13 or newer; 23 for "onnx-attention"); raises LoweringError when `target` refuses it (`refusal`)
+    or its ``row_stats`` output is read."""
     if node.domain != REWRITER_DOMAIN or node.op_type != ATTENTION_OP:
         raise LoweringError(f"{node.name}: not an {REWRITER_DOMAIN}::{ATTENTION_OP} node")
     if len(node.outputs) > 1 and node.outputs[1].uses():
@@ -255,7 +256,7 @@ def lower_attention_node(node: ir.Node, target: str) -> None:
     if reason is not None:
         raise LoweringError(f"{node.name}: {reason}")
     old, graph = node.outputs[0], node.graph
-    w = Emitter(ir.tape.Tape(), f"{node.name or old.name}/{target}")
+    w = Emitter(ir.tape.Tape(), f"{node.name or old.name}/{target}", opset=opset)
     transpose = _written_transposed(old) if target != ONNX_ATTENTION else None
     out_layout = "BLHD" if transpose is not None else "BHLD"
     if target == CHUNKED:

@@ -28,7 +28,7 @@ __all__ = ["LowerRewriterOps", "LoweringError"]
 logger = logging.getLogger(__name__)
 
 
-def _lower(node: ir.Node, index: int, target: str) -> tuple[str, str | None]:
+def _lower(node: ir.Node, index: int, target: str, opset: int) -> tuple[str, str | None]:
     """Replace `node` by `target`, or by the chunked form when `target` cannot compute it exactly.
 
     Returns the form used and, on a fallback, why.
@@ -37,15 +37,15 @@ def _lower(node: ir.Node, index: int, target: str) -> tuple[str, str | None]:
         return _lower_linear(node.graph, node, index, target)
     if target != CHUNKED:
         try:
-            lower_attention_node(node, target)
+            lower_attention_node(node, target, opset)
             return target, None
         except LoweringError as error:
             if node.outputs[1:] and node.outputs[1].uses():
                 raise
             logger.warning("%s; lowered to %s instead", error, CHUNKED)
-            lower_attention_node(node, CHUNKED)
+            lower_attention_node(node, CHUNKED, opset)
             return CHUNKED, str(error)
-    lower_attention_node(node, CHUNKED)
+    lower_attention_node(node, CHUNKED, opset)
     return CHUNKED, None
 
 
@@ -101,7 +101,7 @@ class LowerRewriterOps(ir.passes.InPlacePass):
             if node.op_type not in (ATTENTION_OP, LINEAR_ATTENTION_OP):
                 raise LoweringError(f"{node.name}: unknown {REWRITER_DOMAIN} op {node.op_type}")
             self.kinds.append("performer" if node.op_type == LINEAR_ATTENTION_OP else "softmax")
-            self.lowered.append(_lower(node, index, target))
+            self.lowered.append(_lower(node, index, target, model.graph.opset_imports.get("", 1)))
         leftovers = [node.name for node in ir.traversal.RecursiveGraphIterator(model.graph)
                      if node.domain == REWRITER_DOMAIN]
         if leftovers:

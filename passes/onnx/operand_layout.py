@@ -121,8 +121,8 @@ def repeat_heads(w: Emitter, value: ir.Value, groups: int, kv_heads: int) -> ir.
     if groups == 1:
         return value
     grouped = w.op("Unsqueeze", value, w.const([2]))
-    shape = w.op("Concat", w.op("Shape", value, end=2), w.const([groups]), w.op("Shape", value, start=2), axis=0)
-    merged = w.op("Concat", w.op("Shape", value, end=1), w.const([kv_heads * groups]), w.op("Shape", value, start=2),
+    shape = w.op("Concat", w.shape(value, end=2), w.const([groups]), w.shape(value, start=2), axis=0)
+    merged = w.op("Concat", w.shape(value, end=1), w.const([kv_heads * groups]), w.shape(value, start=2),
                   axis=0)
     return w.op("Reshape", w.op("Expand", grouped, shape), merged)
 

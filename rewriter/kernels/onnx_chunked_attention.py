@@ -1,4 +1,4 @@
-"""Chunked softmax attention as a subgraph of standard ONNX ops (default domain, opset 18+).
+"""Chunked softmax attention as a subgraph of standard ONNX ops (default domain, opset 13+).
 
 Scores follow `rewriter.kernels.chunked_attention` (scale → soft-cap → +bias → keep-mask →
 causal); the softmax is computed online (Rabe & Staats; FlashAttention), so the largest tensor
@@ -98,7 +98,7 @@ class _Builder:
         if heads != self.heads or self.heads == self.kv_heads:
             return e("Unsqueeze", x, self.axis(head_axis + 1))
         split = e.const([self.kv_heads, self.heads // self.kv_heads])
-        shape = e("Concat", e("Shape", x, end=head_axis), split, e("Shape", x, start=head_axis + 1), axis=0)
+        shape = e("Concat", e.shape(x, end=head_axis), split, e.shape(x, start=head_axis + 1), axis=0)
         return e("Reshape", x, shape)
 
     def _sliceable(self, x: ir.Value, role: str, heads: int) -> tuple[ir.Value, ir.Value, list[int] | None]:
@@ -133,7 +133,7 @@ class _Builder:
         qg, kg, vg = (self._sliceable(x, role, heads) for x, role, heads in
                       ((q, "q", self.heads), (k, "k", self.kv_heads), (v, "v", self.kv_heads)))
         q_axis, k_axis = self.layouts["q"].index("L"), self.layouts["k"].index("L")
-        q_len, self.k_len = e("Shape", q, start=q_axis, end=q_axis + 1), e("Shape", k, start=k_axis, end=k_axis + 1)
+        q_len, self.k_len = e.shape(q, start=q_axis, end=q_axis + 1), e.shape(k, start=k_axis, end=k_axis + 1)
         qc = e("Max", e("Min", q_len, self.q_chunk), self.one)
         n_q = e("Squeeze", self._ceil_div(e, q_len, qc))
         operands = ((bias, "bias"), (mask, "mask"))
@@ -143,15 +143,15 @@ class _Builder:
         out_layout = self.layouts["out"]
         block_labels = "N" + out_layout.replace("H", "HG")
         stacked = block_labels[1:].replace("L", "NL")
-        sizes = {"B": e("Shape", q, end=1), "H": e.const([self.heads]), "L": e.const([-1]),
-                 "D": e("Shape", v, start=3)}
+        sizes = {"B": e.shape(q, end=1), "H": e.const([self.heads]), "L": e.const([-1]),
+                 "D": e.shape(v, start=3)}
         out_shape = e("Concat", *(sizes[label] for label in out_layout), axis=0)
         out = e("Reshape", e("Transpose", blocks, perm=[block_labels.index(x) for x in stacked]), out_shape)
         return e("Slice", out, self.zero, q_len, self.axis(out_layout.index("L")))
 
     def _last_index(self, x: ir.Value, axis: int) -> ir.Value:
         """[size of x's `axis` − 1], computed in the outer graph."""
-        return self.e("Sub", self.e("Shape", x, start=axis, end=axis + 1), self.one)
+        return self.e("Sub", self.e.shape(x, start=axis, end=axis + 1), self.one)
 
     def _query_body(self, qg, kg, vg, q_len, qc, dtype, scores) -> ir.Graph:
         b = self.e.subgraph()
@@ -173,11 +173,11 @@ class _Builder:
             positions = b("Range", b("Squeeze", q0), b("Squeeze", q1), self.e.const(1))
             query_pos = b("Unsqueeze", b("Add", positions, offset), self.axis(-1))
             diagonal = (query_pos, b("Add", b("Add", q0, offset), self.one))
-        lead = b("Shape", qb, end=4)
+        lead = b.shape(qb, end=4)
         row_shape = b("Concat", lead, self.one, axis=0)
         m0 = b("ConstantOfShape", row_shape, value=ir.tensor([-math.inf], dtype=_FLOAT))
         l0 = b("ConstantOfShape", row_shape, value=ir.tensor([0.0], dtype=_FLOAT))
-        acc_shape = b("Concat", lead, b("Shape", vg[0], start=4), axis=0)
+        acc_shape = b("Concat", lead, b.shape(vg[0], start=4), axis=0)
         acc0 = b("ConstantOfShape", acc_shape, value=ir.tensor([0.0], dtype=_FLOAT))
         key_body = self._key_body(qb, kg, vg, rows, diagonal)
         _, row_sum, acc = b("Loop", b("Squeeze", n_k), None, m0, l0, acc0, body=key_body, outputs=3)
@@ -222,7 +222,7 @@ class _Builder:
             s = b("Mul", b("Tanh", s), self.e.const(self.softcap, np.float32))
         for op, term in terms:
             s = b("Add", s, term) if op == "Add" else b("Where", term, s, self.e.const(self.mask_fill, np.float32))
-        m_new = b("Max", m, b("ReduceMax", s, self.axis(-1), keepdims=1))
+        m_new = b("Max", m, b.reduce_max(s, [-1], self.axis(-1)))
         ref = b("Max", m_new, self.neg_max)
         p = b("Exp", b("Sub", s, ref))
         rescale = b("Exp", b("Sub", m, ref))
@@ -241,7 +241,7 @@ class _Builder:
         tile = crossed("Where", crossed("LessOrEqual", key_pos, query_pos), self.e.const(0.0, np.float32),
                        self.e.const(-math.inf, np.float32))
         below = b.subgraph()
-        tile_shape = below("Concat", below("Shape", query_pos, end=1), below("Sub", k_end, k0), axis=0)
+        tile_shape = below("Concat", below.shape(query_pos, end=1), below("Sub", k_end, k0), axis=0)
         zeros = below("ConstantOfShape", tile_shape, value=ir.tensor([0.0], dtype=_FLOAT))
         return b("If", b("Greater", k_end, first_hidden),
                  then_branch=crossed.graph([], [typed(tile, _FLOAT)], "diagonal_block"),
@@ -275,6 +275,7 @@ def build_chunked_attention(
     v_layout: str = "BHLD",
     out_layout: str = "BHLD",
     name: str = "chunked_attention",
+    opset: int = 18,
 ) -> ir.Value:
     """Append chunked attention over q (B,H,Lq,D), k (B,Hkv,Lk,D), v (B,Hkv,Lk,Dv) to `tape`.
 
@@ -285,7 +286,8 @@ def build_chunked_attention(
     `bias` (float, added) and `mask` (bool, kept where true, else replaced by `mask_fill`) must
     have a known rank ≤ 4, broadcast to (B, H, Lq, Lk) and have a head axis of static size 1 or
     `num_heads`. Returns the (B, H, Lq, Dv) output in q's dtype; all math is in fp32. Values are
-    named `<name>/...`, so `name` must be unique in the graph.
+    named `<name>/...`, so `name` must be unique in the graph. Every node is valid in default-domain
+    `opset` (13 or newer).
     """
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
@@ -299,7 +301,9 @@ def build_chunked_attention(
         raise ValueError(f"q must be floating point (got {q.dtype}) and mask boolean")
     logger.debug("chunked attention %s: heads %d/%d, chunks (%d, %d), causal=%s offset=%d",
                  name, num_heads, num_kv_heads, q_chunk, k_chunk, causal, causal_offset)
-    builder = _Builder(Emitter(tape, name), num_heads, num_kv_heads, scale, softcap, mask_fill,
+    if opset < 13:
+        raise ValueError(f"the chunked subgraph needs opset 13 or newer (got {opset})")
+    builder = _Builder(Emitter(tape, name, opset=opset), num_heads, num_kv_heads, scale, softcap, mask_fill,
                        causal, causal_offset, q_chunk, k_chunk, layouts)
     out = builder.build(q, k, v, bias, mask)
     out.dtype = q.dtype
@@ -333,5 +337,5 @@ def make_chunked_attention_model(
     mask = None if mask_shape is None else ir.val("mask", _BOOL, mask_shape)
     tape = ir.tape.Tape()
     out = build_chunked_attention(tape, q, k, v, bias=bias, mask=mask, num_heads=num_heads,
-                                  num_kv_heads=num_kv_heads, **options)
+                                  num_kv_heads=num_kv_heads, opset=opset, **options)
     return standalone_model((q, k, v, bias, mask), out, tape, "chunked_attention", {"": opset})

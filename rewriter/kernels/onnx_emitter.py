@@ -23,9 +23,10 @@ __all__ = ["Emitter", "standalone_model", "typed"]
 class Emitter:
     """Appends nodes to one tape, naming every value from a counter shared with its subgraphs."""
 
-    def __init__(self, tape: ir.tape.Tape, prefix: str, counter: Iterator[int] | None = None):
+    def __init__(self, tape: ir.tape.Tape, prefix: str, counter: Iterator[int] | None = None, opset: int = 18):
         self.tape = tape
         self.prefix = prefix
+        self.opset = opset  # the default-domain opset the nodes must be valid in (13 or newer)
         self._counter = counter if counter is not None else itertools.count()
         self._annotated: list[tuple[ir.Value, object, object]] = []
 
@@ -52,8 +53,23 @@ class Emitter:
         return self.op("Constant", value=ir.tensor(array), dtype=ir.DataType.from_numpy(array.dtype),
                        shape=array.shape)
 
+    def shape(self, x: ir.Value, start: int | None = None, end: int | None = None) -> ir.Value:
+        """Shape(x)[start:end], with Shape's own start/end from opset 15 and a Slice before."""
+        if self.opset >= 15 or (start is None and end is None):
+            bounds = {name: bound for name, bound in (("start", start), ("end", end)) if bound is not None}
+            return self("Shape", x, **bounds)
+        stop = np.iinfo(np.int64).max if end is None else end
+        return self("Slice", self("Shape", x), self.const([start or 0]), self.const([stop]))
+
+    def reduce_max(self, x: ir.Value, axes: list[int], axes_value: ir.Value | None = None, keepdims: int = 1):
+        """ReduceMax over `axes`: an axes input from opset 18 (`axes_value` when one is made already),
+        the attribute before."""
+        if self.opset >= 18:
+            return self("ReduceMax", x, axes_value if axes_value is not None else self.const(axes), keepdims=keepdims)
+        return self("ReduceMax", x, axes=axes, keepdims=keepdims)
+
     def subgraph(self) -> Emitter:
-        return Emitter(ir.tape.Tape(), self.prefix, self._counter)
+        return Emitter(ir.tape.Tape(), self.prefix, self._counter, self.opset)
 
     def graph(self, inputs: Sequence[ir.Value], outputs: Sequence[ir.Value], tag: str) -> ir.Graph:
         return ir.Graph(inputs, outputs, nodes=self.tape.nodes, name=self.name(tag))
