@@ -27,7 +27,12 @@ import onnx_ir.passes
 
 from passes.fx.rewrite_linear_attention import default_slice_size
 from passes.core.planner import plan_chunk_sizes
-from passes.onnx.canonicalize_attention import CanonicalizeAttention, PlannedRewrite, block_facts_of_match
+from passes.onnx.canonicalize_attention import (
+    CanonicalizeAttention,
+    PlannedRewrite,
+    UndoAnnotations,
+    block_facts_of_match,
+)
 from passes.onnx.detect_fused_attention import detect_fused_attention
 from passes.onnx.detect_linear_attention import OnnxLinearAttentionMatch, detect_linear_attention
 from passes.onnx.detect_softmax_attention import detect_softmax_attention
@@ -271,7 +276,7 @@ def optimize_onnx(model_or_path, *, target: str = "auto", provider: str = "cpu",
     # are rewritten directly.
     canonical = CanonicalizeAttention(analysis.ctx, [plan for _, plan in analysis.plans])
     modified = onnx_ir.passes.Sequential(
-        canonical, LowerRewriterOps(targets=canonical.targets),
+        canonical, LowerRewriterOps(targets=canonical.targets), UndoAnnotations(canonical),
         RewriteOnnxLinearAttention(analysis.ctx, [plan for _, plan in analysis.linear_plans]))(model).modified
     report = _report(analysis, source)
     logger.info(report.summary())

@@ -34,7 +34,7 @@ from passes.onnx.operand_layout import arrange, arranged_dims, restore_layout
 from rewriter.kernels.onnx_emitter import Emitter
 from passes.onnx.shape_facts import ShapeFacts
 
-__all__ = ["CanonicalizeAttention", "PlannedRewrite", "block_facts_of_match"]
+__all__ = ["CanonicalizeAttention", "PlannedRewrite", "UndoAnnotations", "block_facts_of_match"]
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +156,7 @@ class CanonicalizeAttention(onnx_ir.passes.InPlacePass):
         super().__init__()
         self.ctx, self.plans = ctx, plans
         self.targets: dict[ir.Node, str] = {}
+        self.writers: list[Emitter] = []  # their annotations of the model's values, undone after lowering
 
     def call(self, model: ir.Model) -> onnx_ir.passes.PassResult:
         replaced: dict[ir.Value, ir.Value] = {}
@@ -165,6 +166,7 @@ class CanonicalizeAttention(onnx_ir.passes.InPlacePass):
             _absorb_output_transpose(match)
             anchor = match.output.producer()
             w = Emitter(ir.tape.Tape(), f"{match.output.name}/attention", opset=self.ctx.opsets.get("", 1))
+            self.writers.append(w)
             try:
                 new = _canonical_node(w, self.ctx, match, chunks)
             except Exception as error:  # noqa: BLE001 - nothing was inserted yet; leave this block alone
@@ -181,3 +183,17 @@ class CanonicalizeAttention(onnx_ir.passes.InPlacePass):
             self.targets[next(node for node in w.tape.nodes if node.domain == REWRITER_DOMAIN)] = plan.target
             plan.done = True
         return onnx_ir.passes.PassResult(model, bool(self.targets))
+
+
+class UndoAnnotations(onnx_ir.passes.InPlacePass):
+    """After lowering: the model's own values get back the dtype and shape they had before
+    `CanonicalizeAttention` annotated them for the lowering to read."""
+
+    def __init__(self, canonical: CanonicalizeAttention):
+        super().__init__()
+        self.canonical = canonical
+
+    def call(self, model: ir.Model) -> onnx_ir.passes.PassResult:
+        for writer in self.canonical.writers:
+            writer.undo_annotations()
+        return onnx_ir.passes.PassResult(model, False)

@@ -2,14 +2,13 @@
 
 `Emitter` appends nodes to an onnx_ir tape and names every value `<prefix>/<op>_<n>` from one
 counter shared with its Loop/If bodies; `annotate` gives a value its dtype and shape while a
-builder reads them (undone at the end of an `annotated()` block for values the model owns);
+builder reads them (`undo_annotations` takes that back for values the model owns);
 `standalone_model` wraps a builder's output into a model of its own (used by tests, benchmarks and
 the memory estimate).
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 from collections.abc import Iterator, Sequence
 
@@ -74,15 +73,11 @@ class Emitter:
     def graph(self, inputs: Sequence[ir.Value], outputs: Sequence[ir.Value], tag: str) -> ir.Graph:
         return ir.Graph(inputs, outputs, nodes=self.tape.nodes, name=self.name(tag))
 
-    @contextlib.contextmanager
-    def annotated(self):
-        """Annotations made with `annotate` on values the model owns are undone when the block ends."""
-        try:
-            yield
-        finally:
-            for value, type_, shape in reversed(self._annotated):
-                value.type, value.shape = type_, shape
-            self._annotated.clear()
+    def undo_annotations(self) -> None:
+        """Give the values the model owns back the dtype and shape they had before `annotate`."""
+        for value, type_, shape in reversed(self._annotated):
+            value.type, value.shape = type_, shape
+        self._annotated.clear()
 
     def annotate(self, value: ir.Value, dtype, dims) -> ir.Value:
         """`value` with `dtype` and `dims` (None leaves either as it is)."""
