@@ -25,7 +25,6 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes
 
-from passes.fx.rewrite_linear_attention import default_slice_size
 from passes.onnx.detect_fused_attention import ONNX_ATTENTION, ORT_MHA, detect_fused_attention
 from passes.onnx.detect_linear_attention import OnnxLinearAttentionMatch, detect_linear_attention
 from passes.onnx.detect_softmax_attention import detect_softmax_attention
@@ -36,7 +35,7 @@ from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch
 from passes.onnx.raise_opset import RaiseOpsetPass
 from passes.onnx.rewrite_attention import PlannedRewrite, RewriteOnnxAttention
 from passes.onnx.rewrite_linear_attention import LINEAR_ORT, PlannedLinearRewrite, RewriteOnnxLinearAttention
-from rewriter.planner import plan_chunk_sizes
+from rewriter.planner import default_slice_size, plan_chunk_sizes
 from rewriter.report import MatchReport, Report
 
 __all__ = ["detect_onnx", "optimize_onnx", "TARGET_NAMES"]
