@@ -13,12 +13,21 @@ import sys
 import traceback
 
 from rewriter.onnx_api import TARGET_NAMES
+from rewriter.planner import DEFAULT_BLOCK_BUDGET, DEFAULT_KEY_CHUNK, DEFAULT_QUERY_CHUNK
 
 __all__ = ["main"]
 
 
 class UsageError(Exception):
     """Bad input from the user: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported as one line (like every other bad input) instead of
+    the usage block followed by the error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class VerificationError(Exception):
@@ -122,8 +131,7 @@ def _inspect(args) -> int:
 
     model = _load(args.model)
     optimized, report = optimize_onnx(model, target=args.target, provider=args.provider)
-    for match in report.matches:  # nothing is written: each block is what `optimize` would make of it
-        match.rewritten = False
+    report.as_dry_run()  # nothing is written: each block is what `optimize` would make of it
     report.memory = _compare_memory(_runnable(model), optimized, args.seq_len)
     if args.json:
         _print_json(report.to_dict())
@@ -202,13 +210,16 @@ def _bench(args) -> int:
 
     from rewriter.bench import BenchInputError, bench_module, bench_onnx, terminal_progress
     from rewriter.model_source import ModelSourceError
-    from rewriter.onnx_io import ModelFileError
+    from rewriter.onnx_io import ModelFileError, atomic_path
 
     lengths = _lengths(args.lengths)
     if args.threads < 1:
         raise UsageError(f"--threads must be at least 1 (got {args.threads})")
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise UsageError(f"--out-dir {args.out_dir}: exists and is not a directory")
+    if not os.path.isdir(args.out_dir):  # as `optimize -o`: a missing directory is refused, not made
+        problem = "is not a directory" if os.path.exists(args.out_dir) else "directory does not exist"
+        raise UsageError(f"--out-dir {args.out_dir}: {problem}")
+    if os.path.isdir(args.model):
+        raise UsageError(f"{args.model}: is a directory, not an ONNX file or MODULE:CALLABLE")
     is_onnx = args.model.endswith(".onnx") or os.path.isfile(args.model)
     if not is_onnx and ":" not in args.model:
         raise UsageError(f"{args.model}: no such file (give MODEL.onnx or MODULE:CALLABLE)")
@@ -228,10 +239,10 @@ def _bench(args) -> int:
                                   timeout_s=args.timeout, progress=progress)
     except (BenchInputError, ModelFileError, ModelSourceError) as error:
         raise UsageError(str(error)) from None
-    os.makedirs(args.out_dir, exist_ok=True)
     json_path, png_path = os.path.join(args.out_dir, "bench.json"), os.path.join(args.out_dir, "bench.png")
-    result.write_json(json_path)
-    result.plot(png_path)
+    with atomic_path(json_path) as json_tmp, atomic_path(png_path) as png_tmp:
+        result.write_json(json_tmp)
+        result.plot(png_tmp)
     return _finish(args, [result.table(), f"wrote {json_path} and {png_path}"], result.to_dict())
 
 
@@ -278,7 +289,7 @@ def _add_target_options(command: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rewriter", description="Find attention in PyTorch and ONNX models and rewrite it into "
                                      "exact, memory-efficient equivalents.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each pass does (stderr)")
@@ -309,8 +320,12 @@ def _parser() -> argparse.ArgumentParser:
     optimize.add_argument("model", metavar="IN.onnx")
     optimize.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
     _add_target_options(optimize)
-    optimize.add_argument("--chunk-size", metavar="Q[,K]", help="queries (and keys) per block of the chunked form")
-    optimize.add_argument("--memory-budget", metavar="SIZE", help="working memory per block, e.g. 64MiB")
+    optimize.add_argument("--chunk-size", metavar="Q[,K]",
+                          help="queries (and keys) per block of the chunked form (default: the largest blocks up "
+                               f"to {DEFAULT_QUERY_CHUNK},{DEFAULT_KEY_CHUNK} that fit --memory-budget)")
+    optimize.add_argument("--memory-budget", metavar="SIZE",
+                          help="working memory per block, e.g. 64MiB "
+                               f"(default {DEFAULT_BLOCK_BUDGET // 2**20}MiB; ignored with --chunk-size)")
     optimize.add_argument("--verify", action="store_true",
                           help="run original and rewritten on ONNX Runtime with random inputs; fail if they differ")
     optimize.add_argument("--verify-seq-len", type=int, default=64, metavar="N",
@@ -360,7 +375,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="PyTorch: measure forward and backward instead of a no_grad forward")
     bench.add_argument("--timeout", type=float, default=1800, metavar="S",
                        help="seconds before a measurement is given up as failed (default 1800)")
-    bench.add_argument("--out-dir", default=".", metavar="DIR", help="where bench.json and bench.png go (default .)")
+    bench.add_argument("--out-dir", default=".", metavar="DIR", help="existing directory where bench.json and bench.png go (default .)")
     bench.add_argument("--json", action="store_true", help="print the result JSON on stdout (table on stderr)")
     bench.set_defaults(run=_bench)
     return parser

@@ -54,6 +54,18 @@ class Report:
     source: str
     matches: list[MatchReport] = dataclasses.field(default_factory=list)
     memory: MemoryComparison | None = None
+    dry_run: bool = False  # a look (`inspect`, `detect_module`): nothing was changed
+
+    def as_dry_run(self) -> Report:
+        """This report as an inspection's: each block says what optimising would make of it."""
+        for match in self.matches:
+            match.rewritten = False
+        self.dry_run = True
+        return self
+
+    @property
+    def would_rewrite_count(self) -> int:
+        return sum(match.spec.accepted for match in self.matches)
 
     @property
     def rewritten_count(self) -> int:
@@ -64,13 +76,21 @@ class Report:
             "source": self.source,
             "found": len(self.matches),
             "rewritten": self.rewritten_count,
+            "dry_run": self.dry_run,
+            "would_rewrite": self.would_rewrite_count if self.dry_run else None,
             "matches": [match.to_dict() for match in self.matches],
             "memory_estimate": dataclasses.asdict(self.memory) if self.memory else None,
         }
 
     def summary(self) -> str:
         """Human-readable lines: one per candidate."""
-        lines = [f"found {len(self.matches)} attention blocks, rewrote {self.rewritten_count}"]
+        found = f"found {len(self.matches)} attention blocks"
+        if self.dry_run:
+            would = self.would_rewrite_count
+            lines = [f"{found}: {would} would be rewritten, {len(self.matches) - would} would be left alone "
+                     "(inspection only: nothing was changed)"]
+        else:
+            lines = [f"{found}, rewrote {self.rewritten_count}"]
         for index, match in enumerate(self.matches):
             spec = match.spec
             traits = [spec.kind] + ["causal"] * spec.causal + ([spec.mask_kind + " mask"] if spec.masked else [])

@@ -49,7 +49,8 @@ def _report(matches: list[FxAttentionMatch], planned: dict[int, tuple[int, int]]
 def detect_module(module, example_inputs, **capture_options) -> Report:
     """What `optimize_module` would find, without changing anything."""
     gm = capture(module, example_inputs, **capture_options)
-    return _report(detect_softmax_attention(gm), {}, type(module).__name__, detect_linear_attention(gm))
+    report = _report(detect_softmax_attention(gm), {}, type(module).__name__, detect_linear_attention(gm))
+    return report.as_dry_run()
 
 
 def rewrite_graph_module(gm: GraphModule, memory_budget=None, chunk_size=None, source: str = "graph") -> Report:
