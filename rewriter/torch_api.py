@@ -11,6 +11,7 @@ from passes.fx.detect_softmax_attention import FxAttentionMatch, detect_softmax_
 from passes.fx.detect_linear_attention import detect_linear_attention
 from passes.fx.rewrite_attention import RewriteSoftmaxAttention
 from passes.fx.rewrite_linear_attention import RewriteLinearAttention
+from rewriter.dynamic_capture import AUTO, explain_guard_failures, export_program
 from rewriter.planner import plan_chunk_sizes
 from rewriter.report import MatchReport, Report
 
@@ -22,16 +23,21 @@ TORCH_TARGET = "rewriter::attention"
 LINEAR_TARGET = "rewriter::linear_attention"
 
 
-def capture(module, example_inputs, example_kwargs=None, dynamic_shapes=None) -> GraphModule:
-    """An ATen-level GraphModule of `module` (an nn.Module, GraphModule or ExportedProgram)."""
+def capture(module, example_inputs, example_kwargs=None, dynamic_shapes=AUTO) -> GraphModule:
+    """An ATen-level GraphModule of `module` (an nn.Module, GraphModule or ExportedProgram).
+
+    `dynamic_shapes`: "auto" (default) keeps batch and sequence axes dynamic where torch.export can
+    (`rewriter.dynamic_capture`), None captures the example's shapes, anything else goes to torch.export.
+    A call at shapes the graph cannot take raises `InputShapeError`.
+    """
     if isinstance(module, torch.export.ExportedProgram):
         return module.module()
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"expected an nn.Module or ExportedProgram, got {type(module).__name__}")
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    program = torch.export.export(module, example_inputs, example_kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-    return program.module()
+    program = export_program(module, example_inputs, example_kwargs, dynamic_shapes)
+    return explain_guard_failures(program.module())
 
 
 def _report(matches: list[FxAttentionMatch], planned: dict[int, tuple[int, int]], source: str,
@@ -70,12 +76,16 @@ def rewrite_graph_module(gm: GraphModule, memory_budget=None, chunk_size=None, s
 
 
 def optimize_module(
-    module, example_inputs, *, memory_budget=None, chunk_size=None, example_kwargs=None, dynamic_shapes=None
+    module, example_inputs, *, memory_budget=None, chunk_size=None, example_kwargs=None, dynamic_shapes=AUTO
 ) -> tuple[GraphModule, Report]:
     """Capture `module`, replace every proven attention block, and report every candidate.
 
     `memory_budget` (bytes or '256MiB') bounds each block's working set; `chunk_size` (q, k) fixes
-    the blocks instead. The returned GraphModule takes the same inputs as `module`.
+    the blocks instead. The returned GraphModule takes the same inputs as `module`: with
+    `dynamic_shapes="auto"` (default) at other batch sizes and sequence lengths too, where
+    torch.export can keep those axes dynamic (else one WARNING says why not); `None` captures the
+    example's shapes only; a torch.export `dynamic_shapes` spec chooses the axes. A call at shapes
+    the graph cannot take raises `rewriter.dynamic_capture.InputShapeError`.
     """
     gm = capture(module, example_inputs, example_kwargs, dynamic_shapes)
     return gm, rewrite_graph_module(gm, memory_budget, chunk_size, type(module).__name__)
