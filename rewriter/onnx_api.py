@@ -35,6 +35,7 @@ from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch
 from passes.onnx.raise_opset import RaiseOpsetPass
 from passes.onnx.rewrite_attention import PlannedRewrite, RewriteOnnxAttention
 from passes.onnx.rewrite_linear_attention import LINEAR_ORT, PlannedLinearRewrite, RewriteOnnxLinearAttention
+from rewriter.module_paths import annotate_modules, onnx_node_scopes
 from rewriter.planner import default_slice_size, plan_chunk_sizes
 from rewriter.report import MatchReport, Report
 
@@ -220,7 +221,8 @@ def detect_onnx(model_or_path) -> Report:
     ctx = AnalysisContext(ir.serde.deserialize_model(proto))
     position = _graph_order(ctx)
     matches = sorted(_detect(ctx) + detect_linear_attention(ctx), key=position)
-    return Report(source, [MatchReport(match.spec, False) for match in matches])
+    report = Report(source, [MatchReport(match.spec, False) for match in matches])
+    return annotate_modules(report, onnx_node_scopes(proto)).as_dry_run()
 
 
 def optimize_onnx(model_or_path, *, target: str = "auto", provider: str = "cpu", chunk_size=None,
@@ -254,7 +256,7 @@ def optimize_onnx(model_or_path, *, target: str = "auto", provider: str = "cpu",
     modified = RewriteOnnxAttention(analysis.ctx, [plan for _, plan in analysis.plans])(model).modified
     linear_pass = RewriteOnnxLinearAttention(analysis.ctx, [plan for _, plan in analysis.linear_plans])
     modified = linear_pass(model).modified or modified
-    report = _report(analysis, source)
+    report = annotate_modules(_report(analysis, source), onnx_node_scopes(original))
     logger.info(report.summary())
     if not modified:
         unchanged = onnx.ModelProto()

@@ -15,6 +15,19 @@ class MatchReport:
     rewritten: bool
     target: str | None = None
     chunk_sizes: tuple[int, int] | None = None
+    module: str | None = None  # the module path the block comes from ("" the root), when the graph records it
+
+    @property
+    def node(self) -> str | None:
+        """The block's first graph node: where it is when no module path is recorded."""
+        return self.spec.nodes[0] if self.spec.nodes else None
+
+    @property
+    def where(self) -> str:
+        """The module path, with the node name as the secondary name: ``h.1.attn (node matmul_2)``."""
+        if self.module is None:
+            return self.node or "?"
+        return f"{self.module or '<root module>'} (node {self.node})"
 
     @property
     def kind(self) -> str:
@@ -34,7 +47,7 @@ class MatchReport:
 
     def to_dict(self) -> dict:
         return {
-            "kind": self.kind, "rewritten": self.rewritten, "target": self.target, "reason": self.reason,
+            "module": self.module, "node": self.node, "kind": self.kind, "rewritten": self.rewritten, "target": self.target, "reason": self.reason,
             "causal": self.causal, "masked": self.masked,
             "chunk_sizes": list(self.chunk_sizes) if self.chunk_sizes else None, "spec": self.spec.to_dict(),
         }
@@ -98,14 +111,13 @@ class Report:
                 traits.append(f"softcap {spec.softcap:g}")
             if spec.num_kv_heads and spec.num_heads and spec.num_kv_heads != spec.num_heads:
                 traits.append(f"{spec.num_heads}/{spec.num_kv_heads} heads")
-            where = spec.nodes[0] if spec.nodes else "?"
             if match.rewritten:
                 outcome = f"-> {match.target}"
             elif spec.accepted:
-                outcome = f"would become {match.target}" if match.target else "accepted"
+                outcome = f"would become {match.target}" if match.target else "would be rewritten"
             else:
                 outcome = f"left alone: {match.reason}"
-            lines.append(f"  [{index}] {where}: {', '.join(traits)} {outcome}")
+            lines.append(f"  [{index}] {match.where}: {', '.join(traits)} {outcome}")
         if self.memory:
             from rewriter.memory_estimate import format_bytes
 

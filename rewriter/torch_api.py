@@ -12,6 +12,7 @@ from passes.fx.detect_linear_attention import detect_linear_attention
 from passes.fx.rewrite_attention import RewriteSoftmaxAttention
 from passes.fx.rewrite_linear_attention import RewriteLinearAttention
 from rewriter.dynamic_capture import AUTO, explain_guard_failures, export_program
+from rewriter.module_paths import annotate_modules, fx_node_scopes
 from rewriter.planner import plan_chunk_sizes
 from rewriter.report import MatchReport, Report
 
@@ -56,11 +57,12 @@ def detect_module(module, example_inputs, **capture_options) -> Report:
     """What `optimize_module` would find, without changing anything."""
     gm = capture(module, example_inputs, **capture_options)
     report = _report(detect_softmax_attention(gm), {}, type(module).__name__, detect_linear_attention(gm))
-    return report.as_dry_run()
+    return annotate_modules(report, fx_node_scopes(gm)).as_dry_run()
 
 
 def rewrite_graph_module(gm: GraphModule, memory_budget=None, chunk_size=None, source: str = "graph") -> Report:
     """Detect, plan and rewrite the attention of an ATen-level GraphModule in place."""
+    scopes = fx_node_scopes(gm)  # before the rewrite removes the blocks' nodes
     matches = detect_softmax_attention(gm)
     planned = {}
     for index, match in enumerate(matches):
@@ -71,8 +73,8 @@ def rewrite_graph_module(gm: GraphModule, memory_budget=None, chunk_size=None, s
     linear_matches = detect_linear_attention(gm)
     RewriteLinearAttention(linear_matches)(gm)
     report = _report(matches, planned, source, linear_matches, linear_rewritten=True)
-    logger.info(report.summary())
-    return report
+    scopes.update(fx_node_scopes(gm))  # linear blocks are found after the softmax rewrite made new nodes
+    return annotate_modules(report, scopes)
 
 
 def optimize_module(
@@ -88,4 +90,6 @@ def optimize_module(
     the graph cannot take raises `rewriter.dynamic_capture.InputShapeError`.
     """
     gm = capture(module, example_inputs, example_kwargs, dynamic_shapes)
-    return gm, rewrite_graph_module(gm, memory_budget, chunk_size, type(module).__name__)
+    report = rewrite_graph_module(gm, memory_budget, chunk_size, type(module).__name__)
+    logger.info(report.summary())
+    return gm, report
