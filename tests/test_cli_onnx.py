@@ -159,3 +159,43 @@ def test_missing_onnxruntime_says_how_to_install_it(gpt2_onnx, tmp_path, monkeyp
     stderr = capsys.readouterr().err.strip()
     assert stderr.count("\n") == 0 and "needs onnxruntime" in stderr and "[cpu]" in stderr
     assert not output.exists()
+
+
+def _drop_accumulator_rescale(monkeypatch):
+    """Break the chunked lowering between key blocks only: the carried accumulator is no longer
+    rescaled by exp(m_old − m_new), which is exact while there is one key block and wrong after."""
+    from rewriter.kernels import onnx_chunked_attention
+
+    key_body = onnx_chunked_attention._Builder._key_body
+
+    def broken(self, *args):
+        graph = key_body(self, *args)
+        add = graph.outputs[3].producer()  # acc_new = acc·rescale + P·V
+        assert add.op_type == "Add" and add.inputs[0].producer().op_type == "Mul"
+        add.replace_input_with(0, graph.inputs[4])  # acc_new = acc + P·V
+        return graph
+
+    monkeypatch.setattr(onnx_chunked_attention._Builder, "_key_body", broken)
+
+
+def test_verify_catches_a_lowering_wrong_only_across_blocks(gpt2_onnx, tmp_path, monkeypatch, capsys):
+    from rewriter.onnx_api import optimize_onnx
+    from rewriter.verify import verify_onnx
+
+    _drop_accumulator_rescale(monkeypatch)
+    broken, _ = optimize_onnx(gpt2_onnx, target="chunked")
+    original = onnx.load(gpt2_onnx)
+    assert verify_onnx(original, broken, default_dim=64).ok  # one block (1024 × 4096): a check at 64 misses it
+    output = tmp_path / "out.onnx"
+    assert main(["optimize", gpt2_onnx, "-o", str(output), "--target", "chunked", "--verify"]) == 1
+    stderr = capsys.readouterr().err
+    assert "verification failed" in stderr and "blocks differs at length" in stderr, stderr
+    assert not output.exists()
+
+
+def test_verify_says_which_lengths_it_used(gpt2_onnx, tmp_path):
+    result = rewriter_cli("optimize", gpt2_onnx, "-o", str(tmp_path / "out.onnx"), "--verify", "--json",
+                          "--target", "chunked", "--chunk-size", "8,16")
+    verify = json.loads(result.stdout)["verify"]
+    assert verify["ok"] and verify["lengths"] == [1, 25, 38]  # over one and over two 16-key blocks, partial
+    assert "verified the written model at lengths 1, 25, 38" in result.stderr + result.stdout
