@@ -68,6 +68,7 @@ class Report:
     matches: list[MatchReport] = dataclasses.field(default_factory=list)
     memory: MemoryComparison | None = None
     dry_run: bool = False  # a look (`inspect`, `detect_module`): nothing was changed
+    verification: str | None = None  # what was verified, in words, where a check ran
 
     def as_dry_run(self) -> Report:
         """This report as an inspection's: each block says what optimising would make of it."""
@@ -93,6 +94,7 @@ class Report:
             "would_rewrite": self.would_rewrite_count if self.dry_run else None,
             "matches": [match.to_dict() for match in self.matches],
             "memory_estimate": dataclasses.asdict(self.memory) if self.memory else None,
+            "verification": self.verification,
         }
 
     def summary(self) -> str:
@@ -124,4 +126,6 @@ class Report:
             dims = ", ".join(f"{name}={size}" for name, size in self.memory.dims.items()) or "static shapes"
             lines.append(f"estimated peak activation memory at {dims}: {format_bytes(self.memory.before_bytes)}"
                          f" before, {format_bytes(self.memory.after_bytes)} after")
+        if self.verification:
+            lines.append(self.verification)
         return "\n".join(lines)

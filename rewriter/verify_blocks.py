@@ -23,13 +23,13 @@ from rewriter.bench import bind_dims
 from rewriter.report import Report
 from rewriter.verify import ort_session, random_inputs, verify_onnx
 
-__all__ = ["CHECK_CHUNKS", "BlockCheck", "lengths_spanning_blocks", "verify_rewrite", "with_check_blocks"]
+__all__ = ["CHECK_CHUNKS", "CHECK_CHUNK_CHOICES", "BlockCheck", "lengths_spanning_blocks", "verify_rewrite", "with_check_blocks"]
 
 logger = logging.getLogger(__name__)
 
 CHECK_CHUNKS = (16, 32)  # (queries, keys): lengths spanning several such blocks are cheap to run naively
-# Smaller blocks for models that cannot take the lengths CHECK_CHUNKS needs (a position table of 64, say).
-_SMALLER_CHUNKS = ((8, 16), (4, 8), (2, 4))
+# CHECK_CHUNKS, then smaller blocks for models that cannot take the lengths it needs (64 positions, say).
+CHECK_CHUNK_CHOICES = (CHECK_CHUNKS, (8, 16), (4, 8), (2, 4))
 _LARGEST_DIRECT_BLOCK = 256  # a written model with blocks up to this is checked at its own multi-block lengths
 _SHORT_LENGTHS = (64, 32, 16, 8, 2)  # the written model's own check when its blocks are large: the first it takes
 
@@ -83,14 +83,14 @@ def _plan(original, report: Report) -> list[tuple[str, tuple[int, int] | None, l
     short = next((n for n in _SHORT_LENGTHS if _takes(original, n)), 1)
     plan = [("the written model", None, sorted({1, short}))]
     if blocks:
-        for chunks in (CHECK_CHUNKS, *_SMALLER_CHUNKS):
+        for chunks in CHECK_CHUNK_CHOICES:
             lengths = lengths_spanning_blocks(*chunks)
             if _takes(original, lengths[-1]):
                 plan.append((f"a copy with {chunks[0]}×{chunks[1]} blocks", chunks, lengths))
                 break
         else:
             logger.warning("verify: the original takes no length spanning two blocks of %s; checked at short lengths only",
-                           "×".join(map(str, _SMALLER_CHUNKS[-1])))
+                           "×".join(map(str, CHECK_CHUNK_CHOICES[-1])))
     return plan
 
 
