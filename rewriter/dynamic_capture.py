@@ -81,6 +81,9 @@ def export_program(module: torch.nn.Module, args: tuple, kwargs: dict | None, dy
         logger.warning("optimize_module(%s): the result takes only the example's shapes: capturing with dynamic "
                        "batch and sequence axes failed (%s: %s); pass dynamic_shapes= to choose the axes",
                        name, type(error).__name__, reason)
+        # Copies: torch.export (2.13) keeps the failed attempt's symbolic sizes for the tensors it saw,
+        # and a second export of the same tensors fails the same way.
+        args, kwargs = pytree.tree_map_only(torch.Tensor, torch.clone, (args, kwargs or {}))
         return torch.export.export(module, args, kwargs, strict=False)
     if not _dynamic_input_axes(program):
         logger.warning("optimize_module(%s): the result takes only the example's shapes: torch.export fixed every "

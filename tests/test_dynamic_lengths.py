@@ -107,3 +107,31 @@ def test_a_model_whose_code_fixes_the_length_warns(caplog):
     with caplog.at_level(logging.WARNING, logger="rewriter.dynamic_capture"):
         rewriter.optimize_module(FixedLength(), (torch.randn(1, 64, EMBED),))
     assert any("fixed every input axis" in r.getMessage() for r in caplog.records), caplog.records
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama", "t5"])
+def test_hf_style_families_run_at_another_length(name):
+    import rewriter.kernels.attention_op  # noqa: F401  (the op the graph calls)
+    from test_model_families import BATCH, FAMILIES, SEQ
+
+    torch.manual_seed(0)
+    model = FAMILIES[name]().eval()
+    gm, report = rewriter.optimize_module(model, model.example_inputs(BATCH, SEQ))
+    assert report.rewritten_count == len(report.matches) == 2, report.summary()
+    for batch, length in ((BATCH, SEQ - 5), (1, SEQ + 7)):
+        inputs = model.example_inputs(batch, length)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(*inputs), model(*inputs), atol=1e-5, rtol=1e-4)
+
+
+def test_sdpa_with_is_causal_from_the_length_falls_back_to_static(caplog):
+    """HF's SDPA path computes is_causal = q_len > 1, a SymBool torch.export cannot pass to SDPA."""
+    from model_families import GPT2SdpaModel
+
+    model = GPT2SdpaModel().eval()
+    with caplog.at_level(logging.WARNING, logger="rewriter.dynamic_capture"):
+        gm, report = rewriter.optimize_module(model, model.example_inputs(2, 16))
+    assert report.rewritten_count == 2 and report.matches[0].causal
+    assert any("is_causal" in r.getMessage() for r in caplog.records)
+    with pytest.raises(InputShapeError, match=r"== 16"):
+        gm(*model.example_inputs(2, 12))
