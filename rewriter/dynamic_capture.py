@@ -20,7 +20,8 @@ import logging
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["AUTO", "InputShapeError", "auto_dynamic_shapes", "export_program", "explain_guard_failures"]
+__all__ = ["AUTO", "InputShapeError", "auto_dynamic_shapes", "dynamic_input_axes", "explain_guard_failures",
+           "export_program", "export_static"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def auto_dynamic_shapes(module: torch.nn.Module, args: tuple, kwargs: dict | Non
     return specs if any(isinstance(leaf, dict) for leaf in leaves) else None
 
 
-def _dynamic_input_axes(program: torch.export.ExportedProgram) -> int:
+def dynamic_input_axes(program: torch.export.ExportedProgram) -> int:
     """How many axes of the program's user inputs stayed symbolic (a specialised SymInt is a number)."""
     placeholders = {node.name: node for node in program.graph.find_nodes(op="placeholder")}
     count = 0
@@ -62,6 +63,14 @@ def _dynamic_input_axes(program: torch.export.ExportedProgram) -> int:
         if isinstance(value, torch.Tensor):
             count += sum(isinstance(size, torch.SymInt) and not size.node.expr.is_number for size in value.shape)
     return count
+
+
+def export_static(module: torch.nn.Module, args: tuple, kwargs: dict | None):
+    """torch.export of `module` at the example's shapes, on copies of the example tensors: torch.export
+    (2.13) keeps an earlier dynamic attempt's symbolic sizes for the tensors it saw, and exporting the
+    same tensors again can fail the same way."""
+    args, kwargs = pytree.tree_map_only(torch.Tensor, torch.clone, (args, kwargs or {}))
+    return torch.export.export(module, args, kwargs, strict=False)
 
 
 def export_program(module: torch.nn.Module, args: tuple, kwargs: dict | None, dynamic_shapes):
@@ -81,11 +90,8 @@ def export_program(module: torch.nn.Module, args: tuple, kwargs: dict | None, dy
         logger.warning("optimize_module(%s): the result takes only the example's shapes: capturing with dynamic "
                        "batch and sequence axes failed (%s: %s); pass dynamic_shapes= to choose the axes",
                        name, type(error).__name__, reason)
-        # Copies: torch.export (2.13) keeps the failed attempt's symbolic sizes for the tensors it saw,
-        # and a second export of the same tensors fails the same way.
-        args, kwargs = pytree.tree_map_only(torch.Tensor, torch.clone, (args, kwargs or {}))
-        return torch.export.export(module, args, kwargs, strict=False)
-    if not _dynamic_input_axes(program):
+        return export_static(module, args, kwargs)
+    if not dynamic_input_axes(program):
         logger.warning("optimize_module(%s): the result takes only the example's shapes: torch.export fixed every "
                        "input axis (the model's code depends on those sizes)", name)
     return program

@@ -11,7 +11,7 @@ from passes.fx.detect_softmax_attention import FxAttentionMatch, detect_softmax_
 from passes.fx.detect_linear_attention import detect_linear_attention
 from passes.fx.rewrite_attention import RewriteSoftmaxAttention
 from passes.fx.rewrite_linear_attention import RewriteLinearAttention
-from rewriter.dynamic_capture import AUTO, explain_guard_failures, export_program
+from rewriter.dynamic_capture import AUTO, dynamic_input_axes, explain_guard_failures, export_program, export_static
 from rewriter.module_paths import annotate_modules, fx_node_scopes
 from rewriter.planner import plan_chunk_sizes
 from rewriter.report import MatchReport, Report
@@ -38,7 +38,33 @@ def capture(module, example_inputs, example_kwargs=None, dynamic_shapes=AUTO) ->
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     program = export_program(module, example_inputs, example_kwargs, dynamic_shapes)
-    return explain_guard_failures(program.module())
+    gm = explain_guard_failures(program.module())
+    if isinstance(dynamic_shapes, str) and dynamic_shapes == AUTO and dynamic_input_axes(program):
+        gm = _static_if_it_rewrites_more(gm, module, example_inputs, example_kwargs)
+    return gm
+
+
+def _accepted(gm: GraphModule) -> tuple[int, list[str]]:
+    """How many candidates of `gm` detection accepts, and the reasons of those it refuses."""
+    specs = [match.spec for match in detect_softmax_attention(gm) + detect_linear_attention(gm)]
+    return sum(spec.accepted for spec in specs), [spec.reason for spec in specs if not spec.accepted]
+
+
+def _static_if_it_rewrites_more(gm: GraphModule, module, example_inputs, example_kwargs) -> GraphModule:
+    """`gm` (dynamic axes), or the capture at the example's shapes when that proves more blocks: some
+    proofs (a performer-pytorch chunked causal block, say) need the concrete length."""
+    accepted, refused = _accepted(gm)
+    if not refused:
+        return gm
+    static = explain_guard_failures(export_static(module, example_inputs, example_kwargs).module())
+    static_accepted, _ = _accepted(static)
+    if static_accepted <= accepted:
+        return gm
+    logger.warning("optimize_module(%s): the result takes only the example's shapes: with dynamic axes %d "
+                   "attention block(s) could not be rewritten (%s), at the example's shapes %d more can; pass "
+                   "dynamic_shapes= to choose", type(module).__name__, len(refused), refused[0],
+                   static_accepted - accepted)
+    return static
 
 
 def _report(matches: list[FxAttentionMatch], planned: dict[int, tuple[int, int]], source: str,

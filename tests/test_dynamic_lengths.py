@@ -135,3 +135,18 @@ def test_sdpa_with_is_causal_from_the_length_falls_back_to_static(caplog):
     assert any("is_causal" in r.getMessage() for r in caplog.records)
     with pytest.raises(InputShapeError, match=r"== 16"):
         gm(*model.example_inputs(2, 12))
+
+
+def test_a_block_proven_only_at_fixed_shapes_keeps_the_fixed_capture(caplog):
+    """performer-pytorch's chunked causal form is one block only at a known length: captured with
+    dynamic axes it would be left alone, so the example's shapes are kept, with a warning."""
+    from performer_models import FastAttention
+
+    model = FastAttention(8, nb_features=12, causal=True, chunk_size=3, chunk_eps=0.0, learned_projection=True).eval()
+    inputs = tuple(torch.randn(1, 2, 10, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    with caplog.at_level(logging.WARNING, logger="rewriter.torch_api"):
+        gm, report = rewriter.optimize_module(model, inputs)
+    assert report.rewritten_count == 1, report.summary()
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "only the example's shapes" in warning and "1 more can" in warning, warning
+    torch.testing.assert_close(gm(*inputs), model(*inputs), atol=1e-5, rtol=1e-4)
