@@ -115,15 +115,18 @@ def verify_rewrite(original: onnx.ModelProto, rewritten: onnx.ModelProto, report
     for name, chunks, lengths in plan:
         model = rewritten if chunks is None else rebuild(chunks)
         for length in lengths:
-            result = verify_onnx(original, model, bind_dims(original, length), default_dim=length, seed=seed)
+            at = f" at length {length}" if where is None else ""
+            try:
+                result = verify_onnx(original, model, bind_dims(original, length), default_dim=length, seed=seed)
+            except Exception as error:  # noqa: BLE001 - the rewrite failing to run is a failed check, not a crash
+                return BlockCheck(False, worst, f"{name} fails to run{at}: {type(error).__name__}: {error}", ())
             worst = max(worst, result.max_abs_difference)
             if not result.ok:
-                at = f" at length {length}" if where is None else ""
                 return BlockCheck(False, worst, f"{name} differs{at}: {result.message}", ())
         used += [length for length in lengths if length not in used and where is None]
         parts.append(f"{name} {where or 'at lengths ' + ', '.join(map(str, lengths))}")
     text = f"verified {' and '.join(parts)}: outputs equal (max |difference| {worst:.3g})"
-    return BlockCheck(True, worst, text, tuple(used))
+    return BlockCheck(True, worst, text, tuple(sorted(used)))
 
 
 def with_check_blocks(model: ir.Model, domain: str, chunks: tuple[int, int] = CHECK_CHUNKS) -> ir.Model:
