@@ -68,6 +68,8 @@ def _takes(original: onnx.ModelProto, length: int) -> bool:
     """Whether the original model runs at `length` (a model may have a maximum: a position table)."""
     try:
         ort_session(original, log_severity=4).run(None, random_inputs(original, bind_dims(original, length), length))
+    except ImportError:
+        raise  # no ONNX Runtime: the CLI says how to install it
     except Exception as error:  # noqa: BLE001 - ONNX Runtime raises several kinds for a length a model cannot take
         logger.debug("the original does not run at length %d: %s", length, error)
         return False
@@ -118,6 +120,8 @@ def verify_rewrite(original: onnx.ModelProto, rewritten: onnx.ModelProto, report
             at = f" at length {length}" if where is None else ""
             try:
                 result = verify_onnx(original, model, bind_dims(original, length), default_dim=length, seed=seed)
+            except ImportError:
+                raise
             except Exception as error:  # noqa: BLE001 - the rewrite failing to run is a failed check, not a crash
                 return BlockCheck(False, worst, f"{name} fails to run{at}: {type(error).__name__}: {error}", ())
             worst = max(worst, result.max_abs_difference)
