@@ -12,8 +12,7 @@ import logging
 import sys
 import traceback
 
-from rewriter.onnx_api import TARGET_NAMES
-from rewriter.planner import DEFAULT_BLOCK_BUDGET, DEFAULT_KEY_CHUNK, DEFAULT_QUERY_CHUNK
+from rewriter.planner import DEFAULT_BLOCK_BUDGET, DEFAULT_KEY_CHUNK, DEFAULT_QUERY_CHUNK, TARGETS
 
 __all__ = ["main"]
 
@@ -273,7 +272,7 @@ def _dims(pairs: list[str] | None) -> dict[str, int]:
 
 
 def _add_target_options(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--target", choices=list(TARGET_NAMES), default="auto",
+    command.add_argument("--target", choices=list(TARGETS), default="auto",
                          help="auto (default): per block the fastest memory-efficient form for --provider; "
                               "chunked: standard ONNX ops; ort: com.microsoft.MultiHeadAttention; "
                               "onnx-attention: opset-23 Attention")
@@ -339,7 +338,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
     export.add_argument("--seq-len", type=int, default=128, metavar="N",
                         help="example sequence length for CALLABLE (default 128)")
-    export.add_argument("--target", choices=list(TARGET_NAMES), default="auto",
+    export.add_argument("--target", choices=list(TARGETS), default="auto",
                         help="form of the attention in OUT (default auto)")
     export.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     export.add_argument("--static", action="store_true", help="export fixed input shapes")
@@ -358,7 +357,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("model", metavar="MODEL.onnx|MODULE:CALLABLE")
     bench.add_argument("--lengths", default="1024,2048,4096", metavar="N,N,...",
                        help="sequence lengths (default 1024,2048,4096)")
-    bench.add_argument("--target", choices=list(TARGET_NAMES), default="auto",
+    bench.add_argument("--target", choices=list(TARGETS), default="auto",
                        help="form of the rewritten ONNX attention (default auto)")
     bench.add_argument("--threads", type=int, default=2, help="intra-op threads per measurement (default 2)")
     bench.add_argument("--dim", action="append", metavar="NAME=SIZE",

@@ -36,14 +36,14 @@ from passes.onnx.raise_opset import RaiseOpsetPass
 from passes.onnx.rewrite_attention import PlannedRewrite, RewriteOnnxAttention
 from passes.onnx.rewrite_linear_attention import LINEAR_ORT, PlannedLinearRewrite, RewriteOnnxLinearAttention
 from rewriter.module_paths import annotate_modules, onnx_node_scopes
-from rewriter.planner import default_slice_size, plan_chunk_sizes
+from rewriter.planner import TARGETS, default_slice_size, plan_chunk_sizes
 from rewriter.report import MatchReport, Report
 
 __all__ = ["detect_onnx", "optimize_onnx", "TARGET_NAMES"]
 
 logger = logging.getLogger(__name__)
 
-TARGET_NAMES = {"auto": None, "chunked": CHUNKED, "ort": ORT_MHA, "onnx-attention": ONNX_ATTENTION}
+TARGET_NAMES = dict(zip(TARGETS, (None, CHUNKED, ORT_MHA, ONNX_ATTENTION)))
 _PROVIDERS = ("cpu", "cuda")
 _REQUIRED_OPSET = {CHUNKED: 18, ONNX_ATTENTION: 23, LINEAR_ORT: 18}
 

@@ -6,8 +6,11 @@ import re
 
 from passes.attention_spec import AttentionSpec, ChunkSizes
 
-__all__ = ["DEFAULT_BLOCK_BUDGET", "default_slice_size", "parse_size", "plan_chunk_sizes"]
+__all__ = ["DEFAULT_BLOCK_BUDGET", "TARGETS", "default_slice_size", "parse_size", "plan_chunk_sizes"]
 
+# What a user may ask an ONNX block to become (`--target`); here, not in onnx_api, so that the CLI
+# builds its parser without importing onnx_ir (and sympy): `rewriter --help` starts fast.
+TARGETS = ("auto", "chunked", "ort", "onnx-attention")
 DEFAULT_BLOCK_BUDGET = 32 * 2**20
 DEFAULT_QUERY_CHUNK, DEFAULT_KEY_CHUNK = 1024, 4096  # Rabe & Staats' defaults
 DEFAULT_SLICE = 256  # keys per slice of a linear-attention (Performer) block
