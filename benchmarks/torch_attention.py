@@ -132,7 +132,7 @@ def build_module(variant: str, impl: str, inputs: tuple[torch.Tensor, ...]) -> n
     module = NAIVE_MODULES[variant]()
     if impl == "naive":
         return module
-    rewritten, report = rewriter.optimize_module(module, inputs)
+    rewritten, report = rewriter.optimize_module(module, inputs, dynamic_shapes=None)  # one length per run
     if not any(match.rewritten for match in report.matches):
         raise RuntimeError(f"optimize_module rewrote nothing: {report.summary()}")
     return rewritten

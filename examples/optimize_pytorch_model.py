@@ -19,7 +19,8 @@ def main() -> None:
 
     model = TinyDecoder()
     tokens = torch.randint(0, 256, (1, args.seq_len))
-    optimized, report = rewriter.optimize_module(model, (tokens,))
+    # Trained at one length: captured at its shapes (the default keeps lengths dynamic, see README).
+    optimized, report = rewriter.optimize_module(model, (tokens,), dynamic_shapes=None)
     print(report.summary())
 
     optimizer = torch.optim.AdamW(optimized.parameters(), lr=1e-3)

@@ -13,6 +13,7 @@ _PUBLIC = {
     "bench_module": "rewriter.bench",
     "bench_onnx": "rewriter.bench",
     "backend": "rewriter.compile_backend",
+    "compile_reports": "rewriter.compile_backend",
     "export_onnx": "rewriter.export",
     "detect_onnx": "rewriter.onnx_api",
     "optimize_onnx": "rewriter.onnx_api",

@@ -165,7 +165,8 @@ def bench_module(factory: str | Callable, lengths: Iterable[int], *, threads: in
     lengths = _checked_lengths(lengths, threads)
     spec_name = factory if isinstance(factory, str) else _importable_name(factory)
     module, inputs = call_factory(spec_name, lengths[0])  # ModelSourceError for a bad spec
-    _, report = rewriter.optimize_module(module.eval(), inputs)  # the report, and a failure before any child
+    # the report, and a failure before any child; at fixed shapes, as each child captures its length
+    _, report = rewriter.optimize_module(module.eval(), inputs, dynamic_shapes=None)
     _require_rewrite(spec_name, report)
     config = {"model": spec_name, "kind": "torch", "target": "torch", "threads": threads, "lengths": lengths,
               "training": training, "warmup": "one run on the same inputs"}

@@ -107,7 +107,7 @@ def _torch_call(spec: dict):
     module, inputs = call_factory(spec["factory"], spec["length"])
     module = module.eval()
     if spec["rewritten"]:
-        module, _ = rewriter.optimize_module(module, inputs)
+        module, _ = rewriter.optimize_module(module, inputs, dynamic_shapes=None)  # one length per child
 
     def forward():
         with torch.no_grad():

@@ -12,13 +12,21 @@ import logging
 import sys
 import traceback
 
-from rewriter.onnx_api import TARGET_NAMES
+from passes.core.planner import DEFAULT_BLOCK_BUDGET, DEFAULT_KEY_CHUNK, DEFAULT_QUERY_CHUNK, TARGETS
 
 __all__ = ["main"]
 
 
 class UsageError(Exception):
     """Bad input from the user: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported as one line (like every other bad input) instead of
+    the usage block followed by the error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class VerificationError(Exception):
@@ -122,8 +130,7 @@ def _inspect(args) -> int:
 
     model = _load(args.model)
     optimized, report = optimize_onnx(model, target=args.target, provider=args.provider)
-    for match in report.matches:  # nothing is written: each block is what `optimize` would make of it
-        match.rewritten = False
+    report.as_dry_run()  # nothing is written: each block is what `optimize` would make of it
     report.memory = _compare_memory(_runnable(model), optimized, args.seq_len)
     if args.json:
         _print_json(report.to_dict())
@@ -135,7 +142,7 @@ def _inspect(args) -> int:
 def _optimize(args) -> int:
     from rewriter.onnx_api import optimize_onnx
     from rewriter.onnx_io import ModelFileError, check_output_path, save_model
-    from rewriter.verify import verify_onnx
+    from rewriter.verify_blocks import verify_rewrite
 
     try:
         check_output_path(args.output, (args.model,))
@@ -151,13 +158,13 @@ def _optimize(args) -> int:
     log(report.summary())
     payload = report.to_dict()
     if args.verify:
-        dims = {name: args.verify_seq_len for name in _symbolic_dims(original)}
-        result = verify_onnx(runnable, optimized, dims, default_dim=args.verify_seq_len)
-        payload["verify"] = {"ok": result.ok, "max_abs_difference": result.max_abs_difference,
-                             "message": result.message}
-        log(f"verify at dims = {args.verify_seq_len}: {result.message}")
-        if not result.ok:
-            raise VerificationError(f"rewritten model differs from the original: {result.message}; nothing written")
+        check = verify_rewrite(runnable, optimized, report, lambda chunks: optimize_onnx(
+            original, target=args.target, provider=args.provider, chunk_size=chunks)[0])
+        payload["verify"] = {"ok": check.ok, "max_abs_difference": check.max_abs_difference,
+                             "lengths": list(check.lengths), "message": check.text}
+        log(check.text)
+        if not check.ok:
+            raise VerificationError(f"rewritten model differs from the original: {check.text}; nothing written")
     save_model(optimized, args.output)
     return _finish(args, [f"wrote {args.output}"], payload)
 
@@ -202,13 +209,16 @@ def _bench(args) -> int:
 
     from rewriter.bench import BenchInputError, bench_module, bench_onnx, terminal_progress
     from rewriter.model_source import ModelSourceError
-    from rewriter.onnx_io import ModelFileError
+    from rewriter.onnx_io import ModelFileError, atomic_path
 
     lengths = _lengths(args.lengths)
     if args.threads < 1:
         raise UsageError(f"--threads must be at least 1 (got {args.threads})")
-    if os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
-        raise UsageError(f"--out-dir {args.out_dir}: exists and is not a directory")
+    if not os.path.isdir(args.out_dir):  # as `optimize -o`: a missing directory is refused, not made
+        problem = "is not a directory" if os.path.exists(args.out_dir) else "directory does not exist"
+        raise UsageError(f"--out-dir {args.out_dir}: {problem}")
+    if os.path.isdir(args.model):
+        raise UsageError(f"{args.model}: is a directory, not an ONNX file or MODULE:CALLABLE")
     is_onnx = args.model.endswith(".onnx") or os.path.isfile(args.model)
     if not is_onnx and ":" not in args.model:
         raise UsageError(f"{args.model}: no such file (give MODEL.onnx or MODULE:CALLABLE)")
@@ -228,10 +238,10 @@ def _bench(args) -> int:
                                   timeout_s=args.timeout, progress=progress)
     except (BenchInputError, ModelFileError, ModelSourceError) as error:
         raise UsageError(str(error)) from None
-    os.makedirs(args.out_dir, exist_ok=True)
     json_path, png_path = os.path.join(args.out_dir, "bench.json"), os.path.join(args.out_dir, "bench.png")
-    result.write_json(json_path)
-    result.plot(png_path)
+    with atomic_path(json_path) as json_tmp, atomic_path(png_path) as png_tmp:
+        result.write_json(json_tmp)
+        result.plot(png_tmp)
     return _finish(args, [result.table(), f"wrote {json_path} and {png_path}"], result.to_dict())
 
 
@@ -261,13 +271,8 @@ def _dims(pairs: list[str] | None) -> dict[str, int]:
     return dims
 
 
-def _symbolic_dims(model) -> set[str]:
-    return {dim.dim_param for value in model.graph.input for dim in value.type.tensor_type.shape.dim
-            if dim.dim_param}
-
-
 def _add_target_options(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--target", choices=list(TARGET_NAMES), default="auto",
+    command.add_argument("--target", choices=list(TARGETS), default="auto",
                          help="auto (default): per block the fastest memory-efficient form for --provider; "
                               "chunked: standard ONNX ops; ort: com.microsoft.MultiHeadAttention; "
                               "onnx-attention: opset-23 Attention")
@@ -278,7 +283,7 @@ def _add_target_options(command: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rewriter", description="Find attention in PyTorch and ONNX models and rewrite it into "
                                      "exact, memory-efficient equivalents.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each pass does (stderr)")
@@ -309,12 +314,16 @@ def _parser() -> argparse.ArgumentParser:
     optimize.add_argument("model", metavar="IN.onnx")
     optimize.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
     _add_target_options(optimize)
-    optimize.add_argument("--chunk-size", metavar="Q[,K]", help="queries (and keys) per block of the chunked form")
-    optimize.add_argument("--memory-budget", metavar="SIZE", help="working memory per block, e.g. 64MiB")
+    optimize.add_argument("--chunk-size", metavar="Q[,K]",
+                          help="queries (and keys) per block of the chunked form (default: the largest blocks up "
+                               f"to {DEFAULT_QUERY_CHUNK},{DEFAULT_KEY_CHUNK} that fit --memory-budget)")
+    optimize.add_argument("--memory-budget", metavar="SIZE",
+                          help="working memory per block, e.g. 64MiB "
+                               f"(default {DEFAULT_BLOCK_BUDGET // 2**20}MiB; ignored with --chunk-size)")
     optimize.add_argument("--verify", action="store_true",
-                          help="run original and rewritten on ONNX Runtime with random inputs; fail if they differ")
-    optimize.add_argument("--verify-seq-len", type=int, default=64, metavar="N",
-                          help="size given to every symbolic input dim when verifying (default 64)")
+                          help="run original and rewritten on ONNX Runtime with random inputs at length 1 and at "
+                               "lengths spanning several blocks (with small blocks forced for the check where the "
+                               "model's are large); fail if they differ")
     optimize.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     optimize.set_defaults(run=_optimize)
 
@@ -329,7 +338,7 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
     export.add_argument("--seq-len", type=int, default=128, metavar="N",
                         help="example sequence length for CALLABLE (default 128)")
-    export.add_argument("--target", choices=list(TARGET_NAMES), default="auto",
+    export.add_argument("--target", choices=list(TARGETS), default="auto",
                         help="form of the attention in OUT (default auto)")
     export.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     export.add_argument("--static", action="store_true", help="export fixed input shapes")
@@ -348,7 +357,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("model", metavar="MODEL.onnx|MODULE:CALLABLE")
     bench.add_argument("--lengths", default="1024,2048,4096", metavar="N,N,...",
                        help="sequence lengths (default 1024,2048,4096)")
-    bench.add_argument("--target", choices=list(TARGET_NAMES), default="auto",
+    bench.add_argument("--target", choices=list(TARGETS), default="auto",
                        help="form of the rewritten ONNX attention (default auto)")
     bench.add_argument("--threads", type=int, default=2, help="intra-op threads per measurement (default 2)")
     bench.add_argument("--dim", action="append", metavar="NAME=SIZE",
@@ -360,7 +369,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="PyTorch: measure forward and backward instead of a no_grad forward")
     bench.add_argument("--timeout", type=float, default=1800, metavar="S",
                        help="seconds before a measurement is given up as failed (default 1800)")
-    bench.add_argument("--out-dir", default=".", metavar="DIR", help="where bench.json and bench.png go (default .)")
+    bench.add_argument("--out-dir", default=".", metavar="DIR", help="existing directory where bench.json and bench.png go (default .)")
     bench.add_argument("--json", action="store_true", help="print the result JSON on stdout (table on stderr)")
     bench.set_defaults(run=_bench)
     return parser

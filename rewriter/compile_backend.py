@@ -12,10 +12,17 @@ Graphs whose sizes Dynamo made dynamic are traced with Dynamo's own symbolic siz
 graph serves every length the guards admit. With `dynamic=True`, Dynamo also turns Python floats
 (a `self.scaling` attribute, say) into graph inputs; a block whose scale is such an input is left
 alone, with that reason in the log (`torch._dynamo.config.specialize_float = True` keeps them constant).
+
+What each compiled graph got is logged once at INFO (logger ``rewriter.compile_backend``: enable it
+with ``logging.basicConfig(level=logging.INFO)`` or ``logging.getLogger("rewriter").setLevel(logging.INFO)``
+plus a handler), and kept: ``rewriter.compile_reports()`` returns the reports of the last compiled
+graphs, oldest first. A block found but left alone is logged at WARNING (seen without any logging
+set-up) once per process for each module and reason.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 
 import torch
@@ -23,13 +30,42 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from rewriter.report import Report
 from rewriter.torch_api import rewrite_graph_module
 
-__all__ = ["backend"]
+__all__ = ["backend", "compile_reports"]
 
 logger = logging.getLogger(__name__)
 
 _COMPILERS = ("inductor", "aot_eager", "eager")
+_KEPT_REPORTS = 64
+_reports: collections.deque[Report] = collections.deque(maxlen=_KEPT_REPORTS)
+_warned: set[tuple[str, str]] = set()
+
+
+def compile_reports(clear: bool = False) -> list[Report]:
+    """The reports of the graphs `backend` compiled most recently (up to 64), oldest first.
+
+    Each is a `rewriter.Report` (`.summary()`, `.to_dict()`); a graph Dynamo recompiles (a new
+    shape, a graph break) adds one. `clear=True` empties the record after reading it.
+    """
+    reports = list(_reports)
+    if clear:
+        _reports.clear()
+    return reports
+
+
+def _tell(report: Report) -> None:
+    """One INFO summary per graph; a WARNING, once per module and reason, for each block left alone."""
+    _reports.append(report)
+    logger.info("torch.compile graph: %s", report.summary())
+    for match in report.matches:
+        key = (match.module if match.module is not None else match.where, match.reason or "")
+        if match.rewritten or key in _warned:
+            continue
+        _warned.add(key)
+        logger.warning("torch.compile: attention block %s (%s) left alone: %s", match.where, match.kind,
+                       match.reason or "not rewritten")
 
 
 def _fake_inputs(example_inputs) -> tuple[FakeTensorMode, list]:
@@ -55,8 +91,10 @@ def _fake_inputs(example_inputs) -> tuple[FakeTensorMode, list]:
 def _aten_graph(gm: torch.fx.GraphModule, example_inputs) -> torch.fx.GraphModule:
     """`gm` traced to pre-dispatch ATen (the level `torch.export` produces) on Dynamo's fake inputs."""
     fake_mode, inputs = _fake_inputs(example_inputs)
-    with fake_mode:
-        return make_fx(gm, pre_dispatch=True)(*inputs)
+    # Run through an Interpreter with node meta preserved, as AOTAutograd does, so that each ATen
+    # node keeps its Dynamo node's nn_module_stack (reports name blocks by module path).
+    with fake_mode, torch.fx.traceback.preserve_node_meta():
+        return make_fx(torch.fx.Interpreter(gm).run, pre_dispatch=True)(*inputs)
 
 
 def backend(gm: torch.fx.GraphModule, example_inputs, *, options: dict | None = None, mode: str | None = None):
@@ -67,8 +105,7 @@ def backend(gm: torch.fx.GraphModule, example_inputs, *, options: dict | None = 
         raise ValueError(f"compiler must be one of {', '.join(_COMPILERS)}, got {compiler!r}")
     memory_budget, chunk_size = options.pop("memory_budget", None), options.pop("chunk_size", None)
     aten_gm = _aten_graph(gm, example_inputs)
-    report = rewrite_graph_module(aten_gm, memory_budget, chunk_size, source="torch.compile graph")
-    logger.info("torch.compile graph: %s", report.summary())
+    _tell(rewrite_graph_module(aten_gm, memory_budget, chunk_size, source="torch.compile graph"))
     if compiler == "eager":
         return aten_gm
     if compiler == "aot_eager":

@@ -26,10 +26,11 @@ from passes.onnx.lower_attention import CHUNKED, ONNX_ATTENTION, ORT, TARGET_OPS
 from passes.onnx.lower_rewriter_ops import LowerRewriterOps
 from passes.onnx.rewrite_linear_attention import LINEAR_ORT
 from passes.onnx.raise_opset import RaiseOpsetPass
-from rewriter.onnx_api import TARGET_NAMES
+from passes.core.planner import TARGETS
 from rewriter.onnx_io import check_output_path, save_model
 from rewriter.report import Report
 from rewriter.torch_api import optimize_module
+from rewriter.verify_blocks import CHECK_CHUNK_CHOICES, lengths_spanning_blocks, with_check_blocks
 
 __all__ = ["ExportVerificationError", "export_onnx", "to_onnx"]
 
@@ -80,23 +81,36 @@ def _dynamic_axes(spec) -> list[int]:
     return [axis for axis, dim in items if dim is not None]
 
 
-def _shorter_inputs(example_inputs: tuple, shapes) -> tuple | None:
-    """The example inputs cut along their dynamic axes (to about 2/3), to check a second length."""
-    if not shapes:
-        return None
-    sliced, changed = [], False
-    for value, spec in zip(example_inputs, shapes):
+def _resized(example_inputs: tuple, shapes, length: int) -> tuple:
+    """The example inputs with every dynamic axis at `length`: cut, or repeated and cut."""
+    resized = []
+    for value, spec in zip(example_inputs, shapes or (None,) * len(example_inputs)):
         for axis in _dynamic_axes(spec):
-            if isinstance(value, torch.Tensor) and value.size(axis) > 2:
-                value = value.narrow(axis, 0, max(2, value.size(axis) * 2 // 3))
-                changed = True
-        sliced.append(value)
-    return tuple(sliced) if changed else None
+            if isinstance(value, torch.Tensor) and value.size(axis) != length:
+                copies = -(-length // value.size(axis))
+                value = torch.cat([value] * copies, dim=axis).narrow(axis, 0, length)
+        resized.append(value)
+    return tuple(resized)
 
 
-def _has_symbolic_inputs(model: onnx.ModelProto) -> bool:
-    """Whether any input kept a symbolic dim (torch.export may specialise a dim marked AUTO)."""
-    return any(dim.dim_param for value in model.graph.input for dim in value.type.tensor_type.shape.dim)
+def _example_length(example_inputs: tuple, shapes) -> int | None:
+    return next((value.size(axis) for value, spec in zip(example_inputs, shapes or ())
+                 for axis in _dynamic_axes(spec) if isinstance(value, torch.Tensor)), None)
+
+
+def _check_blocks(module, example_inputs: tuple, shapes) -> tuple[tuple[int, int], list[int]] | None:
+    """Small blocks, and lengths spanning several of them, at which the eager module runs (the
+    first of `CHECK_CHUNK_CHOICES` whose longest length the module takes: it may have a position table)."""
+    for chunks in CHECK_CHUNK_CHOICES:
+        lengths = lengths_spanning_blocks(*chunks)
+        try:
+            with torch.no_grad():
+                module(*_resized(example_inputs, shapes, lengths[-1]))
+        except Exception as error:  # noqa: BLE001 - a model raises anything at a length it cannot take
+            logger.debug("the module does not run at length %d: %s", lengths[-1], error)
+            continue
+        return chunks, lengths
+    return None
 
 
 def _run_ort(model: onnx.ModelProto, inputs: tuple) -> list[np.ndarray]:
@@ -132,8 +146,14 @@ def _compare(module, model: onnx.ModelProto, inputs: tuple, atol: float, rtol: f
 def to_onnx(module, example_inputs, *, target: str = "auto", dynamic_shapes=None, opset: int = 18,
             **options) -> tuple[onnx.ModelProto, Report]:
     """The checked ONNX model of `module` with attention lowered to `target`, and the report; nothing saved."""
-    if target not in TARGET_NAMES:
-        raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGET_NAMES)}")
+    model_ir, report, lowered = _export_unlowered(module, example_inputs, target, dynamic_shapes, opset, **options)
+    return _lower(model_ir, report, lowered), report
+
+
+def _export_unlowered(module, example_inputs, target, dynamic_shapes, opset, **options):
+    """(the exported onnx_ir model with its ai.rewriter nodes, the report, the form to lower them to)."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     if opset < 18:
         raise ValueError(f"export needs opset 18 or newer (got {opset})")
     if not isinstance(example_inputs, tuple):
@@ -159,8 +179,15 @@ def to_onnx(module, example_inputs, *, target: str = "auto", dynamic_shapes=None
         # Raised after export: torch's opset-23 export fuses rotary embeddings into a
         # RotaryEmbedding node that ONNX Runtime 1.32 rejects for Llama-style caches.
         model_ir = RaiseOpsetPass(23)(model_ir).model
+    return model_ir, report, lowered
+
+
+def _lower(model_ir: ir.Model, report: Report | None, lowered: str) -> onnx.ModelProto:
+    """`model_ir` with its ai.rewriter nodes lowered to `lowered`, checked; the report says each block's form."""
     lowering = LowerRewriterOps(lowered)
     lowering(model_ir)
+    if report is None:
+        return ir.serde.serialize_model(model_ir)
     # Exported nodes of each kind keep the FX graph's order; should the counts differ, the requested
     # form is reported.
     for kind in ("softmax", "performer"):
@@ -173,7 +200,7 @@ def to_onnx(module, example_inputs, *, target: str = "auto", dynamic_shapes=None
             match.target = names[form]
     model = ir.serde.serialize_model(model_ir)
     onnx.checker.check_model(model, full_check=True)
-    return model, report
+    return model
 
 
 def export_onnx(module, example_inputs, path: str, *, target: str = "auto", dynamic_shapes=None, opset: int = 18,
@@ -181,26 +208,46 @@ def export_onnx(module, example_inputs, path: str, *, target: str = "auto", dyna
     """Export `module` to `path` with every proven attention block in chunked, O(n)-memory form.
 
     `options` go to `optimize_module` (`memory_budget`, `chunk_size`). With `verify`, ONNX Runtime's
-    outputs are compared with the eager module's at the example inputs and, when `dynamic_shapes`
-    is given, at inputs cut to a shorter length; a difference raises `ExportVerificationError`
+    outputs are compared with the eager module's at the example inputs, and those of a copy lowered
+    with small blocks (`rewriter.verify_blocks`) at length 1 and at lengths spanning two and three
+    blocks of each axis (inputs cut or repeated along their dynamic axes; at the example's shapes for
+    a static export); `Report.verification` says which. A difference raises `ExportVerificationError`
     and nothing is written.
     """
     check_output_path(path)
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    model, report = to_onnx(module, example_inputs, target=target, dynamic_shapes=dynamic_shapes, opset=opset,
-                            **options)
+    model_ir, report, lowered = _export_unlowered(module, example_inputs, target, dynamic_shapes, opset, **options)
+    shapes = _positional_shapes(module, example_inputs, dynamic_shapes)
+    symbolic = any(value.shape is not None and value.shape.is_dynamic() for value in model_ir.graph.inputs)
+    if not symbolic:
+        shapes = None
+    forced = _check_blocks(module, example_inputs, shapes) if verify and report.rewritten_count else None
+    check_ir = with_check_blocks(model_ir, REWRITER_DOMAIN, forced[0]) if forced else None
+    model = _lower(model_ir, report, lowered)
     if verify:
-        checks = [example_inputs]
-        shorter = _shorter_inputs(example_inputs, _positional_shapes(module, example_inputs, dynamic_shapes))
-        if shorter is not None and _has_symbolic_inputs(model):
-            checks.append(shorter)
-        for inputs in checks:
-            problem = _compare(module, model, inputs, atol, rtol)
-            if problem:
-                lengths = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
-                raise ExportVerificationError(f"ONNX Runtime differs from eager at input shapes {lengths}: {problem};"
-                                              f" nothing written")
+        length = _example_length(example_inputs, shapes)
+        checks = [("the exported model", model, [example_inputs], f"at the example length {length}" if length else
+                   "at the example's shapes")]
+        if forced:
+            (q_chunk, k_chunk), lengths = forced
+            copy = _lower(check_ir, None, lowered)
+            if shapes:
+                checks.append((f"a copy with {q_chunk}×{k_chunk} blocks", copy,
+                               [_resized(example_inputs, shapes, n) for n in lengths],
+                               "at lengths " + ", ".join(map(str, lengths))))
+            else:
+                checks.append((f"a copy with {q_chunk}×{k_chunk} blocks", copy, [example_inputs],
+                               "at the example's shapes"))
+        for name, checked, cases, spoken in checks:
+            for inputs in cases:
+                problem = _compare(module, checked, inputs, atol, rtol)
+                if problem:
+                    shapes_text = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
+                    raise ExportVerificationError(f"ONNX Runtime differs from eager ({name}) at input shapes "
+                                                  f"{shapes_text}: {problem}; nothing written")
+        report.verification = "verified on ONNX Runtime against eager: " + " and ".join(
+            f"{name} {spoken}" for name, _, _, spoken in checks)
     save_model(model, path)
     logger.info("wrote %s: %s", path, report.summary())
     return report

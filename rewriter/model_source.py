@@ -12,8 +12,6 @@ import importlib
 import os
 from collections.abc import Callable
 
-import torch
-
 __all__ = ["ModelSourceError", "call_factory", "load_exported_program", "resolve_factory"]
 
 
@@ -43,6 +41,8 @@ def resolve_factory(factory: str | Callable) -> Callable:
 
 def call_factory(factory: str | Callable, seq_len: int) -> tuple[torch.nn.Module, tuple]:
     """`factory(seq_len)`, checked to be (model, example_inputs); the inputs always a tuple."""
+    import torch  # here, not at the top: the CLI's ONNX commands import this module for its error
+
     made = resolve_factory(factory)(seq_len)
     if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module)):
         raise ModelSourceError(f"{factory}: must return (model, example_inputs), got {type(made).__name__}")
@@ -55,6 +55,8 @@ def load_exported_program(path: str) -> tuple[torch.nn.Module, tuple, tuple]:
 
     The axes that are symbolic in the saved program stay dynamic (`Dim.AUTO`) when it is exported again.
     """
+    import torch
+
     if not os.path.isfile(path):
         raise ModelSourceError(f"{path}: no such file")
     try:

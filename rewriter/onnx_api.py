@@ -25,8 +25,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes
 
-from passes.fx.rewrite_linear_attention import default_slice_size
-from passes.core.planner import plan_chunk_sizes
+from passes.core.planner import TARGETS, default_slice_size, plan_chunk_sizes
 from passes.onnx.canonicalize_attention import (
     CanonicalizeAttention,
     PlannedRewrite,
@@ -42,13 +41,13 @@ from passes.onnx.lower_rewriter_ops import LowerRewriterOps
 from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch
 from passes.onnx.raise_opset import RaiseOpsetPass
 from passes.onnx.rewrite_linear_attention import LINEAR_ORT, PlannedLinearRewrite, RewriteOnnxLinearAttention
+from rewriter.module_paths import annotate_modules, onnx_node_scopes
 from rewriter.report import MatchReport, Report
 
-__all__ = ["detect_onnx", "optimize_onnx", "TARGET_NAMES"]
+__all__ = ["detect_onnx", "optimize_onnx"]
 
 logger = logging.getLogger(__name__)
 
-TARGET_NAMES = ("auto", CHUNKED, ORT, ONNX_ATTENTION)
 _PROVIDERS = ("cpu", "cuda")
 # Default-domain opsets: every softmax lowering emits ops valid from opset 13 on, so a model is raised
 # (before it is analysed, and only then) to 13, or to 23 when Attention-23 is the requested target.
@@ -228,7 +227,8 @@ def detect_onnx(model_or_path) -> Report:
     ctx = AnalysisContext(ir.serde.deserialize_model(proto))
     position = _graph_order(ctx)
     matches = sorted(_detect(ctx) + detect_linear_attention(ctx), key=position)
-    return Report(source, [MatchReport(match.spec, False) for match in matches])
+    report = Report(source, [MatchReport(match.spec, False) for match in matches])
+    return annotate_modules(report, onnx_node_scopes(proto)).as_dry_run()
 
 
 def _raised(model: ir.Model, opset: int) -> tuple[ir.Model, str | None]:
@@ -254,8 +254,8 @@ def optimize_onnx(model_or_path, *, target: str = "auto", provider: str = "cpu",
     `chunk_size` (an int or (query, key)) fixes the chunked blocks; otherwise `memory_budget`
     (bytes or '256MiB') bounds each block's working set. The input model is never modified.
     """
-    if target not in TARGET_NAMES:
-        raise ValueError(f"unknown target {target!r}; expected one of {', '.join(TARGET_NAMES)}")
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; expected one of {', '.join(TARGETS)}")
     if provider not in _PROVIDERS:
         raise ValueError(f"unknown provider {provider!r}; expected one of {', '.join(_PROVIDERS)}")
     chunk_size = _chunk_pair(chunk_size)
@@ -278,7 +278,7 @@ def optimize_onnx(model_or_path, *, target: str = "auto", provider: str = "cpu",
     modified = onnx_ir.passes.Sequential(
         canonical, LowerRewriterOps(targets=canonical.targets), UndoAnnotations(canonical),
         RewriteOnnxLinearAttention(analysis.ctx, [plan for _, plan in analysis.linear_plans]))(model).modified
-    report = _report(analysis, source)
+    report = annotate_modules(_report(analysis, source), onnx_node_scopes(original))
     logger.info(report.summary())
     if not modified:
         unchanged = onnx.ModelProto()

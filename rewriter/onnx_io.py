@@ -13,7 +13,7 @@ import tempfile
 import onnx
 from google.protobuf.message import DecodeError
 
-__all__ = ["ModelFileError", "check_output_path", "load_model", "save_model"]
+__all__ = ["ModelFileError", "atomic_path", "check_output_path", "load_model", "save_model"]
 
 # Protobuf cannot serialise a message over 2 GiB: larger models keep their weights beside them.
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -25,24 +25,48 @@ class ModelFileError(ValueError):
 
 
 def load_model(path: str) -> onnx.ModelProto:
-    """The model at `path` (external data included), checked to be well-formed ONNX."""
+    """The model at `path` (external data included), checked to be well-formed ONNX.
+
+    Raises `ModelFileError` (one line) for a missing file, a directory, a file that is not ONNX,
+    a missing or unreadable external-data file, an unsupported opset or a model ONNX's checker rejects.
+    """
+    if os.path.isdir(path):
+        raise ModelFileError(f"{path}: is a directory, not an ONNX file")
     if not os.path.isfile(path):
         raise ModelFileError(f"{path}: no such file")
     try:
-        model = onnx.load(path)
+        model = onnx.load(path, load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as error:
         raise ModelFileError(f"{path}: not a readable ONNX model ({_first_line(error)})") from None
     if not model.graph.node and not model.graph.output:
         raise ModelFileError(f"{path}: not an ONNX model (no graph)")
+    _check_external_data_files(model, path)
+    try:
+        onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+    except (onnx.checker.ValidationError, RuntimeError, ValueError, OSError) as error:
+        raise ModelFileError(f"{path}: cannot read its external data ({_first_line(error)})") from None
     opset = next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), None)
     newest = onnx.defs.onnx_opset_version()
     if opset is None or not 7 <= opset <= newest:
         raise ModelFileError(f"{path}: unsupported opset {opset} (supported: 7 to {newest})")
     try:
         onnx.checker.check_model(path if _has_external_data(model) else model)
-    except onnx.checker.ValidationError as error:
+    except (onnx.checker.ValidationError, RuntimeError, ValueError, OSError) as error:
         raise ModelFileError(f"{path}: invalid ONNX model ({_first_line(error)})") from None
     return model
+
+
+def _check_external_data_files(model: onnx.ModelProto, path: str) -> None:
+    """Name the first external-data file the model refers to that is not beside it."""
+    directory = os.path.dirname(os.path.abspath(path))
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if not onnx.external_data_helper.uses_external_data(tensor):
+            continue
+        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+        data_path = os.path.join(directory, location)
+        if not location or not os.path.isfile(data_path):
+            raise ModelFileError(f"{path}: its weights are stored in {data_path}, which is missing "
+                                 f"(copy it beside the .onnx file)")
 
 
 def check_output_path(output: str, inputs: tuple[str, ...] = ()) -> None:
@@ -79,6 +103,16 @@ def _point_external_data_at(model_path: str, data_name: str) -> None:
             if entry.key == "location":
                 entry.value = data_name
     onnx.save_model(model, model_path)
+
+
+@contextlib.contextmanager
+def atomic_path(output: str):
+    """A temporary path beside `output` (same suffix) to write to; moved onto `output` only when the
+    block completes, so `output` is either the complete new file or what it was before."""
+    directory = os.path.dirname(os.path.abspath(output))
+    with _temporary(directory, os.path.splitext(output)[1]) as path:
+        yield path
+        os.replace(path, output)
 
 
 @contextlib.contextmanager

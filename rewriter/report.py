@@ -15,6 +15,19 @@ class MatchReport:
     rewritten: bool
     target: str | None = None
     chunk_sizes: tuple[int, int] | None = None
+    module: str | None = None  # the module path the block comes from ("" the root), when the graph records it
+
+    @property
+    def node(self) -> str | None:
+        """The block's first graph node: where it is when no module path is recorded."""
+        return self.spec.nodes[0] if self.spec.nodes else None
+
+    @property
+    def where(self) -> str:
+        """The module path, with the node name as the secondary name: ``h.1.attn (node matmul_2)``."""
+        if self.module is None:
+            return self.node or "?"
+        return f"{self.module or '<root module>'} (node {self.node})"
 
     @property
     def kind(self) -> str:
@@ -34,7 +47,7 @@ class MatchReport:
 
     def to_dict(self) -> dict:
         return {
-            "kind": self.kind, "rewritten": self.rewritten, "target": self.target, "reason": self.reason,
+            "module": self.module, "node": self.node, "kind": self.kind, "rewritten": self.rewritten, "target": self.target, "reason": self.reason,
             "causal": self.causal, "masked": self.masked,
             "chunk_sizes": list(self.chunk_sizes) if self.chunk_sizes else None, "spec": self.spec.to_dict(),
         }
@@ -54,6 +67,19 @@ class Report:
     source: str
     matches: list[MatchReport] = dataclasses.field(default_factory=list)
     memory: MemoryComparison | None = None
+    dry_run: bool = False  # a look (`inspect`, `detect_module`): nothing was changed
+    verification: str | None = None  # what was verified, in words, where a check ran
+
+    def as_dry_run(self) -> Report:
+        """This report as an inspection's: each block says what optimising would make of it."""
+        for match in self.matches:
+            match.rewritten = False
+        self.dry_run = True
+        return self
+
+    @property
+    def would_rewrite_count(self) -> int:
+        return sum(match.spec.accepted for match in self.matches)
 
     @property
     def rewritten_count(self) -> int:
@@ -64,13 +90,22 @@ class Report:
             "source": self.source,
             "found": len(self.matches),
             "rewritten": self.rewritten_count,
+            "dry_run": self.dry_run,
+            "would_rewrite": self.would_rewrite_count if self.dry_run else None,
             "matches": [match.to_dict() for match in self.matches],
             "memory_estimate": dataclasses.asdict(self.memory) if self.memory else None,
+            "verification": self.verification,
         }
 
     def summary(self) -> str:
         """Human-readable lines: one per candidate."""
-        lines = [f"found {len(self.matches)} attention blocks, rewrote {self.rewritten_count}"]
+        found = f"found {len(self.matches)} attention blocks"
+        if self.dry_run:
+            would = self.would_rewrite_count
+            lines = [f"{found}: {would} would be rewritten, {len(self.matches) - would} would be left alone "
+                     "(inspection only: nothing was changed)"]
+        else:
+            lines = [f"{found}, rewrote {self.rewritten_count}"]
         for index, match in enumerate(self.matches):
             spec = match.spec
             traits = [spec.kind] + ["causal"] * spec.causal + ([spec.mask_kind + " mask"] if spec.masked else [])
@@ -78,18 +113,19 @@ class Report:
                 traits.append(f"softcap {spec.softcap:g}")
             if spec.num_kv_heads and spec.num_heads and spec.num_kv_heads != spec.num_heads:
                 traits.append(f"{spec.num_heads}/{spec.num_kv_heads} heads")
-            where = spec.nodes[0] if spec.nodes else "?"
             if match.rewritten:
                 outcome = f"-> {match.target}"
             elif spec.accepted:
-                outcome = f"would become {match.target}" if match.target else "accepted"
+                outcome = f"would become {match.target}" if match.target else "would be rewritten"
             else:
                 outcome = f"left alone: {match.reason}"
-            lines.append(f"  [{index}] {where}: {', '.join(traits)} {outcome}")
+            lines.append(f"  [{index}] {match.where}: {', '.join(traits)} {outcome}")
         if self.memory:
             from rewriter.memory_estimate import format_bytes
 
             dims = ", ".join(f"{name}={size}" for name, size in self.memory.dims.items()) or "static shapes"
             lines.append(f"estimated peak activation memory at {dims}: {format_bytes(self.memory.before_bytes)}"
                          f" before, {format_bytes(self.memory.after_bytes)} after")
+        if self.verification:
+            lines.append(self.verification)
         return "\n".join(lines)

@@ -11,6 +11,8 @@ from passes.fx.detect_softmax_attention import FxAttentionMatch, detect_softmax_
 from passes.fx.detect_linear_attention import detect_linear_attention
 from passes.fx.rewrite_attention import RewriteSoftmaxAttention
 from passes.fx.rewrite_linear_attention import RewriteLinearAttention
+from rewriter.dynamic_capture import AUTO, dynamic_input_axes, explain_guard_failures, export_program, export_static
+from rewriter.module_paths import annotate_modules, fx_node_scopes
 from passes.core.planner import plan_chunk_sizes
 from rewriter.report import MatchReport, Report
 
@@ -22,16 +24,47 @@ TORCH_TARGET = "rewriter::attention"
 LINEAR_TARGET = "rewriter::linear_attention"
 
 
-def capture(module, example_inputs, example_kwargs=None, dynamic_shapes=None) -> GraphModule:
-    """An ATen-level GraphModule of `module` (an nn.Module, GraphModule or ExportedProgram)."""
+def capture(module, example_inputs, example_kwargs=None, dynamic_shapes=AUTO) -> GraphModule:
+    """An ATen-level GraphModule of `module` (an nn.Module, GraphModule or ExportedProgram).
+
+    `dynamic_shapes`: "auto" (default) keeps batch and sequence axes dynamic where torch.export can
+    (`rewriter.dynamic_capture`), None captures the example's shapes, anything else goes to torch.export.
+    A call at shapes the graph cannot take raises `InputShapeError`.
+    """
     if isinstance(module, torch.export.ExportedProgram):
         return module.module()
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"expected an nn.Module or ExportedProgram, got {type(module).__name__}")
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    program = torch.export.export(module, example_inputs, example_kwargs, dynamic_shapes=dynamic_shapes, strict=False)
-    return program.module()
+    program = export_program(module, example_inputs, example_kwargs, dynamic_shapes)
+    gm = explain_guard_failures(program.module())
+    if isinstance(dynamic_shapes, str) and dynamic_shapes == AUTO and dynamic_input_axes(program):
+        gm = _static_if_it_rewrites_more(gm, module, example_inputs, example_kwargs)
+    return gm
+
+
+def _accepted(gm: GraphModule) -> tuple[int, list[str]]:
+    """How many candidates of `gm` detection accepts, and the reasons of those it refuses."""
+    specs = [match.spec for match in detect_softmax_attention(gm) + detect_linear_attention(gm)]
+    return sum(spec.accepted for spec in specs), [spec.reason for spec in specs if not spec.accepted]
+
+
+def _static_if_it_rewrites_more(gm: GraphModule, module, example_inputs, example_kwargs) -> GraphModule:
+    """`gm` (dynamic axes), or the capture at the example's shapes when that proves more blocks: some
+    proofs (a performer-pytorch chunked causal block, say) need the concrete length."""
+    accepted, refused = _accepted(gm)
+    if not refused:
+        return gm
+    static = explain_guard_failures(export_static(module, example_inputs, example_kwargs).module())
+    static_accepted, _ = _accepted(static)
+    if static_accepted <= accepted:
+        return gm
+    logger.warning("optimize_module(%s): the result takes only the example's shapes: with dynamic axes %d "
+                   "attention block(s) could not be rewritten (%s), at the example's shapes %d more can; pass "
+                   "dynamic_shapes= to choose", type(module).__name__, len(refused), refused[0],
+                   static_accepted - accepted)
+    return static
 
 
 def _report(matches: list[FxAttentionMatch], planned: dict[int, tuple[int, int]], source: str,
@@ -49,11 +82,13 @@ def _report(matches: list[FxAttentionMatch], planned: dict[int, tuple[int, int]]
 def detect_module(module, example_inputs, **capture_options) -> Report:
     """What `optimize_module` would find, without changing anything."""
     gm = capture(module, example_inputs, **capture_options)
-    return _report(detect_softmax_attention(gm), {}, type(module).__name__, detect_linear_attention(gm))
+    report = _report(detect_softmax_attention(gm), {}, type(module).__name__, detect_linear_attention(gm))
+    return annotate_modules(report, fx_node_scopes(gm)).as_dry_run()
 
 
 def rewrite_graph_module(gm: GraphModule, memory_budget=None, chunk_size=None, source: str = "graph") -> Report:
     """Detect, plan and rewrite the attention of an ATen-level GraphModule in place."""
+    scopes = fx_node_scopes(gm)  # before the rewrite removes the blocks' nodes
     matches = detect_softmax_attention(gm)
     planned = {}
     for index, match in enumerate(matches):
@@ -64,17 +99,23 @@ def rewrite_graph_module(gm: GraphModule, memory_budget=None, chunk_size=None, s
     linear_matches = detect_linear_attention(gm)
     RewriteLinearAttention(linear_matches)(gm)
     report = _report(matches, planned, source, linear_matches, linear_rewritten=True)
-    logger.info(report.summary())
-    return report
+    scopes.update(fx_node_scopes(gm))  # linear blocks are found after the softmax rewrite made new nodes
+    return annotate_modules(report, scopes)
 
 
 def optimize_module(
-    module, example_inputs, *, memory_budget=None, chunk_size=None, example_kwargs=None, dynamic_shapes=None
+    module, example_inputs, *, memory_budget=None, chunk_size=None, example_kwargs=None, dynamic_shapes=AUTO
 ) -> tuple[GraphModule, Report]:
     """Capture `module`, replace every proven attention block, and report every candidate.
 
     `memory_budget` (bytes or '256MiB') bounds each block's working set; `chunk_size` (q, k) fixes
-    the blocks instead. The returned GraphModule takes the same inputs as `module`.
+    the blocks instead. The returned GraphModule takes the same inputs as `module`: with
+    `dynamic_shapes="auto"` (default) at other batch sizes and sequence lengths too, where
+    torch.export can keep those axes dynamic (else one WARNING says why not); `None` captures the
+    example's shapes only; a torch.export `dynamic_shapes` spec chooses the axes. A call at shapes
+    the graph cannot take raises `rewriter.dynamic_capture.InputShapeError`.
     """
     gm = capture(module, example_inputs, example_kwargs, dynamic_shapes)
-    return gm, rewrite_graph_module(gm, memory_budget, chunk_size, type(module).__name__)
+    report = rewrite_graph_module(gm, memory_budget, chunk_size, type(module).__name__)
+    logger.info(report.summary())
+    return gm, report

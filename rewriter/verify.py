@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 import onnx
 
-__all__ = ["VerifyResult", "random_inputs", "verify_onnx"]
+__all__ = ["VerifyResult", "ort_session", "random_inputs", "verify_onnx"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,11 +54,12 @@ def random_inputs(model: onnx.ModelProto, dims: dict[str, int] | None = None, de
     return feeds
 
 
-def _session(model: onnx.ModelProto):
+def ort_session(model: onnx.ModelProto, log_severity: int = 3):
+    """An ONNX Runtime CPU session of `model`; ORT logs at `log_severity` or worse (3 errors, 4 fatal only)."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = log_severity
     return onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -66,8 +67,8 @@ def verify_onnx(original: onnx.ModelProto, rewritten: onnx.ModelProto, dims: dic
                 default_dim: int = 8, rtol: float = 1e-4, atol: float = 1e-5, seed: int = 0) -> VerifyResult:
     """Whether every output of `rewritten` equals `original`'s within rtol/atol (NaN equals NaN)."""
     feeds = random_inputs(original, dims, default_dim, seed)
-    expected = _session(original).run(None, feeds)
-    actual = _session(rewritten).run(None, feeds)
+    expected = ort_session(original).run(None, feeds)
+    actual = ort_session(rewritten).run(None, feeds)
     worst_abs = worst_rel = 0.0
     failures = []
     for output, want, got in zip(original.graph.output, expected, actual):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import rewriter
-import rewriter.kernels.attention_op  # noqa: F401 - registers torch.ops.rewriter.attention
+import rewriter.kernels.attention_op  # noqa: F401  (registers torch.ops.rewriter.attention; `import rewriter` is lazy)
 
 ATTENTION_OP = torch.ops.rewriter.attention.default
 
@@ -23,7 +23,12 @@ def _outputs(result) -> list[torch.Tensor]:
 
 
 def assert_parity(module, inputs, *, rewrites: int, atol=1e-5, rtol=1e-4, grad_atol=1e-4, grads=True, **options):
-    """Rewrite `module`, check `rewrites` blocks were replaced, and outputs and input grads agree."""
+    """Rewrite `module`, check `rewrites` blocks were replaced, and outputs and input grads agree.
+
+    Captured at the example's shapes unless `dynamic_shapes` says otherwise: these checks are about
+    the rewrite at the shapes given (tests/test_dynamic_lengths.py covers optimize_module's default).
+    """
+    options.setdefault("dynamic_shapes", None)
     module = module.eval()
     gm, report = rewriter.optimize_module(module, tuple(inputs), **options)
     assert report.rewritten_count == rewrites, report.summary()

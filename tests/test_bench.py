@@ -50,6 +50,7 @@ def _assert_png(path: str) -> None:
 
 def test_cli_bench_prints_table_and_writes_json_and_png(attention_path, tmp_path, capsys):
     out = tmp_path / "out"
+    out.mkdir()
     assert main(["bench", attention_path, "--lengths", "512,256", "--out-dir", str(out)]) == 0
     stdout = capsys.readouterr().out
     assert "naive peak" in stdout and "rewritten peak" in stdout and "x lower" in stdout
@@ -138,14 +139,19 @@ def test_bench_onnx_refuses_a_model_with_nothing_rewritten(tmp_path):
     (["bench", "{model}", "--dim", "q_len"], "--dim takes NAME=SIZE"),
     (["bench", "{model}", "--training"], "--training applies to PyTorch models"),
     (["bench", "no_such_module_xyz:factory"], "cannot import no_such_module_xyz"),
+    (["bench", "{model}", "--out-dir", "{out}/missing"], "directory does not exist"),
+    (["bench", "{out}"], "is a directory"),
 ])
 def test_cli_bench_bad_input_exits_2_and_writes_nothing(attention_path, tmp_path, capsys, argv, message):
     out = tmp_path / "out"
-    argv = [arg.format(model=attention_path) for arg in argv] + ["--out-dir", str(out)]
+    out.mkdir()
+    argv = ["bench", *[arg.format(model=attention_path, out=out) for arg in argv[1:]]]
+    if "--out-dir" not in argv:
+        argv += ["--out-dir", str(out)]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
-    assert not os.path.exists(out)
+    assert os.listdir(out) == []
 
 
 def test_cli_bench_help(capsys):
@@ -153,3 +159,21 @@ def test_cli_bench_help(capsys):
         main(["bench", "--help"])
     out = capsys.readouterr().out
     assert exited.value.code == 0 and "MODEL.onnx|MODULE:CALLABLE" in out and "--lengths" in out
+
+
+def test_cli_bench_writes_json_and_png_whole_or_not_at_all(attention_path, tmp_path, monkeypatch, capsys):
+    """A plot that fails leaves neither file (nor a temporary) in --out-dir, and an older bench.json as it was."""
+    import rewriter.bench
+    from rewriter.bench_result import BenchResult
+
+    def failing_plot(self, path):
+        with open(path, "wb") as partial:
+            partial.write(PNG_SIGNATURE)
+        raise RuntimeError("plot failed")
+
+    monkeypatch.setattr(rewriter.bench, "bench_onnx", lambda *args, **kwargs: BenchResult([], {}))
+    monkeypatch.setattr(BenchResult, "plot", failing_plot)
+    (tmp_path / "bench.json").write_text("{}\n")
+    assert main(["bench", attention_path, "--lengths", "256", "--out-dir", str(tmp_path)]) == 1
+    assert "plot failed" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["bench.json"] and (tmp_path / "bench.json").read_text() == "{}\n"

@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import onnx
+import onnx.numpy_helper
 import pytest
 import torch
 
@@ -78,8 +80,23 @@ def _future_opset_model(tmp_path) -> str:
     return path
 
 
+def _without_its_data(tmp_path) -> str:
+    """A model saved with external data, copied without its `.onnx.data` (as users copy only the .onnx)."""
+    path = _no_attention_model(tmp_path)
+    model = onnx.load(path)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.ones((64, 64), np.float32), "w"))
+    saved = tmp_path / "weights" / "model.onnx"
+    saved.parent.mkdir()
+    onnx.save(model, str(saved), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    (tmp_path / "copied").mkdir()
+    copy = tmp_path / "copied" / "model.onnx"
+    copy.write_bytes(saved.read_bytes())
+    return str(copy)
+
+
 @pytest.mark.parametrize("case", ["truncated", "not onnx", "missing file", "future opset", "missing directory",
-                                  "output is input", "bad chunk size", "bad budget"])
+                                  "output is input", "bad chunk size", "bad budget", "missing external data",
+                                  "directory as model", "unknown option", "checker rejects"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, gpt2_onnx, tmp_path):
     output = str(tmp_path / "out.onnx")
     model = gpt2_onnx
@@ -100,12 +117,33 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, gpt2_onnx, tmp_pa
         extra = ["--chunk-size", "12,x"]
     elif case == "bad budget":
         extra = ["--memory-budget", "lots"]
+    elif case == "missing external data":
+        model = _without_its_data(tmp_path)
+    elif case == "directory as model":
+        model = str(tmp_path)
+    elif case == "unknown option":
+        extra = ["--chunk-sise", "64"]
+    elif case == "checker rejects":  # a node reads a value nothing produces
+        model = _no_attention_model(tmp_path)
+        broken = onnx.load(model)
+        broken.graph.node[0].input[0] = "nowhere"
+        onnx.save(broken, model)
     before = _digest(gpt2_onnx)
     result = rewriter_cli("optimize", model, "-o", output, *extra)
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
     assert not os.path.exists(output) or output == gpt2_onnx
     assert _digest(gpt2_onnx) == before
+    expected = {"missing external data": os.path.join("copied", "model.onnx.data"),
+                "directory as model": "is a directory", "unknown option": "unrecognized arguments: --chunk-sise",
+                "checker rejects": "invalid ONNX model"}
+    assert expected.get(case, "") in result.stderr and "internal error" not in result.stderr, result.stderr
+
+
+def test_help_gives_the_defaults_of_block_options():
+    result = rewriter_cli("optimize", "--help")
+    text = " ".join(result.stdout.split())
+    assert result.returncode == 0 and "default 32MiB" in text and "up to 1024,4096" in text
 
 
 def test_model_without_attention_is_fine(tmp_path):
@@ -121,3 +159,43 @@ def test_missing_onnxruntime_says_how_to_install_it(gpt2_onnx, tmp_path, monkeyp
     stderr = capsys.readouterr().err.strip()
     assert stderr.count("\n") == 0 and "needs onnxruntime" in stderr and "[cpu]" in stderr
     assert not output.exists()
+
+
+def _drop_accumulator_rescale(monkeypatch):
+    """Break the chunked lowering between key blocks only: the carried accumulator is no longer
+    rescaled by exp(m_old − m_new), which is exact while there is one key block and wrong after."""
+    from rewriter.kernels import onnx_chunked_attention
+
+    key_body = onnx_chunked_attention._Builder._key_body
+
+    def broken(self, *args):
+        graph = key_body(self, *args)
+        add = graph.outputs[3].producer()  # acc_new = acc·rescale + P·V
+        assert add.op_type == "Add" and add.inputs[0].producer().op_type == "Mul"
+        add.replace_input_with(0, graph.inputs[4])  # acc_new = acc + P·V
+        return graph
+
+    monkeypatch.setattr(onnx_chunked_attention._Builder, "_key_body", broken)
+
+
+def test_verify_catches_a_lowering_wrong_only_across_blocks(gpt2_onnx, tmp_path, monkeypatch, capsys):
+    from rewriter.onnx_api import optimize_onnx
+    from rewriter.verify import verify_onnx
+
+    _drop_accumulator_rescale(monkeypatch)
+    broken, _ = optimize_onnx(gpt2_onnx, target="chunked")
+    original = onnx.load(gpt2_onnx)
+    assert verify_onnx(original, broken, default_dim=64).ok  # one block (1024 × 4096): a check at 64 misses it
+    output = tmp_path / "out.onnx"
+    assert main(["optimize", gpt2_onnx, "-o", str(output), "--target", "chunked", "--verify"]) == 1
+    stderr = capsys.readouterr().err
+    assert "verification failed" in stderr and "blocks differs at length" in stderr, stderr
+    assert not output.exists()
+
+
+def test_verify_says_which_lengths_it_used(gpt2_onnx, tmp_path):
+    result = rewriter_cli("optimize", gpt2_onnx, "-o", str(tmp_path / "out.onnx"), "--verify", "--json",
+                          "--target", "chunked", "--chunk-size", "8,16")
+    verify = json.loads(result.stdout)["verify"]
+    assert verify["ok"] and verify["lengths"] == [1, 25, 38]  # over one and over two 16-key blocks, partial
+    assert "verified the written model at lengths 1, 25, 38" in result.stderr + result.stdout

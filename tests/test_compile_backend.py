@@ -128,3 +128,46 @@ def test_unknown_compiler_is_refused():
     compiled = torch.compile(lambda x: x + 1, backend="rewriter", options={"compiler": "tvm"})
     with pytest.raises(Exception, match="compiler must be one of"):
         compiled(torch.ones(2))
+
+
+def test_each_compiled_graph_is_summarised_and_its_report_kept(caplog):
+    import logging
+
+    import rewriter
+
+    torch.manual_seed(0)
+    model = GPT2Model().eval()
+    compiled = torch.compile(model, backend="rewriter", options={"compiler": "eager"})
+    rewriter.compile_reports(clear=True)
+    with caplog.at_level(logging.INFO, logger="rewriter.compile_backend"):
+        compiled(*model.example_inputs(1, 16))
+    [report] = rewriter.compile_reports()
+    assert report.rewritten_count == 2 and [m.module for m in report.matches] == ["h.0.attn", "h.1.attn"]
+    summaries = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert len(summaries) == 1 and "rewrote 2" in summaries[0] and "h.1.attn (node " in summaries[0]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+class _SoftmaxOverQueries(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, q, k, v):
+        return self.proj(torch.softmax(q @ k.transpose(-1, -2), dim=-2) @ v)
+
+
+def test_a_block_left_alone_is_a_warning_once_with_its_reason(caplog):
+    import logging
+
+    import rewriter
+
+    module = _SoftmaxOverQueries()
+    compiled = torch.compile(module, backend="rewriter", options={"compiler": "eager"}, dynamic=False)
+    rewriter.compile_reports(clear=True)
+    with caplog.at_level(logging.INFO, logger="rewriter.compile_backend"):
+        for length in (6, 9):  # a recompile for the second shape: a second report, no second warning
+            compiled(*(torch.randn(1, 2, length, 8) for _ in range(3)))
+    assert len(rewriter.compile_reports()) == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "left alone" in warnings[0] and "key axis" in warnings[0], warnings

@@ -294,3 +294,18 @@ def test_report_names_each_kind_with_its_own_lowering(tmp_path):
     report = rewriter.export_onnx(PerformerThenSoftmax().eval(), (q, k, v), str(tmp_path / "mixed.onnx"), target="ort")
     targets = {match.kind: match.target for match in report.matches if match.rewritten}
     assert targets == {"softmax": "com.microsoft.MultiHeadAttention", "performer": "chunked"}, report.summary()
+
+
+def test_export_check_spans_several_blocks_and_says_so(tmp_path, monkeypatch):
+    model, example = tiny_gpt2(EXPORT_LEN)
+    report = rewriter.export_onnx(model, example, str(tmp_path / "ok.onnx"), dynamic_shapes=({1: torch.export.Dim.AUTO},))
+    # 64 positions: 16×32 blocks would need length 75, so 8×16 blocks are forced
+    assert report.verification.endswith("a copy with 8×16 blocks at lengths 1, 25, 38"), report.verification
+    assert report.verification in report.summary() and report.to_dict()["verification"] == report.verification
+
+    from test_cli_onnx import _drop_accumulator_rescale
+
+    _drop_accumulator_rescale(monkeypatch)  # wrong only once a row spans two key blocks
+    with pytest.raises(ExportVerificationError, match=r"blocks\) at input shapes"):
+        rewriter.export_onnx(model, example, str(tmp_path / "bad.onnx"), dynamic_shapes=({1: torch.export.Dim.AUTO},))
+    assert not (tmp_path / "bad.onnx").exists()

@@ -1,6 +1,7 @@
 """Whole-model rewrites of BERT, GPT-2 (eager and SDPA), LLaMA and T5 look-alikes.
 
-Each family's small model (`tests/model_families.py`) is exported, optimised, and compared with
+Each family's small model (`tests/model_families.py`) is exported at its example shapes (the default
+dynamic capture is tests/test_dynamic_lengths.py's), optimised, and compared with
 eager PyTorch: every attention block must become one `rewriter::attention` call, and outputs and
 gradients must match.
 """
@@ -57,7 +58,7 @@ def _optimized(name: str):
     """(model, example inputs, GraphModule, report) for `name` in fp32, exported once per session."""
     model = _build(name)
     inputs = model.example_inputs(BATCH, SEQ)
-    gm, report = rewriter.optimize_module(model, inputs)
+    gm, report = rewriter.optimize_module(model, inputs, dynamic_shapes=None)
     return model, inputs, gm, report
 
 
@@ -147,7 +148,7 @@ class _FirstOutput(torch.nn.Module):
 def test_attention_block_input_gradients_match_eager(name):
     """Gradients reach the hidden states and every float side input (mask, bias, cos/sin)."""
     module, inputs = _attention_block(name)
-    gm, report = rewriter.optimize_module(module, inputs)
+    gm, report = rewriter.optimize_module(module, inputs, dynamic_shapes=None)
     _assert_rewritten(gm, report, 1)
     eager_inputs = [x.clone().requires_grad_() for x in inputs]
     graph_inputs = [x.clone().requires_grad_() for x in inputs]
@@ -166,7 +167,7 @@ def test_attention_block_input_gradients_match_eager(name):
 def test_bf16_forward_matches_eager(name):
     model = _build(name, torch.bfloat16)
     inputs = model.example_inputs(BATCH, SEQ)
-    gm, report = rewriter.optimize_module(model, inputs)
+    gm, report = rewriter.optimize_module(model, inputs, dynamic_shapes=None)
     _assert_rewritten(gm, report, LAYERS)
     with torch.no_grad():
         torch.testing.assert_close(gm(*inputs), model(*inputs), atol=3e-2, rtol=2e-2)

@@ -6,10 +6,14 @@ import re
 
 from passes.core.attention_spec import AttentionSpec, ChunkSizes
 
-__all__ = ["DEFAULT_BLOCK_BUDGET", "parse_size", "plan_chunk_sizes"]
+__all__ = ["AUTO", "CHUNKED", "DEFAULT_BLOCK_BUDGET", "ONNX_ATTENTION", "ORT", "TARGETS", "default_slice_size", "parse_size", "plan_chunk_sizes"]
 
+# What a user may ask an ONNX block to become (`--target`); here, not in onnx_api, so that the CLI
+# builds its parser without importing onnx_ir (and sympy): `rewriter --help` starts fast.
+AUTO, CHUNKED, ORT, ONNX_ATTENTION = TARGETS = ("auto", "chunked", "ort", "onnx-attention")
 DEFAULT_BLOCK_BUDGET = 32 * 2**20
 DEFAULT_QUERY_CHUNK, DEFAULT_KEY_CHUNK = 1024, 4096  # Rabe & Staats' defaults
+DEFAULT_SLICE = 256  # keys per slice of a linear-attention (Performer) block
 # fp32 blocks alive at once in the backward's step (scores/probabilities, tanh, dP) plus slack.
 _LIVE_BLOCKS = 4
 _MIN_QUERY_CHUNK, _MIN_KEY_CHUNK = 16, 128
@@ -49,3 +53,8 @@ def plan_chunk_sizes(
         else:
             break
     return ChunkSizes(max(query, 1), max(key, 1))
+
+
+def default_slice_size(spec: AttentionSpec) -> int:
+    """Slices of 256 keys: the state (M × Dv) dominates per slice, and 256 rows keep matmuls efficient."""
+    return DEFAULT_SLICE

@@ -22,18 +22,11 @@ import rewriter.kernels.linear_attention_op  # noqa: F401  (registers torch.ops.
 from passes.core.attention_spec import AttentionSpec
 from passes.fx import aten_vocabulary as ops
 from passes.fx.detect_linear_attention import FxLinearAttentionMatch
+from passes.core.planner import default_slice_size
 
-__all__ = ["RewriteLinearAttention", "default_slice_size"]
+__all__ = ["RewriteLinearAttention"]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_SLICE = 256
-
-
-def default_slice_size(spec: AttentionSpec) -> int:
-    """Slices of 256 keys: the state (M × Dv) dominates per slice, and 256 rows keep matmuls efficient."""
-    return DEFAULT_SLICE
-
 
 class RewriteLinearAttention(onnx_ir.passes.InPlacePass):
     """Rewrites the accepted matches of `detect_linear_attention` in place; `plan(spec)` gives the slice."""

@@ -31,6 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from passes.core.mask_semantics import EFFECTIVELY_NEG_INF
+from passes.core.planner import CHUNKED, ONNX_ATTENTION, ORT
 from passes.onnx.attention_node import ATTENTION_OP, REWRITER_DOMAIN, AttentionAttributes, attention_attributes
 from passes.onnx.operand_layout import repeat_heads
 from rewriter.kernels.onnx_chunked_attention import build_chunked_attention
@@ -41,7 +42,6 @@ __all__ = ["CHUNKED", "ONNX_ATTENTION", "ORT", "TARGET_OPS", "BlockFacts", "Lowe
 
 logger = logging.getLogger(__name__)
 
-CHUNKED, ORT, ONNX_ATTENTION = "chunked", "ort", "onnx-attention"
 TARGET_OPS = {CHUNKED: "chunked", ORT: "com.microsoft.MultiHeadAttention", ONNX_ATTENTION: "Attention-23"}
 _MHA_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16}
 _FLOAT_TYPES = _MHA_TYPES | {ir.DataType.BFLOAT16, ir.DataType.DOUBLE}

@@ -13,9 +13,12 @@ Free symbols are the names used in the main graph's input shapes; an `assignment
 from __future__ import annotations
 
 import ast
+import functools
+import importlib.util
 import logging
 import math
 import operator
+import os
 import re
 
 import numpy as np
@@ -69,13 +72,26 @@ def _vector_axes(proto: onnx.ModelProto) -> None:
             node.input[1] = vector.name
 
 
+@functools.cache
+def _symbolic_shape_inference():
+    """ONNX Runtime's `SymbolicShapeInference`, loaded from its file: importing it as
+    `onnxruntime.tools.symbolic_shape_infer` runs `onnxruntime/tools/__init__.py`, which imports
+    torch (seconds) whenever torch is installed, and ONNX-only commands need no torch."""
+    package = importlib.util.find_spec("onnxruntime")
+    if package is None or package.origin is None:
+        raise ModuleNotFoundError("onnxruntime is not installed", name="onnxruntime")
+    path = os.path.join(os.path.dirname(package.origin), "tools", "symbolic_shape_infer.py")
+    spec = importlib.util.spec_from_file_location("_rewriter_ort_symbolic_shape_infer", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SymbolicShapeInference
+
+
 def _infer(proto: onnx.ModelProto) -> onnx.ModelProto | None:
     _without_weights(proto)
     try:
         _vector_axes(proto)
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        return SymbolicShapeInference.infer_shapes(proto, auto_merge=True)
+        return _symbolic_shape_inference().infer_shapes(proto, auto_merge=True)
     except Exception as error:  # noqa: BLE001 - any failure falls back to ONNX's inference
         logger.debug("symbolic shape inference failed (%s); using onnx shape inference", error)
     try:

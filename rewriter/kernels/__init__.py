@@ -1,0 +1,6 @@
+"""Attention kernels: torch custom ops and blockwise math, and the ONNX subgraph builders.
+
+Names both kinds share live here, so the ONNX builders import without torch.
+"""
+
+FEATURE_MAPS = ("favor_softmax", "relu", "elu_plus_one")  # linear-attention feature maps φ

@@ -48,9 +48,9 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-__all__ = ["FEATURE_MAPS", "FeatureMap", "LinearOptions", "linear_attention_forward", "linear_attention_backward"]
+from rewriter.kernels import FEATURE_MAPS
 
-FEATURE_MAPS = ("favor_softmax", "relu", "elu_plus_one")
+__all__ = ["FEATURE_MAPS", "FeatureMap", "LinearOptions", "linear_attention_forward", "linear_attention_backward"]
 
 
 @dataclasses.dataclass(frozen=True)

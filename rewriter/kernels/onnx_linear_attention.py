@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from rewriter.kernels.linear_attention import FEATURE_MAPS
+from rewriter.kernels import FEATURE_MAPS
 from rewriter.kernels.onnx_emitter import Emitter, standalone_model, typed
 
 __all__ = ["LINEAR_TARGETS", "build_linear_attention", "make_linear_attention_model"]

@@ -1,0 +1,94 @@
+"""How long the CLI takes to start: `rewriter --help` and `rewriter inspect model.onnx` against the
+floor of any ONNX tool, `python -c "import onnx"`.
+
+Each command runs in a fresh process `--repeats` times (default 5) after one untimed warm-up run
+(which fills the OS file cache); the table gives the median and the fastest wall-clock time, and the
+median minus the `import onnx` median ("beyond Python + onnx"). The model inspected is a small
+attention model built with `tests/onnx_builders.attention_model` (2 heads, head dim 8, symbolic
+sequence length), written to a temporary directory. Each row also says whether the command imported
+torch (read from `sys.modules` in a run of the same command in-process), since importing torch is
+what made every command take seconds before.
+
+    PYTHONPATH=. python benchmarks/cli_startup.py               # ~30 s
+    PYTHONPATH=. python benchmarks/cli_startup.py --repeats 11 --json out.json
+
+Wall times move with other load on the machine; the difference to `import onnx` is the figure
+that matters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import onnx
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from onnx_builders import attention_model  # noqa: E402
+
+_TORCH_PROBE = """
+import sys
+from rewriter.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+sys.stdout = sys.__stdout__
+print("TORCH", "torch" in sys.modules)
+"""
+
+
+def _time(argv: list[str], repeats: int) -> list[float]:
+    subprocess.run(argv, capture_output=True, check=True)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run(argv, capture_output=True, check=True)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _imports_torch(cli_args: list[str]) -> bool:
+    result = subprocess.run([sys.executable, "-c", _TORCH_PROBE, *cli_args], capture_output=True, text=True,
+                            check=True)
+    return result.stdout.strip().splitlines()[-1] == "TORCH True"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per command (default 5)")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as directory:
+        model = os.path.join(directory, "attention.onnx")
+        onnx.save(attention_model(heads=2, head_dim=8), model)
+        commands = {
+            'python -c "import onnx"': ([sys.executable, "-c", "import onnx"], None),
+            "rewriter --help": ([sys.executable, "-m", "rewriter", "--help"], ["--help"]),
+            "rewriter inspect model.onnx": ([sys.executable, "-m", "rewriter", "inspect", model], ["inspect", model]),
+        }
+        rows = {}
+        for name, (argv, cli_args) in commands.items():
+            times = _time(argv, args.repeats)
+            rows[name] = {"median_s": statistics.median(times), "min_s": min(times),
+                          "imports_torch": None if cli_args is None else _imports_torch(cli_args)}
+    floor = rows['python -c "import onnx"']["median_s"]
+    print(f"{'command':30} {'median':>8} {'fastest':>8} {'beyond onnx':>12}  imports torch")
+    for name, row in rows.items():
+        row["beyond_onnx_s"] = row["median_s"] - floor
+        torch_text = "" if row["imports_torch"] is None else ("yes" if row["imports_torch"] else "no")
+        print(f"{name:30} {row['median_s']:>7.3f}s {row['min_s']:>7.3f}s {row['beyond_onnx_s']:>+11.3f}s  {torch_text}")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump({"repeats": args.repeats, "rows": rows}, out, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Capture a module with its batch and sequence axes dynamic, and explain a call the graph cannot take.
+
+`optimize_module` promises a module that takes the lengths the original took, so by default
+(`dynamic_shapes="auto"`) every axis of every tensor input is captured as `torch.export.Dim.AUTO`,
+except the last axis of a floating-point input (its feature axis, which weights fix) and axes of
+size 1 in the example (torch.export specialises sizes 0 and 1). AUTO lets torch.export keep an axis
+dynamic where the model's code allows and fix it where the code depends on its size. Where dynamic
+capture fails, or fixes every axis, the example's shapes are kept and one WARNING says why.
+
+A call whose shapes the captured graph cannot take fails torch.export's guard with a bare
+``AssertionError: Guard failed: idx.size()[1] <= 256``; `explain_guard_failures` turns it into an
+`InputShapeError` that says which input, its shape, and what the graph requires.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+from torch.utils import _pytree as pytree
+
+__all__ = ["AUTO", "InputShapeError", "auto_dynamic_shapes", "dynamic_input_axes", "explain_guard_failures",
+           "export_program", "export_static"]
+
+logger = logging.getLogger(__name__)
+
+AUTO = "auto"
+
+
+class InputShapeError(ValueError):
+    """The optimised module was called with shapes its captured graph cannot take."""
+
+
+def _tensor_spec(value):
+    if not isinstance(value, torch.Tensor):
+        return None
+    feature_axis = value.dim() - 1 if value.is_floating_point() else None
+    axes = {axis: torch.export.Dim.AUTO for axis, size in enumerate(value.shape)
+            if size > 1 and axis != feature_axis}
+    return axes or None
+
+
+def auto_dynamic_shapes(module: torch.nn.Module, args: tuple, kwargs: dict | None):
+    """`dynamic_shapes` for torch.export marking the axes described above `Dim.AUTO`; None if none are."""
+    specs = [pytree.tree_map(_tensor_spec, arg) for arg in args]
+    if kwargs:
+        names = list(inspect.signature(module.forward).bind(*args, **kwargs).arguments)
+        by_name = dict(zip(names, specs))
+        by_name.update({name: pytree.tree_map(_tensor_spec, value) for name, value in kwargs.items()})
+        specs = by_name
+    leaves = pytree.tree_leaves(specs, is_leaf=lambda x: isinstance(x, dict) and x and
+                                all(isinstance(key, int) for key in x))
+    return specs if any(isinstance(leaf, dict) for leaf in leaves) else None
+
+
+def dynamic_input_axes(program: torch.export.ExportedProgram) -> int:
+    """How many axes of the program's user inputs stayed symbolic (a specialised SymInt is a number)."""
+    placeholders = {node.name: node for node in program.graph.find_nodes(op="placeholder")}
+    count = 0
+    for name in program.graph_signature.user_inputs:
+        value = placeholders[name].meta.get("val")
+        if isinstance(value, torch.Tensor):
+            count += sum(isinstance(size, torch.SymInt) and not size.node.expr.is_number for size in value.shape)
+    return count
+
+
+def export_static(module: torch.nn.Module, args: tuple, kwargs: dict | None):
+    """torch.export of `module` at the example's shapes, on copies of the example tensors: torch.export
+    (2.13) keeps an earlier dynamic attempt's symbolic sizes for the tensors it saw, and exporting the
+    same tensors again can fail the same way."""
+    args, kwargs = pytree.tree_map_only(torch.Tensor, torch.clone, (args, kwargs or {}))
+    return torch.export.export(module, args, kwargs, strict=False)
+
+
+def export_program(module: torch.nn.Module, args: tuple, kwargs: dict | None, dynamic_shapes):
+    """torch.export (non-strict) of `module`; `dynamic_shapes="auto"` as in the module docstring."""
+    if not (isinstance(dynamic_shapes, str) and dynamic_shapes == AUTO):
+        return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    shapes = auto_dynamic_shapes(module, args, kwargs)
+    name = type(module).__name__
+    if shapes is None:
+        logger.warning("optimize_module(%s): the result takes only the example's shapes: no input axis could be "
+                       "dynamic (every non-feature axis has size 1 in the example)", name)
+        return torch.export.export(module, args, kwargs, strict=False)
+    try:
+        program = torch.export.export(module, args, kwargs, dynamic_shapes=shapes, strict=False)
+    except Exception as error:  # noqa: BLE001 - any failure of the dynamic capture falls back to static
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        logger.warning("optimize_module(%s): the result takes only the example's shapes: capturing with dynamic "
+                       "batch and sequence axes failed (%s: %s); pass dynamic_shapes= to choose the axes",
+                       name, type(error).__name__, reason)
+        return export_static(module, args, kwargs)
+    if not dynamic_input_axes(program):
+        logger.warning("optimize_module(%s): the result takes only the example's shapes: torch.export fixed every "
+                       "input axis (the model's code depends on those sizes)", name)
+    return program
+
+
+def explain_guard_failures(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Make a call that fails `gm`'s shape guards raise `InputShapeError` in words (returns `gm`)."""
+    guards = getattr(gm, "_guards_fn", None)
+    if guards is None:
+        return gm
+
+    def check(module, args, kwargs):
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if torch.compiler.is_compiling() or any(isinstance(t, torch._subclasses.FakeTensor) for t in tensors):
+            return  # traced again (torch.compile, export): the guards in the graph do their own work
+        try:
+            guards(*pytree.tree_leaves((args, kwargs)))
+        except AssertionError as error:
+            shapes = ", ".join(str(tuple(t.shape)) for t in tensors)
+            requirement = str(error).removeprefix("Guard failed: ")
+            raise InputShapeError(f"the optimised module cannot take inputs of shapes {shapes}: its graph requires "
+                                  f"{requirement} (recorded when capturing: the model's code or the example fixed it; optimise with an example "
+                                  "of this shape, or pass dynamic_shapes=)") from None
+
+    gm.register_forward_pre_hook(check, with_kwargs=True)
+    return gm
