@@ -205,6 +205,12 @@ def _apply_causal(b: GraphBuilder, scores: str, causal, q: str, kt: str) -> str:
         rows = b.op("Unsqueeze", b.op("Range", zero, b.op("Squeeze", q_len), one), b.const([1], np.int64))
         cols = b.op("Range", zero, b.op("Squeeze", k_len), one)
         return b.op("Where", b.op("LessOrEqual", cols, rows), scores, b.fconst(-np.inf))
+    if causal == "range_if_square":  # causal only while the query and key lengths are equal
+        zero, one = b.const(0, np.int64), b.const(1, np.int64)
+        rows = b.op("Unsqueeze", b.op("Range", zero, b.op("Squeeze", q_len), one), b.const([1], np.int64))
+        cols = b.op("Range", zero, b.op("Squeeze", k_len), one)
+        keep = b.op("Or", b.op("LessOrEqual", cols, rows), b.op("Not", b.op("Equal", q_len, k_len)))
+        return b.op("Where", keep, scores, b.fconst(-np.inf))
     if causal == "bias":
         buffer = np.triu(np.full((64, 64), -np.inf, b.float_type), 1)
         rows = b.op("Slice", b.fconst(buffer), b.const([0], np.int64), q_len, b.const([0], np.int64))

@@ -135,6 +135,15 @@ def test_near_miss_is_left_alone_with_reason(name):
         assert [n.name for n in optimized.graph.node] == [n.name for n in model.graph.node]
 
 
+def test_a_mask_causal_only_at_equal_lengths_stays_a_mask():
+    """Evaluated at distinct query and key lengths the mask is not causal: it is not the causal flag."""
+    model = attention_model(causal="range_if_square", k_len="k_len")
+    optimized, report = onnx_api.optimize_onnx(model, target="chunked", chunk_size=(2, 3))
+    (match,) = report.matches
+    assert match.rewritten and not match.causal and match.masked, report.summary()
+    assert_close(run(optimized, random_feeds(model, SIZES[0])), run(model, random_feeds(model, SIZES[0])))
+
+
 def test_softmax_without_products_is_not_a_candidate():
     b = GraphBuilder()
     x = b.input("x", TensorProto.FLOAT, ["n", 5])

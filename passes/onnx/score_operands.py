@@ -53,11 +53,12 @@ def _proven_offset(ctx: AnalysisContext, operand: Operand, scores: ScoreAxes, pr
         lengths = [ctx.facts.resolve(scores.dims[scores.labels.index(x)], assignment) for x in (scores.query,
                                                                                                  scores.key)]
         array = ctx.folder.evaluate(operand.value, assignment)
-        offset = None
-        if array is not None and None not in lengths:
-            offset = prove(_canonical_array(array, operand), *lengths)
-        if offset is None and index < 2:
-            return None  # must hold at the equal-size shapes; distinct sizes may be impossible inputs
+        evaluated = array is not None and None not in lengths
+        offset = prove(_canonical_array(array, operand), *lengths) if evaluated else None
+        if offset is None and (index < 2 or evaluated):
+            # It must hold at the equal-size shapes and wherever the mask evaluates; only a distinct-size
+            # shape that cannot be evaluated (an input the model cannot take) may be passed over.
+            return None
         if offset is not None:
             found.add(offset)
     return found.pop() if len(found) == 1 else None
