@@ -33,7 +33,7 @@ class PointFigures:
 def fill_from_child(row, command: list[str], timeout_s: int) -> None:
     """Run `command` (which prints one JSON measurement last) and put its result, or why not, in `row`."""
     # Imported here: the children, which import this module too, need not import rewriter (and torch).
-    from rewriter.bench_child import ChildFailed, run_json_child
+    from rewriter.tools.bench_child import ChildFailed, run_json_child
 
     try:
         result = run_json_child(command, timeout_s)

@@ -1,6 +1,6 @@
 """Activation memory and time of a causal LM training step: torch.compile default vs backend="rewriter".
 
-The model is `rewriter.demo.TinyDecoder` (GPT-style: 2 pre-norm blocks, hidden 64, 4 heads, causal
+The model is `rewriter.tools.demo.TinyDecoder` (GPT-style: 2 pre-norm blocks, hidden 64, 4 heads, causal
 attention written naively with a tril mask built in forward, vocabulary 256), batch 1, fp32, 2
 threads, in training mode. One step is forward, next-token cross-entropy, backward and an AdamW
 step (`zero_grad(set_to_none=True)` after it), with three implementations:
@@ -12,7 +12,7 @@ step (`zero_grad(set_to_none=True)` after it), with three implementations:
 
 Every point runs in a fresh subprocess: it builds the model, optimizer and tokens at length n,
 compiles and runs one warm-up step (so compilation, the optimizer's state and the autograd
-buffers exist before measuring), then `rewriter.measure.measure_call` records one more step: its
+buffers exist before measuring), then `rewriter.tools.measure.measure_call` records one more step: its
 wall time and its extra peak RSS (VmHWM during the step, reset through /proc/self/clear_refs after
 malloc_trim, minus VmRSS just before), which is the step's activation memory (plus gradients,
 whose buffers are freed and reallocated each step). Ratios are against `inductor` at the same n.
@@ -45,8 +45,8 @@ from child_points import (
     warn_if_busy,
     write_outputs,
 )
-from rewriter.demo import TinyDecoder
-from rewriter.measure import measure_call
+from rewriter.tools.demo import TinyDecoder
+from rewriter.tools.measure import measure_call
 
 THREADS = 2
 IMPLS = ("eager", "inductor", "rewriter")

@@ -18,7 +18,7 @@ rewritten file is checked against `naive` on ORT at n = CHECK_N before anything 
 
 Every measurement runs in a fresh subprocess (which imports onnxruntime and numpy, not torch): it
 creates the InferenceSession, runs it once at n = 256 as a warm-up, builds the inputs at n, and then
-`rewriter.measure.measure_call` records one `session.run`: its wall time and its extra peak RSS
+`rewriter.tools.measure.measure_call` records one `session.run`: its wall time and its extra peak RSS
 (VmHWM during the call, reset through /proc/self/clear_refs after malloc_trim, minus VmRSS just
 before). Session options other than the thread counts keep ORT's defaults, which is what users get.
 In particular the CPU memory arena stays on: it keeps what it allocated across runs, so the
@@ -91,7 +91,7 @@ CHILD_TIMEOUT_S = 600
 
 
 def _measure_call():
-    """`rewriter.measure.measure_call`, loaded from its file: the `rewriter` package imports torch,
+    """`rewriter.tools.measure.measure_call`, loaded from its file: the `rewriter` package imports torch,
     which a child running only ONNX Runtime does not need."""
     spec = importlib.util.spec_from_file_location("_rewriter_measure", os.path.join(ROOT, "rewriter", "measure.py"))
     module = importlib.util.module_from_spec(spec)

@@ -15,7 +15,7 @@ scaling, ε = 1e-4, detached stabiliser):
 in inference (no_grad forward) and training (forward + backward of out.sum()); mode "ort" runs the
 naive block exported to ONNX, our op's ONNX form and ORT's LinearAttention on ONNX Runtime (see
 `performer_onnx.py`; forward only, ratios against the ONNX naive block). Every measurement
-runs in a fresh process (`rewriter.measure.measure_in_fresh_process`), which warms up at L = 256,
+runs in a fresh process (`rewriter.tools.measure.measure_in_fresh_process`), which warms up at L = 256,
 builds the inputs and then records one call's wall time and extra peak RSS (VmHWM during the call,
 reset via /proc/self/clear_refs after malloc_trim, minus VmRSS before). Points estimated above
 MAX_GIB are skipped with the estimate printed. The last lines check that the op's inference memory
@@ -40,7 +40,7 @@ import torch
 
 import performer_onnx
 from rewriter.kernels import linear_attention_op  # noqa: F401  (registers the op)
-from rewriter.measure import measure_in_fresh_process
+from rewriter.tools.measure import measure_in_fresh_process
 
 BATCH, HEADS, HEAD_DIM, FEATURES = 1, 2, 64, 256
 THREADS, EPSILON, CHUNK, SLICE, WARMUP_L = 2, 1e-4, 1024, 256, 256

@@ -10,7 +10,7 @@ Three models with inputs q, k, v (1, 2, L, 64) and the projection (256, 64), seq
              `com.microsoft.LinearAttention` (update_rule "linear")
 
 The rewritten models are checked against `naive` at L = CHECK_L before anything is measured. Each
-point runs in a fresh interpreter (`rewriter.bench_child.run_point`, as `rewriter bench` does), which
+point runs in a fresh interpreter (`rewriter.tools.bench_child.run_point`, as `rewriter bench` does), which
 creates the session (2 intra-op threads, ORT's default arena), runs it once at L = 256, builds random
 inputs and records one `session.run`: wall time and extra peak RSS.
 """
@@ -49,11 +49,11 @@ def _session(path: str, threads: int):
 
 
 def measure_ort(path: str, length: int, threads: int, warmup: int) -> tuple[float, float]:
-    """(extra peak MiB, seconds) of one ORT run at `length`, in a fresh interpreter (`rewriter.bench_child`)."""
+    """(extra peak MiB, seconds) of one ORT run at `length`, in a fresh interpreter (`rewriter.tools.bench_child`)."""
     import onnx
 
-    from rewriter.bench import bind_dims
-    from rewriter.bench_child import run_point
+    from rewriter.tools.bench import bind_dims
+    from rewriter.tools.bench_child import run_point
 
     model = onnx.load(path, load_external_data=False)
     spec = {"kind": "onnx", "threads": threads, "path": path, "dims": bind_dims(model, length),

@@ -50,7 +50,7 @@ from child_points import (
     warn_if_busy,
     write_outputs,
 )
-from rewriter.measure import measure_call
+from rewriter.tools.measure import measure_call
 
 BATCH, HEADS, HEAD_DIM = 1, 2, 64
 THREADS = 2

@@ -12,7 +12,7 @@ import onnx
 import torch
 
 import rewriter
-from rewriter.demo import TinyDecoder
+from rewriter.tools.demo import TinyDecoder
 from rewriter.onnx_io import save_model
 from rewriter.verify import verify_onnx
 

@@ -9,7 +9,7 @@ import argparse
 import torch
 
 import rewriter
-from rewriter.demo import TinyDecoder
+from rewriter.tools.demo import TinyDecoder
 
 
 def main() -> None:

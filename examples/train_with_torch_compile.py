@@ -17,9 +17,9 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from rewriter.demo import VOCAB, TinyDecoder
-from rewriter.measure import measure_call
-from rewriter.memory_estimate import format_bytes
+from rewriter.tools.demo import VOCAB, TinyDecoder
+from rewriter.tools.measure import measure_call
+from rewriter.tools.memory_estimate import format_bytes
 from passes.core.planner import parse_size
 
 

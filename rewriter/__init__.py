@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib
 
 _PUBLIC = {
-    "BenchResult": "rewriter.bench",
-    "bench_module": "rewriter.bench",
-    "bench_onnx": "rewriter.bench",
+    "BenchResult": "rewriter.tools.bench",
+    "bench_module": "rewriter.tools.bench",
+    "bench_onnx": "rewriter.tools.bench",
     "backend": "rewriter.compile_backend",
     "compile_reports": "rewriter.compile_backend",
     "export_onnx": "rewriter.export",

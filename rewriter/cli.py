@@ -54,7 +54,7 @@ def _print_json(payload: dict) -> None:
 
 
 def _demo(args) -> int:
-    from rewriter.demo import run_demo
+    from rewriter.tools.demo import run_demo
 
     if args.seq_len < 1:
         raise UsageError(f"--seq-len must be positive, got {args.seq_len}")
@@ -116,7 +116,7 @@ def _runnable(original):
 
 def _compare_memory(original, optimized, seq_len: int):
     """Peak-activation estimates of `original` (as `_runnable` gives it) and `optimized` at `seq_len`."""
-    from rewriter.memory_estimate import estimate_peak_activation_bytes, sequence_dims
+    from rewriter.tools.memory_estimate import estimate_peak_activation_bytes, sequence_dims
     from rewriter.report import MemoryComparison
 
     dims = sequence_dims(original, seq_len)
@@ -174,7 +174,7 @@ def _export(args) -> int:
     import torch
 
     from rewriter.export import ExportVerificationError, export_onnx
-    from rewriter.model_source import ModelSourceError, call_factory, load_exported_program
+    from rewriter.tools.model_source import ModelSourceError, call_factory, load_exported_program
     from rewriter.onnx_io import ModelFileError
 
     if args.seq_len < 1:
@@ -207,8 +207,8 @@ def _bench(args) -> int:
     """`rewriter bench MODEL.onnx|MODULE:CALLABLE`: naive vs rewritten over --lengths, a child per point."""
     import os
 
-    from rewriter.bench import BenchInputError, bench_module, bench_onnx, terminal_progress
-    from rewriter.model_source import ModelSourceError
+    from rewriter.tools.bench import BenchInputError, bench_module, bench_onnx, terminal_progress
+    from rewriter.tools.model_source import ModelSourceError
     from rewriter.onnx_io import ModelFileError, atomic_path
 
     lengths = _lengths(args.lengths)

@@ -121,7 +121,7 @@ class Report:
                 outcome = f"left alone: {match.reason}"
             lines.append(f"  [{index}] {match.where}: {', '.join(traits)} {outcome}")
         if self.memory:
-            from rewriter.memory_estimate import format_bytes
+            from rewriter.tools.memory_estimate import format_bytes
 
             dims = ", ".join(f"{name}={size}" for name, size in self.memory.dims.items()) or "static shapes"
             lines.append(f"estimated peak activation memory at {dims}: {format_bytes(self.memory.before_bytes)}"

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import onnx
 import onnx_ir as ir
 
-from rewriter.bench import bind_dims
+from rewriter.tools.bench import bind_dims
 from rewriter.report import Report
 from rewriter.verify import ort_session, random_inputs, verify_onnx
 

@@ -14,9 +14,9 @@ import torch
 from onnx import TensorProto, helper
 from onnx_builders import attention_model
 
-from rewriter.bench import BenchInputError, _sweep, bench_module, bench_onnx, bind_dims
-from rewriter.bench_child import ChildFailed, run_json_child
-from rewriter.bench_result import BenchResult, BenchRow
+from rewriter.tools.bench import BenchInputError, _sweep, bench_module, bench_onnx, bind_dims
+from rewriter.tools.bench_child import ChildFailed, run_json_child
+from rewriter.tools.bench_result import BenchResult, BenchRow
 from rewriter.cli import main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -163,15 +163,15 @@ def test_cli_bench_help(capsys):
 
 def test_cli_bench_writes_json_and_png_whole_or_not_at_all(attention_path, tmp_path, monkeypatch, capsys):
     """A plot that fails leaves neither file (nor a temporary) in --out-dir, and an older bench.json as it was."""
-    import rewriter.bench
-    from rewriter.bench_result import BenchResult
+    import rewriter.tools.bench
+    from rewriter.tools.bench_result import BenchResult
 
     def failing_plot(self, path):
         with open(path, "wb") as partial:
             partial.write(PNG_SIGNATURE)
         raise RuntimeError("plot failed")
 
-    monkeypatch.setattr(rewriter.bench, "bench_onnx", lambda *args, **kwargs: BenchResult([], {}))
+    monkeypatch.setattr(rewriter.tools.bench, "bench_onnx", lambda *args, **kwargs: BenchResult([], {}))
     monkeypatch.setattr(BenchResult, "plot", failing_plot)
     (tmp_path / "bench.json").write_text("{}\n")
     assert main(["bench", attention_path, "--lengths", "256", "--out-dir", str(tmp_path)]) == 1

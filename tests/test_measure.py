@@ -1,4 +1,4 @@
-"""`rewriter.measure`: a fresh process per measurement, and a clear error when it dies."""
+"""`rewriter.tools.measure`: a fresh process per measurement, and a clear error when it dies."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from rewriter.measure import measure_in_fresh_process
+from rewriter.tools.measure import measure_in_fresh_process
 
 
 def allocate_call(megabytes: int):

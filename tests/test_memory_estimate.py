@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rewriter.kernels.onnx_chunked_attention import make_chunked_attention_model
-from rewriter.memory_estimate import (
+from rewriter.tools.memory_estimate import (
     MemoryEstimate,
     estimate_peak_activation_bytes,
     format_bytes,
@@ -130,7 +130,7 @@ def test_unknown_sizes_count_zero_and_are_reported():
 
 
 def test_misnamed_dim_warns_and_takes_the_default(caplog):
-    with caplog.at_level("WARNING", logger="rewriter.memory_estimate"):
+    with caplog.at_level("WARNING", logger="rewriter.tools.memory_estimate"):
         estimate = estimate_peak_activation_bytes(_naive_attention(), {"seq_len": 4096})
     assert "seq_len" in caplog.text
     assert estimate.peak_bytes == 2 * HEAD_DIM * 4 + 2 * 4  # seq = default_dim = 1: kᵀ and 1×1 scores, 2 heads

@@ -29,7 +29,7 @@ from passes.onnx.detect_linear_attention import detect_linear_attention
 from passes.onnx.einsum_ellipsis import explicit_equation, spelt_out
 from passes.onnx.onnx_match import AnalysisContext
 from rewriter.cli import main as cli_main
-from rewriter.memory_estimate import estimate_peak_activation_bytes, sequence_dims
+from rewriter.tools.memory_estimate import estimate_peak_activation_bytes, sequence_dims
 from tests.performer_models import (
     FastAttention,
     FeaturesReused,

@@ -4,8 +4,8 @@ No downloads. The PyTorch path rewrites `TinyDecoder` with `optimize_module`; th
 it as a user would (`torch.onnx.export(dynamo=True)`, dynamic sequence length, into a temporary
 directory) and rewrites the file with `optimize_onnx`. Each rewrite is checked against its original
 at the demo's sequence length, then one forward pass of every model is measured in a fresh process
-(`rewriter.measure`: extra peak memory and wall time of the call). ONNX Runtime points run in an
-interpreter that imports no torch (`rewriter.bench_child`), after a warm-up run at 16 tokens.
+(`rewriter.tools.measure`: extra peak memory and wall time of the call). ONNX Runtime points run in an
+interpreter that imports no torch (`rewriter.tools.bench_child`), after a warm-up run at 16 tokens.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 import rewriter
-from rewriter.bench_child import run_point
-from rewriter.measure import Measurement, measure_in_fresh_process
-from rewriter.memory_estimate import sequence_dims
+from rewriter.tools.bench_child import run_point
+from rewriter.tools.measure import Measurement, measure_in_fresh_process
+from rewriter.tools.memory_estimate import sequence_dims
 from rewriter.verify import VerifyResult, verify_onnx
 
 __all__ = ["DemoResult", "OnnxDemoResult", "TinyDecoder", "export_tiny_decoder", "run_demo"]
@@ -103,7 +103,7 @@ def _forward_call(seq_len: int, rewritten: bool, threads: int):
 
 
 def _measure_onnx(path: str, dims: dict[str, int], threads: int) -> Measurement:
-    """One ONNX Runtime run in a fresh interpreter that imports no torch (`rewriter.bench_child`),
+    """One ONNX Runtime run in a fresh interpreter that imports no torch (`rewriter.tools.bench_child`),
     after a warm-up run at a short length (kernels, thread pool)."""
     warmup = dict.fromkeys(dims, _ORT_WARMUP_SEQ_LEN)
     spec = {"kind": "onnx", "threads": threads, "path": path, "dims": dims, "warmup_dims": warmup}

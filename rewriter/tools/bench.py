@@ -4,7 +4,7 @@
 runs each at every length on ONNX Runtime's CPU provider. A point's child creates the session,
 runs it once at a short length (`WARMUP_LENGTH`: loads kernels and starts the thread pool without
 pre-growing ORT's memory arena to the measured size), builds the inputs at the length, then records
-one run: its wall time and extra peak RSS (`rewriter.measure.measure_call`). Inputs come from the
+one run: its wall time and extra peak RSS (`rewriter.tools.measure.measure_call`). Inputs come from the
 graph inputs (`rewriter.verify.random_inputs`): integer ids small non-negative values, masks all
 true / ones, floats standard normal. Symbolic input dims are bound by `bind_dims`.
 
@@ -28,9 +28,9 @@ from collections.abc import Callable, Iterable, Mapping
 
 import onnx
 
-from rewriter.bench_child import ChildFailed, run_point
-from rewriter.bench_result import IMPLEMENTATIONS, BenchResult, BenchRow
-from rewriter.memory_estimate import estimate_peak_activation_bytes, sequence_dims
+from rewriter.tools.bench_child import ChildFailed, run_point
+from rewriter.tools.bench_result import IMPLEMENTATIONS, BenchResult, BenchRow
+from rewriter.tools.memory_estimate import estimate_peak_activation_bytes, sequence_dims
 
 __all__ = ["BenchInputError", "BenchResult", "bench_module", "bench_onnx", "bind_dims", "default_memory_limit",
            "terminal_progress"]
@@ -156,11 +156,11 @@ def bench_module(factory: str | Callable, lengths: Iterable[int], *, threads: in
                  timeout_s: float = DEFAULT_TIMEOUT_S, progress: Progress | None = None) -> BenchResult:
     """Bench eager vs `optimize_module` for `factory(seq_len) -> (module, example_inputs)`.
 
-    `factory` is a "module:callable" string (`rewriter.model_source`) or an importable module-level
+    `factory` is a "module:callable" string (`rewriter.tools.model_source`) or an importable module-level
     callable: each point's child imports it. No memory estimate exists for PyTorch models, so no point is skipped.
     """
     import rewriter
-    from rewriter.model_source import call_factory
+    from rewriter.tools.model_source import call_factory
 
     lengths = _checked_lengths(lengths, threads)
     spec_name = factory if isinstance(factory, str) else _importable_name(factory)

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 
-from rewriter.memory_estimate import format_bytes
+from rewriter.tools.memory_estimate import format_bytes
 
 __all__ = ["BenchResult", "BenchRow", "IMPLEMENTATIONS"]
 

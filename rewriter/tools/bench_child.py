@@ -5,7 +5,7 @@ The parent runs `python bench_child.py SPEC_JSON` with a timeout; the child prin
 out-of-memory killer sends SIGKILL), one that fails, and one that runs out of time are reported as
 `ChildFailed` with a one-line reason, so a sweep can record the point and go on.
 
-The file runs as a script, not as `rewriter.bench_child`: importing the `rewriter` package imports
+The file runs as a script, not as `rewriter.tools.bench_child`: importing the `rewriter` package imports
 torch (seconds per child), which an ONNX Runtime point does not need. It loads its two helpers,
 `measure.py` and `verify.py` (numpy, onnx only), from beside itself. A torch point imports
 `rewriter` itself.
@@ -30,6 +30,7 @@ __all__ = ["ChildFailed", "run_json_child", "run_point"]
 logger = logging.getLogger(__name__)
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE = os.path.dirname(_HERE)
 
 
 class ChildFailed(RuntimeError):
@@ -70,9 +71,10 @@ def run_point(spec: dict, timeout_s: float) -> dict:
 # --------------------------------------------------------------------------- the child
 
 
-def _sibling(name: str):
-    """rewriter/<name>.py loaded from its file, without importing the `rewriter` package."""
-    spec = importlib.util.spec_from_file_location(f"_bench_child_{name}", os.path.join(_HERE, f"{name}.py"))
+def _sibling(path: str):
+    """rewriter/<path>.py loaded from its file, without importing the `rewriter` package."""
+    name = path.replace("/", "_")
+    spec = importlib.util.spec_from_file_location(f"_bench_child_{name}", os.path.join(_PACKAGE, f"{path}.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses looks its module up while building classes
     spec.loader.exec_module(module)
@@ -100,7 +102,7 @@ def _torch_call(spec: dict):
     import torch
 
     import rewriter
-    from rewriter.model_source import call_factory
+    from rewriter.tools.model_source import call_factory
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
@@ -125,7 +127,7 @@ def _torch_call(spec: dict):
 
 def _main(argv: list[str]) -> int:
     spec = json.loads(argv[0])
-    measure_call = _sibling("measure").measure_call
+    measure_call = _sibling("tools/measure").measure_call
     measured = measure_call(_onnx_call(spec) if spec["kind"] == "onnx" else _torch_call(spec))
     print(json.dumps({"extra_peak_mib": measured.extra_peak_mib, "seconds": measured.seconds,
                       "cpu_seconds": measured.cpu_seconds}))
