@@ -59,7 +59,7 @@ def _register_schema() -> None:
     if not defs.has("LinearAttention", REWRITER_DOMAIN):
         attributes = [("feature_map", kinds.STRING), ("causal", kinds.INT), ("data_scale", kinds.FLOAT),
                       ("epsilon", kinds.FLOAT), ("normalizer_epsilon", kinds.FLOAT), ("stabilizer_grad", kinds.INT),
-                      ("slice_size", kinds.INT)]
+                      ("slice_size", kinds.INT), ("key_sum_epsilon", kinds.FLOAT)]
         defs.register_schema(defs.OpSchema(
             "LinearAttention", REWRITER_DOMAIN, 1, doc=f"torch.ops.rewriter.linear_attention; {lowered_by}",
             inputs=[param("q", "T"), param("k", "T"), param("v", "T"),
@@ -80,14 +80,15 @@ def _translate_attention(q, k, v, bias=None, mask=None, scale=1.0, softcap=0.0, 
 
 
 def _translate_linear_attention(q, k, v, projection, feature_map, causal, data_scale, epsilon, normalizer_epsilon,
-                                stabilizer_grad, slice_size):
+                                stabilizer_grad, slice_size, key_sum_epsilon=0.0):
     """torch.ops.rewriter.linear_attention → one ai.rewriter::LinearAttention node (out, state, key_max)."""
     import onnxscript
 
     return onnxscript.values.Opset(REWRITER_DOMAIN, 1).LinearAttention(
         q, k, v, projection, feature_map=str(feature_map), causal=int(bool(causal)), data_scale=float(data_scale),
         epsilon=float(epsilon), normalizer_epsilon=float(normalizer_epsilon),
-        stabilizer_grad=int(bool(stabilizer_grad)), slice_size=int(slice_size), _num_outputs=3)
+        stabilizer_grad=int(bool(stabilizer_grad)), slice_size=int(slice_size), key_sum_epsilon=float(key_sum_epsilon),
+        _num_outputs=3)
 
 
 def _positional_shapes(module, example_inputs: tuple, dynamic_shapes):
