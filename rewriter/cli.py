@@ -154,8 +154,12 @@ def _optimize(args) -> int:
         dims = {name: args.verify_seq_len for name in _symbolic_dims(original)}
         result = verify_onnx(runnable, optimized, dims, default_dim=args.verify_seq_len)
         payload["verify"] = {"ok": result.ok, "max_abs_difference": result.max_abs_difference,
-                             "message": result.message}
+                             "message": result.message, "compared_against": result.compared_against,
+                             "original_error": result.original_error}
         log(f"verify at dims = {args.verify_seq_len}: {result.message}")
+        if result.original_error is not None:
+            raise VerificationError("cannot verify: the original does not run on ONNX Runtime (above); nothing "
+                                    "written (without --verify the rewritten model is written unchecked)")
         if not result.ok:
             raise VerificationError(f"rewritten model differs from the original: {result.message}; nothing written")
     save_model(optimized, args.output)

@@ -160,12 +160,14 @@ def _sequence_chunks(ctx: AnalysisContext, values: list[ir.Value], axis: int, wh
         read = sizes[:len(reads)].tolist()
         if len(read) != len(reads) or min(read) < 1 or sum(read) != length:
             raise Rejected(f"the chunks of {what} do not tile the sequence")
-    return split.inputs[0], [split, *reads, *_size_computation(ctx, split.inputs[1])]
+    return split.inputs[0], [split, *reads]
 
 
-def _size_computation(ctx: AnalysisContext, sizes: ir.Value) -> list[ir.Node]:
-    """The non-Constant nodes computing `sizes` from shapes (Shape, Gather, Div, …): dead with the split."""
-    found, stack = [], [sizes]
+def _size_computation(ctx: AnalysisContext, cut: list[ir.Node]) -> list[ir.Node]:
+    """The non-Constant nodes computing the split sizes / slice bounds of the `cut` nodes from shapes
+    (Shape, Gather, Div, …) that die with them: read by nothing else. TorchScript computes chunk sizes
+    from the Shape of φ itself, and shares them between the cuts of φ(q), φ(k) and v."""
+    found, stack = [], [x for node in cut for x in node.inputs[1:] if x is not None]
     while stack:
         node = stack.pop().producer()
         if node is None or node in found or is_op(node, "Constant") or node.op_type != "Shape" and \
@@ -173,7 +175,14 @@ def _size_computation(ctx: AnalysisContext, sizes: ir.Value) -> list[ir.Node]:
             continue
         found.append(node)
         stack += [] if node.op_type == "Shape" else [x for x in node.inputs if x is not None]
-    return found
+    kept = set(found)
+    while True:
+        dying = kept | set(cut)
+        leaking = {node for node in kept for out in node.outputs
+                   if out.is_graph_output() or any(user not in dying for user in out.consumers())}
+        if not leaking:
+            return [node for node in found if node in kept]
+        kept -= leaking
 
 
 def _chunks_of(ctx: AnalysisContext, values: list[ir.Value], axis: int, what: str) -> tuple[ir.Value, list[ir.Node]]:
@@ -251,7 +260,7 @@ def match_chunked(ctx: AnalysisContext, concat: ir.Node) -> OnnxLinearAttentionM
     phi_q, cut_q = _chunks_of(ctx, [p.phi_q for p in pieces], seq, "φ(q)")
     phi_k, cut_k = _chunks_of(ctx, [p.phi_k for p in pieces], seq, "φ(k)")
     value, cut_v = _chunks_of(ctx, [p.value for p in pieces], seq, "v")
-    nodes += cut_q + cut_k + cut_v
+    nodes += cut_q + cut_k + cut_v + _size_computation(ctx, cut_q + cut_k + cut_v)
     # The last chunk's carries may be taken but never used: they die with the block.
     for running in (pieces[-1].key_running, pieces[-1].context_running):
         nodes += [user for user in running.consumers() if is_op(user, "Slice") and
