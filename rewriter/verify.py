@@ -108,6 +108,8 @@ def verify_onnx(original: onnx.ModelProto, rewritten: onnx.ModelProto, dims: dic
     else:
         try:
             expected = _session(original).run(None, feeds)
+        except ImportError:
+            raise
         except Exception as error:  # noqa: BLE001 - ORT raises its own exception types
             return _unverifiable(_runtime_error(error), rewritten, feeds)
     actual = _session(rewritten).run(None, feeds)
