@@ -102,6 +102,20 @@ def test_performer_lm(kernel, causal, local_heads):
     assert assert_module_parity(model, gm, (tokens,), atol=1e-4, grad_atol=1e-3) > 0
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_no_projection_is_left_alone(causal):
+    """`no_projection=True` (softmax over features for q, over keys or exp for k) is no feature map the op has."""
+    torch.manual_seed(10)
+    model = _quiet(performer_pytorch.SelfAttention, dim=32, heads=2, dim_head=16, causal=causal,
+                   no_projection=True).eval()
+    x = torch.randn(1, 20, 32)
+    gm, report = optimize_module(model, (x,))
+    [match] = _performer_matches(report)
+    assert not match.rewritten and "not a known feature map" in match.reason
+    assert not _op_calls(gm)
+    assert_module_parity(model, gm, (x,))
+
+
 def test_training_mode_with_redraw_fixed():
     """In training mode the package would redraw Ω every `feature_redraw_interval` calls: fixed, the rewrite matches."""
     torch.manual_seed(5)
