@@ -28,7 +28,7 @@ NUM_TOKENS, DIM, HEADS, HEAD_DIM, FEATURES = 32, 32, 1, 64, 256
 CONTEXT_COPIES = {"inference": 0.2, "training": 2.5}  # measured 0.14 and 2.2 at L = 4096
 
 
-def _model(length: int, rewritten: bool, training: bool):
+def _model(length: int, rewritten: bool):
     from performer_pytorch import PerformerLM
 
     torch.manual_seed(0)
@@ -53,7 +53,7 @@ def prepare_call(impl: str, mode: str, length: int, threads: int, warmup: int):
     training = mode == "training"
 
     def make_call(n):
-        model, tokens = _model(n, impl == "rewritten", training)
+        model, tokens = _model(n, impl == "rewritten")
         if training:
             return lambda: model(tokens).sum().backward()
 
