@@ -12,7 +12,9 @@ scaling, ε = 1e-4, detached stabiliser):
     op        torch.ops.rewriter.linear_attention (slices of SLICE positions, state carried,
               reverse-walk backward with states recomputed at slice boundaries)
 
-in inference (no_grad forward) and training (forward + backward of out.sum()); mode "ort" runs the
+in inference (no_grad forward) and training (forward + backward of out.sum()); mode "package" runs
+performer-pytorch's own causal `PerformerLM` (its CPU path as shipped) against its rewrite by
+`optimize_module`, both modes, at the sizes and 65536 (`performer_package.py`); mode "ort" runs the
 naive block exported to ONNX, our op's ONNX form and ORT's LinearAttention on ONNX Runtime (see
 `performer_onnx.py`; forward only, ratios against the ONNX naive block). Every measurement
 runs in a fresh process (`rewriter.tools.measure.measure_in_fresh_process`), which warms up at L = 256,
@@ -26,6 +28,7 @@ fails. Times are wall-clock times of single calls: other load on the 2 cores ske
                                                                      # mostly the naive L = 16384 points
     PYTHONPATH=. python benchmarks/performer_attention.py --quick    # L = 1024, 2048; flat line to 8192
     PYTHONPATH=. python benchmarks/performer_attention.py --modes ort --sizes 4096 16384   # ORT rows only
+    PYTHONPATH=. python benchmarks/performer_attention.py --modes package inference      # the package, and the op's flat line
 """
 
 from __future__ import annotations
@@ -39,13 +42,16 @@ import tempfile
 import torch
 
 import performer_onnx
+import performer_package
 from rewriter.kernels import linear_attention_op  # noqa: F401  (registers the op)
 from rewriter.tools.measure import measure_in_fresh_process
 
 BATCH, HEADS, HEAD_DIM, FEATURES = 1, 2, 64, 256
 THREADS, EPSILON, CHUNK, SLICE, WARMUP_L = 2, 1e-4, 1024, 256, 256
 IMPLS, MODES = {"inference": ("naive", "chunked", "op"), "training": ("naive", "chunked", "op"),
-                "ort": performer_onnx.ORT_IMPLS}, ("inference", "training", "ort")
+                "ort": performer_onnx.ORT_IMPLS}, ("inference", "training", "ort", "package")
+PACKAGE_MAX_GIB = 5  # a process on the shared 24 GiB machine stays under this
+PACKAGE_TARGET = 50  # training, at L = 16384: package / rewritten extra memory, and no slower
 SIZES, FLAT_SIZES = (4096, 16384), (4096, 16384, 65536)
 QUICK_SIZES, QUICK_FLAT_SIZES = (1024, 2048), (1024, 2048, 8192)
 # Peak of the naive block in copies of the (B, H, L, M, Dv) fp32 context (measured at L = 1024
@@ -144,9 +150,37 @@ def run_point(impl: str, mode: str, length: int, onnx_models: dict | None = None
     return row
 
 
+def run_package_point(impl: str, mode: str, length: int) -> dict:
+    """performer-pytorch's PerformerLM ("package") or its rewrite ("rewritten"), in a fresh process."""
+    row = {"impl": impl, "mode": f"package {mode}", "L": length, "mib": None, "s": None, "note": ""}
+    estimate = performer_package.estimate_gib(impl, mode, length)
+    if estimate > PACKAGE_MAX_GIB:
+        row["note"] = f"skipped: needs ~{estimate:.0f} GiB > {PACKAGE_MAX_GIB} GiB"
+    else:
+        try:
+            result = measure_in_fresh_process(performer_package.prepare_call, impl, mode, length, THREADS, WARMUP_L)
+            row["mib"], row["s"] = result.extra_peak_mib, result.seconds
+        except ChildProcessError as error:
+            row["note"] = f"failed: {error}"
+    text = row["note"] or f"{row['mib']:.1f} MiB, {row['s']:.3f} s"
+    print(f"package {mode:>9} L={length:<6} {impl:>9}: {text}", file=sys.stderr, flush=True)
+    return row
+
+
+def package_verdict(rows: list[dict], length: int = 16384) -> list[str]:
+    by_key = {(r["impl"], r["mode"], r["L"]): r for r in rows}
+    package, ours = by_key.get(("package", "package training", length)), by_key.get(("rewritten", "package training", length))
+    goal = f"package training L={length}: rewritten ≥{PACKAGE_TARGET}x less extra memory than performer-pytorch, ≤1x its time"
+    if package is None or ours is None or package["mib"] is None or ours["mib"] is None:
+        return [f"FAIL  {goal} (not measured)"]
+    memory_ratio, time_ratio = package["mib"] / max(ours["mib"], 1e-3), ours["s"] / package["s"]
+    ok = memory_ratio >= PACKAGE_TARGET and time_ratio <= 1.0
+    return [f"{'PASS' if ok else 'FAIL'}  {goal}: {memory_ratio:.0f}x less, {time_ratio:.2f}x time"]
+
+
 def table(rows: list[dict]) -> str:
-    naive = {(r["mode"], r["L"]): r for r in rows if r["impl"] == "naive" and r["mib"] is not None}
-    lines = ["| mode | L | impl | extra peak MiB | time s | memory naive/impl | time impl/naive |",
+    naive = {(r["mode"], r["L"]): r for r in rows if r["impl"] in ("naive", "package") and r["mib"] is not None}
+    lines = ["| mode | L | impl | extra peak MiB | time s | memory naive/impl | time impl/naive |",  # naive: or package
              "|---|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         base = naive.get((r["mode"], r["L"]))
@@ -232,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--sizes", type=int, nargs="+", help="sequence lengths (default: 4096 16384)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
-                        help="the op's flat-memory check runs with inference")
+                        help="the op's flat-memory check runs with inference or package")
     args = parser.parse_args(argv)
     sizes, flat_sizes = (QUICK_SIZES, QUICK_FLAT_SIZES) if args.quick else (SIZES, FLAT_SIZES)
     sizes = tuple(args.sizes or sizes)
@@ -243,8 +277,15 @@ def main(argv: list[str] | None = None) -> int:
         if "ort" in args.modes:
             onnx_models = performer_onnx.build_models(directory, naive_causal, (BATCH, HEADS, HEAD_DIM, FEATURES),
                                                       epsilon=EPSILON, slice_size=SLICE, threads=THREADS)
-        rows = [run_point(impl, mode, n, onnx_models) for mode in args.modes for n in sizes for impl in IMPLS[mode]]
-    lines = verdicts(rows, sizes[-1]) + (flat_lines(flat_sizes) if "inference" in args.modes else [])
+        rows = [run_point(impl, mode, n, onnx_models) for mode in args.modes if mode != "package"
+                for n in sizes for impl in IMPLS[mode]]
+    lines = verdicts(rows, sizes[-1])
+    if "package" in args.modes:
+        package_sizes = sizes if args.quick else tuple(dict.fromkeys(sizes + (65536,)))
+        rows += [run_package_point(impl, mode, n) for mode in ("inference", "training") for n in package_sizes
+                 for impl in performer_package.IMPLS]
+        lines += package_verdict(rows, 16384 if 16384 in package_sizes else package_sizes[-1])
+    lines += flat_lines(flat_sizes) if {"inference", "package"} & set(args.modes) else []
     print(table(rows) + "\n\n" + "\n".join(lines))
     return 1 if any(line.startswith("FAIL") for line in lines) else 0
 

@@ -161,8 +161,12 @@ def _optimize(args) -> int:
         check = verify_rewrite(runnable, optimized, report, lambda chunks: optimize_onnx(
             original, target=args.target, provider=args.provider, chunk_size=chunks)[0])
         payload["verify"] = {"ok": check.ok, "max_abs_difference": check.max_abs_difference,
-                             "lengths": list(check.lengths), "message": check.text}
+                             "lengths": list(check.lengths), "message": check.text,
+                             "original_error": check.original_error}
         log(check.text)
+        if check.original_error is not None:
+            raise VerificationError("cannot verify: the original does not run on ONNX Runtime (above); nothing "
+                                    "written (without --verify the rewritten model is written unchecked)")
         if not check.ok:
             raise VerificationError(f"rewritten model differs from the original: {check.text}; nothing written")
     save_model(optimized, args.output)

@@ -94,6 +94,9 @@ def export_program(module: torch.nn.Module, args: tuple, kwargs: dict | None, dy
     if not dynamic_input_axes(program):
         logger.warning("optimize_module(%s): the result takes only the example's shapes: torch.export fixed every "
                        "input axis (the model's code depends on those sizes)", name)
+        # Captured again at those shapes: the specialised capture can keep shape queries of intermediates
+        # that a static capture folds to numbers (and that would keep a block from being rewritten).
+        return export_static(module, args, kwargs)
     return program
 
 

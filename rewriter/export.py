@@ -53,14 +53,15 @@ def _translate_attention(q, k, v, bias=None, mask=None, scale=1.0, softcap=0.0, 
 
 
 def _translate_linear_attention(q, k, v, projection, feature_map, causal, data_scale, epsilon, normalizer_epsilon,
-                                stabilizer_grad, slice_size):
+                                stabilizer_grad, slice_size, key_sum_epsilon=0.0):
     """torch.ops.rewriter.linear_attention → one ai.rewriter::LinearAttention node (out, state, key_max)."""
     import onnxscript
 
     return onnxscript.values.Opset(REWRITER_DOMAIN, 1).LinearAttention(
         q, k, v, projection, feature_map=str(feature_map), causal=int(bool(causal)), data_scale=float(data_scale),
         epsilon=float(epsilon), normalizer_epsilon=float(normalizer_epsilon),
-        stabilizer_grad=int(bool(stabilizer_grad)), slice_size=int(slice_size), _num_outputs=3)
+        stabilizer_grad=int(bool(stabilizer_grad)), slice_size=int(slice_size), key_sum_epsilon=float(key_sum_epsilon),
+        _num_outputs=3)
 
 
 def _positional_shapes(module, example_inputs: tuple, dynamic_shapes):

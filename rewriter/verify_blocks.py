@@ -54,6 +54,7 @@ class BlockCheck:
     max_abs_difference: float
     text: str
     lengths: tuple[int, ...]
+    original_error: str | None = None  # why ONNX Runtime could not run the original (nothing compared)
 
 
 def _chunked_blocks(report: Report) -> list[tuple[int, int]]:
@@ -124,6 +125,8 @@ def verify_rewrite(original: onnx.ModelProto, rewritten: onnx.ModelProto, report
                 raise
             except Exception as error:  # noqa: BLE001 - the rewrite failing to run is a failed check, not a crash
                 return BlockCheck(False, worst, f"{name} fails to run{at}: {type(error).__name__}: {error}", ())
+            if result.original_error is not None:
+                return BlockCheck(False, worst, result.message, (), result.original_error)
             worst = max(worst, result.max_abs_difference)
             if not result.ok:
                 return BlockCheck(False, worst, f"{name} differs{at}: {result.message}", ())

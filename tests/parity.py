@@ -54,3 +54,24 @@ def assert_parity(module, inputs, *, rewrites: int, atol=1e-5, rtol=1e-4, grad_a
         else:
             torch.testing.assert_close(got, want, atol=grad_atol, rtol=rtol, equal_nan=True)
     return gm, report
+
+
+def assert_module_parity(model, gm, inputs, atol=1e-5, grad_atol=1e-4) -> int:
+    """`gm` against `model`: outputs, input grads and parameter grads; returns how many parameters had grads."""
+    eager_in = [x.clone().requires_grad_(x.is_floating_point()) for x in inputs]
+    graph_in = [x.clone().requires_grad_(x.is_floating_point()) for x in inputs]
+    expected, actual = model(*eager_in), gm(*graph_in)
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=1e-4)
+    grad = torch.randn_like(expected)
+    (expected * grad).sum().backward()
+    (actual * grad).sum().backward()
+    for want, got in zip(eager_in, graph_in):
+        if want.grad is not None:
+            torch.testing.assert_close(got.grad, want.grad, atol=grad_atol, rtol=1e-4)
+    graph_params = dict(gm.named_parameters())
+    checked = 0
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            torch.testing.assert_close(graph_params[name].grad, param.grad, atol=grad_atol, rtol=1e-4, msg=name)
+            checked += 1
+    return checked

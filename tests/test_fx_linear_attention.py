@@ -10,6 +10,7 @@ from torch import nn
 
 from passes.fx.detect_linear_attention import detect_linear_attention
 from rewriter.torch_api import capture, optimize_module
+from tests.parity import assert_module_parity as _assert_parity
 from tests.performer_models import FastAttention, FeaturesReused, PerformerEncoder, PerformerLM, SwappedBatchAxes
 
 TARGET = "rewriter::linear_attention"
@@ -25,26 +26,6 @@ def _qkv(length, batch=2, heads=2, dim=8, seed=0):
 
 def _ops(gm) -> list[str]:
     return [str(node.target) for node in gm.graph.nodes if node.op == "call_function"]
-
-
-def _assert_parity(model, gm, inputs, atol=1e-5, grad_atol=1e-4):
-    eager_in = [x.clone().requires_grad_(x.is_floating_point()) for x in inputs]
-    graph_in = [x.clone().requires_grad_(x.is_floating_point()) for x in inputs]
-    expected, actual = model(*eager_in), gm(*graph_in)
-    torch.testing.assert_close(actual, expected, atol=atol, rtol=1e-4)
-    grad = torch.randn_like(expected)
-    (expected * grad).sum().backward()
-    (actual * grad).sum().backward()
-    for want, got in zip(eager_in, graph_in):
-        if want.grad is not None:
-            torch.testing.assert_close(got.grad, want.grad, atol=grad_atol, rtol=1e-4)
-    graph_params = dict(gm.named_parameters())
-    checked = 0
-    for name, param in model.named_parameters():
-        if param.grad is not None:
-            torch.testing.assert_close(graph_params[name].grad, param.grad, atol=grad_atol, rtol=1e-4, msg=name)
-            checked += 1
-    return checked
 
 
 def _rewritten(report):
@@ -175,13 +156,17 @@ def test_chunked_carry_causal_is_one_block(features, chunks, length):
     assert _assert_parity(model, gm, inputs) == 1
 
 
-def test_chunked_with_epsilon_inside_the_prefix_sum_is_left_alone():
-    model = FastAttention(8, nb_features=12, causal=True, chunk_size=3, chunk_eps=1e-6).eval()
+@pytest.mark.parametrize("eps", [1e-6, 0.25])
+def test_chunked_with_epsilon_inside_the_prefix_sum(eps):
+    """φ(q)·(Σφ(k) + ε) = φ(q)·Σφ(k) + ε·Σφ(q): the op's key_sum_epsilon, forward and backward."""
+    model = FastAttention(8, nb_features=12, causal=True, chunk_size=3, chunk_eps=eps, learned_projection=True).eval()
     inputs = _qkv(10)
     gm, report = optimize_module(model, inputs)
     [match] = [m for m in report.matches if m.kind == "performer"]
-    assert not match.rewritten and "not an epsilon the op can express" in match.reason
-    _assert_parity(model, gm, inputs)
+    assert match.rewritten, match.reason
+    [call] = [node for node in gm.graph.nodes if node.target is torch.ops.rewriter.linear_attention.default]
+    assert call.args[-1] == eps
+    assert _assert_parity(model, gm, inputs) == 1
 
 
 def test_an_intermediate_used_elsewhere_blocks_the_rewrite():

@@ -151,13 +151,17 @@ def test_chunked_causal_form_is_one_block(features, chunks, length):
     assert not {"CumSum", "Einsum"} & _ops(optimized)
 
 
-def test_chunked_form_with_epsilon_inside_the_prefix_sum_is_left_alone():
-    model = FastAttention(8, nb_features=12, causal=True, chunk_size=3, chunk_eps=1e-6).eval()
-    proto = _export(model, _qkv(10), dynamo=True)
-    optimized, report = rewriter.optimize_onnx(proto)
+@pytest.mark.parametrize("target", ["chunked", "ort"])
+def test_chunked_form_with_epsilon_inside_the_prefix_sum(target):
+    """φ(q)·(Σφ(k) + ε): the replacement's key_sum_epsilon (ORT: + ε·Σφ(q) after its recurrence)."""
+    model = FastAttention(8, nb_features=12, causal=True, chunk_size=3, chunk_eps=0.25).eval()
+    inputs = _qkv(10)
+    proto = _export(model, inputs, dynamo=True)
+    optimized, report = rewriter.optimize_onnx(proto, target=target)
     [match] = _performer(report)
-    assert not match.rewritten and "not an epsilon the replacement can express" in match.reason
-    assert optimized.SerializeToString() == proto.SerializeToString()
+    assert match.rewritten, match.reason
+    np.testing.assert_allclose(_run_ort(optimized, _feeds(optimized, inputs)), model(*inputs).detach().numpy(),
+                               atol=2e-5, rtol=1e-4)
 
 
 def test_slice_size_follows_chunk_size_and_ort_target_takes_causal_blocks_only():

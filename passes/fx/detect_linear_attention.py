@@ -9,7 +9,10 @@ Anchored at the three-operand output product of performer-pytorch's attention fu
 
 also at `(φq @ (φkᵀ @ v)) * 1/(φq @ Σφkᵀ)` (matmul / bmm), and at the `cat` of performer-pytorch's
 chunked causal form, whose chunks continue the previous chunk's prefix sums (`last_k_cumsum`,
-`last_context_cumsum`): the whole group is one candidate. φ(q) and φ(k) are then proven by
+`last_context_cumsum`): the whole group is one candidate. The ε that performer-pytorch's causal
+paths add to the prefix-summed keys (`k_cumsum + eps`) becomes the op's `key_sum_epsilon`. A
+one-input `cat` (performer-pytorch's `SelfAttention` joins its global heads to its absent local
+heads so) is an identity and transparent: its one piece is the candidate. φ(q) and φ(k) are then proven by
 `performer_feature_maps`. Every axis is proven from product labels and reduction dims, and every
 intermediate may have no user outside the block. Anything else becomes a rejected
 `AttentionSpec` whose reason says what failed.
@@ -54,6 +57,7 @@ class FxLinearAttentionMatch:
     value: Node | None = None
     causal: bool = False
     replaced: list[Node] = dataclasses.field(default_factory=list)
+    key_sum_epsilon: float = 0.0
 
 
 def _reciprocal(gm, node: Node, nodes: list[Node]) -> Node:
@@ -74,6 +78,18 @@ def _strip_type_as(node: Node, nodes: list[Node]) -> Node:
         nodes.append(node)
         node = node.args[0]
     return node
+
+
+def _key_sum_epsilon(gm, key_sum: Node, nodes: list[Node]) -> tuple[Node, float]:
+    """(Σφ(k), ε) for the normaliser's `Σφ(k) + ε` (ε a scalar constant; 0 when absent)."""
+    key_sum = _strip_type_as(key_sum, nodes)
+    if not ops.is_call(key_sum, ops.ADD) or isinstance(key_sum.args[1], Node):
+        return key_sum, 0.0
+    epsilon = scalar_constant(gm, key_sum.args[1])
+    if epsilon is None:
+        raise _Rejected("the normaliser adds a term to Σφ(k) that is not a scalar constant")
+    nodes.append(key_sum)
+    return _strip_type_as(key_sum.args[0], nodes), epsilon
 
 
 def _match(gm, anchor: Node) -> FxLinearAttentionMatch:
@@ -101,7 +117,7 @@ def _match(gm, anchor: Node) -> FxLinearAttentionMatch:
     (dq, key_sum), (dq_lab, ks_lab), dout = parsed
     if dq is not phi_q:
         raise _Rejected("the normaliser uses a different φ(q) than the output")
-    key_sum = _strip_type_as(key_sum, nodes)
+    key_sum, key_sum_epsilon = _key_sum_epsilon(gm, key_sum, nodes)
     # context: einsum(φk, v) [→ cumsum over keys]
     if causal:
         if not ops.is_call(context, {aten.cumsum.default}) or _axis(context, context.args[1]) != len(batch):
@@ -133,11 +149,11 @@ def _match(gm, anchor: Node) -> FxLinearAttentionMatch:
         raise _Rejected("the causal normaliser is not φ(q_n)·Σ_{j≤n}φ(k_j)")
     if not causal and (ks_lab != dq_lab[:len(batch)] + dq_lab[-1] or dout != dq_lab[:-1]):
         raise _Rejected("the normaliser is not φ(q)·Σφ(k) over the features")
-    return _finish(gm, anchor, nodes, causal, phi_q, phi_k, value)
+    return _finish(gm, anchor, nodes, causal, phi_q, phi_k, value, key_sum_epsilon)
 
 
 def _finish(gm, output: Node, nodes: list[Node], causal: bool, phi_q: Node, phi_k: Node, value: Node,
-            boundary: tuple[Node, ...] = ()) -> FxLinearAttentionMatch:
+            key_sum_epsilon: float = 0.0) -> FxLinearAttentionMatch:
     """Check that the block is closed (no outside users), prove both feature maps, build the match."""
     for node in nodes[1:]:
         for user in ops.value_users(node):
@@ -155,7 +171,8 @@ def _finish(gm, output: Node, nodes: list[Node], causal: bool, phi_q: Node, phi_
         if ops.tensor_meta(x).dim() != 4:
             raise _Rejected("q, k, v are not 4-D (batch, heads, length, dim)")
     block = nodes + list(query.nodes) + list(key.nodes)
-    return FxLinearAttentionMatch(_spec(block, causal, query, value), output, query, key, value, causal, block)
+    return FxLinearAttentionMatch(_spec(block, causal, query, value), output, query, key, value, causal, block,
+                                  key_sum_epsilon)
 
 
 @dataclasses.dataclass
@@ -170,6 +187,7 @@ class _Piece:
     key_running: set[Node]
     context_running: set[Node]
     nodes: list[Node]
+    key_sum_epsilon: float
 
 
 def _running_sum(gm, node: Node, axis: int, nodes: list[Node]) -> tuple[Node, Node | float, set[Node]]:
@@ -213,14 +231,7 @@ def _piece(gm, anchor: Node) -> _Piece:
     if parsed is None or parsed[0][0] is not phi_q or parsed[1][0] != parsed[1][1] or parsed[2] != parsed[1][0][:-1]:
         raise _Rejected("chunk normaliser is not φ(q_n)·Σ_{j≤n}φ(k_j)")
     nodes.append(denominator)
-    key_sum = _strip_type_as(parsed[0][1], nodes)
-    if ops.is_call(key_sum, ops.ADD) and not isinstance(key_sum.args[1], Node):
-        added = scalar_constant(gm, key_sum.args[1])
-        if added != 0.0:
-            raise _Rejected(f"the normaliser adds ε={added} to every prefix-summed feature, φ(q)·(Σφ(k) + ε): "
-                            "not an epsilon the op can express")
-        nodes.append(key_sum)
-        key_sum = _strip_type_as(key_sum.args[0], nodes)
+    key_sum, key_sum_epsilon = _key_sum_epsilon(gm, parsed[0][1], nodes)
     key_chain = set(nodes[2:])
     phi_k, key_carry, key_running = _running_sum(gm, key_sum, seq, nodes)
     kv, context_carry, context_running = _running_sum(gm, context, seq, nodes)
@@ -232,7 +243,7 @@ def _piece(gm, anchor: Node) -> _Piece:
     if kv_k is not phi_k or k_lab != batch + n + d or v_lab != batch + n + e or kv_out != batch + n + d + e:
         raise _Rejected("chunk context is not φ(k_n)·v_nᵀ per key")
     return _Piece(phi_q, phi_k, value, key_carry, context_carry, key_running | key_chain | {key_sum},
-                  context_running | {context}, nodes)
+                  context_running | {context}, nodes, key_sum_epsilon)
 
 
 def _chunks_of(nodes: list[Node], seq_axis: int, what: str) -> tuple[Node, list[Node]]:
@@ -264,9 +275,11 @@ def _match_chunked(gm, cat: Node) -> FxLinearAttentionMatch:
     pieces_out = list(cat.args[0])
     rank = ops.tensor_meta(cat).dim()
     seq = rank - 2
-    if _axis(cat, cat.args[1] if len(cat.args) > 1 else 0) != seq:
+    if len(pieces_out) > 1 and _axis(cat, cat.args[1] if len(cat.args) > 1 else 0) != seq:
         raise _Rejected("chunk outputs are concatenated along an axis other than the sequence")
     pieces = [_piece(gm, anchor) for anchor in pieces_out]
+    if len({piece.key_sum_epsilon for piece in pieces}) > 1:
+        raise _Rejected("the chunks add different ε to their prefix-summed keys")
     nodes = [cat]
     for index, piece in enumerate(pieces):
         nodes += piece.nodes
@@ -287,7 +300,7 @@ def _match_chunked(gm, cat: Node) -> FxLinearAttentionMatch:
     last = pieces[-1]
     for node in list(last.key_running | last.context_running):
         nodes += [user for user in node.users if ops.is_call(user, {aten.slice.Tensor}) and not user.users]
-    return _finish(gm, cat, list(dict.fromkeys(nodes)), True, phi_q, phi_k, value)
+    return _finish(gm, cat, list(dict.fromkeys(nodes)), True, phi_q, phi_k, value, pieces[0].key_sum_epsilon)
 
 
 def _unwind_transposes(node: Node, labels: str, nodes: list[Node]) -> tuple[Node, str]:
@@ -387,9 +400,18 @@ def _is_matmul_anchor(node: Node) -> bool:
     return False
 
 
+def _is_prefix_summed_anchor(node: Node) -> bool:
+    """An output product whose context carries the query axis: a causal piece."""
+    parsed = _einsum(node)
+    return parsed is not None and len(parsed[0]) == 3 and len(parsed[1][0]) == len(parsed[2]) + 1
+
+
 def _is_chunked_anchor(node: Node) -> bool:
-    return ops.is_call(node, {aten.cat.default}) and len(node.args[0]) > 0 and all(
-        _is_anchor(piece) for piece in node.args[0])
+    """A `cat` of output products; a one-input `cat` only around a causal piece (else it is transparent)."""
+    if not ops.is_call(node, {aten.cat.default}) or len(node.args[0]) == 0:
+        return False
+    pieces = node.args[0]
+    return all(_is_anchor(piece) for piece in pieces) and (len(pieces) > 1 or _is_prefix_summed_anchor(pieces[0]))
 
 
 def detect_linear_attention(gm: GraphModule) -> list[FxLinearAttentionMatch]:

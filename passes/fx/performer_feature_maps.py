@@ -7,7 +7,9 @@
     elu_plus_one   elu(c·x·Ωᵀ) + 1 (+ ε)                  (Katharopoulos et al.)
 
 Ω must be a buffer or parameter (a `get_attr`), c and ε scalar constants, and every intermediate
-may be used only inside φ. `NotProven` carries the reason when any of that fails.
+may be used only inside φ. performer-pytorch broadcasts Ω to (B, H, M, D) first (`repeat(Ω,
+'j d -> b h j d')`: unsqueezes, an expand and a `type_as`) and casts φ back with `type_as`; both are
+identities here (the cast only when it keeps the dtype) and belong to φ. `NotProven` carries the reason when any of that fails.
 """
 
 from __future__ import annotations
@@ -98,8 +100,45 @@ def split_scale(gm, node: Node) -> tuple[Node, float]:
     return node, 1.0
 
 
+def _same_dtype_cast(node) -> bool:
+    """`x.type_as(y)` (or a pass-through copy) that leaves x's dtype as it is."""
+    if ops.is_call(node, ops.PASSTHROUGH):
+        return True
+    if not ops.is_call(node, {aten.type_as.default}):
+        return False
+    before, after = ops.tensor_meta(node.args[0]), ops.tensor_meta(node)
+    return before is not None and after is not None and before.dtype == after.dtype
+
+
+def _broadcast_source(node: Node, nodes: list[Node]) -> tuple[Node, int]:
+    """(Ω, leading axes added) for Ω broadcast by unsqueezes in front of its own two axes, an expand
+    of the new axes only, and dtype-keeping casts; (node, 0) for anything else."""
+    walk, found = node, []
+    while _same_dtype_cast(walk):
+        found.append(walk)
+        walk = walk.args[0]
+    if not ops.is_call(walk, ops.EXPAND):
+        return node, 0
+    expand, walk = walk, walk.args[0]
+    found.append(expand)
+    while ops.is_call(walk, ops.UNSQUEEZE):
+        rank = ops.tensor_meta(walk).dim()
+        if walk.args[1] % rank >= rank - 2:
+            return node, 0
+        found.append(walk)
+        walk = walk.args[0]
+    meta, sizes = ops.tensor_meta(walk), list(expand.args[1])
+    if walk is expand.args[0] or meta is None or meta.dim() != 2 or \
+            any(size not in (-1, own) for size, own in zip(sizes[-2:], meta.shape)):
+        return node, 0
+    for inner in found[1:]:
+        only_user(inner, found[found.index(inner) - 1], "the broadcast projection")
+    nodes += found
+    return walk, len(sizes) - 2
+
+
 def _projected(gm, node: Node, nodes: list[Node]) -> tuple[Node, Node | None, float]:
-    """(x, Ω, c) for `einsum('…id,…jd->…ij', c·x, Ω)`, or (x, None, c) for `c·x`."""
+    """(x, Ω, c) for `einsum('…id,…jd->…ij', c·x, Ω)` (Ω 2-D or broadcast), or (x, None, c) for `c·x`."""
     parsed = einsum_labels(node)
     if parsed is None:
         x, c = split_scale(gm, node)
@@ -107,6 +146,10 @@ def _projected(gm, node: Node, nodes: list[Node]) -> tuple[Node, Node | None, fl
             nodes.append(node)
         return x, None, c
     (scaled, projection), (data_labels, proj_labels), out = parsed
+    projection, added = _broadcast_source(projection, nodes)
+    if added and (len(proj_labels) != added + 2 or proj_labels[:added] != data_labels[:added]):
+        raise NotProven(f"the projection of {node.name} is broadcast over axes other than the batch axes")
+    proj_labels = proj_labels[added:]
     if len(proj_labels) != 2 or data_labels[:-1] + proj_labels[0] != out or proj_labels[1] != data_labels[-1]:
         raise NotProven(f"{node.name} is not x·Ωᵀ over the head dim")
     if projection.op != "get_attr":
@@ -203,8 +246,16 @@ def _generalized(gm, phi: Node) -> FeatureMapMatch:
 
 
 def match_feature_map(gm, phi: Node, is_query: bool) -> FeatureMapMatch:
+    casts = []
+    while _same_dtype_cast(phi):
+        casts.append(phi)
+        phi = phi.args[0]
+    for cast in casts:
+        only_user(cast.args[0], cast, "φ before its cast")
     if ops.is_call(phi, ops.MUL) or ops.is_call(phi, ops.ADD) and ops.is_call(phi.args[0], ops.EXP):
-        return _favor(gm, phi, is_query)
-    return _generalized(gm, phi)
+        found = _favor(gm, phi, is_query)
+    else:
+        found = _generalized(gm, phi)
+    return dataclasses.replace(found, nodes=tuple(casts) + found.nodes) if casts else found
 
 

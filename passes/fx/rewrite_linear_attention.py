@@ -4,7 +4,7 @@ The whole block goes, feature maps included: φ is recomputed inside the op from
 projection, so gradients still reach the projection and nothing of size L × M is kept::
 
     q ─┐
-    k ─┼─ rewriter::linear_attention(q, k, v, Ω, feature_map, causal, c, ε, 0, stabilizer_grad, slice)[0] ─ users
+    k ─┼─ rewriter::linear_attention(q, k, v, Ω, feature_map, causal, c, ε, 0, stabilizer_grad, slice, ε_Σk)[0] ─ users
     v ─┘
 """
 
@@ -44,7 +44,8 @@ class RewriteLinearAttention(onnx_ir.passes.InPlacePass):
                 call = graph.call_function(
                     torch.ops.rewriter.linear_attention.default,
                     (fmap.source, match.key.source, match.value, fmap.projection, fmap.kind, match.causal,
-                     fmap.data_scale, fmap.epsilon, 0.0, fmap.stabilizer_grad, self.plan(match.spec)),
+                     fmap.data_scale, fmap.epsilon, 0.0, fmap.stabilizer_grad, self.plan(match.spec),
+                     match.key_sum_epsilon),
                 )
                 out = graph.call_function(operator.getitem, (call, 0))
             match.output.replace_all_uses_with(out)

@@ -81,7 +81,7 @@ def register_schemas() -> None:
     if not defs.has(LINEAR_ATTENTION_OP, REWRITER_DOMAIN):
         attributes = [("feature_map", kinds.STRING), ("causal", kinds.INT), ("data_scale", kinds.FLOAT),
                       ("epsilon", kinds.FLOAT), ("normalizer_epsilon", kinds.FLOAT), ("stabilizer_grad", kinds.INT),
-                      ("slice_size", kinds.INT)]
+                      ("slice_size", kinds.INT), ("key_sum_epsilon", kinds.FLOAT)]
         defs.register_schema(defs.OpSchema(
             LINEAR_ATTENTION_OP, REWRITER_DOMAIN, 1, doc=f"torch.ops.rewriter.linear_attention; {lowered_by}",
             inputs=[param("q", "T"), param("k", "T"), param("v", "T"),

@@ -11,9 +11,15 @@ Together that is exactly causal linear attention over the whole sequence, so the
 anchored at its ``Concat``, becomes one candidate. Each chunk is proven like the unchunked causal
 block; chunk i's carries must be the last rows (along the sequence) of chunk i−1's running sums, chunk
 0 must start from zero, and the chunks must tile the sequence in order: outputs 0, 1, … of one
-``Split`` along it, or ``Slice``s whose bounds, evaluated at the model's sizes, run from 0 to the end
-without gap or overlap. performer-pytorch adds its ε to every prefix-summed feature
-(φ(q)·(Σφ(k) + ε)), which the replacement cannot express: such blocks are left alone with that reason.
+``Split`` along it, ``SequenceAt(SplitToSequence(x, split), i)`` for i = 0, 1, … (TorchScript) whose
+split sizes read by those pieces, evaluated at the model's sizes, are positive and sum to the length,
+or ``Slice``s whose bounds, evaluated at the model's sizes, run from 0 to the end without gap or
+overlap. (TorchScript writes `chunk(x, 128)` as 128 split sizes whatever the length, the last one
+negative when fewer chunks exist, which ONNX Runtime refuses; the pieces the block reads still tile
+the sequence, and the replacement reads no split at all.) performer-pytorch adds its ε to every prefix-summed feature
+(φ(q)·(Σφ(k) + ε)): the replacement's `key_sum_epsilon`; every chunk must add the same ε. A Concat
+of one piece is one only for a causal piece; around a bidirectional product (SelfAttention joining
+its global heads to no local heads) it is an identity and the product is the candidate.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from passes.onnx.graph_values import is_op, producer_op
+from passes.onnx.graph_values import attribute, is_op, producer_op
 from passes.onnx.labelled_ops import axes_of, rank_of
 from passes.onnx.linear_block import (
     OnnxLinearAttentionMatch,
@@ -32,7 +38,7 @@ from passes.onnx.linear_block import (
     output_product,
     prefix_sum_of,
     reciprocal_of,
-    strip_casts,
+    key_sum_epsilon_of,
     two_operand_einsum,
 )
 from passes.onnx.onnx_match import AnalysisContext, Rejected
@@ -54,13 +60,23 @@ class _Piece:
     key_running: ir.Value
     context_running: ir.Value
     nodes: list[ir.Node]
+    key_sum_epsilon: float
 
 
 def is_chunked_anchor(node: ir.Node) -> bool:
-    """A Concat of three-operand einsums: the outputs of chunks."""
-    return is_op(node, "Concat") and len(node.inputs) > 0 and all(
-        is_op(x.producer() if x is not None else None, "Einsum") and len(x.producer().inputs) == 3
-        for x in node.inputs)
+    """A Concat of three-operand einsums, the outputs of chunks (one input: only a causal chunk's)."""
+    products = [x.producer() if x is not None else None for x in node.inputs]
+    if not is_op(node, "Concat") or not products or not all(
+            is_op(p, "Einsum") and len(p.inputs) == 3 for p in products):
+        return False
+    return len(products) > 1 or _prefix_summed(products[0])
+
+
+def _prefix_summed(einsum: ir.Node) -> bool:
+    """The output product's context has one more labelled axis than its output: the query axis."""
+    equation = str(einsum.attributes["equation"].value).replace(" ", "").replace("...", "")
+    inputs, _, out = equation.partition("->")
+    return len(inputs.split(",")[0]) == len(out) + 1
 
 
 def _running_sum(ctx: AnalysisContext, value: ir.Value, axis: int, what: str, nodes: list[ir.Node]):
@@ -70,6 +86,9 @@ def _running_sum(ctx: AnalysisContext, value: ir.Value, axis: int, what: str, no
     if add is not None:
         left, right = add.inputs
         summed, carry = (left, right) if producer_op(left, "CumSum") is not None else (right, left)
+        if producer_op(carry, "CumSum") is not None and len(summed.uses()) > 1:
+            # A one-row previous chunk: its running sum is a CumSum too, and read by that chunk as well.
+            summed, carry = carry, summed
         if producer_op(summed, "CumSum") is None:
             raise Rejected(f"{what} is not a carried prefix sum")
         nodes.append(add)
@@ -93,15 +112,7 @@ def _piece(ctx: AnalysisContext, anchor: ir.Node) -> _Piece:
     nodes.append(denominator.producer())
     if dq is not phi_q or len(dq_lab) != seq + 2 or ks_lab != dq_lab or dout != dq_lab[:-1]:
         raise Rejected("a chunk's normaliser is not φ(q_n)·Σ_{j≤n}φ(k_j)")
-    key_sum = strip_casts(key_sum, nodes)
-    add = producer_op(key_sum, "Add")
-    epsilon = None if add is None else next((c for c in map(ctx.folder.scalar, add.inputs) if c is not None), None)
-    if epsilon is not None:
-        if epsilon != 0.0:
-            raise Rejected(f"the normaliser adds ε={epsilon:g} to every prefix-summed feature, φ(q)·(Σφ(k) + ε): "
-                           "not an epsilon the replacement can express")
-        nodes.append(add)
-        key_sum = strip_casts(next(x for x in add.inputs if ctx.folder.scalar(x) is None), nodes)
+    key_sum, key_sum_epsilon = key_sum_epsilon_of(ctx, key_sum, nodes)
     phi_k, key_carry, key_running = _running_sum(ctx, key_sum, seq, "a chunk's key sum", nodes)
     kv, context_carry, context_running = _running_sum(ctx, context, seq, "a chunk's context", nodes)
     (kv_k, value), (k_lab, v_lab), kv_out = two_operand_einsum(ctx, kv, "a chunk's context")
@@ -109,7 +120,7 @@ def _piece(ctx: AnalysisContext, anchor: ir.Node) -> _Piece:
     kb, kn, kd, ve = k_lab[:-2], k_lab[-2:-1], k_lab[-1:], v_lab[-1:]
     if kv_k is not phi_k or len(kb) != seq or v_lab != kb + kn + ve or kv_out != kb + kn + kd + ve:
         raise Rejected("a chunk's context is not φ(k_n)·v_nᵀ per key, prefix-summed over the keys")
-    return _Piece(phi_q, phi_k, value, key_carry, context_carry, key_running, context_running, nodes)
+    return _Piece(phi_q, phi_k, value, key_carry, context_carry, key_running, context_running, nodes, key_sum_epsilon)
 
 
 def _slice_bounds(ctx: AnalysisContext, node: ir.Node, axis: int, assignment) -> tuple[int, int] | None:
@@ -127,8 +138,57 @@ def _slice_bounds(ctx: AnalysisContext, node: ir.Node, axis: int, assignment) ->
     return start, end
 
 
+def _sequence_chunks(ctx: AnalysisContext, values: list[ir.Value], axis: int, what: str) -> tuple[ir.Value, list[ir.Node]]:
+    """The tensor cut by `SplitToSequence` whose elements 0, 1, … are `values` (via `SequenceAt`)."""
+    reads = [producer_op(value, "SequenceAt") for value in values]
+    if None in reads or len({node.inputs[0] for node in reads}) != 1:
+        raise Rejected(f"the chunks of {what} are not elements of one sequence")
+    split = producer_op(reads[0].inputs[0], "SplitToSequence")
+    rank = rank_of(ctx, split.inputs[0]) if split is not None else None
+    if rank is None or attribute(split, "axis", 0) % rank != axis or not attribute(split, "keepdims", 1):
+        raise Rejected(f"{what} is not split to a sequence along the sequence axis")
+    for index, node in enumerate(reads):
+        position = ctx.folder.evaluate(node.inputs[1])
+        if position is None or position.reshape(-1).tolist() != [index]:
+            raise Rejected(f"the chunks of {what} are not taken in order")
+    size = ctx.facts.dims(split.inputs[0])[axis] if ctx.facts.dims(split.inputs[0]) else None
+    for assignment in ctx.assignments:
+        sizes = ctx.folder.evaluate(split.inputs[1], assignment) if len(split.inputs) > 1 and split.inputs[1] else None
+        length = ctx.facts.resolve(size, assignment)
+        if sizes is None or sizes.ndim != 1 or length is None:
+            raise Rejected(f"cannot evaluate the split sizes of {what}")
+        read = sizes[:len(reads)].tolist()
+        if len(read) != len(reads) or min(read) < 1 or sum(read) != length:
+            raise Rejected(f"the chunks of {what} do not tile the sequence")
+    return split.inputs[0], [split, *reads]
+
+
+def _size_computation(ctx: AnalysisContext, cut: list[ir.Node]) -> list[ir.Node]:
+    """The non-Constant nodes computing the split sizes / slice bounds of the `cut` nodes from shapes
+    (Shape, Gather, Div, …) that die with them: read by nothing else. TorchScript computes chunk sizes
+    from the Shape of φ itself, and shares them between the cuts of φ(q), φ(k) and v."""
+    found, stack = [], [x for node in cut for x in node.inputs[1:] if x is not None]
+    while stack:
+        node = stack.pop().producer()
+        if node is None or node in found or is_op(node, "Constant") or node.op_type != "Shape" and \
+                not all(ctx.folder.depends_only_on_shapes(out) for out in node.outputs):
+            continue
+        found.append(node)
+        stack += [] if node.op_type == "Shape" else [x for x in node.inputs if x is not None]
+    kept = set(found)
+    while True:
+        dying = kept | set(cut)
+        leaking = {node for node in kept for out in node.outputs
+                   if out.is_graph_output() or any(user not in dying for user in out.consumers())}
+        if not leaking:
+            return [node for node in found if node in kept]
+        kept -= leaking
+
+
 def _chunks_of(ctx: AnalysisContext, values: list[ir.Value], axis: int, what: str) -> tuple[ir.Value, list[ir.Node]]:
     """The tensor whose consecutive pieces along `axis` are `values`, and the nodes that cut it."""
+    if producer_op(values[0], "SequenceAt") is not None:
+        return _sequence_chunks(ctx, values, axis, what)
     split = producer_op(values[0], "Split")
     if split is not None:
         rank = rank_of(ctx, split.inputs[0])
@@ -154,7 +214,14 @@ def _chunks_of(ctx: AnalysisContext, values: list[ir.Value], axis: int, what: st
 
 
 def _carry_slice(ctx: AnalysisContext, carry: ir.Value | None, previous: ir.Value, axis: int) -> ir.Node | None:
-    """The Slice when `carry` is `previous[..., -1:, ...]` along `axis` (start −1, end past the last row)."""
+    """The Slice when `carry` is `previous[..., -1:, ...]` along `axis` (start −1, end past the last row).
+
+    When the previous chunk has one row the dynamo exporter drops that Slice: `carry` is then
+    `previous` itself, and its producer (already in the block) is returned.
+    """
+    if carry is previous and previous is not None:
+        dims = ctx.facts.dims(previous)
+        return previous.producer() if dims is not None and dims[axis] == 1 else None
     node = producer_op(carry, "Slice")
     rank = rank_of(ctx, previous)
     if node is None or node.inputs[0] is not previous or rank is None or len(node.inputs) < 4 or \
@@ -172,10 +239,12 @@ def _carry_slice(ctx: AnalysisContext, carry: ir.Value | None, previous: ir.Valu
 def match_chunked(ctx: AnalysisContext, concat: ir.Node) -> OnnxLinearAttentionMatch:
     """One causal Performer block from the Concat of performer-pytorch's chunk outputs."""
     rank = rank_of(ctx, concat.outputs[0])
-    if rank is None or rank < 3 or int(concat.attributes["axis"].value) % rank != rank - 2:
+    if rank is None or rank < 3 or len(concat.inputs) > 1 and int(concat.attributes["axis"].value) % rank != rank - 2:
         raise Rejected("chunk outputs are concatenated along an axis other than the sequence")
     seq = rank - 2
     pieces = [_piece(ctx, value.producer()) for value in concat.inputs]
+    if len({piece.key_sum_epsilon for piece in pieces}) > 1:
+        raise Rejected("the chunks add different ε to their prefix-summed keys")
     nodes = [concat]
     for index, piece in enumerate(pieces):
         nodes += piece.nodes
@@ -191,9 +260,9 @@ def match_chunked(ctx: AnalysisContext, concat: ir.Node) -> OnnxLinearAttentionM
     phi_q, cut_q = _chunks_of(ctx, [p.phi_q for p in pieces], seq, "φ(q)")
     phi_k, cut_k = _chunks_of(ctx, [p.phi_k for p in pieces], seq, "φ(k)")
     value, cut_v = _chunks_of(ctx, [p.value for p in pieces], seq, "v")
-    nodes += cut_q + cut_k + cut_v
+    nodes += cut_q + cut_k + cut_v + _size_computation(ctx, cut_q + cut_k + cut_v)
     # The last chunk's carries may be taken but never used: they die with the block.
     for running in (pieces[-1].key_running, pieces[-1].context_running):
         nodes += [user for user in running.consumers() if is_op(user, "Slice") and
                   not any(out.uses() or out.is_graph_output() for out in user.outputs)]
-    return finish_block(ctx, concat, list(dict.fromkeys(nodes)), True, phi_q, phi_k, value)
+    return finish_block(ctx, concat, list(dict.fromkeys(nodes)), True, phi_q, phi_k, value, pieces[0].key_sum_epsilon)

@@ -30,6 +30,7 @@ from passes.onnx.labelled_ops import rank_of
 from passes.onnx.linear_block import (
     OnnxLinearAttentionMatch,
     finish_block,
+    key_sum_epsilon_of,
     key_sum_of,
     output_product,
     prefix_sum_of,
@@ -63,7 +64,7 @@ def _match_einsum(ctx: AnalysisContext, anchor: ir.Node) -> OnnxLinearAttentionM
     if len(db) != seq or dout != db + dn or ks_lab != (dq_lab if causal else db + dd):
         raise Rejected("the normaliser is not φ(q_n)·Σ_{j≤n}φ(k_j)" if causal else
                        "the normaliser is not φ(q)·Σφ(k) over the features")
-    key_sum = strip_casts(key_sum, nodes)
+    key_sum, key_sum_epsilon = key_sum_epsilon_of(ctx, key_sum, nodes)
     if causal:
         phi_k = prefix_sum_of(ctx, key_sum, seq, "the normaliser's key sum", nodes)
         kv = prefix_sum_of(ctx, context, seq, "the causal context", nodes)
@@ -76,7 +77,7 @@ def _match_einsum(ctx: AnalysisContext, anchor: ir.Node) -> OnnxLinearAttentionM
         raise Rejected("the context does not pair φ(k) and v over the key axis into φ(k)·vᵀ")
     if kv_k is not phi_k:
         raise Rejected("the normaliser's key sum is not over the same φ(k) as the context")
-    return finish_block(ctx, anchor, nodes, causal, phi_q, phi_k, value)
+    return finish_block(ctx, anchor, nodes, causal, phi_q, phi_k, value, key_sum_epsilon)
 
 
 def _transposed_last_two(value: ir.Value, nodes: list[ir.Node]) -> ir.Value:

@@ -22,7 +22,8 @@ from passes.onnx.linear_feature_maps import OnnxFeatureMap, match_feature_map, r
 from passes.onnx.onnx_match import AnalysisContext, Rejected
 from passes.onnx.shape_facts import ShapeFacts
 
-__all__ = ["OnnxLinearAttentionMatch", "OutputProduct", "finish_block", "output_product", "key_sum_of", "prefix_sum_of", "reciprocal_of", "strip_casts",
+__all__ = ["OnnxLinearAttentionMatch", "OutputProduct", "finish_block", "output_product", "key_sum_epsilon_of", "key_sum_of",
+           "prefix_sum_of", "reciprocal_of", "strip_casts",
            "two_operand_einsum"]
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class OnnxLinearAttentionMatch:
     value: ir.Value | None = None
     causal: bool = False
     nodes: list[ir.Node] = dataclasses.field(default_factory=list)  # dead once `output` is replaced
+    key_sum_epsilon: float = 0.0  # added to every (prefix-)summed key feature: φ(q)·(Σφ(k) + ε)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +84,18 @@ def reciprocal_of(ctx: AnalysisContext, value: ir.Value, nodes: list[ir.Node]) -
         nodes.append(node)
         return node.inputs[1]
     raise Rejected("the normaliser is not 1 / (φ(q)·Σφ(k))")
+
+
+def key_sum_epsilon_of(ctx: AnalysisContext, value: ir.Value, nodes: list[ir.Node]) -> tuple[ir.Value, float]:
+    """(Σφ(k), ε) for the normaliser's `Σφ(k) + ε` (casts around either stripped; ε 0 when absent)."""
+    value = strip_casts(value, nodes)
+    add = producer_op(value, "Add")
+    constants = [] if add is None else [ctx.folder.scalar(x) for x in add.inputs]
+    if add is None or constants.count(None) != 1:
+        return value, 0.0
+    nodes.append(add)
+    data = add.inputs[constants.index(None)]
+    return strip_casts(data, nodes), next(c for c in constants if c is not None)
 
 
 def strip_casts(value: ir.Value, nodes: list[ir.Node]) -> ir.Value:
@@ -132,7 +146,7 @@ def _same_projection(a: ir.Value | None, b: ir.Value | None) -> bool:
 
 
 def finish_block(ctx: AnalysisContext, anchor: ir.Node, nodes: list[ir.Node], causal: bool, phi_q: ir.Value,
-                 phi_k: ir.Value, value: ir.Value) -> OnnxLinearAttentionMatch:
+                 phi_k: ir.Value, value: ir.Value, key_sum_epsilon: float = 0.0) -> OnnxLinearAttentionMatch:
     """Prove both feature maps and the q, k, v axes, check that the block is closed, build the match."""
     query, key = match_feature_map(ctx, phi_q, True), match_feature_map(ctx, phi_k, False)
     if (query.kind, query.data_scale, query.epsilon) != (key.kind, key.data_scale, key.epsilon) or \
@@ -155,7 +169,7 @@ def finish_block(ctx: AnalysisContext, anchor: ir.Node, nodes: list[ir.Node], ca
         seq_len_k=_static(k[2]), head_dim=_static(q[3]), value_head_dim=_static(v[3]),
         q_layout="BHLD", k_layout="BHLD", v_layout="BHLD", out_layout="BHLD", scale=query.data_scale,
     )
-    return OnnxLinearAttentionMatch(spec, anchor, anchor.outputs[0], query, key, value, causal, block)
+    return OnnxLinearAttentionMatch(spec, anchor, anchor.outputs[0], query, key, value, causal, block, key_sum_epsilon)
 
 
 def _static(dim) -> int | None:

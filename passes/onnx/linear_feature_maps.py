@@ -10,7 +10,10 @@
     x ─ Pow 2 ─ ReduceSum ─ Div 2 ─ Mul c² ─ Unsqueeze ┘     │
                              (same einsum) ─ ReduceMax ─────┘
 
-Ω must be a constant (initializer or ``Constant``), c, ε and the ratio scalars that depend on no
+Ω must be a constant (initializer or ``Constant``), possibly broadcast over leading (batch, head)
+axes: torch's exporters write performer-pytorch's `repeat(Ω, 'j d -> b h j d')` as a folded
+(1, H, M, D) initializer (dynamo) or ``Expand`` of a (1, 1, M, D) one (TorchScript), with Casts and
+Unsqueezes; every (M, D) slice of such a constant must be equal. c, ε and the ratio scalars that depend on no
 input (``Pow(8, -0.25)`` as the TorchScript exporter writes it counts), and every intermediate may
 be used only inside φ. `Rejected` carries the reason when any of that fails. The scale and
 closure checks here are shared with the block proofs (`linear_block`).
@@ -21,11 +24,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import numpy as np
 import onnx_ir as ir
 
 from passes.onnx.graph_values import attribute, const_array, producer_op, value_consumers
 from passes.onnx.labelled_ops import axes_of, einsum_labels, rank_of
 from passes.onnx.onnx_match import AnalysisContext, Rejected
+from passes.onnx.shape_facts import ShapeFacts
 
 __all__ = ["OnnxFeatureMap", "match_feature_map", "require_closed", "split_scale"]
 
@@ -39,11 +44,16 @@ class OnnxFeatureMap:
     """φ(x) proven: the op's feature-map arguments and the nodes φ consists of."""
 
     source: ir.Value
-    projection: ir.Value | None
+    projection: ir.Value | None  # a constant; its (M, D) matrix is the last two axes (see `projection_matrix`)
     kind: str
     data_scale: float
     epsilon: float
     nodes: tuple[ir.Node, ...]
+
+    def projection_matrix(self) -> np.ndarray | None:
+        """Ω as (M, D): the first of the equal (M, D) slices of the constant."""
+        array = const_array(self.projection)
+        return None if array is None else array.reshape((-1,) + array.shape[-2:])[0]
 
 
 def split_scale(ctx: AnalysisContext, value: ir.Value) -> tuple[ir.Value, float, ir.Node | None]:
@@ -92,6 +102,28 @@ def _added_constant(ctx: AnalysisContext, value: ir.Value) -> tuple[ir.Value, fl
     return None
 
 
+def _broadcast_constant(ctx: AnalysisContext, value: ir.Value, nodes: list[ir.Node]) -> ir.Value:
+    """The constant Ω before Cast / Identity / Expand / Unsqueeze-in-front nodes that only repeat its
+    (M, D) matrix over leading axes; Rejected when the constant's (M, D) slices differ."""
+    walk, found = value, []
+    while (node := producer_op(walk, "Cast", "Identity", "Expand", "Unsqueeze")) is not None:
+        if node.op_type == "Unsqueeze":
+            rank = rank_of(ctx, node.outputs[0])
+            axes = axes_of(ctx, node, rank) if rank is not None else None
+            if axes is None or max(axes) >= rank - 2:
+                break
+        found.append(node)
+        walk = node.inputs[0]
+    array = const_array(walk)
+    if array is None or array.ndim < 2:
+        return value
+    slices = array.reshape((-1,) + array.shape[-2:])
+    if not all(np.array_equal(slices[0], other) for other in slices[1:]):
+        raise Rejected(f"the projection '{walk.name}' differs between the batch or head axes it spans")
+    nodes += found
+    return walk
+
+
 def _projected(ctx: AnalysisContext, value: ir.Value, nodes: list[ir.Node]) -> tuple[ir.Value, ir.Value | None, float]:
     """(x, Ω, c) for `Einsum('…id,…jd->…ij', c·x, Ω)`, or (x, None, c) for `c·x`."""
     einsum = producer_op(value, "Einsum")
@@ -105,14 +137,27 @@ def _projected(ctx: AnalysisContext, value: ir.Value, nodes: list[ir.Node]) -> t
     if len(parsed[0]) != 2:
         raise Rejected(f"'{einsum.name}' is not x·Ωᵀ (an einsum of {len(parsed[0])} operands)")
     (scaled, projection), (data_labels, proj_labels), out = parsed
-    if len(proj_labels) != 2 or data_labels[:-1] + proj_labels[0] != out or proj_labels[1] != data_labels[-1]:
+    lead = len(proj_labels) - 2
+    if lead < 0 or data_labels[:-1] + proj_labels[-2] != out or proj_labels[-1] != data_labels[-1] or \
+            proj_labels[:lead] != data_labels[len(data_labels) - 2 - lead:-2]:
         raise Rejected(f"'{einsum.name}' is not x·Ωᵀ over the head dim")
+    projection = _broadcast_constant(ctx, projection, nodes)
     if const_array(projection) is None:
         raise Rejected(f"the projection of '{einsum.name}' is not a constant initializer")
+    if lead and not _broadcast_fits(ctx, einsum, scaled):
+        raise Rejected(f"the projection of '{einsum.name}' widens the batch or head axes of x")
     nodes.append(einsum)
     x, c, node = split_scale(ctx, scaled)
     nodes += [node] if node is not None else []
     return x, projection, c
+
+
+def _broadcast_fits(ctx: AnalysisContext, einsum: ir.Node, data: ir.Value) -> bool:
+    """x·Ωᵀ keeps x's leading axes: a broadcast Ω repeats Ω, it does not enlarge the batch or heads."""
+    out, source = ctx.facts.dims(einsum.outputs[0]), ctx.facts.dims(data)
+    if out is None or source is None or len(out) != len(source):
+        return False
+    return all(ShapeFacts.same(a, b) for a, b in zip(out[:-2], source[:-2]))
 
 
 def _favor(ctx: AnalysisContext, phi: ir.Value, is_query: bool) -> OnnxFeatureMap:
@@ -142,7 +187,7 @@ def _favor(ctx: AnalysisContext, phi: ir.Value, is_query: bool) -> OnnxFeatureMa
     x, projection, c = _projected(ctx, dash, nodes)
     if projection is None:
         raise Rejected("FAVOR+ features without a projection")
-    features = const_array(projection).shape[0]
+    features = const_array(projection).shape[-2]
     if abs(ratio - features ** -0.5) > 1e-6 * ratio:
         raise Rejected(f"FAVOR+ ratio {ratio:g} is not M^-½ for M = {features} features")
     _prove_half_norm(ctx, diag, x, c, rank, nodes)

@@ -4,7 +4,7 @@ The exporter writes each `torch.ops.rewriter.linear_attention` call as one priva
 
     q, k, v, [projection] ─ ai.rewriter::LinearAttention(feature_map, causal, data_scale, epsilon,
                                                          normalizer_epsilon, stabilizer_grad,
-                                                         slice_size) ─ out, state, key_max
+                                                         slice_size, key_sum_epsilon) ─ out, state, key_max
 
 and `LowerRewriterOps` hands it here: it becomes `build_linear_attention`'s sliced subgraph
 (Loops carrying only the (M, Dv + 1) state), or for target "ort" on a causal node
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 LINEAR_OP = "LinearAttention"
 _DEFAULTS = {"feature_map": "favor_softmax", "causal": 0, "data_scale": 1.0, "epsilon": 0.0,
-             "normalizer_epsilon": 0.0, "stabilizer_grad": 0, "slice_size": 256}
+             "normalizer_epsilon": 0.0, "stabilizer_grad": 0, "slice_size": 256, "key_sum_epsilon": 0.0}
 _AUXILIARY = ("state", "key_max")
 
 
@@ -66,6 +66,7 @@ def linear_attention_replacement(node: ir.Node, index: int, target: str) -> tupl
         tape, q, k, v, projection, feature_map=str(attrs["feature_map"]), causal=bool(attrs["causal"]),
         data_scale=float(attrs["data_scale"]), epsilon=float(attrs["epsilon"]),
         normalizer_epsilon=float(attrs["normalizer_epsilon"]), slice_size=int(attrs["slice_size"]),
+        key_sum_epsilon=float(attrs["key_sum_epsilon"]),
         name=f"rewriter_linear_attention_{index}", target=target)
     logger.debug("%s: %s linear attention (%s) as %s", node.name, "causal" if attrs["causal"] else "bidirectional",
                  attrs["feature_map"], target)

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import logging
 
+import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes
 
@@ -63,6 +64,20 @@ def _typed_operands(ctx: AnalysisContext, values: list[ir.Value]):
             value.type, value.shape = type_, shape
 
 
+def _projection_operand(tape: ir.tape.Tape, match: OnnxLinearAttentionMatch, name: str) -> ir.Value | None:
+    """The (M, D) projection: the constant itself, or its first (M, D) slice when it was broadcast."""
+    projection = match.query.projection
+    if projection is None or len(projection.shape or ()) == 2:
+        return projection
+    matrix = match.query.projection_matrix()
+    shape = tape.initializer(ir.tensor(np.array((-1,) + matrix.shape, np.int64)), name=f"{name}/projection_shape")
+    first = tape.initializer(ir.tensor(np.array(0, np.int64)), name=f"{name}/projection_first")
+    flat = tape.op("Reshape", [projection, shape])
+    out = tape.op("Gather", [flat, first], attributes={"axis": 0})
+    out.dtype, out.shape = projection.dtype, ir.Shape(list(matrix.shape))
+    return out
+
+
 class RewriteOnnxLinearAttention(onnx_ir.passes.InPlacePass):
     """Rewrites each `PlannedLinearRewrite` in place; `plan.done` / `plan.failure` say what happened."""
 
@@ -75,14 +90,14 @@ class RewriteOnnxLinearAttention(onnx_ir.passes.InPlacePass):
         for plan in self.plans:
             match = plan.match
             q, k, v = (replaced.get(x, x) for x in (match.query.source, match.key.source, match.value))
-            tape = ir.tape.Tape()
+            tape, name = ir.tape.Tape(), f"{match.output.name}/linear_attention"
             try:
                 with _typed_operands(self.ctx, [q, k, v]):
                     new = build_linear_attention(
-                        tape, q, k, v, match.query.projection, feature_map=match.query.kind, causal=match.causal,
-                        data_scale=match.query.data_scale, epsilon=match.query.epsilon, normalizer_epsilon=0.0,
-                        slice_size=plan.slice_size, name=f"{match.output.name}/linear_attention",
-                        target=_BUILDER_TARGET[plan.target])
+                        tape, q, k, v, _projection_operand(tape, match, name), feature_map=match.query.kind,
+                        causal=match.causal, data_scale=match.query.data_scale, epsilon=match.query.epsilon,
+                        normalizer_epsilon=0.0, slice_size=plan.slice_size, name=name,
+                        target=_BUILDER_TARGET[plan.target], key_sum_epsilon=match.key_sum_epsilon)
             except ValueError as error:
                 plan.failure = f"the linear-attention builder refused: {error}"
                 logger.info("not rewriting %s: %s", match.output.name, error)

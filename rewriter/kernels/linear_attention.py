@@ -2,8 +2,12 @@
 
 Per batch · head, with a feature map φ applied row-wise to queries and keys:
 
-    bidirectional  out_i = φ(q_i)ᵀ·Σ_j φ(k_j)v_jᵀ / (φ(q_i)ᵀ·Σ_j φ(k_j) + normalizer_epsilon)
+    bidirectional  out_i = φ(q_i)ᵀ·Σ_j φ(k_j)v_jᵀ / (φ(q_i)ᵀ·(Σ_j φ(k_j) + key_sum_epsilon) + normalizer_epsilon)
     causal         the same with the sums over j ≤ i
+
+`key_sum_epsilon` is the ε that performer-pytorch's causal paths add to every prefix-summed
+feature (`k_cumsum + eps`): φ(q)·(Σφ(k) + ε) = φ(q)·Σφ(k) + ε·Σφ(q). It enters as the starting
+value of the state's normaliser column, so forward and backward stay exact with no extra term.
 
 Feature maps (x scaled by `data_scale` c first; Ω the (M, D) projection):
 
@@ -71,6 +75,14 @@ class LinearOptions:
     causal: bool = False
     normalizer_epsilon: float = 0.0
     slice_size: int = 128
+    key_sum_epsilon: float = 0.0
+
+
+def _initial_state(shape, dtype, device, opts: LinearOptions) -> torch.Tensor:
+    """The state before any key: zeros, with `key_sum_epsilon` in the normaliser column."""
+    state = torch.zeros(shape, dtype=dtype, device=device)
+    state[..., -1] = opts.key_sum_epsilon
+    return state
 
 
 # --------------------------------------------------------------------------- feature maps
@@ -185,11 +197,14 @@ def _output_grad(grad_out, out, den):
 
 
 def linear_attention_forward(q, k, v, projection, opts: LinearOptions):
-    """(out (B, H, Lq, Dv) in q's dtype, final state (B, Hkv, M, Dv + 1), key stabiliser (B, Hkv))."""
+    """(out (B, H, Lq, Dv) in q's dtype, final state (B, Hkv, M, Dv + 1), key stabiliser (B, Hkv)).
+
+    The state's last column is Σφ(k) + key_sum_epsilon.
+    """
     lay, fmap = _Layout(q, k, v, projection), opts.feature_map
     key_max = _key_max(k, lay.projection, fmap, opts.slice_size, lay.dtype)
     key_max_b = key_max[..., None, None]
-    state = torch.zeros(k.shape[:2] + (lay.features, v.size(-1) + 1), dtype=lay.dtype, device=q.device)
+    state = _initial_state(k.shape[:2] + (lay.features, v.size(-1) + 1), lay.dtype, q.device, opts)
     out = torch.empty(lay.qg.shape[:-1] + (v.size(-1),), dtype=q.dtype, device=q.device)
     if not opts.causal:
         for l0, l1 in _slices(k.size(2), opts.slice_size):
@@ -297,7 +312,7 @@ def _bidirectional_backward(lay, grads, grad_out, out, state, key_max, opts: Lin
 
 def _slice_start_states(lay, state, key_max, opts: LinearOptions):
     """The state before each slice, from one pass over the keys."""
-    starts, running = [], torch.zeros_like(state)
+    starts, running = [], _initial_state(state.shape, state.dtype, state.device, opts)
     for l0, l1 in _slices(lay.k.size(2), opts.slice_size):
         starts.append(running)
         kb, vb = lay.keys(l0, l1)

@@ -14,6 +14,7 @@ K/V heads are never expanded. Nothing of size L × M × Dv (nor L × M) is forme
     causal:              Loop i < n  carries state = 0, scan:
                          num = φ(q_i)·state + Trilu(φ(q_i)·φ(k_i)ᵀ)·[v_i | 1]   state += φ(k_i)ᵀ·[v_i | 1]
     out block = num[:, :Dv] / (num[:, Dv:] + normalizer_epsilon), padded to s rows
+    (the state's Σφ(k) column starts at `key_sum_epsilon`, not 0: φ(q)·(Σφ(k) + ε))
     (n, B,Hkv,G,s,Dv) ─Transpose─Reshape→ (B,H,n·s,Dv) ─Slice(:L)→ out (B,H,L,Dv)
 
 `target="ort"` (causal only) instead feeds φ(Q), φ(K) (formed whole: L × M per head) and [v | 1]
@@ -45,12 +46,13 @@ class _LinearBuilder:
     """Options, and the outer-scope values (constants, lengths, grouped operands) the loop bodies read."""
 
     def __init__(self, emit: Emitter, q, k, v, projection, *, feature_map: str, data_scale: float,
-                 epsilon: float, normalizer_epsilon: float, slice_size: int):
+                 epsilon: float, normalizer_epsilon: float, slice_size: int, key_sum_epsilon: float = 0.0):
         e = self.e = emit
         self.dtype = ir.DataType.DOUBLE if q.dtype == ir.DataType.DOUBLE else ir.DataType.FLOAT
         self.np_dtype = self.dtype.numpy()
         self.kind, self.out_dtype = feature_map, q.dtype
         self.data_scale, self.epsilon, self.normalizer_epsilon = data_scale, epsilon, normalizer_epsilon
+        self.key_sum_epsilon = key_sum_epsilon
         self.zero, self.one = e.const([0]), e.const([1])
         self.q, self.k, self.v = q, k, v
         self.projection_t = None if projection is None else e("Transpose", self.cast(e, projection), perm=[1, 0])
@@ -104,13 +106,13 @@ class _LinearBuilder:
     def block(self, e: Emitter, x: ir.Value, start: ir.Value, stop: ir.Value) -> ir.Value:
         return self.cast(e, e("Slice", x, start, stop, e.const([3])))
 
-    def with_ones(self, e: Emitter, v_block: ir.Value, rank: int = 5) -> ir.Value:
-        """[v | 1]: numerator and denominator from one product.
+    def with_ones(self, e: Emitter, v_block: ir.Value, rank: int = 5, fill: float = 1.0) -> ir.Value:
+        """[v | 1] (or [v | fill]): numerator and denominator from one product.
 
         Pads are spelled out for every axis: ORT 1.32's transpose optimizer mis-permutes a Pad's
         `axes` input when it moves a Transpose (from the model's head split) through the Pad.
         """
-        return e("Pad", v_block, e.const([0] * (2 * rank - 1) + [1]), self.const(1.0))
+        return e("Pad", v_block, e.const([0] * (2 * rank - 1) + [1]), self.const(fill))
 
     def bounds(self, e: Emitter, i: ir.Value) -> tuple[ir.Value, ir.Value]:
         start = e("Mul", i, self.slice)
@@ -145,10 +147,11 @@ class _LinearBuilder:
         return e("Loop", self.n_slices, None, start, body=graph)
 
     def zero_state(self, kg: ir.Value) -> ir.Value:
+        """The state before any key: zeros, and `key_sum_epsilon` in the Σφ(k) column."""
         e = self.e
-        shape = e("Concat", e("Shape", kg, end=3), self.feature_count(e),
-                  e("Add", e("Shape", self.v, start=3), self.one), axis=0)
-        return e("ConstantOfShape", shape, value=ir.tensor(np.array([0.0], self.np_dtype)))
+        shape = e("Concat", e("Shape", kg, end=3), self.feature_count(e), e("Shape", self.v, start=3), axis=0)
+        zeros = e("ConstantOfShape", shape, value=ir.tensor(np.array([0.0], self.np_dtype)))
+        return self.with_ones(e, zeros, fill=self.key_sum_epsilon)
 
     def key_state(self, kg, vg, key_max) -> ir.Value:
         """Bidirectional: Σ over all slices of φ(k)ᵀ·[v | 1]."""
@@ -224,6 +227,9 @@ class _LinearBuilder:
         num = e("Transpose", e("Reshape", num, e.const([0, 0, heads, -1])), perm=[0, 2, 1, 3])
         minus_one, last = e.const([-1]), e.const([np.iinfo(np.int64).max])
         den = e("Add", e("Slice", num, minus_one, last, minus_one), self.const(self.normalizer_epsilon))
+        if self.key_sum_epsilon:  # φ(q)·(Σφ(k) + ε) = φ(q)·Σφ(k) + ε·Σφ(q)
+            added = e("ReduceSum", phi_q, e.const([-1]), keepdims=1)
+            den = e("Add", den, e("Mul", added, self.const(self.key_sum_epsilon)))
         out = e("Div", e("Slice", num, self.zero, minus_one, minus_one), den)
         return out if self.out_dtype == self.dtype else e("Cast", out, to=self.out_dtype)
 
@@ -238,13 +244,14 @@ def _static_heads(x: ir.Value, role: str) -> int:
 def build_linear_attention(tape: ir.tape.Tape, q: ir.Value, k: ir.Value, v: ir.Value, projection: ir.Value | None, *,
                            feature_map: str, causal: bool, data_scale: float, epsilon: float,
                            normalizer_epsilon: float, slice_size: int, name: str = "linear_attention",
-                           target: str = "chunked") -> ir.Value:
+                           target: str = "chunked", key_sum_epsilon: float = 0.0) -> ir.Value:
     """Append linear attention over q (B,H,L,D), k (B,Hkv,L,D), v (B,Hkv,L,Dv) to `tape`; returns out (B,H,L,Dv).
 
     `projection` is the (M, D) random-feature matrix Ω, or None for "relu" / "elu_plus_one" applied
     to c·x directly. Arithmetic is in fp32 (float64 for double q); the output has q's dtype. Batch
     and length may be symbolic. `target="ort"` (causal only) uses `com.microsoft.LinearAttention`
-    and needs static head counts. Values are named `<name>/...`, so `name` must be unique.
+    and needs static head counts. `key_sum_epsilon` is added to every (prefix-)summed key feature
+    of the normaliser (performer-pytorch's `k_cumsum + eps`). Values are named `<name>/...`, so `name` must be unique.
     """
     if feature_map not in FEATURE_MAPS:
         raise ValueError(f"feature map {feature_map!r} is not one of {', '.join(FEATURE_MAPS)}")
@@ -260,7 +267,8 @@ def build_linear_attention(tape: ir.tape.Tape, q: ir.Value, k: ir.Value, v: ir.V
         raise ValueError(f"q must be floating point, got {q.dtype}")
     logger.debug("linear attention %s: %s, causal=%s, slice %d, target %s", name, feature_map, causal, slice_size, target)
     builder = _LinearBuilder(Emitter(tape, name), q, k, v, projection, feature_map=feature_map, data_scale=data_scale,
-                             epsilon=epsilon, normalizer_epsilon=normalizer_epsilon, slice_size=slice_size)
+                             epsilon=epsilon, normalizer_epsilon=normalizer_epsilon, slice_size=slice_size,
+                             key_sum_epsilon=key_sum_epsilon)
     if target == "ort":
         out = builder.build_ort(_static_heads(q, "q"), _static_heads(k, "k"))
     else:

@@ -1,0 +1,73 @@
+"""performer-pytorch's own causal `PerformerLM` (1.1.4, its CPU path as shipped) against its rewrite.
+
+The model: `PerformerLM(num_tokens=32, dim=32, depth=1, heads=1, dim_head=64, nb_features=256,
+ff_mult=1, causal=True)`, projection fixed (no redraw), batch 1, fp32. "package" runs it as
+installed: `causal_linear_attention_noncuda`, 128 chunks each materialising chunk × M × Dv prefix
+sums (and autograd keeps every chunk's); "rewritten" runs `rewriter.optimize_module` of the same
+model, its attention block replaced by `rewriter::linear_attention`. Inference is a `no_grad`
+forward; training a forward and backward of the logits' sum. `prepare_call` is imported by the
+fresh child process of `rewriter.tools.measure.measure_in_fresh_process`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+
+import torch
+
+__all__ = ["IMPLS", "estimate_gib", "prepare_call"]
+
+logger = logging.getLogger(__name__)
+
+IMPLS = ("package", "rewritten")
+NUM_TOKENS, DIM, HEADS, HEAD_DIM, FEATURES = 32, 32, 1, 64, 256
+# The package's peak in copies of one (B, H, L, M, Dv) fp32 prefix-summed context: its chunks'
+# contexts and prefix sums (kept for the backward in training), rounded up from L = 4096.
+CONTEXT_COPIES = {"inference": 0.2, "training": 2.5}  # measured 0.14 and 2.2 at L = 4096
+
+
+def _model(length: int, rewritten: bool):
+    from performer_pytorch import PerformerLM
+
+    torch.manual_seed(0)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints that the CUDA kernel is missing
+        model = PerformerLM(num_tokens=NUM_TOKENS, max_seq_len=length, dim=DIM, depth=1, heads=HEADS,
+                            dim_head=HEAD_DIM, nb_features=FEATURES, ff_mult=1, causal=True).eval()
+    model.fix_projection_matrices_()
+    tokens = torch.randint(0, NUM_TOKENS, (1, length), generator=torch.Generator().manual_seed(1))
+    if not rewritten:
+        return model, tokens
+    import rewriter
+
+    graph, report = rewriter.optimize_module(model, (tokens,))
+    if report.rewritten_count != 1:
+        raise RuntimeError(f"expected the one Performer block rewritten: {report.summary()}")
+    return graph, tokens
+
+
+def prepare_call(impl: str, mode: str, length: int, threads: int, warmup: int):
+    """The call to measure: `impl` ("package" or "rewritten") at `length`, "inference" or "training"."""
+    torch.set_num_threads(threads)
+    training = mode == "training"
+
+    def make_call(n):
+        model, tokens = _model(n, impl == "rewritten")
+        if training:
+            return lambda: model(tokens).sum().backward()
+
+        def infer():
+            with torch.no_grad():
+                model(tokens)
+        return infer
+
+    make_call(warmup)()  # loads kernels, starts the thread pool
+    return make_call(length)
+
+
+def estimate_gib(impl: str, mode: str, length: int) -> float:
+    """The package's estimated extra peak (0 for the rewrite, whose memory does not grow with L·M·Dv)."""
+    if impl != "package":
+        return 0.0
+    return CONTEXT_COPIES[mode] * HEADS * length * FEATURES * HEAD_DIM * 4 / 2**30

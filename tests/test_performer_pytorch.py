@@ -1,0 +1,244 @@
+"""The `performer-pytorch` package's own modules (1.1.4): every Performer block found and rewritten, exactly.
+
+`SelfAttention`, `FastAttention` and `PerformerLM`, causal and bidirectional, with the FAVOR+
+`softmax_kernel` and the `generalized_attention` ReLU kernel, with and without local heads, through
+`optimize_module`: outputs and gradients (inputs and parameters) equal to eager, fp32, 1e-4 / 1e-3;
+`export_onnx`, and `optimize_onnx` on the package's own ONNX exports (dynamo opset 18 and 23,
+TorchScript opset 17), on ONNX Runtime against eager.
+The causal blocks are the package's CPU path as shipped (`causal_linear_attention_noncuda`: 128
+chunks carrying running sums, ε added to every prefix-summed key feature).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import rewriter
+from passes.onnx.einsum_ellipsis import spelt_out
+from rewriter.torch_api import optimize_module
+from rewriter.verify import verify_onnx
+from tests.parity import assert_module_parity
+
+performer_pytorch = pytest.importorskip("performer_pytorch")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+OP = torch.ops.rewriter.linear_attention.default
+KERNELS = {"favor": {}, "relu": {"generalized_attention": True}}
+
+
+def _quiet(factory, **kwargs):
+    """Build a package module; its causal modules print that the CUDA kernel is missing."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return factory(**kwargs)
+
+
+def _op_calls(gm) -> list[torch.fx.Node]:
+    return [node for node in gm.graph.nodes if node.target is OP]
+
+
+def _performer_matches(report):
+    return [match for match in report.matches if match.kind == "performer"]
+
+
+def _assert_all_rewritten(report, gm, blocks: int):
+    found = _performer_matches(report)
+    assert len(found) == blocks and all(match.rewritten for match in found), report.summary()
+    assert len(_op_calls(gm)) == blocks, gm.graph
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("length", [1, 37, 300])
+def test_self_attention(kernel, causal, length):
+    torch.manual_seed(0)
+    model = _quiet(performer_pytorch.SelfAttention, dim=32, heads=2, dim_head=16, causal=causal, nb_features=24,
+                   **KERNELS[kernel]).eval()
+    x = torch.randn(2, length, 32)
+    gm, report = optimize_module(model, (x,))
+    _assert_all_rewritten(report, gm, 1)
+    assert _op_calls(gm)[0].args[5] is causal
+    assert assert_module_parity(model, gm, (x,), atol=1e-4, grad_atol=1e-3) > 0
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+@pytest.mark.parametrize("causal", [False, True])
+def test_fast_attention(kernel, causal):
+    torch.manual_seed(1)
+    model = _quiet(performer_pytorch.FastAttention, dim_heads=16, nb_features=24, causal=causal,
+                   **KERNELS[kernel]).eval()
+    generator = torch.Generator().manual_seed(2)
+    qkv = tuple(torch.randn(2, 3, 150, 16, generator=generator) for _ in range(3))
+    gm, report = optimize_module(model, qkv)
+    _assert_all_rewritten(report, gm, 1)
+    call = _op_calls(gm)[0]
+    assert call.kwargs.get("key_sum_epsilon", call.args[-1]) == (1e-6 if causal else 0.0)
+    assert_module_parity(model, gm, qkv, atol=1e-4, grad_atol=1e-3)
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("local_heads", [0, 1])
+def test_performer_lm(kernel, causal, local_heads):
+    """Every Performer layer is rewritten; the local heads (softmax windows) stay exact whatever happens to them."""
+    torch.manual_seed(3)
+    model = _quiet(performer_pytorch.PerformerLM, num_tokens=50, max_seq_len=128, dim=32, depth=2, heads=2,
+                   dim_head=16, causal=causal, nb_features=16, local_attn_heads=local_heads, local_window_size=16,
+                   **KERNELS[kernel]).eval()
+    model.fix_projection_matrices_()
+    tokens = torch.randint(0, 50, (2, 96), generator=torch.Generator().manual_seed(4))
+    gm, report = optimize_module(model, (tokens,))
+    _assert_all_rewritten(report, gm, 2)
+    assert assert_module_parity(model, gm, (tokens,), atol=1e-4, grad_atol=1e-3) > 0
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_no_projection_is_left_alone(causal):
+    """`no_projection=True` (softmax over features for q, over keys or exp for k) is no feature map the op has."""
+    torch.manual_seed(10)
+    model = _quiet(performer_pytorch.SelfAttention, dim=32, heads=2, dim_head=16, causal=causal,
+                   no_projection=True).eval()
+    x = torch.randn(1, 20, 32)
+    gm, report = optimize_module(model, (x,))
+    [match] = _performer_matches(report)
+    assert not match.rewritten and "not a known feature map" in match.reason
+    assert not _op_calls(gm)
+    assert_module_parity(model, gm, (x,))
+
+
+def test_training_mode_with_redraw_fixed():
+    """In training mode the package would redraw Ω every `feature_redraw_interval` calls: fixed, the rewrite matches."""
+    torch.manual_seed(5)
+    model = _quiet(performer_pytorch.PerformerLM, num_tokens=40, max_seq_len=64, dim=32, depth=1, heads=2, dim_head=16,
+                   causal=True, nb_features=16, feature_redraw_interval=1)
+    model.fix_projection_matrices_()
+    tokens = torch.randint(0, 40, (1, 64), generator=torch.Generator().manual_seed(6))
+    gm, report = optimize_module(model.eval(), (tokens,))
+    _assert_all_rewritten(report, gm, 1)
+    before = model.performer.net.layers[0][0].fn.fast_attention.projection_matrix.clone()
+    model.train()
+    for _ in range(3):
+        model(tokens)
+    assert torch.equal(model.performer.net.layers[0][0].fn.fast_attention.projection_matrix, before)
+    assert_module_parity(model.eval(), gm, (tokens,), atol=1e-4, grad_atol=1e-3)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_projection_is_an_operand(causal):
+    """Ω is read by the op from the module (buffer or parameter), never folded: changing it changes the output."""
+    torch.manual_seed(7)
+    model = _quiet(performer_pytorch.SelfAttention, dim=32, heads=2, dim_head=16, causal=causal, nb_features=24).eval()
+    fast = model.fast_attention
+    projection = nn.Parameter(fast.projection_matrix.clone())
+    del fast.projection_matrix
+    fast.projection_matrix = projection
+    x = torch.randn(1, 40, 32)
+    gm, report = optimize_module(model, (x,))
+    _assert_all_rewritten(report, gm, 1)
+    operand = _op_calls(gm)[0].args[3]
+    assert operand.op == "get_attr", operand
+    graph_projection = gm.get_parameter(operand.target)
+    assert_module_parity(model, gm, (x,), atol=1e-4, grad_atol=1e-3)
+    torch.testing.assert_close(graph_projection.grad, projection.grad, atol=1e-3, rtol=1e-4)
+    with torch.no_grad():
+        projection.copy_(fast.create_projection())
+        graph_projection.copy_(projection)
+    torch.testing.assert_close(gm(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- ONNX
+
+EXPORTERS = {"dynamo18": {"dynamo": True, "opset_version": 18}, "dynamo23": {"dynamo": True, "opset_version": 23},
+             "torchscript17": {"dynamo": False, "opset_version": 17}}
+
+
+def _language_model(causal: bool, kernel: str = "favor", depth: int = 1):
+    torch.manual_seed(8)
+    model = _quiet(performer_pytorch.PerformerLM, num_tokens=50, max_seq_len=256, dim=32, depth=depth, heads=2,
+                   dim_head=16, causal=causal, nb_features=16, **KERNELS[kernel]).eval()
+    model.fix_projection_matrices_()
+    return model
+
+
+def _package_export(model, tokens, exporter: str) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (tokens,), buffer, input_names=["tokens"], **EXPORTERS[exporter])
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _ort(model: onnx.ModelProto, tokens) -> np.ndarray:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: tokens.numpy()})[0]
+
+
+def _tokens(length: int):
+    return torch.randint(0, 50, (1, length), generator=torch.Generator().manual_seed(9))
+
+
+@pytest.mark.parametrize("target", ["chunked", "ort"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_export_onnx(tmp_path, causal, target):
+    if target == "ort" and not causal:
+        pytest.skip("com.microsoft.LinearAttention is causal only")
+    model, tokens = _language_model(causal, depth=2), _tokens(80)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = rewriter.export_onnx(model, (tokens,), str(tmp_path / "lm.onnx"), target=target)
+    found = _performer_matches(report)
+    assert len(found) == 2 and all(match.rewritten for match in found), report.summary()
+    got = _ort(onnx.load(str(tmp_path / "lm.onnx")), tokens)
+    np.testing.assert_allclose(got, model(tokens).detach().numpy(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("exporter", sorted(EXPORTERS))
+@pytest.mark.parametrize("causal,kernel", [(False, "favor"), (True, "favor"), (True, "relu")])
+def test_optimize_the_package_export(exporter, causal, kernel):
+    """Every block of the package's own export found and rewritten; on ORT equal to eager (and the original)."""
+    # TorchScript's export runs on ORT only with exactly 128 chunks (see the test below)
+    model, tokens = _language_model(causal, kernel), _tokens(128 if exporter == "torchscript17" else 40)
+    exported = _package_export(model, tokens, exporter)
+    optimized, report = rewriter.optimize_onnx(exported)
+    found = _performer_matches(report)
+    assert len(found) == 1 and all(match.rewritten for match in found), report.summary()
+    assert not {"CumSum", "SplitToSequence", "SequenceAt"} & {node.op_type for node in optimized.graph.node}
+    got, eager = _ort(optimized, tokens), model(tokens).detach().numpy()
+    np.testing.assert_allclose(got, eager, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(got, _ort(spelt_out(exported), tokens), atol=1e-4, rtol=1e-4)
+
+
+def test_torchscript_causal_export_that_ort_refuses(tmp_path):
+    """At a length with fewer than 128 chunks TorchScript's export writes a negative split size: ORT refuses
+    the original, the rewrite runs and equals eager PyTorch, and `optimize --verify` says all that."""
+    model, tokens = _language_model(True), _tokens(96)
+    exported = _package_export(model, tokens, "torchscript17")
+    with pytest.raises(Exception, match="split"):
+        _ort(exported, tokens)
+    optimized, report = rewriter.optimize_onnx(exported)
+    assert all(match.rewritten for match in _performer_matches(report)), report.summary()
+    feeds, eager = {"tokens": tokens.numpy()}, [model(tokens).detach().numpy()]
+    checked = verify_onnx(exported, optimized, feeds=feeds, reference=eager)
+    assert checked.ok and checked.compared_against == "reference outputs", checked.message
+    unchecked = verify_onnx(exported, optimized, feeds=feeds)
+    assert not unchecked.ok and unchecked.compared_against == "nothing"
+    assert "SplitToSequence" in unchecked.original_error and "the rewritten model runs" in unchecked.message
+    path, output = tmp_path / "ts.onnx", tmp_path / "ts_opt.onnx"
+    onnx.save(exported, str(path))
+    run = subprocess.run([sys.executable, "-m", "rewriter", "optimize", str(path), "-o", str(output), "--verify"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and not output.exists()
+    assert "the original does not run on ONNX Runtime (SplitToSequence" in run.stdout + run.stderr
+    assert "the rewritten model runs" in run.stdout + run.stderr
