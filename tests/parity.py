@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 import rewriter
+import rewriter.kernels.attention_op  # noqa: F401  (registers torch.ops.rewriter.attention)
 
 ATTENTION_OP = torch.ops.rewriter.attention.default
 
@@ -22,7 +23,8 @@ def _outputs(result) -> list[torch.Tensor]:
 
 
 def assert_parity(module, inputs, *, rewrites: int, atol=1e-5, rtol=1e-4, grad_atol=1e-4, grads=True, **options):
-    """Rewrite `module`, check `rewrites` blocks were replaced, and outputs and input grads agree."""
+    """Rewrite `module`, check `rewrites` blocks were replaced, and outputs and the gradients of
+    the inputs and of every parameter (by name) agree."""
     module = module.eval()
     gm, report = rewriter.optimize_module(module, tuple(inputs), **options)
     assert report.rewritten_count == rewrites, report.summary()
@@ -35,7 +37,8 @@ def assert_parity(module, inputs, *, rewrites: int, atol=1e-5, rtol=1e-4, grad_a
         weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=o.dtype) for i, o in enumerate(outs)]
         loss = sum((o * w).sum() for o, w in zip(outs, weights))
         differentiable = [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
-        return outs, torch.autograd.grad(loss, differentiable, allow_unused=True)
+        parameters = [p for _, p in sorted(fn.named_parameters()) if p.requires_grad]
+        return outs, torch.autograd.grad(loss, differentiable + parameters, allow_unused=True)
 
     with torch.set_grad_enabled(grads):
         expected, expected_grads = run(module)

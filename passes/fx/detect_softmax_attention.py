@@ -87,6 +87,8 @@ class FxAttentionMatch:
     causal_offset: int = 0
     scale: float = 1.0
     softcap: float = 0.0
+    # Non-constant factors of the scores (a learned temperature), applied to Q: (operand, divides).
+    query_factors: list[tuple[Operand, bool]] = dataclasses.field(default_factory=list)
     replaced: list[Node] = dataclasses.field(default_factory=list)  # dead once `output` is replaced
     cast_output_to: torch.dtype | None = None  # the op returns q's dtype; the model's output may differ
 
@@ -143,8 +145,8 @@ def _peel_scale(gm: GraphModule, operand: Operand) -> tuple[Operand, float]:
     if not ops.is_call(node, ops.MUL | ops.DIV) or not isinstance(node.args[0], Node):
         return operand, 1.0
     factor = scalar_constant(gm, node.args[1])
-    if factor is None or not factor > 0:
-        return operand, 1.0
+    if factor is None or not factor > 0 or _shape(node.args[0]) != _shape(node):
+        return operand, 1.0  # a factor that broadcasts Q or K to more axes stays part of the operand
     factor = factor if node.target in ops.MUL else 1.0 / factor
     return dataclasses.replace(operand, node=node.args[0]).before_permutes(), factor
 
@@ -198,6 +200,34 @@ def _aligned(node: Node, scores_labels: str, scores_shape, what: str) -> Operand
     return Operand(node, labels, "")
 
 
+def _query_factor(node: Node, scores: _Scores) -> Operand:
+    """A tensor factor of the scores, arranged like a bias; it must be constant along the key axis."""
+    operand = _aligned(node, scores.labels, scores.shape, "scale")
+    if scores.key in operand.labels and _shape(node)[operand.labels.index(scores.key)] != 1:
+        raise _Rejected(f"the scale '{node.name}' varies along the key axis")
+    return dataclasses.replace(operand, target=scores.batch + scores.query + scores.key)
+
+
+def _canonical_shape(operand: Operand) -> tuple:
+    """The operand's sizes once arranged as the op's 4-D (batch, heads, rows, cols) input."""
+    shape = _shape(operand.node)
+    sizes = tuple(shape[operand.labels.index(label)] if label in operand.labels else 1 for label in operand.target)
+    padding = 4 - len(sizes)
+    return sizes[:1] + (1,) * padding + sizes[1:] if len(sizes) == 3 else (1,) * padding + sizes
+
+
+def _check_operand_shapes(match: FxAttentionMatch) -> None:
+    """Q, K and V as the op takes them: K/V batch 1 or Q's, equal K/V heads dividing Q's heads."""
+    q, k, v = (_canonical_shape(operand) for operand in (match.query, match.key, match.value))
+    if k[0] not in (1, q[0]) or v[0] not in (1, q[0]):
+        raise _Rejected(f"the query of batch {q[0]} broadcasts against keys/values of batch {k[0]}/{v[0]}")
+    if k[1] != v[1]:
+        raise _Rejected(f"keys and values have different head counts ({k[1]} and {v[1]})")
+    divides = k[1] == 1 or q[1] == k[1] or isinstance(q[1], int) and isinstance(k[1], int) and q[1] % k[1] == 0
+    if not divides:
+        raise _Rejected(f"{q[1]} query heads are not a multiple of {k[1]} key/value heads")
+
+
 class _Builder:
     """Turns one anchor into an `FxAttentionMatch` (accepted, or rejected with a reason)."""
 
@@ -219,6 +249,8 @@ class _Builder:
             probabilities, pv_node = _follow_probabilities(anchor, nodes)
             scores = self._fill_from_products(match, chain, softmax, probabilities, pv_node)
             self._fill_masks(match, scores, chain.biases, chain.masks)
+            match.query_factors = [(_query_factor(node, scores), divides) for node, divides in chain.query_factors]
+            _check_operand_shapes(match)
         except (_Rejected, LabelError) as error:
             return FxAttentionMatch(self._spec(match, nodes, str(error)))
         match.scale, match.softcap = chain.scale, chain.softcap
@@ -342,8 +374,11 @@ class _Builder:
                 Operand(v, batch + "PV", batch + "PV").before_permutes())
             match.output, match.out_canonical, match.out_labels = node, batch + "MV", batch + "MV"
             scores_shape = _shape(q)[:-1] + (_shape(k)[-2],)
-            if _shape(q)[1] != _shape(k)[1] and rank == 4 and not gqa:
+            if _shape(q)[1] != _shape(k)[1] and rank == 4 and not gqa and _shape(k)[1] != 1:
+                # K/V of one head broadcast to every query head (multi-query attention); other
+                # counts need enable_gqa
                 raise _Rejected("query and key head counts differ without enable_gqa")
+            _check_operand_shapes(match)
             biases, masks = [], []
             if mask is not None:
                 if ops.tensor_meta(mask).dtype.is_floating_point:
@@ -425,12 +460,18 @@ def detect_softmax_attention(gm: GraphModule) -> list[FxAttentionMatch]:
     builder = _Builder(gm)
     matches = []
     for node in list(gm.graph.nodes):
-        if ops.is_call(node, ops.SDPA):
-            matches.append(builder.from_sdpa(node))
-        elif _anchor_softmax(node) is not None:
-            match = builder.from_softmax(node)
-            if match is not None:
-                matches.append(match)
+        try:
+            if ops.is_call(node, ops.SDPA):
+                match = builder.from_sdpa(node)
+            elif _anchor_softmax(node) is not None:
+                match = builder.from_softmax(node)
+            else:
+                continue
+        except Exception as error:  # noqa: BLE001 - one unanalysable candidate must not stop the others
+            logger.exception("analysing %s failed", node.name)
+            match = FxAttentionMatch(AttentionSpec("softmax", (node.name,), reason=f"not analysed: {error!r}"))
+        if match is not None:
+            matches.append(match)
     for match in matches:
         logger.info("%s: %s", match.spec.nodes[0], "match" if match.spec.accepted else match.spec.reason)
     return matches

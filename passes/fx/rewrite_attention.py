@@ -94,8 +94,17 @@ def _with_memory_order_of(graph: Graph, node: Node, order: list[int], original: 
     return graph.call_function(aten.permute.default, (node, inverse))
 
 
+def _with_query_factors(graph: Graph, query: Node, match: FxAttentionMatch) -> Node:
+    """Q times (or divided by) each tensor factor of the scores, cast to Q's dtype as eager would."""
+    for operand, divides in match.query_factors:
+        factor = graph.call_function(aten.type_as.default, (_arrange(graph, operand), query))
+        query = graph.call_function(aten.div.Tensor if divides else aten.mul.Tensor, (query, factor))
+    return query
+
+
 def _emit(graph: Graph, match: FxAttentionMatch, chunks: ChunkSizes) -> Node:
     query, key, value = (_arrange(graph, operand) for operand in (match.query, match.key, match.value))
+    query = _with_query_factors(graph, query, match)
     bias = _combined_bias(graph, match.biases)
     mask = None
     if match.mask is not None:
@@ -120,6 +129,7 @@ def _follow_replacements(match: FxAttentionMatch, replaced: dict[Node, Node]) ->
 
     match.query, match.key, match.value, match.mask = map(current, (match.query, match.key, match.value, match.mask))
     match.biases = [(current(operand), factor) for operand, factor in match.biases]
+    match.query_factors = [(current(operand), divides) for operand, divides in match.query_factors]
 
 
 def _erase_replaced(graph: Graph, replaced: list[Node]) -> None:

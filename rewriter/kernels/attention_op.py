@@ -40,7 +40,7 @@ def uses_fused_kernel(q, k, v, bias, mask, opts: ScoreOptions, bias_grad: bool =
     """
     if q.device.type != "cpu" or q.dtype not in _FUSED_DTYPES or opts.softcap > 0 or bias_grad:
         return False
-    if not (q.dtype == k.dtype == v.dtype) or q.size(-1) != v.size(-1) or q.size(0) != k.size(0):
+    if not (q.dtype == k.dtype == v.dtype) or q.size(-1) != v.size(-1) or not q.size(0) == k.size(0) == v.size(0):
         return False
     if opts.causal and (opts.causal_offset != 0 or bias is not None or mask is not None):
         return False
@@ -70,9 +70,11 @@ def _fused_inputs(q, k, v, bias, mask):
 
 
 def _check_shapes(q, k, v) -> None:
+    """q (B, H, Lq, D), k (1|B, Hkv, Lk, D), v (1|B, Hkv, Lk, Dv) with H a multiple of Hkv."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"rewriter::attention takes 4-D q, k, v; got {q.dim()}, {k.dim()}, {v.dim()}")
-    if k.shape[:3] != v.shape[:3] or q.size(-1) != k.size(-1) or q.size(1) % k.size(1):
+    batch_ok = k.size(0) in (1, q.size(0)) and v.size(0) in (1, q.size(0))
+    if not batch_ok or k.shape[1:3] != v.shape[1:3] or q.size(-1) != k.size(-1) or q.size(1) % k.size(1):
         raise ValueError(f"rewriter::attention: incompatible q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
 
 
