@@ -33,6 +33,8 @@ aten = torch.ops.aten
 def _arrange(graph: Graph, operand: Operand) -> Node:
     """`operand` as a 4-D (batch, heads, rows, cols) view: absent labels become size-1 axes."""
     node, labels = operand.node, operand.labels
+    if operand.view_shape is not None:  # a merged (batch·heads) axis, split as `labels` name it
+        node = graph.call_function(aten.reshape.default, (node, list(operand.view_shape)))
     for label in operand.target:
         if label not in labels:
             node = graph.call_function(aten.unsqueeze.default, (node, len(labels)))
@@ -68,7 +70,11 @@ def _restore_layout(graph: Graph, node: Node, match: FxAttentionMatch) -> Node:
     order = [canonical.index(label) for label in match.out_labels]
     if order != list(range(len(order))):
         node = graph.call_function(aten.permute.default, (node, order))
-    node = _with_memory_order_of(graph, node, order, ops.tensor_meta(match.output))
+    original = ops.tensor_meta(match.output)
+    if len(match.out_labels) != original.dim():  # the model's output merges (batch, heads)
+        node = graph.call_function(aten.reshape.default, (node, list(original.shape)))
+    else:
+        node = _with_memory_order_of(graph, node, order, original)
     if match.cast_output_to is not None:
         node = graph.call_function(aten._to_copy.default, (node,), {"dtype": match.cast_output_to})
     return node

@@ -5,6 +5,8 @@ Accepted between the product and softmax (in any order the algebra allows):
     scores ──(mul|div by a scalar constant)──(+ bias | − bias | + constant)──
            ──(masked_fill | where with a scalar fill)──(c·tanh(scores/c))──(casts, clones)── softmax
 
+and views that only split or merge batch and head axes (`passes.fx.batch_views`), anywhere.
+
 The ops are reduced to the `rewriter::attention` order ``scale → softcap → +bias → mask`` by
 `passes.score_algebra`, which refuses the orders that would change a result.
 
@@ -21,6 +23,7 @@ import dataclasses
 from torch.fx import GraphModule, Node
 
 from passes.fx import aten_vocabulary as ops
+from passes.fx.batch_views import is_batch_view
 from passes.fx.constant_values import scalar_constant
 from passes.fx.product_labels import LabeledProduct, label_product
 from passes.score_algebra import ChainError, MaskStep, reduce_score_steps, scores_side_of_sum
@@ -97,6 +100,8 @@ def _walk(gm: GraphModule, node: Node, steps: list, nodes: list[Node]):
         steps.append(("tanh", None))
         return _walk_to(gm, node.args[0], node, steps, nodes)
     if target in ops.RESHAPE:
+        if is_batch_view(node):  # (B·H, Lq, Lk) ↔ (B, H, Lq, Lk): moves no score
+            return _walk_to(gm, node.args[0], node, steps, nodes)
         raise ChainError(f"scores are reshaped between the product and softmax ('{node.name}')")
     raise ChainError(f"unsupported op '{target}' between the product and softmax ('{node.name}')")
 
