@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import sys
 import time
@@ -22,11 +23,19 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.ERROR)
     started = time.monotonic()
 
+    counts = collections.Counter()
+
     def report(case, outcome):
         if args.show == "all" or outcome.kind in _FAILURES:
             print(f"{outcome.kind}: {outcome.detail}\n    {case}", flush=True)
+        done = sum(n for kind, n in counts.items() if not kind.startswith("onnx_"))
+        if done % 100 == 0 and outcome is not None:
+            print(f"... {done} cases: {dict(counts)}", flush=True)
 
-    counts = run_campaign(args.cases, args.seed, args.onnx_every, report)
+    try:
+        run_campaign(args.cases, args.seed, args.onnx_every, report, counts)
+    except KeyboardInterrupt:  # stopped early: report what ran
+        print("interrupted", flush=True)
     fx = {kind: counts[kind] for kind in ("rewritten", "left_alone", "wrong", "crashed", "known", "invalid")}
     onnx = {kind: counts["onnx_" + kind] for kind in fx}
     print(f"{sum(fx.values())} cases in {time.monotonic() - started:.0f} s (seed {args.seed})")

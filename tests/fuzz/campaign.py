@@ -17,13 +17,15 @@ logger = logging.getLogger(__name__)
 
 
 def run_campaign(count: int, random_seed: int = 0, onnx_every: int = 0,
-                 report: Callable[[Case, Outcome], None] | None = None) -> collections.Counter:
+                 report: Callable[[Case, Outcome], None] | None = None,
+                 counts: collections.Counter | None = None) -> collections.Counter:
     """Counts of outcome kinds over `count` generated cases (plus ``onnx_*`` for the ORT subset).
 
     Deterministic for a given `random_seed`. Every `onnx_every`-th case (0: none) is also
-    exported and compared on ONNX Runtime. `report(case, outcome)` sees every outcome.
+    exported and compared on ONNX Runtime. `report(case, outcome)` sees every outcome. Pass
+    `counts` to read the counts so far when the campaign is interrupted.
     """
-    counts: collections.Counter = collections.Counter()
+    counts = collections.Counter() if counts is None else counts
 
     @seed(random_seed)
     @settings(max_examples=count, deadline=None, database=None, phases=[Phase.generate],

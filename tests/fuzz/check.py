@@ -26,7 +26,7 @@ __all__ = ["Outcome", "known_failure", "run_case", "run_onnx_case"]
 logger = logging.getLogger(__name__)
 
 # (atol, rtol) as a fraction of the largest expected magnitude, forward and gradients
-_TOLERANCES = {"float32": (1e-4, 1e-3), "bfloat16": (3e-2, 5e-2), "float16": (5e-3, 1e-2)}
+_TOLERANCES = {"float32": (1e-4, 1e-3), "bfloat16": (5e-2, 5e-2), "float16": (1e-2, 1e-2)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +48,12 @@ def known_failure(case: Case) -> str | None:
     finite = math.isfinite(case.fill) and case.mask_form != "additive"
     if case.product == "sdpa" and _has_empty_row(case):
         return "issue 10 item 2: SDPA gives 0 (not NaN) on rows whose every key is masked"
-    if case.mask_then_bias and finite and case.mask != "none" and case.bias != "none":
-        return "issue 10 item 5: a bias added after a finite-fill mask (GPT-2 with padding)"
+    if case.mask_then_bias and case.mask != "none" and case.bias != "none" and (finite or _has_empty_row(case)):
+        # also: a bias after a −∞ mask, on a row of NaN, gets a NaN gradient in eager only
+        return "issue 10 item 5: a bias added after a mask is applied before it (GPT-2 with padding)"
+    if case.dtype == "float16" and case.mask != "none" and math.isfinite(case.fill) and case.fill < -6e4:
+        return ("found by this fuzzer, not fixed: fp16 scores at finfo(float16).min overflow to −∞ "
+                "in eager; the op adds in fp32 (tests/fuzz/test_fuzz.py::test_fp16_fill_overflow)")
     return None
 
 
