@@ -41,6 +41,8 @@ class Temperature(nn.Module):
             scores = (q * self.tau) @ k.transpose(-1, -2)
         elif self.form == "softcap":
             scores = torch.tanh(scores * self.tau / 5.0) * 5.0
+        elif self.form == "shift":  # a learned additive term: a 0-d bias, not a constant shift
+            scores = scores * 0.25 + self.tau
         elif self.form == "then_mask":
             keep = torch.ones(L, L, dtype=torch.bool).tril()
             scores = (scores * 0.25 * self.tau).masked_fill(~keep, float("-inf"))
@@ -49,7 +51,8 @@ class Temperature(nn.Module):
         return torch.softmax(scores, -1) @ v
 
 
-@pytest.mark.parametrize("form", ["multiply", "divide", "on_query", "softcap", "then_mask", "per_head", "per_query"])
+@pytest.mark.parametrize("form", ["multiply", "divide", "on_query", "softcap", "then_mask", "shift", "per_head",
+                                  "per_query"])
 @pytest.mark.parametrize("tau", [0.3, -0.7])
 def test_parameter_scale_is_a_tensor_not_a_constant(form, tau):
     module = Temperature(form, tau)
