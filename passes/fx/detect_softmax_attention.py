@@ -211,7 +211,10 @@ def _compact_labels(product: LabeledProduct, split: BatchSplit | None) -> Labele
     if len(batch) not in (1, 2):
         raise _Rejected(f"a product with {len(batch)} batch axes in a block with batch views")
     names = dict(zip(batch, MERGED if len(batch) == 1 else FINE))
-    rename = lambda labels: "".join(names.get(label, label) for label in labels)  # noqa: E731
+
+    def rename(labels: str) -> str:
+        return "".join(names.get(label, label) for label in labels)
+
     return dataclasses.replace(product, left_labels=rename(product.left_labels),
                                right_labels=rename(product.right_labels), out_labels=rename(product.out_labels))
 
