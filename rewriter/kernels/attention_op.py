@@ -46,7 +46,9 @@ def uses_fused_kernel(q, k, v, bias, mask, opts: ScoreOptions, bias_grad: bool =
     """
     if q.device.type != "cpu" or q.dtype not in _FUSED_DTYPES or opts.softcap > 0 or bias_grad:
         return False
-    if not (q.dtype == k.dtype == v.dtype) or q.size(-1) != v.size(-1) or not q.size(0) == k.size(0) == v.size(0):
+    if not (q.dtype == k.dtype == v.dtype) or q.size(-1) != v.size(-1):
+        return False
+    if not q.size(0) == k.size(0) == v.size(0):  # K/V broadcast over the batch: blockwise
         return False
     if opts.causal and (opts.causal_offset != 0 or bias is not None or mask is not None):
         return False

@@ -51,7 +51,8 @@ BF16_FILL_ROUNDING = Case(
     fill=-10000.0, dtype="bfloat16", chunks=(2, 1), seed=15968)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="half-precision rounding at large fills decides fully masked rows in eager")
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="half-precision rounding at large fills decides fully masked rows in eager")
 @pytest.mark.parametrize("case", [FP16_FILL_OVERFLOW, BF16_FILL_ROUNDING], ids=["fp16_overflow", "bf16_rounding"])
 def test_half_precision_fill_rounding(case):
     """Eager adds the bias and a −65504 (fp16) or −10000 (bf16, ulp 64 there) fill in half
