@@ -101,10 +101,14 @@ def _with_memory_order_of(graph: Graph, node: Node, order: list[int], original: 
 
 
 def _with_query_factors(graph: Graph, query: Node, match: FxAttentionMatch) -> Node:
-    """Q times (or divided by) each tensor factor of the scores, cast to Q's dtype as eager would."""
+    """Q times (or divided by) each tensor factor of the scores, rounded once to Q's dtype.
+
+    Like eager's `scores * tau`, the product is formed at the factor's precision (an fp32 tau is not
+    rounded to bf16 first) and the result has Q's dtype.
+    """
     for operand, divides in match.query_factors:
-        factor = graph.call_function(aten.type_as.default, (_arrange(graph, operand), query))
-        query = graph.call_function(aten.div.Tensor if divides else aten.mul.Tensor, (query, factor))
+        scaled = graph.call_function(aten.div.Tensor if divides else aten.mul.Tensor, (query, _arrange(graph, operand)))
+        query = graph.call_function(aten.type_as.default, (scaled, query))
     return query
 
 
