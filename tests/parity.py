@@ -23,7 +23,8 @@ def _outputs(result) -> list[torch.Tensor]:
 
 
 def assert_parity(module, inputs, *, rewrites: int, atol=1e-5, rtol=1e-4, grad_atol=1e-4, grads=True, **options):
-    """Rewrite `module`, check `rewrites` blocks were replaced, and outputs and input grads agree.
+    """Rewrite `module`, check `rewrites` blocks were replaced, and outputs and the gradients of
+    the inputs and of every parameter (by name) agree.
 
     Captured at the example's shapes unless `dynamic_shapes` says otherwise: these checks are about
     the rewrite at the shapes given (tests/test_dynamic_lengths.py covers optimize_module's default).
@@ -41,7 +42,8 @@ def assert_parity(module, inputs, *, rewrites: int, atol=1e-5, rtol=1e-4, grad_a
         weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=o.dtype) for i, o in enumerate(outs)]
         loss = sum((o * w).sum() for o, w in zip(outs, weights))
         differentiable = [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
-        return outs, torch.autograd.grad(loss, differentiable, allow_unused=True)
+        parameters = [p for _, p in sorted(fn.named_parameters()) if p.requires_grad]
+        return outs, torch.autograd.grad(loss, differentiable + parameters, allow_unused=True)
 
     with torch.set_grad_enabled(grads):
         expected, expected_grads = run(module)

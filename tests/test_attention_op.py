@@ -154,3 +154,19 @@ def test_planner_fits_the_budget_and_respects_overrides():
     assert plan_chunk_sizes(_spec(), chunk_size=(3, 5)).key == 5
     with pytest.raises(ValueError, match="not a size"):
         parse_size("lots")
+
+
+def test_rows_whose_every_key_has_a_finfo_min_bias_keep_exact_gradients():
+    """Found by BLOOM with left padding: the fused kernel's backward lost log(sum) at finfo.min."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 8, requires_grad=True) for _ in range(3))
+    bias = torch.zeros(1, 1, 6, 6)
+    bias[..., :3, :] = torch.finfo(torch.float32).min  # rows 0-2 see no key at all
+    grad = torch.randn(1, 2, 6, 8)
+    eager = torch.softmax(q @ k.transpose(-1, -2) * 0.3 + bias, -1) @ v
+    want = torch.autograd.grad(eager, (q, k, v), grad)
+    out, _ = torch.ops.rewriter.attention(q, k, v, bias, None, 0.3, 0.0, float("-inf"), False, 0, 1024, 4096)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-4)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)

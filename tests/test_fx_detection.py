@@ -84,6 +84,8 @@ STYLES = {
     "sdpa_causal": lambda m, q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
     "sdpa_bool_mask": lambda m, q, k, v, pad: F.scaled_dot_product_attention(q, k, v, attn_mask=pad[:, None, None, :]),
     "sdpa_gqa": lambda m, q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True, scale=0.3),
+    # a constant but non-scalar factor: applied to Q by the rewrite, not read as a number
+    "per_head_scale_buffer": lambda m, q, k, v: F.softmax(q @ k.transpose(-1, -2) * m.slopes.view(1, H, 1, 1), -1) @ v,
 }
 
 
@@ -160,8 +162,11 @@ NEAR_MISSES = {
         lambda m, q, k, v: _both(F.softmax(q @ k.transpose(-1, -2), -1), v), "users"),
     "scores reused": (
         lambda m, q, k, v: _scores_reused(q @ k.transpose(-1, -2), v), "other users"),
-    "per-head scale tensor": (
-        lambda m, q, k, v: F.softmax(q @ k.transpose(-1, -2) * m.slopes.view(1, H, 1, 1), -1) @ v, "non-scalar"),
+    "scale varying along keys": (
+        lambda m, q, k, v: F.softmax(q @ k.transpose(-1, -2) * m.tri[0, 0, 0, :L], -1) @ v, "varies along the key axis"),
+    "tensor scale after a bias": (
+        lambda m, q, k, v: F.softmax((q @ k.transpose(-1, -2) + m.tri[:, :, :L, :L]) * m.slopes.view(1, H, 1, 1), -1) @ v,
+        "scaled by the tensor"),
     "bias after finite mask": (
         lambda m, q, k, v, pad: F.softmax(torch.where(pad[:, None, None, :], q @ k.transpose(-1, -2), -1e9)
                                           + m.slopes.view(1, H, 1, 1), -1) @ v, "finite fill"),

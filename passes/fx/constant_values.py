@@ -18,16 +18,17 @@ from passes.fx.aten_vocabulary import scalar_value
 __all__ = ["constant_value", "scalar_constant"]
 
 
-def _ancestors_are_constant(node: Node, seen: dict[Node, bool]) -> bool:
+def _ancestors_are_constant(gm: GraphModule, node: Node, seen: dict[Node, bool]) -> bool:
     if node in seen:
         return seen[node]
     if node.op == "placeholder":
         result = False
     elif node.op == "get_attr":
-        result = True
+        # Buffers and lifted literals are constants; a parameter is trained and updated, never one.
+        result = not isinstance(operator.attrgetter(node.target)(gm), torch.nn.Parameter)
     elif node.op == "call_function":
         seen[node] = False  # guards against cycles; fx graphs have none
-        result = all(_ancestors_are_constant(arg, seen) for arg in node.all_input_nodes)
+        result = all(_ancestors_are_constant(gm, arg, seen) for arg in node.all_input_nodes)
     else:
         result = False
     seen[node] = result
@@ -35,10 +36,10 @@ def _ancestors_are_constant(node: Node, seen: dict[Node, bool]) -> bool:
 
 
 def constant_value(gm: GraphModule, node) -> torch.Tensor | float | None:
-    """The value of `node` when it depends on no graph input, else None."""
+    """The value of `node` when it depends on no graph input and no parameter, else None."""
     if not isinstance(node, Node):
         return node
-    if not _ancestors_are_constant(node, {}):
+    if not _ancestors_are_constant(gm, node, {}):
         return None
     values: dict[Node, object] = {}
 
@@ -57,7 +58,7 @@ def constant_value(gm: GraphModule, node) -> torch.Tensor | float | None:
 
 
 def scalar_constant(gm: GraphModule, arg) -> float | None:
-    """A number, or a one-element tensor that depends on no input; else None."""
+    """A number, or a one-element tensor that depends on no input and no parameter; else None."""
     number = scalar_value(arg)
     if number is not None:
         return number

@@ -27,8 +27,10 @@ from passes.core.attention_labels import LabelError, ScoreAxes, prove_pv_axes, p
 from passes.core.attention_spec import AttentionSpec
 from passes.fx import aten_vocabulary as ops
 from passes.core.causal_proofs import causal_offset_of_bias, causal_offset_of_keep
+from passes.fx import batch_views
+from passes.fx.batch_views import FINE, MERGED, BatchSplit, BatchViewError, expand
 from passes.fx.constant_values import constant_value, scalar_constant
-from passes.fx.product_labels import label_product
+from passes.fx.product_labels import LabeledProduct, label_product
 from passes.fx.score_chain import ScoreChain, trace_score_chain
 from passes.core.mask_semantics import ScoreSemantics, fill_is_neg_inf, mask_kind, sort_score_terms
 from passes.core.score_algebra import ChainError, MaskStep
@@ -44,6 +46,7 @@ class Operand:
     node: Node
     labels: str
     target: str
+    view_shape: tuple | None = None  # the node viewed so (merged batch·heads split), which `labels` name
 
     def before_permutes(self) -> Operand:
         """The same operand seen before any transpose/permute views that produced it."""
@@ -74,6 +77,8 @@ class FxAttentionMatch(ScoreSemantics):
     value: Operand | None = None
     out_canonical: str = ""  # labels of the op's output (batch…, query, value-dim)
     out_labels: str = ""  # labels of `output`
+    # Non-constant factors of the scores (a learned temperature), applied to Q: (operand, divides).
+    query_factors: list[tuple[Operand, bool]] = dataclasses.field(default_factory=list)
     replaced: list[Node] = dataclasses.field(default_factory=list)  # dead once `output` is replaced
     cast_output_to: torch.dtype | None = None  # the op returns q's dtype; the model's output may differ
 
@@ -109,7 +114,7 @@ def _follow_probabilities(anchor: Node, nodes: list[Node]) -> tuple[Node, Node]:
             probability, train = user.args[1], user.args[2] if len(user.args) > 2 else True
             if train and probability:
                 raise _Rejected(f"dropout p={probability} on probabilities in training mode")
-        elif not ops.is_call(user, ops.CASTS | ops.PASSTHROUGH):
+        elif not ops.is_call(user, ops.CASTS | ops.PASSTHROUGH) and not batch_views.is_batch_view(user):
             raise _Rejected(f"probabilities feed '{user.target}', not a product with V")
         nodes.append(user)
         current = user
@@ -121,8 +126,8 @@ def _peel_scale(gm: GraphModule, operand: Operand) -> tuple[Operand, float]:
     if not ops.is_call(node, ops.MUL | ops.DIV) or not isinstance(node.args[0], Node):
         return operand, 1.0
     factor = scalar_constant(gm, node.args[1])
-    if factor is None or not factor > 0:
-        return operand, 1.0
+    if factor is None or not factor > 0 or _shape(node.args[0]) != _shape(node):
+        return operand, 1.0  # a factor that broadcasts Q or K to more axes stays part of the operand
     factor = factor if node.target in ops.MUL else 1.0 / factor
     return dataclasses.replace(operand, node=node.args[0]).before_permutes(), factor
 
@@ -130,7 +135,7 @@ def _peel_scale(gm: GraphModule, operand: Operand) -> tuple[Operand, float]:
 def _before_head_expansion(operand: Operand) -> Operand:
     """K or V from before a repeat_interleave over heads (GQA/MQA), when that is what fed it."""
     heads_axis_label = operand.target[1] if len(operand.target) == 4 else None
-    if heads_axis_label is None or heads_axis_label not in operand.labels:
+    if heads_axis_label is None or operand.view_shape is not None or heads_axis_label not in operand.labels:
         return operand
     axis = operand.labels.index(heads_axis_label)
     node = operand.node
@@ -160,6 +165,38 @@ def _shape(node: Node) -> tuple:
     return tuple(size if isinstance(size, int) else size.node.expr for size in meta.shape)
 
 
+def _operand_shape(operand: Operand) -> tuple:
+    """The sizes that `operand.labels` name: the node's, or its view's."""
+    return operand.view_shape if operand.view_shape is not None else _shape(operand.node)
+
+
+def _split_operand(operand: Operand, split: BatchSplit | None) -> Operand:
+    """An operand with a merged (batch·heads) axis, viewed as (batch, heads) (see batch_views)."""
+    if split is None or MERGED not in operand.labels:
+        return dataclasses.replace(operand, target=expand(operand.target))
+    try:
+        view = batch_views.split_shape(_shape(operand.node), operand.labels.index(MERGED), split)
+    except BatchViewError as error:
+        raise _Rejected(str(error)) from None
+    return Operand(operand.node, expand(operand.labels), expand(operand.target), view)
+
+
+def _compact_labels(product: LabeledProduct, split: BatchSplit | None) -> LabeledProduct:
+    """With a split, the product's batch labels renamed: one merged axis `MERGED`, two `FINE`."""
+    if split is None:
+        return product
+    batch = product.out_labels[:-2]
+    if len(batch) not in (1, 2):
+        raise _Rejected(f"a product with {len(batch)} batch axes in a block with batch views")
+    names = dict(zip(batch, MERGED if len(batch) == 1 else FINE))
+
+    def rename(labels: str) -> str:
+        return "".join(names.get(label, label) for label in labels)
+
+    return dataclasses.replace(product, left_labels=rename(product.left_labels),
+                               right_labels=rename(product.right_labels), out_labels=rename(product.out_labels))
+
+
 def _static(size) -> int | None:
     return size if isinstance(size, int) else None
 
@@ -176,11 +213,40 @@ def _aligned(node: Node, scores_labels: str, scores_shape, what: str) -> Operand
     return Operand(node, labels, "")
 
 
+def _query_factor(operand: Operand, scores: ScoreAxes) -> Operand:
+    """A tensor factor of the scores, arranged like a bias; it must be constant along the key axis."""
+    if scores.key in operand.labels and _operand_shape(operand)[operand.labels.index(scores.key)] != 1:
+        raise _Rejected(f"the scale '{operand.node.name}' varies along the key axis")
+    return dataclasses.replace(operand, target=scores.batch + scores.query + scores.key)
+
+
+def _canonical_shape(operand: Operand) -> tuple:
+    """The operand's sizes once arranged as the op's 4-D (batch, heads, rows, cols) input."""
+    shape = _operand_shape(operand)
+    sizes = tuple(shape[operand.labels.index(label)] if label in operand.labels else 1 for label in operand.target)
+    padding = 4 - len(sizes)
+    return sizes[:1] + (1,) * padding + sizes[1:] if len(sizes) == 3 else (1,) * padding + sizes
+
+
+def _check_operand_shapes(match: FxAttentionMatch) -> None:
+    """Q, K and V as the op takes them: K/V batch 1 or Q's, equal K/V heads dividing Q's heads."""
+    q, k, v = (_canonical_shape(operand) for operand in (match.query, match.key, match.value))
+    if k[0] not in (1, q[0]) or v[0] not in (1, q[0]):
+        raise _Rejected(f"the query of batch {q[0]} broadcasts against keys/values of batch {k[0]}/{v[0]}")
+    if k[1] != v[1]:
+        raise _Rejected(f"keys and values have different head counts ({k[1]} and {v[1]})")
+    divides = k[1] == 1 or q[1] == k[1] or isinstance(q[1], int) and isinstance(k[1], int) and q[1] % k[1] == 0
+    if not divides:
+        raise _Rejected(f"{q[1]} query heads are not a multiple of {k[1]} key/value heads")
+
+
 class _Builder:
     """Turns one anchor into an `FxAttentionMatch` (accepted, or rejected with a reason)."""
 
     def __init__(self, gm: GraphModule):
         self.gm = gm
+        self.split: BatchSplit | None = None  # the current candidate's batch views, if any
+        self.segments: dict[Node, tuple | None] = {}  # bias/mask → the scores' shape where applied
 
     def from_softmax(self, anchor: Node) -> FxAttentionMatch | None:
         softmax = _anchor_softmax(anchor)
@@ -195,9 +261,13 @@ class _Builder:
         match = FxAttentionMatch(AttentionSpec("softmax", names))
         try:
             probabilities, pv_node = _follow_probabilities(anchor, nodes)
+            self._find_batch_views(chain, nodes)
             scores = self._fill_from_products(match, chain, softmax, probabilities, pv_node)
             self._fill_masks(match, scores, chain.biases, chain.masks)
-        except (_Rejected, LabelError) as error:
+            match.query_factors = [(_query_factor(self._score_operand(node, scores, "scale"), scores), divides)
+                                   for node, divides in chain.query_factors]
+            _check_operand_shapes(match)
+        except (_Rejected, LabelError, BatchViewError) as error:
             return FxAttentionMatch(self._spec(match, nodes, str(error)))
         match.scale, match.softcap = chain.scale, chain.softcap
         match.replaced = [pv_node] + nodes[::-1] + chain.nodes + [chain.product_node]
@@ -211,29 +281,68 @@ class _Builder:
         except _Rejected:
             return False
 
+    def _find_batch_views(self, chain: ScoreChain, probability_nodes: list[Node]) -> None:
+        """The block's batch split (None without batch views) and where each score operand applies."""
+        block = [chain.product_node, *chain.nodes]
+        self.split = batch_views.batch_split([_shape(node) for node in block + probability_nodes])
+        self.segments = {}
+        on_path = set(block)
+        for node in block:
+            scores_side = [arg for arg in node.all_input_nodes if arg in on_path]
+            shape = _shape(scores_side[0]) if scores_side else _shape(node)
+            for arg in node.all_input_nodes:
+                if arg not in on_path:
+                    self.segments[arg] = shape if self.segments.get(arg, shape) == shape else None
+
+    def _key_label(self, scores: str, softmax: Node) -> str:
+        """The label softmax normalises over, counted from the end when views change the rank."""
+        rank = len(_shape(softmax.args[0]))
+        from_end = _softmax_dim(softmax) % rank - rank
+        if self.split is not None and from_end not in (-1, -2):
+            raise _Rejected("softmax runs over a batch or head axis")
+        return scores[from_end]
+
     def _fill_from_products(self, match, chain: ScoreChain, softmax, probabilities, pv_node):
-        qk = chain.product
-        scores = qk.out_labels
-        axes = prove_qk_axes(scores, qk.left_labels, qk.right_labels, scores[_softmax_dim(softmax) % len(scores)])
+        qk = _compact_labels(chain.product, self.split)
+        scores = expand(qk.out_labels)
+        axes = prove_qk_axes(scores, expand(qk.left_labels), expand(qk.right_labels), self._key_label(scores, softmax))
+        if self.split is not None and {axes.query, axes.key} != set(scores[-2:]):
+            raise _Rejected("batch views in a block whose query and key axes are not the last two")
         key_node, query_node = (qk.left, qk.right) if axes.key_on_left else (qk.right, qk.left)
         key_labels, query_labels = (qk.left_labels, qk.right_labels) if axes.key_on_left else (
             qk.right_labels, qk.left_labels)
-        match.query, query_scale = _peel_scale(self.gm, Operand(query_node, query_labels, axes.query_target).before_permutes())
-        match.key, key_scale = _peel_scale(self.gm, Operand(key_node, key_labels, axes.key_target).before_permutes())
+        query, query_scale = _peel_scale(self.gm, Operand(query_node, query_labels, axes.query_target).before_permutes())
+        key, key_scale = _peel_scale(self.gm, Operand(key_node, key_labels, axes.key_target).before_permutes())
+        match.query, match.key = _split_operand(query, self.split), _split_operand(key, self.split)
         chain.scale *= query_scale * key_scale
 
         pv = label_product(pv_node)
         if pv.left is not probabilities and pv.right is not probabilities:
             raise _Rejected("probabilities are not an operand of the P·V product")
+        pv = _compact_labels(pv, self.split)
         p_node, p_labels = pv.operand(probabilities)
         value_node, value_labels = (pv.right, pv.right_labels) if p_node is pv.left else (pv.left, pv.left_labels)
         if pv.added is not None or pv.alpha != 1 or p_node is pv.right and pv_node.target is not ops.aten.einsum.default:
             raise _Rejected("P·V is not a plain product of probabilities and V")
-        pv_axes = prove_pv_axes(axes, scores, p_labels, value_labels, pv.out_labels)
-        value = Operand(value_node, value_labels, pv_axes.value_target).before_permutes()
+        pv_axes = prove_pv_axes(axes, scores, expand(p_labels), expand(value_labels), expand(pv.out_labels))
+        value = _split_operand(Operand(value_node, value_labels, pv_axes.value_target).before_permutes(), self.split)
         match.key, match.value = _unexpanded_key_value(match.key, value)
-        match.output, match.out_canonical, match.out_labels = pv_node, pv_axes.out_canonical, pv.out_labels
-        return ScoreAxes(scores, _shape(chain.product_node), axes.batch, axes.query, axes.key)
+        match.output, match.out_canonical, match.out_labels = pv_node, pv_axes.out_canonical, expand(pv.out_labels)
+        product_shape = _shape(chain.product_node)
+        if MERGED in qk.out_labels:
+            product_shape = batch_views.split_shape(product_shape, qk.out_labels.index(MERGED), self.split)
+        return ScoreAxes(scores, product_shape, axes.batch, axes.query, axes.key)
+
+    def _score_operand(self, node: Node, scores: ScoreAxes, what: str) -> Operand:
+        """A bias, mask or factor aligned with the scores where the model applies it."""
+        segment = self.segments.get(node, scores.dims)
+        if self.split is None or segment == scores.dims:
+            return _aligned(node, scores.labels, scores.dims, what)
+        if segment is None:
+            raise _Rejected(f"{what} '{node.name}' is applied to scores of two different shapes")
+        compact = scores.labels.replace(FINE, MERGED)
+        operand = _aligned(node, compact, segment, what)
+        return _split_operand(dataclasses.replace(operand, target=compact), self.split)
 
     def _fill_masks(self, match, scores_info: ScoreAxes, biases: list[tuple[Node, float]], masks: list[MaskStep]):
         """Sort biases and masks into the match (`mask_semantics.sort_score_terms`)."""
@@ -242,7 +351,7 @@ class _Builder:
         key_len = scores_shape[scores.index(scores_info.key)]
 
         def aligned(node, what):
-            return dataclasses.replace(_aligned(node, scores, scores_shape, what), target=canonical)
+            return dataclasses.replace(self._score_operand(node, scores_info, what), target=canonical)
 
         def bias_offset(operand, factor, only_masking):
             return self._causal_from_bias(operand, factor, query_len, key_len, only_masking)
@@ -262,6 +371,8 @@ class _Builder:
         value = constant_value(self.gm, operand.node)
         if not isinstance(value, torch.Tensor):
             return None
+        if operand.view_shape is not None:
+            value = value.reshape(operand.view_shape)
         labels = operand.labels
         for label in operand.target:
             if label not in labels:
@@ -293,6 +404,7 @@ class _Builder:
             node.kwargs.get(name, args[3 + i]) for i, name in enumerate(names)
         ]
         match = FxAttentionMatch(AttentionSpec("softmax", (node.name,)))
+        self.split, self.segments = None, {}
         try:
             if dropout:
                 raise _Rejected(f"scaled_dot_product_attention with dropout_p={dropout}")
@@ -306,8 +418,11 @@ class _Builder:
                 Operand(v, batch + "PV", batch + "PV").before_permutes())
             match.output, match.out_canonical, match.out_labels = node, batch + "MV", batch + "MV"
             scores_shape = _shape(q)[:-1] + (_shape(k)[-2],)
-            if _shape(q)[1] != _shape(k)[1] and rank == 4 and not gqa:
+            if _shape(q)[1] != _shape(k)[1] and rank == 4 and not gqa and _shape(k)[1] != 1:
+                # K/V of one head broadcast to every query head (multi-query attention); other
+                # counts need enable_gqa
                 raise _Rejected("query and key head counts differ without enable_gqa")
+            _check_operand_shapes(match)
             biases, masks = [], []
             if mask is not None:
                 if ops.tensor_meta(mask).dtype.is_floating_point:
@@ -351,7 +466,7 @@ def _layout_fields(match: FxAttentionMatch) -> dict:
         names.update(dict(zip(batch, ("B", "H") if len(batch) == 2 else ("(BH)",))))
         return "".join(names.get(label, "?") for label in operand.labels)
 
-    query_shape, key_shape = _shape(match.query.node), _shape(match.key.node)
+    query_shape, key_shape = _operand_shape(match.query), _operand_shape(match.key)
     q_seq, head_dim = match.query.target[-2], match.query.target[-1]
     k_seq = match.key.target[-2]
     batch = match.query.target[:-2]
@@ -368,7 +483,7 @@ def _layout_fields(match: FxAttentionMatch) -> dict:
     heads = batch[1] if len(batch) == 2 else "-"
     fields["num_kv_heads"] = _static(key_shape[match.key.labels.index(heads)]) if heads in match.key.labels else 1
     if match.value is not None:
-        value_shape = _shape(match.value.node)
+        value_shape = _operand_shape(match.value)
         fields["v_layout"] = layout(match.value, match.value.target[-2], match.value.target[-1])
         fields["value_head_dim"] = _static(value_shape[match.value.labels.index(match.value.target[-1])])
         fields["out_layout"] = layout(
@@ -382,12 +497,18 @@ def detect_softmax_attention(gm: GraphModule) -> list[FxAttentionMatch]:
     builder = _Builder(gm)
     matches = []
     for node in list(gm.graph.nodes):
-        if ops.is_call(node, ops.SDPA):
-            matches.append(builder.from_sdpa(node))
-        elif _anchor_softmax(node) is not None:
-            match = builder.from_softmax(node)
-            if match is not None:
-                matches.append(match)
+        try:
+            if ops.is_call(node, ops.SDPA):
+                match = builder.from_sdpa(node)
+            elif _anchor_softmax(node) is not None:
+                match = builder.from_softmax(node)
+            else:
+                continue
+        except Exception as error:  # noqa: BLE001 - one unanalysable candidate must not stop the others
+            logger.exception("analysing %s failed", node.name)
+            match = FxAttentionMatch(AttentionSpec("softmax", (node.name,), reason=f"not analysed: {error!r}"))
+        if match is not None:
+            matches.append(match)
     for match in matches:
         logger.info("%s: %s", match.spec.nodes[0], "match" if match.spec.accepted else match.spec.reason)
     return matches

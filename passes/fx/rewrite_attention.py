@@ -33,6 +33,8 @@ aten = torch.ops.aten
 def _arrange(graph: Graph, operand: Operand) -> Node:
     """`operand` as a 4-D (batch, heads, rows, cols) view: absent labels become size-1 axes."""
     node, labels = operand.node, operand.labels
+    if operand.view_shape is not None:  # a merged (batch·heads) axis, split as `labels` name it
+        node = graph.call_function(aten.reshape.default, (node, list(operand.view_shape)))
     for label in operand.target:
         if label not in labels:
             node = graph.call_function(aten.unsqueeze.default, (node, len(labels)))
@@ -68,7 +70,11 @@ def _restore_layout(graph: Graph, node: Node, match: FxAttentionMatch) -> Node:
     order = [canonical.index(label) for label in match.out_labels]
     if order != list(range(len(order))):
         node = graph.call_function(aten.permute.default, (node, order))
-    node = _with_memory_order_of(graph, node, order, ops.tensor_meta(match.output))
+    original = ops.tensor_meta(match.output)
+    if len(match.out_labels) != original.dim():  # the model's output merges (batch, heads)
+        node = graph.call_function(aten.reshape.default, (node, list(original.shape)))
+    else:
+        node = _with_memory_order_of(graph, node, order, original)
     if match.cast_output_to is not None:
         node = graph.call_function(aten._to_copy.default, (node,), {"dtype": match.cast_output_to})
     return node
@@ -94,8 +100,21 @@ def _with_memory_order_of(graph: Graph, node: Node, order: list[int], original: 
     return graph.call_function(aten.permute.default, (node, inverse))
 
 
+def _with_query_factors(graph: Graph, query: Node, match: FxAttentionMatch) -> Node:
+    """Q times (or divided by) each tensor factor of the scores, rounded once to Q's dtype.
+
+    Like eager's `scores * tau`, the product is formed at the factor's precision (an fp32 tau is not
+    rounded to bf16 first) and the result has Q's dtype.
+    """
+    for operand, divides in match.query_factors:
+        scaled = graph.call_function(aten.div.Tensor if divides else aten.mul.Tensor, (query, _arrange(graph, operand)))
+        query = graph.call_function(aten.type_as.default, (scaled, query))
+    return query
+
+
 def _emit(graph: Graph, match: FxAttentionMatch, chunks: ChunkSizes) -> Node:
     query, key, value = (_arrange(graph, operand) for operand in (match.query, match.key, match.value))
+    query = _with_query_factors(graph, query, match)
     bias = _combined_bias(graph, match.biases)
     mask = None
     if match.mask is not None:
@@ -120,6 +139,7 @@ def _follow_replacements(match: FxAttentionMatch, replaced: dict[Node, Node]) ->
 
     match.query, match.key, match.value, match.mask = map(current, (match.query, match.key, match.value, match.mask))
     match.biases = [(current(operand), factor) for operand, factor in match.biases]
+    match.query_factors = [(current(operand), divides) for operand, divides in match.query_factors]
 
 
 def _erase_replaced(graph: Graph, replaced: list[Node]) -> None:

@@ -5,8 +5,15 @@ Accepted between the product and softmax (in any order the algebra allows):
     scores ──(mul|div by a scalar constant)──(+ bias | − bias | + constant)──
            ──(masked_fill | where with a scalar fill)──(c·tanh(scores/c))──(casts, clones)── softmax
 
+and views that only split or merge batch and head axes (`passes.fx.batch_views`), anywhere.
+
 The ops are reduced to the `rewriter::attention` order ``scale → softcap → +bias → mask`` by
 `passes.core.score_algebra`, which refuses the orders that would change a result.
+
+A factor that is not a constant (a parameter such as a learned temperature, an input, a per-head
+vector) is never read as a number: when it multiplies or divides the scores before any bias, mask
+or soft-cap, it is kept as a tensor (`ScoreChain.query_factors`) that the rewrite applies to Q,
+since ``(Q·Kᵀ)·t = (Q·t)·Kᵀ`` for a `t` constant along the key axis; elsewhere it is refused.
 """
 
 from __future__ import annotations
@@ -16,11 +23,14 @@ import dataclasses
 from torch.fx import GraphModule, Node
 
 from passes.fx import aten_vocabulary as ops
+from passes.fx.batch_views import is_batch_view
 from passes.fx.constant_values import scalar_constant
 from passes.fx.product_labels import LabeledProduct, label_product
 from passes.core.score_algebra import ChainError, MaskStep, reduce_score_steps, scores_side_of_sum
 
 __all__ = ["ScoreChain", "trace_score_chain"]
+
+_TENSOR_FACTOR = "tensor_factor"  # a step local to this walker: scores ·|÷ a non-constant tensor
 
 
 @dataclasses.dataclass
@@ -32,6 +42,7 @@ class ScoreChain:
     softcap: float = 0.0
     biases: list[tuple[Node, float]] = dataclasses.field(default_factory=list)
     masks: list[MaskStep] = dataclasses.field(default_factory=list)
+    query_factors: list[tuple[Node, bool]] = dataclasses.field(default_factory=list)  # (tensor, divides)
 
 
 def _single_user(node: Node, user: Node) -> None:
@@ -69,7 +80,10 @@ def _walk(gm: GraphModule, node: Node, steps: list, nodes: list[Node]):
         _check_dropout(node)
         return _walk_to(gm, node.args[0], node, steps, nodes)
     if target in ops.MUL or target in ops.DIV:
-        operand, value = _scalar_operand(gm, node)
+        try:
+            operand, value = _scalar_operand(gm, node)
+        except ChainError:
+            return _walk_tensor_factor(gm, node, steps, nodes)
         steps.append(("scale", value if target in ops.MUL else 1.0 / value))
         return _walk_to(gm, operand, node, steps, nodes)
     if target in ops.ADD or target in ops.SUB:
@@ -86,6 +100,8 @@ def _walk(gm: GraphModule, node: Node, steps: list, nodes: list[Node]):
         steps.append(("tanh", None))
         return _walk_to(gm, node.args[0], node, steps, nodes)
     if target in ops.RESHAPE:
+        if is_batch_view(node):  # (B·H, Lq, Lk) ↔ (B, H, Lq, Lk): moves no score
+            return _walk_to(gm, node.args[0], node, steps, nodes)
         raise ChainError(f"scores are reshaped between the product and softmax ('{node.name}')")
     raise ChainError(f"unsupported op '{target}' between the product and softmax ('{node.name}')")
 
@@ -134,6 +150,37 @@ def _walk_sum(gm, node: Node, steps, nodes):
     return found
 
 
+def _walk_tensor_factor(gm, node: Node, steps, nodes):
+    """Scores multiplied or divided by a tensor that is not a constant: a `_TENSOR_FACTOR` step."""
+    left, right = node.args[0], node.args[1]
+    if not isinstance(left, Node) or not isinstance(right, Node):
+        raise ChainError(f"'{node.name}' scales the scores by a non-scalar or non-constant value")
+    scores, factor, found, branch_steps, branch_nodes = scores_side_of_sum(
+        node.name, left, right, lambda operand, *path: _walk_to(gm, operand, node, *path))
+    divides = node.target in ops.DIV
+    if divides and scores is right:
+        raise ChainError(f"'{node.name}' divides by the scores")
+    steps.append((_TENSOR_FACTOR, (factor, divides)))
+    steps.extend(branch_steps)
+    nodes.extend(branch_nodes)
+    return found
+
+
+def _split_query_factors(steps_top_down: list) -> tuple[list, list[tuple[Node, bool]]]:
+    """The tensor factors, which must come before every step but constant scales, and the rest."""
+    rest, factors = [], []
+    for kind, payload in steps_top_down:
+        if kind != _TENSOR_FACTOR:
+            rest.append((kind, payload))
+            continue
+        if any(earlier != "scale" for earlier, _ in rest):
+            raise ChainError(
+                f"the scores are scaled by the tensor '{payload[0].name}' after a bias, mask, shift or "
+                "soft-cap; it is not a constant and cannot be moved onto Q")
+        factors.append(payload)
+    return rest, factors
+
+
 def _walk_where(gm, node: Node, steps, nodes):
     condition, if_true, if_false = node.args[0], node.args[1], node.args[2]
     true_fill, false_fill = scalar_constant(gm, if_true), scalar_constant(gm, if_false)
@@ -156,5 +203,7 @@ def trace_score_chain(gm: GraphModule, softmax_input: Node, softmax: Node) -> Sc
     if product.added is not None:  # baddbmm: beta·input + alpha·(Q·Kᵀ)
         steps.append(("bias", (product.added, product.beta)))
     steps.append(("scale", product.alpha))
-    reduced = reduce_score_steps(list(reversed(steps)))
-    return ScoreChain(product_node, product, nodes, reduced.scale, reduced.softcap, reduced.biases, reduced.masks)
+    steps, query_factors = _split_query_factors(list(reversed(steps)))
+    reduced = reduce_score_steps(steps)
+    return ScoreChain(product_node, product, nodes, reduced.scale, reduced.softcap, reduced.biases, reduced.masks,
+                      query_factors)

@@ -105,7 +105,8 @@ class _Walker:
         if left_value is not None and right_value is None and node.op_type == "Mul":
             steps.append(("scale", left_value))
             return self.walk_to(right, node, steps, nodes)
-        raise ChainError(f"'{node.name}' scales the scores by a non-scalar or non-constant value")
+        names = " or ".join(f"'{value.name}'" for value in (left, right) if value is not None)
+        raise ChainError(f"'{node.name}' scales the scores by {names}, a non-scalar or non-constant value")
 
     def walk_sum(self, node: ir.Node, steps, nodes) -> LabeledProduct:
         left, right = node.inputs[0], node.inputs[1]

@@ -26,6 +26,9 @@ from rewriter.kernels.chunked_attention import (
 __all__ = ["attention", "uses_fused_kernel"]
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# A row whose largest bias is below this has a log-sum-exp of magnitude ≥ 64, where fp32 keeps
+# log(sum) only to ~1e-5: the fused kernel's backward would then be off by more than rounding.
+_FUSED_MIN_ROW_BIAS = -64.0
 
 
 def _options(scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk) -> ScoreOptions:
@@ -36,11 +39,16 @@ def uses_fused_kernel(q, k, v, bias, mask, opts: ScoreOptions, bias_grad: bool =
     """Whether PyTorch's CPU flash kernel gives exactly this op's result for these inputs.
 
     It takes one additive mask and top-left causality, not both; it returns 0 (not NaN) for a row
-    whose every key is at −∞, so such rows (checked on the data) stay on the blockwise path.
+    whose every key is at −∞, so such rows (checked on the data) stay on the blockwise path. Its
+    backward recomputes P from the stored log-sum-exp max + log(sum), in which log(sum) rounds
+    away when every key of a row carries a large negative bias (HF's finfo.min padding fill on a
+    fully padded row): such rows stay on the blockwise path too, which keeps max and sum apart.
     """
     if q.device.type != "cpu" or q.dtype not in _FUSED_DTYPES or opts.softcap > 0 or bias_grad:
         return False
-    if not (q.dtype == k.dtype == v.dtype) or q.size(-1) != v.size(-1) or q.size(0) != k.size(0):
+    if not (q.dtype == k.dtype == v.dtype) or q.size(-1) != v.size(-1):
+        return False
+    if not q.size(0) == k.size(0) == v.size(0):  # K/V broadcast over the batch: blockwise
         return False
     if opts.causal and (opts.causal_offset != 0 or bias is not None or mask is not None):
         return False
@@ -49,7 +57,7 @@ def uses_fused_kernel(q, k, v, bias, mask, opts: ScoreOptions, bias_grad: bool =
     if any(t is not None and not t.is_contiguous() for t in (bias, mask)):
         return False
     if bias is not None:
-        return bias.dtype == q.dtype and not bool(torch.isneginf(bias).all(-1).any())
+        return bias.dtype == q.dtype and bool((bias.amax(-1) >= _FUSED_MIN_ROW_BIAS).all())
     if mask is not None:
         return opts.mask_fill == -math.inf and bool(mask.any(-1).all())
     return True
@@ -70,9 +78,11 @@ def _fused_inputs(q, k, v, bias, mask):
 
 
 def _check_shapes(q, k, v) -> None:
+    """q (B, H, Lq, D), k (1|B, Hkv, Lk, D), v (1|B, Hkv, Lk, Dv) with H a multiple of Hkv."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"rewriter::attention takes 4-D q, k, v; got {q.dim()}, {k.dim()}, {v.dim()}")
-    if k.shape[:3] != v.shape[:3] or q.size(-1) != k.size(-1) or q.size(1) % k.size(1):
+    batch_ok = k.size(0) in (1, q.size(0)) and v.size(0) in (1, q.size(0))
+    if not batch_ok or k.shape[1:3] != v.shape[1:3] or q.size(-1) != k.size(-1) or q.size(1) % k.size(1):
         raise ValueError(f"rewriter::attention: incompatible q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
 
 

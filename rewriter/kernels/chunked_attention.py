@@ -15,8 +15,10 @@ as exp(S − max) / sum, so nothing of size Lq × Lk is ever held. (Max and sum 
 rather than as one log-sum-exp: at scores near a finite fill such as −1e9, max + log(sum) rounds
 the log away.) Blocks wholly above a causal diagonal are skipped.
 
-Layouts: q (B, H, Lq, D); k (B, Hkv, Lk, D); v (B, Hkv, Lk, Dv) with H a multiple of Hkv
+Layouts: q (B, H, Lq, D); k (B|1, Hkv, Lk, D); v (B|1, Hkv, Lk, Dv) with H a multiple of Hkv
 (query head h reads key/value head h // (H / Hkv)); bias and mask broadcast to (B, H, Lq, Lk).
+Gradients of operands that broadcast (K/V of batch 1, a bias of size 1 on any axis) are summed
+over the broadcast axes, so each has its operand's own shape.
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ def _finite_reference(row_max: torch.Tensor) -> torch.Tensor:
 
 
 def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Sum a gradient block over the axes its (broadcast) bias has size 1 in."""
+    """Sum a gradient block over the axes its (broadcast) operand has size 1 in."""
     axes = [axis for axis in range(grad.dim()) if shape[axis] == 1 and grad.size(axis) != 1]
     return grad.sum(axes, keepdim=True) if axes else grad
 
@@ -180,7 +182,7 @@ def chunked_attention_backward(grad_out, q, k, v, bias, mask, out, stats, opts: 
             scores, capped = _block_scores(
                 qb_scaled, kb, _block(biasg, q0, q1, k0, k1), hidden_b, opts, q0, k0, keep_tanh=True)
             probs = scores.sub_(row_reference[..., q0:q1, :]).exp_().div_(row_sum[..., q0:q1, :])
-            dv[..., k0:k1, :] += torch.matmul(probs.transpose(-1, -2), dob).sum(2)
+            dv[..., k0:k1, :] += _reduce_to(torch.matmul(probs.transpose(-1, -2), dob).sum(2), dv.shape)
             grad_probs = torch.matmul(dob, vb.transpose(-1, -2)).sub_(delta[..., q0:q1].unsqueeze(-1))
             grad_scores = probs.mul_(grad_probs)
             if hidden_b is not None:  # entries replaced by a constant fill pass no gradient on
@@ -190,7 +192,8 @@ def chunked_attention_backward(grad_out, q, k, v, bias, mask, out, stats, opts: 
             if capped is not None:  # d(c·tanh(x/c))/dx = 1 − tanh²
                 grad_scores.mul_(capped.square_().neg_().add_(1))
             dq[..., q0:q1, :] += torch.matmul(grad_scores, kb).mul_(opts.scale)
-            dk[..., k0:k1, :] += torch.matmul(grad_scores.transpose(-1, -2), qb).sum(2).mul_(opts.scale)
+            dk[..., k0:k1, :] += _reduce_to(torch.matmul(grad_scores.transpose(-1, -2), qb).sum(2), dk.shape).mul_(
+                opts.scale)
             del scores, capped, probs, grad_probs, grad_scores  # free this block before the next
     dbias = None if dbias is None else dbias.reshape(bias.shape).to(bias.dtype)
     return dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias

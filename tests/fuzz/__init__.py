@@ -1,0 +1,1 @@
+"""Differential fuzzer: random attention programs, eager vs rewritten (`python -m tests.fuzz`)."""
