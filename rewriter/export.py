@@ -43,12 +43,12 @@ class ExportVerificationError(ValueError):
 
 
 def _translate_attention(q, k, v, bias=None, mask=None, scale=1.0, softcap=0.0, mask_fill=-math.inf,
-                         causal=False, causal_offset=0, q_chunk=1024, k_chunk=4096):
+                         causal=False, causal_offset=0, q_chunk=1024, k_chunk=4096, zero_masked_rows=False):
     """torch.ops.rewriter.attention → one ai.rewriter::Attention node (traced by onnxscript)."""
     import onnxscript  # only when exporting: importing it costs about a second
 
     attributes = AttentionAttributes(float(scale), float(softcap), float(mask_fill), bool(causal), int(causal_offset),
-                                     q_chunk=int(q_chunk), k_chunk=int(k_chunk))
+                                     bool(zero_masked_rows), int(q_chunk), int(k_chunk))
     return onnxscript.values.Opset(REWRITER_DOMAIN, 1).Attention(q, k, v, bias, mask, **attributes.as_onnx())
 
 

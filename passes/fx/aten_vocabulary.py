@@ -12,13 +12,14 @@ import torch
 from torch.fx import Node
 
 __all__ = [
-    "CASTS", "PASSTHROUGH", "SOFTMAX", "PRODUCTS", "is_call", "scalar_value", "tensor_meta",
+    "CASTS", "PASSTHROUGH", "SAFE_SOFTMAX", "SOFTMAX", "PRODUCTS", "is_call", "scalar_value", "tensor_meta",
     "value_users",
 ]
 
 aten = torch.ops.aten
 
-SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+SAFE_SOFTMAX = {aten._safe_softmax.default}  # 0, not NaN, for a row whose every input is −∞
+SOFTMAX = {aten.softmax.int, aten._softmax.default} | SAFE_SOFTMAX
 LOG_SOFTMAX = {aten.log_softmax.int, aten._log_softmax.default}
 PRODUCTS = {aten.matmul.default, aten.bmm.default, aten.baddbmm.default, aten.einsum.default}
 CASTS = {aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default}

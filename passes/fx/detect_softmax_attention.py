@@ -270,6 +270,7 @@ class _Builder:
         except (_Rejected, LabelError, BatchViewError) as error:
             return FxAttentionMatch(self._spec(match, nodes, str(error)))
         match.scale, match.softcap = chain.scale, chain.softcap
+        match.zero_masked_rows = ops.is_call(softmax, ops.SAFE_SOFTMAX)
         match.replaced = [pv_node] + nodes[::-1] + chain.nodes + [chain.product_node]
         match.spec = self._spec(match, match.replaced[::-1], None)
         return match
@@ -438,6 +439,7 @@ class _Builder:
             match.spec = dataclasses.replace(match.spec, reason=str(error))
             return match
         match.scale = scale if scale is not None else 1.0 / math.sqrt(_shape(q)[-1])
+        match.zero_masked_rows = True  # SDPA gives 0 for a row whose every key is masked
         match.replaced = [node]
         match.spec = self._spec(match, [node], None)
         return match

@@ -124,7 +124,7 @@ def _emit(graph: Graph, match: FxAttentionMatch, chunks: ChunkSizes) -> Node:
     attention = graph.call_function(
         torch.ops.rewriter.attention.default,
         (query, key, value, bias, mask, match.scale, match.softcap, match.mask_fill,
-         match.causal, match.causal_offset, chunks.query, chunks.key),
+         match.causal, match.causal_offset, chunks.query, chunks.key, match.zero_masked_rows),
     )
     out = graph.call_function(operator.getitem, (attention, 0))
     return _restore_layout(graph, out, match)

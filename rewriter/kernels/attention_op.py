@@ -1,9 +1,11 @@
 """`rewriter::attention`: exact softmax attention that never holds the Lq × Lk score matrix.
 
     out, row_stats = torch.ops.rewriter.attention(q, k, v, bias, mask, scale, softcap, mask_fill,
-                                                  causal, causal_offset, q_chunk, k_chunk)
+                                                  causal, causal_offset, q_chunk, k_chunk, zero_masked_rows)
 
-Semantics are those of `chunked_attention` (scale → soft-cap → +bias → keep-mask → causal).
+Semantics are those of `chunked_attention` (scale → soft-cap → +bias → keep-mask → causal); a row
+whose every key is masked gives NaN as a hand-written softmax does, or 0 with `zero_masked_rows`
+(default False) as SDPA and `aten._safe_softmax` do, gradients included.
 Where PyTorch's fused CPU flash kernel computes exactly the same thing, forward and backward call
 it; otherwise both run the blockwise implementation. `row_stats` (B, H, Lq, 2) holds each query
 row's score max and sum of exp(score − max), what the backward needs; the fused kernel's
@@ -31,8 +33,8 @@ _FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _FUSED_MIN_ROW_BIAS = -64.0
 
 
-def _options(scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk) -> ScoreOptions:
-    return ScoreOptions(scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk)
+def _options(scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk, zero_masked_rows) -> ScoreOptions:
+    return ScoreOptions(scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk, zero_masked_rows)
 
 
 def uses_fused_kernel(q, k, v, bias, mask, opts: ScoreOptions, bias_grad: bool = False) -> bool:
@@ -91,10 +93,10 @@ def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     bias: torch.Tensor | None, mask: torch.Tensor | None,
     scale: float, softcap: float, mask_fill: float, causal: bool, causal_offset: int,
-    q_chunk: int, k_chunk: int,
+    q_chunk: int, k_chunk: int, zero_masked_rows: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_shapes(q, k, v)
-    opts = _options(scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk)
+    opts = _options(scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk, zero_masked_rows)
     if uses_fused_kernel(q, k, v, bias, mask, opts):
         q, k, v, additive = _fused_inputs(q, k, v, bias, mask)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -105,7 +107,8 @@ def attention(
 
 
 @attention.register_fake
-def _(q, k, v, bias, mask, scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk):
+def _(q, k, v, bias, mask, scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk,
+      zero_masked_rows=False):
     _check_shapes(q, k, v)
     out = q.new_empty(q.shape[:-1] + (v.size(-1),))
     return out, q.new_empty(q.shape[:-1] + (2,), dtype=torch.float32)
@@ -116,10 +119,10 @@ def attention_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     bias: torch.Tensor | None, mask: torch.Tensor | None, out: torch.Tensor, row_stats: torch.Tensor,
     scale: float, softcap: float, mask_fill: float, causal: bool, causal_offset: int,
-    q_chunk: int, k_chunk: int, bias_grad: bool,
+    q_chunk: int, k_chunk: int, zero_masked_rows: bool, bias_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dbias); dbias is an empty tensor when `bias_grad` is false."""
-    opts = _options(scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk)
+    opts = _options(scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk, zero_masked_rows)
     no_bias_grad = q.new_empty(0)
     if uses_fused_kernel(q, k, v, bias, mask, opts, bias_grad):
         groups = q.size(1) // k.size(1)
@@ -138,12 +141,12 @@ def attention_backward(
 
 @attention_backward.register_fake
 def _(grad_out, q, k, v, bias, mask, out, row_stats, scale, softcap, mask_fill, causal, causal_offset,
-      q_chunk, k_chunk, bias_grad):
+      q_chunk, k_chunk, zero_masked_rows, bias_grad):
     dbias = bias.new_empty(bias.shape) if bias_grad else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
 
 
-_SCALAR_ARGS = ("scale", "softcap", "mask_fill", "causal", "causal_offset", "q_chunk", "k_chunk")
+_SCALAR_ARGS = ("scale", "softcap", "mask_fill", "causal", "causal_offset", "q_chunk", "k_chunk", "zero_masked_rows")
 
 
 def _setup_context(ctx, inputs, output):

@@ -40,6 +40,14 @@ class ScoreOptions:
     causal_offset: int = 0
     q_chunk: int = 1024
     k_chunk: int = 4096
+    zero_masked_rows: bool = False  # rows whose every key is masked give 0 (SDPA, _safe_softmax), not NaN
+
+
+def _denominator(row_sum: torch.Tensor, opts: ScoreOptions) -> torch.Tensor:
+    """The softmax denominator. A row keeping any key has a sum ≥ 1 (its max contributes exp(0));
+    one whose every key is masked has 0, and gives 0/0 = NaN as a hand-written softmax does, or with
+    `zero_masked_rows` 0/1 = 0 (its accumulator and probabilities are 0). NaN sums stay NaN."""
+    return row_sum.clamp_min(1.0) if opts.zero_masked_rows else row_sum
 
 
 def _grouped(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -138,7 +146,7 @@ def chunked_attention_forward(q, k, v, bias, mask, opts: ScoreOptions):
             acc = acc * rescale.unsqueeze(-1) + torch.matmul(probs, vg[..., k0:k1, :])
             row_max = new_max
             del scores, probs  # free this block before the next one is allocated
-        out[..., q0:q1, :] = acc / row_sum.unsqueeze(-1)
+        out[..., q0:q1, :] = acc / _denominator(row_sum, opts).unsqueeze(-1)
         stats[..., q0:q1, 0] = row_max
         stats[..., q0:q1, 1] = row_sum
     return out.flatten(1, 2), stats.flatten(1, 2)
@@ -161,7 +169,8 @@ def chunked_attention_backward(grad_out, q, k, v, bias, mask, out, stats, opts: 
     kv_heads = k.size(1)
     grad_g = _grouped(grad_out, kv_heads).float()
     stats_g = stats.unflatten(1, (kv_heads, q.size(1) // kv_heads))
-    row_reference, row_sum = _finite_reference(stats_g[..., 0]).unsqueeze(-1), stats_g[..., 1].unsqueeze(-1)
+    row_reference = _finite_reference(stats_g[..., 0]).unsqueeze(-1)
+    row_sum = _denominator(stats_g[..., 1], opts).unsqueeze(-1)
     delta = (grad_g * _grouped(out, kv_heads).float()).sum(-1)
     query_len, key_len = q.size(-2), k.size(-2)
     dq = torch.zeros_like(qg)

@@ -46,8 +46,6 @@ def known_failure(case: Case) -> str | None:
     Re-enable an item by deleting its line once its fix is merged.
     """
     finite = math.isfinite(case.fill) and case.mask_form != "additive"
-    if case.product == "sdpa" and _has_empty_row(case):
-        return "issue 10 item 2: SDPA gives 0 (not NaN) on rows whose every key is masked"
     if case.mask_then_bias and case.mask != "none" and case.bias != "none" and (finite or _has_empty_row(case)):
         # also: a bias after a −∞ mask, on a row of NaN, gets a NaN gradient in eager only
         return "issue 10 item 5: a bias added after a mask is applied before it (GPT-2 with padding)"

@@ -1,0 +1,98 @@
+"""Rows whose every key is masked: each rewrite reproduces its own original's rows, in both IRs.
+
+SDPA and ``aten._safe_softmax`` give 0 there (PyTorch 2.13), a hand-written ``masked_fill(-inf)``
+followed by softmax gives NaN; forward and gradients, and on ONNX Runtime for every lowering target.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import rewriter
+from parity import op_count
+
+Q_LEN, K_LEN = 4, 6
+
+
+def _mask(fully_masked_row: int = 2) -> torch.Tensor:
+    mask = torch.rand(1, 1, Q_LEN, K_LEN, generator=torch.Generator().manual_seed(3)) > 0.3
+    mask[..., 0] = True
+    mask[..., fully_masked_row, :] = False
+    return mask
+
+
+class SdpaBoolMask(nn.Module):
+    def forward(self, q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class SdpaFloatMask(nn.Module):
+    def forward(self, q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.zeros(mask.shape).masked_fill(~mask, -math.inf))
+
+
+class SafeSoftmax(nn.Module):
+    def forward(self, q, k, v, mask):
+        scores = (q @ k.transpose(-1, -2)).masked_fill(~mask, -math.inf)
+        return torch.ops.aten._safe_softmax.default(scores, -1) @ v
+
+
+class HandWritten(nn.Module):
+    def forward(self, q, k, v, mask):
+        scores = (q @ k.transpose(-1, -2)) / 8**0.5
+        return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+
+
+def _inputs():
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, Q_LEN, 8)
+    k, v = torch.randn(2, 4, K_LEN, 8), torch.randn(2, 4, K_LEN, 8)
+    return q, k, v, _mask()
+
+
+def _outputs_and_grads(module, inputs):
+    leaves = [x.clone().requires_grad_(True) if x.is_floating_point() else x for x in inputs]
+    out = module(*leaves)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad((out * weights).nan_to_num().sum(), [x for x in leaves if x.requires_grad])
+    return [out.detach(), *grads]
+
+
+@pytest.mark.parametrize(("module", "row_value"), [(SdpaBoolMask(), 0.0), (SdpaFloatMask(), 0.0),
+                                                   (SafeSoftmax(), 0.0), (HandWritten(), math.nan)])
+def test_fully_masked_rows_match_the_original_forward_and_backward(module, row_value):
+    inputs = _inputs()
+    gm, report = rewriter.optimize_module(module, inputs, chunk_size=(2, 4), dynamic_shapes=None)
+    assert op_count(gm) == 1, report.summary()
+    expected, actual = _outputs_and_grads(module, inputs), _outputs_and_grads(gm, inputs)
+    row = expected[0][:, :, 2]
+    assert (row.isnan().all() if math.isnan(row_value) else (row == row_value).all())
+    for want, got in zip(expected, actual):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, equal_nan=True)
+    if not math.isnan(row_value):
+        assert not any(grad.isnan().any() for grad in actual[1:])  # the gradient of V is not NaN
+
+
+@pytest.mark.parametrize("target", ["chunked", "ort", "onnx-attention"])
+@pytest.mark.parametrize("module", [SdpaBoolMask(), HandWritten()], ids=["sdpa", "hand-written"])
+def test_fully_masked_rows_on_onnx_runtime(module, target, tmp_path):
+    inputs = _inputs()
+    path = tmp_path / "m.onnx"
+    report = rewriter.export_onnx(module, inputs, str(path), target=target, opset=23, verify=False,
+                                  chunk_size=(2, 4), dynamic_shapes=None)
+    assert [match.rewritten for match in report.matches] == [True]
+    if target == "onnx-attention":  # Attention-23 gives 0: taken for SDPA, refused for NaN rows
+        assert (report.matches[0].target == "Attention-23") == isinstance(module, SdpaBoolMask)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [value.name for value in session.get_inputs()]
+    (actual,) = session.run(None, {name: x.numpy() for name, x in zip(names, inputs)})
+    with torch.no_grad():
+        expected = module(*inputs).numpy()
+    np.testing.assert_allclose(actual, expected, atol=1e-5, rtol=1e-4, equal_nan=True)
