@@ -29,11 +29,11 @@ class QkAxes:
     batch: str  # batch labels in scores order (at most batch and heads)
 
     @property
-    def query_target(self) -> str:
+    def query_order(self) -> str:
         return self.batch + self.query + self.head_dim
 
     @property
-    def key_target(self) -> str:
+    def key_order(self) -> str:
         return self.batch + self.key + self.head_dim
 
 
@@ -55,7 +55,7 @@ class ScoreAxes:
 
 @dataclasses.dataclass(frozen=True)
 class PvAxes:
-    value_target: str  # V's labels (in the P·V product's letters) in op order: batch, key, value dim
+    value_order: str  # V's labels (in the P·V product's letters) in op order: batch, key, value dim
     out_canonical: str  # the op output's labels in the product's letters: batch, query, value dim
 
 

@@ -11,7 +11,7 @@ import dataclasses
 import math
 from typing import Literal
 
-__all__ = ["AttentionSpec", "ChunkSizes", "MaskKind"]
+__all__ = ["AttentionSpec", "ChunkSizes", "MaskKind", "layout_name"]
 
 MaskKind = Literal["none", "boolean", "additive", "boolean+additive"]
 
@@ -76,3 +76,12 @@ class ChunkSizes:
 
     query: int
     key: int
+
+
+def layout_name(labels: str, order: str) -> str:
+    """The layout string of an operand whose axes carry `labels`, for the kernel order `order`
+    (batch…, sequence, dim): e.g. ``"BHDL"`` for K stored transposed, ``"(BH)LD"`` for a fused batch·heads axis."""
+    batch, seq, dim = order[:-2], order[-2], order[-1]
+    names = {seq: "L", dim: "D"}
+    names.update(zip(batch, ("B", "H") if len(batch) == 2 else ("(BH)",)))
+    return "".join(names.get(label, "?") for label in labels)

@@ -8,7 +8,7 @@ the softmax, then back to (B·H, Lq, Lk) for P·V::
 Row-major views that keep the two trailing (query, key) axes and turn a leading (B·H,) into
 (B, H) or back move no score to another row or key, so such a block is still attention. The match
 then works on the split form: a product written on merged batches has its merged label written
-`MERGED` in operand labels and `FINE` in canonical targets, and each operand holding the merged
+`MERGED` in operand labels and `FINE` in kernel orders, and each operand holding the merged
 axis is viewed as (B, H) (or (1, 1) where it broadcasts) before it reaches the op.
 """
 

@@ -24,7 +24,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from passes.core.attention_labels import LabelError, ScoreAxes, prove_pv_axes, prove_qk_axes
-from passes.core.attention_spec import AttentionSpec
+from passes.core.attention_spec import AttentionSpec, layout_name
 from passes.fx import aten_vocabulary as ops
 from passes.core.causal_proofs import causal_offset_of_bias, causal_offset_of_keep
 from passes.fx import batch_views
@@ -41,11 +41,11 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Operand:
-    """A graph value whose axes carry `labels`, to be arranged as `target` (missing = size 1)."""
+    """A graph value whose axes carry `labels`, to be arranged as `order` (missing = size 1)."""
 
     node: Node
     labels: str
-    target: str
+    order: str  # the labels in the order the kernel takes them (absent ones become size 1)
     view_shape: tuple | None = None  # the node viewed so (merged batch·heads split), which `labels` name
 
     def before_permutes(self) -> Operand:
@@ -63,7 +63,7 @@ class Operand:
             for position, axis in enumerate(order):
                 source[axis] = labels[position]
             node, labels = node.args[0], "".join(source)
-        return Operand(node, labels, self.target)
+        return Operand(node, labels, self.order)
 
 
 @dataclasses.dataclass
@@ -134,7 +134,7 @@ def _peel_scale(gm: GraphModule, operand: Operand) -> tuple[Operand, float]:
 
 def _before_head_expansion(operand: Operand) -> Operand:
     """K or V from before a repeat_interleave over heads (GQA/MQA), when that is what fed it."""
-    heads_axis_label = operand.target[1] if len(operand.target) == 4 else None
+    heads_axis_label = operand.order[1] if len(operand.order) == 4 else None
     if heads_axis_label is None or operand.view_shape is not None or heads_axis_label not in operand.labels:
         return operand
     axis = operand.labels.index(heads_axis_label)
@@ -173,12 +173,12 @@ def _operand_shape(operand: Operand) -> tuple:
 def _split_operand(operand: Operand, split: BatchSplit | None) -> Operand:
     """An operand with a merged (batch·heads) axis, viewed as (batch, heads) (see batch_views)."""
     if split is None or MERGED not in operand.labels:
-        return dataclasses.replace(operand, target=expand(operand.target))
+        return dataclasses.replace(operand, order=expand(operand.order))
     try:
         view = batch_views.split_shape(_shape(operand.node), operand.labels.index(MERGED), split)
     except BatchViewError as error:
         raise _Rejected(str(error)) from None
-    return Operand(operand.node, expand(operand.labels), expand(operand.target), view)
+    return Operand(operand.node, expand(operand.labels), expand(operand.order), view)
 
 
 def _compact_labels(product: LabeledProduct, split: BatchSplit | None) -> LabeledProduct:
@@ -217,13 +217,13 @@ def _query_factor(operand: Operand, scores: ScoreAxes) -> Operand:
     """A tensor factor of the scores, arranged like a bias; it must be constant along the key axis."""
     if scores.key in operand.labels and _operand_shape(operand)[operand.labels.index(scores.key)] != 1:
         raise _Rejected(f"the scale '{operand.node.name}' varies along the key axis")
-    return dataclasses.replace(operand, target=scores.batch + scores.query + scores.key)
+    return dataclasses.replace(operand, order=scores.batch + scores.query + scores.key)
 
 
 def _canonical_shape(operand: Operand) -> tuple:
     """The operand's sizes once arranged as the op's 4-D (batch, heads, rows, cols) input."""
     shape = _operand_shape(operand)
-    sizes = tuple(shape[operand.labels.index(label)] if label in operand.labels else 1 for label in operand.target)
+    sizes = tuple(shape[operand.labels.index(label)] if label in operand.labels else 1 for label in operand.order)
     padding = 4 - len(sizes)
     return sizes[:1] + (1,) * padding + sizes[1:] if len(sizes) == 3 else (1,) * padding + sizes
 
@@ -312,8 +312,8 @@ class _Builder:
         key_node, query_node = (qk.left, qk.right) if axes.key_on_left else (qk.right, qk.left)
         key_labels, query_labels = (qk.left_labels, qk.right_labels) if axes.key_on_left else (
             qk.right_labels, qk.left_labels)
-        query, query_scale = _peel_scale(self.gm, Operand(query_node, query_labels, axes.query_target).before_permutes())
-        key, key_scale = _peel_scale(self.gm, Operand(key_node, key_labels, axes.key_target).before_permutes())
+        query, query_scale = _peel_scale(self.gm, Operand(query_node, query_labels, axes.query_order).before_permutes())
+        key, key_scale = _peel_scale(self.gm, Operand(key_node, key_labels, axes.key_order).before_permutes())
         match.query, match.key = _split_operand(query, self.split), _split_operand(key, self.split)
         chain.scale *= query_scale * key_scale
 
@@ -326,7 +326,7 @@ class _Builder:
         if pv.added is not None or pv.alpha != 1 or p_node is pv.right and pv_node.target is not ops.aten.einsum.default:
             raise _Rejected("P·V is not a plain product of probabilities and V")
         pv_axes = prove_pv_axes(axes, scores, expand(p_labels), expand(value_labels), expand(pv.out_labels))
-        value = _split_operand(Operand(value_node, value_labels, pv_axes.value_target).before_permutes(), self.split)
+        value = _split_operand(Operand(value_node, value_labels, pv_axes.value_order).before_permutes(), self.split)
         match.key, match.value = _unexpanded_key_value(match.key, value)
         match.output, match.out_canonical, match.out_labels = pv_node, pv_axes.out_canonical, expand(pv.out_labels)
         product_shape = _shape(chain.product_node)
@@ -343,7 +343,7 @@ class _Builder:
             raise _Rejected(f"{what} '{node.name}' is applied to scores of two different shapes")
         compact = scores.labels.replace(FINE, MERGED)
         operand = _aligned(node, compact, segment, what)
-        return _split_operand(dataclasses.replace(operand, target=compact), self.split)
+        return _split_operand(dataclasses.replace(operand, order=compact), self.split)
 
     def _fill_masks(self, match, scores_info: ScoreAxes, biases: list[tuple[Node, float]], masks: list[MaskStep]):
         """Sort biases and masks into the match (`mask_semantics.sort_score_terms`)."""
@@ -352,7 +352,7 @@ class _Builder:
         key_len = scores_shape[scores.index(scores_info.key)]
 
         def aligned(node, what):
-            return dataclasses.replace(self._score_operand(node, scores_info, what), target=canonical)
+            return dataclasses.replace(self._score_operand(node, scores_info, what), order=canonical)
 
         def bias_offset(operand, factor, only_masking):
             return self._causal_from_bias(operand, factor, query_len, key_len, only_masking)
@@ -375,10 +375,10 @@ class _Builder:
         if operand.view_shape is not None:
             value = value.reshape(operand.view_shape)
         labels = operand.labels
-        for label in operand.target:
+        for label in operand.order:
             if label not in labels:
                 value, labels = value.unsqueeze(-1), labels + label
-        value = value.permute([labels.index(label) for label in operand.target]).detach().cpu()
+        value = value.permute([labels.index(label) for label in operand.order]).detach().cpu()
         return (value.float() if value.dtype in (torch.bfloat16, torch.float16) else value).numpy()
 
     def _causal_from_mask(self, operand, step: MaskStep, query_len, key_len, only_masking) -> int | None:
@@ -462,19 +462,13 @@ class _Builder:
 
 
 def _layout_fields(match: FxAttentionMatch) -> dict:
-    def layout(operand: Operand, seq: str, dim: str) -> str:
-        batch = operand.target[:-2]
-        names = {seq: "L", dim: "D"}
-        names.update(dict(zip(batch, ("B", "H") if len(batch) == 2 else ("(BH)",))))
-        return "".join(names.get(label, "?") for label in operand.labels)
-
     query_shape, key_shape = _operand_shape(match.query), _operand_shape(match.key)
-    q_seq, head_dim = match.query.target[-2], match.query.target[-1]
-    k_seq = match.key.target[-2]
-    batch = match.query.target[:-2]
+    q_seq, head_dim = match.query.order[-2], match.query.order[-1]
+    k_seq = match.key.order[-2]
+    batch = match.query.order[:-2]
     fields = {
-        "q_layout": layout(match.query, q_seq, head_dim),
-        "k_layout": layout(match.key, k_seq, head_dim),
+        "q_layout": layout_name(match.query.labels, match.query.order),
+        "k_layout": layout_name(match.key.labels, match.key.order),
         "seq_len_q": _static(query_shape[match.query.labels.index(q_seq)]),
         "seq_len_k": _static(key_shape[match.key.labels.index(k_seq)]),
         "head_dim": _static(query_shape[match.query.labels.index(head_dim)]),
@@ -486,11 +480,9 @@ def _layout_fields(match: FxAttentionMatch) -> dict:
     fields["num_kv_heads"] = _static(key_shape[match.key.labels.index(heads)]) if heads in match.key.labels else 1
     if match.value is not None:
         value_shape = _operand_shape(match.value)
-        fields["v_layout"] = layout(match.value, match.value.target[-2], match.value.target[-1])
-        fields["value_head_dim"] = _static(value_shape[match.value.labels.index(match.value.target[-1])])
-        fields["out_layout"] = layout(
-            Operand(match.output, match.out_labels, match.out_canonical),
-            match.out_canonical[-2], match.out_canonical[-1])
+        fields["v_layout"] = layout_name(match.value.labels, match.value.order)
+        fields["value_head_dim"] = _static(value_shape[match.value.labels.index(match.value.order[-1])])
+        fields["out_layout"] = layout_name(match.out_labels, match.out_canonical)
     return fields
 
 

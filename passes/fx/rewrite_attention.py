@@ -35,15 +35,15 @@ def _arrange(graph: Graph, operand: Operand) -> Node:
     node, labels = operand.node, operand.labels
     if operand.view_shape is not None:  # a merged (batch·heads) axis, split as `labels` name it
         node = graph.call_function(aten.reshape.default, (node, list(operand.view_shape)))
-    for label in operand.target:
+    for label in operand.order:
         if label not in labels:
             node = graph.call_function(aten.unsqueeze.default, (node, len(labels)))
             labels += label
-    order = [labels.index(label) for label in operand.target]
+    order = [labels.index(label) for label in operand.order]
     if order != list(range(len(order))):
         node = graph.call_function(aten.permute.default, (node, order))
-    for _ in range(4 - len(operand.target)):  # a fused (batch·heads) axis, or none, gets heads of 1
-        node = graph.call_function(aten.unsqueeze.default, (node, _padding_axis(operand.target)))
+    for _ in range(4 - len(operand.order)):  # a fused (batch·heads) axis, or none, gets heads of 1
+        node = graph.call_function(aten.unsqueeze.default, (node, _padding_axis(operand.order)))
     return node
 
 

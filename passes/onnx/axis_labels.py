@@ -37,7 +37,7 @@ class LabeledProduct:
 
 @dataclasses.dataclass(frozen=True)
 class Operand:
-    """A value whose axes carry `labels`, to be arranged as `target` (labels it lacks = size 1).
+    """A value whose axes carry `labels`, to be arranged as `order` (labels it lacks = size 1).
 
     `split_heads` > 0: the value's last axis packs (heads, dim) and is split before arranging;
     `labels` then name the axes after that split.
@@ -45,7 +45,7 @@ class Operand:
 
     value: ir.Value
     labels: str
-    target: str
+    order: str  # the labels in the order the kernel takes them (absent ones become size 1)
     split_heads: int = 0
 
 
@@ -144,7 +144,7 @@ def walk_views(operand: Operand, facts: ShapeFacts, through_reshape: ReshapeRule
             return best
         value = node.inputs[0]
         if all(len(axis) == 1 for axis in axes):
-            best = Operand(value, "".join(axis[0][0] for axis in axes), operand.target)
+            best = Operand(value, "".join(axis[0][0] for axis in axes), operand.order)
 
 
 def trace_to_source(operand: Operand, facts: ShapeFacts) -> Operand:

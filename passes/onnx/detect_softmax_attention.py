@@ -184,8 +184,8 @@ class _Builder:
         key_value, key_labels = (qk.left, qk.left_labels) if axes.key_on_left else (qk.right, qk.right_labels)
         query_value, query_labels = (qk.right, qk.right_labels) if axes.key_on_left else (qk.left, qk.left_labels)
         key_label, query_label, batch = axes.key, axes.query, axes.batch
-        query = Operand(query_value, query_labels, axes.query_target)
-        key = Operand(key_value, key_labels, axes.key_target)
+        query = Operand(query_value, query_labels, axes.query_order)
+        key = Operand(key_value, key_labels, axes.key_order)
         self.check_broadcast(query, key, scores, scores_dims, batch)
         match.query, query_scale = self.peel(query)
         match.key, key_scale = self.peel(key)
@@ -211,8 +211,8 @@ class _Builder:
         p_labels = pv.left_labels if on_left else pv.right_labels
         value_value, value_labels = (pv.right, pv.right_labels) if on_left else (pv.left, pv.left_labels)
         pv_axes = prove_pv_axes(axes, scores, p_labels, value_labels, pv.out_labels)
-        pv_batch, batch = pv_axes.value_target[:-2], axes.batch
-        value = Operand(value_value, value_labels, pv_axes.value_target)
+        pv_batch, batch = pv_axes.value_order[:-2], axes.batch
+        value = Operand(value_value, value_labels, pv_axes.value_order)
         for label, scores_label in zip(pv_batch, batch):
             dim, full = self.ctx.dim_of(value, label), scores_dims[scores.index(scores_label)]
             if not ShapeFacts.same(dim, full) and not (len(batch) == 2 and label == pv_batch[1] and dim == 1):
@@ -222,13 +222,13 @@ class _Builder:
 
     def find_grouped_sources(self, match: OnnxAttentionMatch) -> None:
         """K and V from before a repeat-interleave over heads; both, or neither."""
-        heads = match.query.target[-3] if len(match.query.target) == 4 else None
+        heads = match.query.order[-3] if len(match.query.order) == 4 else None
         match.num_heads = self.ctx.static_dim(match.query, heads) if heads else 1
         if heads is None:
             match.num_kv_heads = 1
             return
-        key_heads = match.key.target[-3]
-        value_heads = match.value.target[-3]
+        key_heads = match.key.order[-3]
+        value_heads = match.value.order[-3]
         key = repeat_interleave_source(match.key, key_heads, self.ctx.facts, self.ctx.folder)
         value = repeat_interleave_source(match.value, value_heads, self.ctx.facts, self.ctx.folder)
         if key is not None and value is not None and key[1] == value[1]:

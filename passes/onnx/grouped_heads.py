@@ -82,4 +82,4 @@ def repeat_interleave_source(operand: Operand, heads_label: str, facts: ShapeFac
         return None  # Expand must not broadcast any other axis
     if not all(ShapeFacts.same(grouped[i], out[j]) for j, i in enumerate(kept) if j != axis):
         return None  # Reshape must merge exactly (heads, group)
-    return Operand(unsqueeze.inputs[0], operand.labels, operand.target), kv_heads
+    return Operand(unsqueeze.inputs[0], operand.labels, operand.order), kv_heads

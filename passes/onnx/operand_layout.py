@@ -49,7 +49,7 @@ def arranged_dims(ctx: AnalysisContext, operand: Operand, order=BNSH) -> list:
     if dims is None or len(dims) != len(operand.labels):
         dims = (None,) * len(operand.labels)
     by_label = dict(zip(operand.labels, dims))
-    four = _four_labels(operand.target)
+    four = _four_labels(operand.order)
     return [1 if four[axis] is None else by_label.get(four[axis], 1) for axis in order]
 
 
@@ -87,10 +87,10 @@ def view_source(facts: ShapeFacts, operand: Operand) -> Operand:
 def _plan(ctx: AnalysisContext, operand: Operand, order) -> tuple[Operand, list[int], list[int]]:
     """The source to read, the transpose of its axes, and where size-1 axes are inserted after it."""
     source = view_source(ctx.facts, operand)
-    if not set(source.labels) <= set(operand.target):
+    if not set(source.labels) <= set(operand.order):
         source = operand
     present = list(source.labels)
-    wanted = [_four_labels(operand.target)[axis] for axis in order]
+    wanted = [_four_labels(operand.order)[axis] for axis in order]
     perm = [present.index(label) for label in wanted if label in present]
     inserted = [axis for axis, label in enumerate(wanted) if label not in present]
     return source, perm, inserted

@@ -38,10 +38,10 @@ def _aligned(ctx: AnalysisContext, value, scores: ScoreAxes, what: str) -> Opera
 
 def _canonical_array(array: np.ndarray, operand: Operand) -> np.ndarray:
     labels = operand.labels
-    for label in operand.target:
+    for label in operand.order:
         if label not in labels:
             array, labels = array[..., None], labels + label
-    return np.transpose(array, [labels.index(label) for label in operand.target])
+    return np.transpose(array, [labels.index(label) for label in operand.order])
 
 
 def _proven_offset(ctx: AnalysisContext, operand: Operand, scores: ScoreAxes, prove) -> int | None:

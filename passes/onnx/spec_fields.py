@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from passes.core.attention_spec import layout_name
 from passes.core.mask_semantics import mask_kind
 from passes.onnx.axis_labels import Operand
 from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch
@@ -10,24 +11,21 @@ __all__ = ["spec_fields"]
 
 
 def _layout(operand: Operand) -> str:
-    batch, seq, dim = operand.target[:-2], operand.target[-2], operand.target[-1]
-    names = {seq: "L", dim: "D"}
-    names.update(zip(batch, ("B", "H") if len(batch) == 2 else ("(BH)",)))
-    return "".join(names.get(label, "?") for label in operand.labels)
+    return layout_name(operand.labels, operand.order)
 
 
 def spec_fields(ctx: AnalysisContext, match: OnnxAttentionMatch) -> dict:
     """Spec fields of an accepted match; sizes are ints where static, else None."""
     query, key, value = match.query, match.key_source or match.key, match.value_source or match.value
-    q_seq, head_dim = query.target[-2], query.target[-1]
-    batch = query.target[:-2]
+    q_seq, head_dim = query.order[-2], query.order[-1]
+    batch = query.order[:-2]
     fields = {
         "causal": match.causal, "causal_offset": match.causal_offset, "scale": match.scale,
         "softcap": match.softcap or None, "mask_kind": mask_kind(match.mask is not None, bool(match.biases)), "mask_fill": match.mask_fill,
         "q_layout": _layout(query), "k_layout": _layout(key), "v_layout": _layout(value),
         "out_layout": _layout(Operand(match.output, match.out_labels, match.out_canonical)),
-        "seq_len_q": ctx.static_dim(query, q_seq), "seq_len_k": ctx.static_dim(key, key.target[-2]),
-        "head_dim": ctx.static_dim(query, head_dim), "value_head_dim": ctx.static_dim(value, value.target[-1]),
+        "seq_len_q": ctx.static_dim(query, q_seq), "seq_len_k": ctx.static_dim(key, key.order[-2]),
+        "head_dim": ctx.static_dim(query, head_dim), "value_head_dim": ctx.static_dim(value, value.order[-1]),
         "batch_size": ctx.static_dim(query, batch[0]) if batch else 1,
         "num_heads": match.num_heads, "num_kv_heads": match.num_kv_heads,
     }
