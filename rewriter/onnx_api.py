@@ -49,10 +49,9 @@ __all__ = ["detect_onnx", "optimize_onnx"]
 logger = logging.getLogger(__name__)
 
 _PROVIDERS = ("cpu", "cuda")
-# Default-domain opsets: every softmax lowering emits ops valid from opset 13 on, so a model is raised
-# (before it is analysed, and only then) to 13, or to 23 when Attention-23 is the requested target.
-# The Performer builders still emit opset-18 forms.
-_SOFTMAX_OPSET, _ONNX_ATTENTION_OPSET, _LINEAR_OPSET = 13, 23, 18
+# Default-domain opsets: every lowering emits ops valid in the model's own opset from 13 on, so a model
+# is raised (once, before it is analysed) only to 13, or to 23 when Attention-23 is the requested target.
+_MIN_OPSET, _ONNX_ATTENTION_OPSET = 13, 23
 
 
 def _load(model_or_path) -> tuple[onnx.ModelProto, str]:
@@ -261,17 +260,11 @@ def optimize_onnx(model_or_path, *, target: str = "auto", provider: str = "cpu",
     chunk_size = _chunk_pair(chunk_size)
     original, source = _load(model_or_path)
     model = ir.serde.deserialize_model(original)
-    model, raise_error = _raised(model, _ONNX_ATTENTION_OPSET if target == ONNX_ATTENTION else _SOFTMAX_OPSET)
+    model, raise_error = _raised(model, _ONNX_ATTENTION_OPSET if target == ONNX_ATTENTION else _MIN_OPSET)
     analysis = _analyse(model, target, provider, memory_budget, chunk_size)
     if raise_error:
         _refuse_all(analysis.plans, analysis.reasons, raise_error)
-    if analysis.linear_plans and model.opset_imports.get("", 1) < _LINEAR_OPSET:
-        raised, raise_error = _raised(model, _LINEAR_OPSET)
-        if raise_error:
-            _refuse_all(analysis.linear_plans, analysis.linear_reasons, raise_error)
-        else:  # the raised model is a new graph: find the same blocks in it
-            model = raised
-            analysis = _analyse(model, target, provider, memory_budget, chunk_size)
+        _refuse_all(analysis.linear_plans, analysis.linear_reasons, raise_error)
     # Softmax blocks become canonical nodes, lowered by the pass `export_onnx` uses; Performer blocks
     # are rewritten directly.
     canonical = CanonicalizeAttention(analysis.ctx, [plan for _, plan in analysis.plans])

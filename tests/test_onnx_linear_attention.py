@@ -54,11 +54,13 @@ def _inputs(length: int, seed: int, with_projection: bool, batch: int = 2, dtype
     return q, k, v, projection
 
 
-def _model(feature_map, with_projection, epsilon, causal, slice_size, target="chunked", dtype=ir.DataType.FLOAT):
+def _model(feature_map, with_projection, epsilon, causal, slice_size, target="chunked", dtype=ir.DataType.FLOAT,
+           opset=18):
     return make_linear_attention_model(
         num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, v_head_dim=V_DIM, dtype=dtype,
         features=FEATURES if with_projection else None, feature_map=feature_map, causal=causal,
-        data_scale=HEAD_DIM**-0.25, epsilon=epsilon, normalizer_epsilon=1e-6, slice_size=slice_size, target=target)
+        data_scale=HEAD_DIM**-0.25, epsilon=epsilon, normalizer_epsilon=1e-6, slice_size=slice_size, target=target,
+        opset=opset)
 
 
 def _check_lengths(model, feature_map, with_projection, epsilon, causal, slice_size, lengths, seed=0, atol=2e-5):
@@ -81,6 +83,15 @@ def test_builder_matches_the_torch_op_at_several_lengths(feature_map, with_proje
     # One model (symbolic L) at L = 1, L a multiple of the slice, L not a multiple, L below one slice.
     model = _model(feature_map, with_projection, epsilon, causal, slice_size=4)
     _check_lengths(model, feature_map, with_projection, epsilon, causal, 4, lengths=(1, 12, 13, 3))
+
+
+@pytest.mark.parametrize("opset", [13, 14, 17])
+@pytest.mark.parametrize("causal", [False, True])
+def test_builder_is_valid_in_older_opsets(opset, causal):
+    """Shape without start/end, ReduceMax with an axes attribute, and (opset 13) no Trilu."""
+    model = _model("favor_softmax", True, 1e-4, causal, slice_size=4, opset=opset)
+    onnx.checker.check_model(model, full_check=True)
+    _check_lengths(model, "favor_softmax", True, 1e-4, causal, 4, lengths=(1, 13))
 
 
 @pytest.mark.parametrize(("feature_map", "with_projection", "epsilon"), MAPS)

@@ -53,8 +53,9 @@ def linear_fallback_reason(node: ir.Node, target: str) -> str | None:
     return f"target {target!r} has no linear-attention op"
 
 
-def linear_attention_replacement(node: ir.Node, index: int, target: str) -> tuple[list[ir.Node], ir.Value]:
-    """The nodes that compute the node's `out` with `target` ("chunked" or "ort"), and that value.
+def linear_attention_replacement(node: ir.Node, index: int, target: str, opset: int) -> tuple[list[ir.Node], ir.Value]:
+    """The nodes that compute the node's `out` with `target` ("chunked" or "ort"), valid in default-domain
+    `opset` (13 or newer), and that value.
 
     Raises ValueError when the target cannot compute it (say, "ort" without static head counts).
     """
@@ -67,7 +68,7 @@ def linear_attention_replacement(node: ir.Node, index: int, target: str) -> tupl
         data_scale=float(attrs["data_scale"]), epsilon=float(attrs["epsilon"]),
         normalizer_epsilon=float(attrs["normalizer_epsilon"]), slice_size=int(attrs["slice_size"]),
         key_sum_epsilon=float(attrs["key_sum_epsilon"]),
-        name=f"rewriter_linear_attention_{index}", target=target)
+        name=f"rewriter_linear_attention_{index}", target=target, opset=opset)
     logger.debug("%s: %s linear attention (%s) as %s", node.name, "causal" if attrs["causal"] else "bidirectional",
                  attrs["feature_map"], target)
     return list(tape.nodes), out

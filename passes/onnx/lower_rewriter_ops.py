@@ -34,7 +34,7 @@ def _lower(node: ir.Node, index: int, target: str, opset: int) -> tuple[str, str
     Returns the form used and, on a fallback, why.
     """
     if node.op_type == LINEAR_ATTENTION_OP:
-        return _lower_linear(node.graph, node, index, target)
+        return _lower_linear(node.graph, node, index, target, opset)
     if target != CHUNKED:
         try:
             lower_attention_node(node, target, opset)
@@ -57,7 +57,7 @@ def _splice(graph: ir.Graph, node: ir.Node, nodes, out: ir.Value) -> None:
     ir.convenience.replace_nodes_and_values(graph, node, [node], nodes, [old], [out])
 
 
-def _lower_linear(graph: ir.Graph, node: ir.Node, index: int, target: str) -> tuple[str, str | None]:
+def _lower_linear(graph: ir.Graph, node: ir.Node, index: int, target: str, opset: int) -> tuple[str, str | None]:
     """A LinearAttention node with `target`, or in the sliced standard-op form when `target` cannot compute it."""
     used = used_auxiliary_outputs(node)
     if used:
@@ -66,12 +66,12 @@ def _lower_linear(graph: ir.Graph, node: ir.Node, index: int, target: str) -> tu
     reason = linear_fallback_reason(node, target)
     form = CHUNKED if reason else target
     try:
-        nodes, out = linear_attention_replacement(node, index, form)
+        nodes, out = linear_attention_replacement(node, index, form, opset)
     except ValueError as error:
         if form == CHUNKED:
             raise LoweringError(f"{node.name}: {error}") from error
         reason, form = str(error), CHUNKED
-        nodes, out = linear_attention_replacement(node, index, form)
+        nodes, out = linear_attention_replacement(node, index, form, opset)
     if reason:
         logger.warning("%s: %s; lowered to %s instead", node.name, reason, CHUNKED)
     _splice(graph, node, nodes, out)

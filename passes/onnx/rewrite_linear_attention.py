@@ -97,7 +97,8 @@ class RewriteOnnxLinearAttention(onnx_ir.passes.InPlacePass):
                         tape, q, k, v, _projection_operand(tape, match, name), feature_map=match.query.kind,
                         causal=match.causal, data_scale=match.query.data_scale, epsilon=match.query.epsilon,
                         normalizer_epsilon=0.0, slice_size=plan.slice_size, name=name,
-                        target=_BUILDER_TARGET[plan.target], key_sum_epsilon=match.key_sum_epsilon)
+                        target=_BUILDER_TARGET[plan.target], key_sum_epsilon=match.key_sum_epsilon,
+                        opset=self.ctx.opsets.get("", 1))
             except ValueError as error:
                 plan.failure = f"the linear-attention builder refused: {error}"
                 logger.info("not rewriting %s: %s", match.output.name, error)

@@ -67,6 +67,16 @@ class Emitter:
             return self("ReduceMax", x, axes_value if axes_value is not None else self.const(axes), keepdims=keepdims)
         return self("ReduceMax", x, axes=axes, keepdims=keepdims)
 
+    def lower_triangle(self, x: ir.Value, dtype: ir.DataType) -> ir.Value:
+        """x (of `dtype`) with the entries above the diagonal of its last two axes set to 0: Trilu from
+        opset 14, a Where over a Range comparison before."""
+        if self.opset >= 14:
+            return self("Trilu", x, upper=0)
+        zero, one = self.const(0), self.const(1)
+        rows = self("Unsqueeze", self("Range", zero, self("Squeeze", self.shape(x, -2, -1)), one), self.const([1]))
+        cols = self("Range", zero, self("Squeeze", self.shape(x, -1)), one)
+        return self("Where", self("LessOrEqual", cols, rows), x, self.const(0, dtype.numpy()))
+
     def subgraph(self) -> Emitter:
         return Emitter(ir.tape.Tape(), self.prefix, self._counter, self.opset)
 

@@ -1,4 +1,4 @@
-"""Exact linear (Performer / FAVOR+) attention as a subgraph of standard ONNX ops (opset 18+).
+"""Exact linear (Performer / FAVOR+) attention as a subgraph of standard ONNX ops (opset 13+).
 
 Semantics are those of `torch.ops.rewriter.linear_attention`'s forward (`rewriter.kernels.
 linear_attention`): φ is formed from q, k and the (M, D) projection Ω one slice of `slice_size`
@@ -57,7 +57,7 @@ class _LinearBuilder:
         self.q, self.k, self.v = q, k, v
         self.projection_t = None if projection is None else e("Transpose", self.cast(e, projection), perm=[1, 0])
         self.ratio = self._feature_ratio(projection) if feature_map == "favor_softmax" else None
-        self.length = e("Shape", q, start=2, end=3)
+        self.length = e.shape(q, start=2, end=3)
         self.slice = e("Max", e("Min", self.length, e.const([slice_size])), self.one)
         self.n_slices = e("Squeeze", e("Div", e("Sub", e("Add", self.length, self.slice), self.one), self.slice))
 
@@ -69,7 +69,7 @@ class _LinearBuilder:
 
     def feature_count(self, e: Emitter) -> ir.Value:
         """[M], from the projection (or D without one)."""
-        return e("Shape", self.projection_t, start=1) if self.projection_t is not None else e("Shape", self.k, start=3)
+        return e.shape(self.projection_t, start=1) if self.projection_t is not None else e.shape(self.k, start=3)
 
     # ----------------------------------------------------------------------- feature maps
 
@@ -88,7 +88,7 @@ class _LinearBuilder:
             return e("Add", e("Add", e("Elu", a, alpha=1.0), self.const(1.0)), self.const(self.epsilon))
         sum_sq = e("ReduceSum", e("Mul", x, x), e.const([-1]), keepdims=1)
         diag = e("Mul", e("Div", sum_sq, self.const(2.0)), self.const(self.data_scale**2))
-        stab = e("ReduceMax", a, e.const([-1]), keepdims=1) if key_max is None else key_max
+        stab = e.reduce_max(a, [-1]) if key_max is None else key_max
         exp = e("Exp", e("Sub", e("Sub", a, diag), stab))
         return e("Mul", e("Add", exp, self.const(self.epsilon)), self.ratio)
 
@@ -99,8 +99,8 @@ class _LinearBuilder:
         e = self.e
         if not is_query:
             return e("Unsqueeze", x, e.const([2]))
-        split = e("Concat", e("Shape", x, end=1), e("Shape", self.k, start=1, end=2), e.const([-1]),
-                  e("Shape", x, start=2), axis=0)
+        split = e("Concat", e.shape(x, end=1), e.shape(self.k, start=1, end=2), e.const([-1]),
+                  e.shape(x, start=2), axis=0)
         return e("Reshape", x, split)
 
     def block(self, e: Emitter, x: ir.Value, start: ir.Value, stop: ir.Value) -> ir.Value:
@@ -140,16 +140,16 @@ class _LinearBuilder:
         b, i, cond = self.body()
         running = ir.val(b.name("key_max"), self.dtype, [None] * 5)
         a = self.pre_activation(b, self.block(b, kg, *self.bounds(b, i)))
-        new = b("Max", running, b("ReduceMax", a, b.const([-2, -1]), keepdims=1))
+        new = b("Max", running, b.reduce_max(a, [-2, -1]))
         graph = b.graph([i, cond, running], [typed(b("Identity", cond), _BOOL), typed(new, self.dtype)], "key_max")
-        shape = e("Concat", e("Shape", kg, end=2), e.const([1, 1, 1]), axis=0)
+        shape = e("Concat", e.shape(kg, end=2), e.const([1, 1, 1]), axis=0)
         start = e("ConstantOfShape", shape, value=ir.tensor(np.array([-np.inf], self.np_dtype)))
         return e("Loop", self.n_slices, None, start, body=graph)
 
     def zero_state(self, kg: ir.Value) -> ir.Value:
         """The state before any key: zeros, and `key_sum_epsilon` in the Σφ(k) column."""
         e = self.e
-        shape = e("Concat", e("Shape", kg, end=3), self.feature_count(e), e("Shape", self.v, start=3), axis=0)
+        shape = e("Concat", e.shape(kg, end=3), self.feature_count(e), e.shape(self.v, start=3), axis=0)
         zeros = e("ConstantOfShape", shape, value=ir.tensor(np.array([0.0], self.np_dtype)))
         return self.with_ones(e, zeros, fill=self.key_sum_epsilon)
 
@@ -175,7 +175,7 @@ class _LinearBuilder:
             phi_k = self.features(b, self.block(b, kg, start, stop), key_max)
             vb = self.with_ones(b, self.block(b, vg, start, stop))
             phi_k_t = b("Transpose", phi_k, perm=[0, 1, 2, 4, 3])
-            scores = b("Trilu", b("MatMul", phi_q, phi_k_t), upper=0)  # keys after the query: 0
+            scores = b.lower_triangle(b("MatMul", phi_q, phi_k_t), self.dtype)  # keys after the query: 0
             num = b("Add", b("MatMul", phi_q, running), b("MatMul", scores, vb))
             new = b("Add", running, b("MatMul", phi_k_t, vb))
             carried = [(running, typed(new, self.dtype))]
@@ -194,7 +194,7 @@ class _LinearBuilder:
         key_max = self.key_max(kg) if self.kind == "favor_softmax" else None
         state = None if causal else self.key_state(kg, vg, key_max)
         blocks = self.output_loop(qg, kg, vg, key_max, state)
-        out_shape = e("Concat", e("Shape", self.q, end=2), e.const([-1]), e("Shape", self.v, start=3), axis=0)
+        out_shape = e("Concat", e.shape(self.q, end=2), e.const([-1]), e.shape(self.v, start=3), axis=0)
         out = e("Reshape", e("Transpose", blocks, perm=[1, 2, 3, 0, 4, 5]), out_shape)
         return e("Slice", out, self.zero, self.length, e.const([2]))
 
@@ -211,7 +211,7 @@ class _LinearBuilder:
         e = self.e
         k = self.cast(e, self.k)
         key_pre = self.pre_activation(e, k)
-        key_max = e("ReduceMax", key_pre, e.const([-2, -1]), keepdims=1) if self.kind == "favor_softmax" else None
+        key_max = e.reduce_max(key_pre, [-2, -1]) if self.kind == "favor_softmax" else None
         phi_k = self.features(e, k, key_max, a=key_pre)
         phi_q = self.features(e, self.cast(e, self.q))
         v = self.with_ones(e, self.cast(e, self.v), rank=4)
@@ -244,7 +244,7 @@ def _static_heads(x: ir.Value, role: str) -> int:
 def build_linear_attention(tape: ir.tape.Tape, q: ir.Value, k: ir.Value, v: ir.Value, projection: ir.Value | None, *,
                            feature_map: str, causal: bool, data_scale: float, epsilon: float,
                            normalizer_epsilon: float, slice_size: int, name: str = "linear_attention",
-                           target: str = "chunked", key_sum_epsilon: float = 0.0) -> ir.Value:
+                           target: str = "chunked", key_sum_epsilon: float = 0.0, opset: int = 18) -> ir.Value:
     """Append linear attention over q (B,H,L,D), k (B,Hkv,L,D), v (B,Hkv,L,Dv) to `tape`; returns out (B,H,L,Dv).
 
     `projection` is the (M, D) random-feature matrix Ω, or None for "relu" / "elu_plus_one" applied
@@ -266,7 +266,7 @@ def build_linear_attention(tape: ir.tape.Tape, q: ir.Value, k: ir.Value, v: ir.V
     if q.dtype is None or not q.dtype.is_floating_point():
         raise ValueError(f"q must be floating point, got {q.dtype}")
     logger.debug("linear attention %s: %s, causal=%s, slice %d, target %s", name, feature_map, causal, slice_size, target)
-    builder = _LinearBuilder(Emitter(tape, name), q, k, v, projection, feature_map=feature_map, data_scale=data_scale,
+    builder = _LinearBuilder(Emitter(tape, name, opset=opset), q, k, v, projection, feature_map=feature_map, data_scale=data_scale,
                              epsilon=epsilon, normalizer_epsilon=normalizer_epsilon, slice_size=slice_size,
                              key_sum_epsilon=key_sum_epsilon)
     if target == "ort":
@@ -292,6 +292,6 @@ def make_linear_attention_model(*, num_heads: int, num_kv_heads: int, head_dim: 
     v = ir.val("v", dtype, ["batch", num_kv_heads, "seq_len", v_head_dim or head_dim])
     projection = None if features is None else ir.val("projection", dtype, [features, head_dim])
     tape = ir.tape.Tape()
-    out = build_linear_attention(tape, q, k, v, projection, **options)
+    out = build_linear_attention(tape, q, k, v, projection, opset=opset, **options)
     imports = {"": opset, **({"com.microsoft": 1} if options.get("target") == "ort" else {})}
     return standalone_model((q, k, v, projection), out, tape, "linear_attention", imports)
