@@ -93,7 +93,7 @@ CHILD_TIMEOUT_S = 600
 def _measure_call():
     """`rewriter.tools.measure.measure_call`, loaded from its file: the `rewriter` package imports torch,
     which a child running only ONNX Runtime does not need."""
-    spec = importlib.util.spec_from_file_location("_rewriter_measure", os.path.join(ROOT, "rewriter", "measure.py"))
+    spec = importlib.util.spec_from_file_location("_rewriter_measure", os.path.join(ROOT, "rewriter", "tools", "measure.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses looks its module up while building Measurement
     spec.loader.exec_module(module)

@@ -24,7 +24,7 @@ import torch
 from passes.onnx.attention_node import REWRITER_DOMAIN, AttentionAttributes, register_schemas
 from passes.onnx.lower_attention import CHUNKED, ONNX_ATTENTION, ORT, TARGET_OPS
 from passes.onnx.lower_rewriter_ops import LowerRewriterOps
-from passes.onnx.rewrite_linear_attention import LINEAR_ORT
+from passes.onnx.canonicalize_linear_attention import LINEAR_ORT
 from passes.onnx.raise_opset import RaiseOpsetPass
 from passes.core.planner import TARGETS
 from rewriter.onnx_io import check_output_path, save_model

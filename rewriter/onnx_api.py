@@ -16,6 +16,7 @@ slice loop of `build_linear_attention` (target ``chunked``) under ``auto`` and `
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -40,7 +41,7 @@ from passes.onnx.lower_attention import CHUNKED, ONNX_ATTENTION, ORT, TARGET_OPS
 from passes.onnx.lower_rewriter_ops import LowerRewriterOps
 from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch
 from passes.onnx.raise_opset import RaiseOpsetPass
-from passes.onnx.rewrite_linear_attention import LINEAR_ORT, PlannedLinearRewrite, RewriteOnnxLinearAttention
+from passes.onnx.canonicalize_linear_attention import CanonicalizeLinearAttention, LINEAR_ORT, PlannedLinearRewrite
 from rewriter.module_paths import annotate_modules, onnx_node_scopes
 from rewriter.report import MatchReport, Report
 
@@ -265,12 +266,14 @@ def optimize_onnx(model_or_path, *, target: str = "auto", provider: str = "cpu",
     if raise_error:
         _refuse_all(analysis.plans, analysis.reasons, raise_error)
         _refuse_all(analysis.linear_plans, analysis.linear_reasons, raise_error)
-    # Softmax blocks become canonical nodes, lowered by the pass `export_onnx` uses; Performer blocks
-    # are rewritten directly.
-    canonical = CanonicalizeAttention(analysis.ctx, [plan for _, plan in analysis.plans])
-    modified = onnx_ir.passes.Sequential(
-        canonical, LowerRewriterOps(targets=canonical.targets), UndoAnnotations(canonical),
-        RewriteOnnxLinearAttention(analysis.ctx, [plan for _, plan in analysis.linear_plans]))(model).modified
+    # Every block becomes its canonical node; one lowering (the pass export_onnx uses) turns each into its target.
+    softmax = CanonicalizeAttention(analysis.ctx, [plan for _, plan in analysis.plans])
+    linear = CanonicalizeLinearAttention(analysis.ctx, [plan for _, plan in analysis.linear_plans])
+    lowering = LowerRewriterOps(targets=collections.ChainMap(softmax.targets, linear.targets))
+    modified = onnx_ir.passes.Sequential(softmax, linear, lowering, UndoAnnotations(softmax, linear))(model).modified
+    for _, plan in analysis.linear_plans:  # a target that refused a block lowered it to the slice loop
+        if plan.node is not None and lowering.forms.get(plan.node) == CHUNKED:
+            plan.target = CHUNKED
     report = annotate_modules(_report(analysis, source), onnx_node_scopes(original))
     logger.info(report.summary())
     if not modified:

@@ -186,14 +186,14 @@ class CanonicalizeAttention(onnx_ir.passes.InPlacePass):
 
 
 class UndoAnnotations(onnx_ir.passes.InPlacePass):
-    """After lowering: the model's own values get back the dtype and shape they had before
-    `CanonicalizeAttention` annotated them for the lowering to read."""
+    """After lowering: the model's own values get back the dtype and shape they had before the
+    canonicalising passes annotated them for the lowering to read."""
 
-    def __init__(self, canonical: CanonicalizeAttention):
+    def __init__(self, *canonical_passes):
         super().__init__()
-        self.canonical = canonical
+        self.canonical_passes = canonical_passes
 
     def call(self, model: ir.Model) -> onnx_ir.passes.PassResult:
-        for writer in self.canonical.writers:
+        for writer in (w for canonical in self.canonical_passes for w in canonical.writers):
             writer.undo_annotations()
         return onnx_ir.passes.PassResult(model, False)

@@ -91,6 +91,7 @@ class LowerRewriterOps(ir.passes.InPlacePass):
         self.target, self.targets = target, targets if targets is not None else {}
         self.lowered: list[tuple[str, str | None]] = []
         self.kinds: list[str] = []
+        self.forms: dict[ir.Node, str] = {}  # the form each node became
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         nodes = [node for node in ir.traversal.RecursiveGraphIterator(model.graph) if node.domain == REWRITER_DOMAIN]
@@ -102,6 +103,7 @@ class LowerRewriterOps(ir.passes.InPlacePass):
                 raise LoweringError(f"{node.name}: unknown {REWRITER_DOMAIN} op {node.op_type}")
             self.kinds.append("performer" if node.op_type == LINEAR_ATTENTION_OP else "softmax")
             self.lowered.append(_lower(node, index, target, model.graph.opset_imports.get("", 1)))
+            self.forms[node] = self.lowered[-1][0]
         leftovers = [node.name for node in ir.traversal.RecursiveGraphIterator(model.graph)
                      if node.domain == REWRITER_DOMAIN]
         if leftovers:

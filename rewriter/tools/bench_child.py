@@ -7,7 +7,7 @@ out-of-memory killer sends SIGKILL), one that fails, and one that runs out of ti
 
 The file runs as a script, not as `rewriter.tools.bench_child`: importing the `rewriter` package imports
 torch (seconds per child), which an ONNX Runtime point does not need. It loads its two helpers,
-`measure.py` and `verify.py` (numpy, onnx only), from beside itself. A torch point imports
+`tools/measure.py` and `verify.py` (numpy, onnx only), from the package folder. A torch point imports
 `rewriter` itself.
 
 Spec keys: `kind` ("onnx" | "torch"), `threads`; for "onnx": `path`, `dims` (symbolic input dim
