@@ -41,6 +41,9 @@ def _concrete_shape(value_info: onnx.ValueInfoProto, dims: dict[str, int], defau
     return shape
 
 
+_MASK_KEEP = 0.8  # the share of ones in a random boolean or integer mask input
+
+
 def random_inputs(model: onnx.ModelProto, dims: dict[str, int] | None = None, default_dim: int = 8,
                   seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -51,10 +54,9 @@ def random_inputs(model: onnx.ModelProto, dims: dict[str, int] | None = None, de
             continue
         shape = _concrete_shape(value_info, dims or {}, default_dim)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(value_info.type.tensor_type.elem_type)
-        if dtype == np.bool_:
-            feeds[value_info.name] = np.ones(shape, dtype=bool)
-        elif np.issubdtype(dtype, np.integer) and "mask" in value_info.name.lower():
-            feeds[value_info.name] = np.ones(shape, dtype=dtype)
+        if dtype == np.bool_ or (np.issubdtype(dtype, np.integer) and "mask" in value_info.name.lower()):
+            # Partial masks, so that a check exercises masking whichever value means "keep".
+            feeds[value_info.name] = (rng.random(shape) < _MASK_KEEP).astype(dtype)
         elif np.issubdtype(dtype, np.integer):
             feeds[value_info.name] = rng.integers(0, 10, shape).astype(dtype)
         else:

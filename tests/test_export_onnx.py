@@ -181,10 +181,18 @@ def test_export_onnx_writes_verified_file_ort_target(tmp_path):
     np.testing.assert_allclose(actual, expected.numpy(), atol=1e-4, rtol=1e-4)
 
 
+class CausalSdpa(torch.nn.Module):
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
 def test_onnx_attention_target(tmp_path):
-    model, example = tiny_gpt2(EXPORT_LEN)
-    path = tmp_path / "gpt2_attention23.onnx"
-    report = rewriter.export_onnx(model, example, str(path), target="onnx-attention", dynamic_shapes=_dynamic(example))
+    torch.manual_seed(0)
+    model, example = CausalSdpa().eval(), tuple(torch.randn(2, 4, EXPORT_LEN, 8) for _ in range(3))
+    path = tmp_path / "attention23.onnx"
+    seq = torch.export.Dim("seq", min=2, max=64)
+    report = rewriter.export_onnx(model, example, str(path), target="onnx-attention",
+                                  dynamic_shapes=tuple({2: seq} for _ in example))
     assert [match.target for match in report.matches] == ["Attention-23"]
     saved = onnx.load(str(path))
     onnx.checker.check_model(saved, full_check=True)
@@ -192,10 +200,20 @@ def test_onnx_attention_target(tmp_path):
     ops = _op_types(saved)
     assert ("", "Attention") in ops and ("", "Softmax") not in ops
     assert not [op for op in ops if op[0] == "ai.rewriter"]
-    (actual,) = _ort_outputs(saved.SerializeToString(), GPT2Model.example_inputs(2, OTHER_LEN))
+    other = tuple(torch.randn(2, 4, OTHER_LEN, 8) for _ in range(3))
+    (actual,) = _ort_outputs(saved.SerializeToString(), other)
     with torch.no_grad():
-        expected = model(*GPT2Model.example_inputs(2, OTHER_LEN))
+        expected = model(*other)
     np.testing.assert_allclose(actual, expected.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_onnx_attention_refuses_a_finite_fill(tmp_path):
+    """GPT-2's mask fills with finfo.min: a row whose every key is masked would average V in the model
+    and be 0 in Attention-23, so the block is lowered to the chunked form, which keeps the fill."""
+    model, example = tiny_gpt2(EXPORT_LEN)
+    report = rewriter.export_onnx(model, example, str(tmp_path / "gpt2.onnx"), target="onnx-attention",
+                                  dynamic_shapes=_dynamic(example))
+    assert [match.target for match in report.matches] == ["chunked"]
 
 
 class SoftCappedAttention(torch.nn.Module):

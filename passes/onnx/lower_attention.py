@@ -16,7 +16,8 @@ Targets (the names users pass, and the op each becomes in reports):
 CPU provider): MultiHeadAttention has no soft-cap, is causal only with offset 0 and equal lengths,
 takes fp32/fp16 only and needs static head counts; Attention-23 has no causal offset and gives 0
 for rows whose every key is masked (used only where the block zeroes those rows too, or none can
-be masked); neither can fill masked scores with a finite value above −1e30. Rows whose every key
+be masked) and so takes no finite fill (such rows average V in the model); MultiHeadAttention
+takes none above −1e30. Rows whose every key
 is masked give NaN from the chunked kernel and MultiHeadAttention; a node with ``zero_masked_rows``
 gets ``Where(IsNaN(out), 0, out)`` after them.
 """
@@ -89,9 +90,10 @@ def block_facts(node: ir.Node) -> BlockFacts:
                       attributes=attention_attributes(node))
 
 
-def _finite_fill(facts: BlockFacts, target: str) -> str | None:
+def _finite_fill(facts: BlockFacts, target: str, limit: float = EFFECTIVELY_NEG_INF) -> str | None:
+    """Why `target` cannot take a mask filled with a finite value above `limit`, or None."""
     fill = facts.attributes.mask_fill
-    if facts.has_mask and fill != -math.inf and fill > EFFECTIVELY_NEG_INF:
+    if facts.has_mask and fill != -math.inf and fill > limit:
         return f"{target} cannot fill masked scores with the finite value {fill:g}"
     return None
 
@@ -122,7 +124,8 @@ def refusal(facts: BlockFacts, target: str) -> str | None:
         if can_mask_a_row and not a.zero_masked_rows:
             return ("Attention-23 gives 0 for rows whose every key is masked where this model gives NaN, "
                     "and its bias or mask can mask whole rows")
-        return _finite_fill(facts, "Attention-23")
+        # Rows whose every key holds a finite fill average V in the model; Attention-23 gives them 0.
+        return _finite_fill(facts, "Attention-23", limit=-math.inf)
     raise ValueError(f"unknown lowering target {target!r}")
 
 
