@@ -56,8 +56,6 @@ def _print_json(payload: dict) -> None:
 def _demo(args) -> int:
     from rewriter.tools.demo import run_demo
 
-    if args.seq_len < 1:
-        raise UsageError(f"--seq-len must be positive, got {args.seq_len}")
     if args.threads < 1:
         raise UsageError(f"--threads must be positive, got {args.threads}")
     log = _log(args)
@@ -94,6 +92,17 @@ def _chunk_size(text: str | None) -> tuple[int, int] | None:
     if len(parts) not in (1, 2) or not all(part.strip().isdigit() and int(part) > 0 for part in parts):
         raise UsageError(f"--chunk-size takes Q or Q,K (positive integers), got {text!r}")
     return int(parts[0]), int(parts[-1])
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: a positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _memory_budget(text: str | None) -> int | None:
@@ -169,7 +178,10 @@ def _optimize(args) -> int:
                                     "written (without --verify the rewritten model is written unchecked)")
         if not check.ok:
             raise VerificationError(f"rewritten model differs from the original: {check.text}; nothing written")
-    save_model(optimized, args.output)
+    try:
+        save_model(optimized, args.output)
+    except ModelFileError as error:
+        raise UsageError(str(error)) from None
     return _finish(args, [f"wrote {args.output}"], payload)
 
 
@@ -181,8 +193,6 @@ def _export(args) -> int:
     from rewriter.tools.model_source import ModelSourceError, call_factory, load_exported_program
     from rewriter.onnx_io import ModelFileError
 
-    if args.seq_len < 1:
-        raise UsageError(f"--seq-len must be at least 1 (got {args.seq_len})")
     try:
         if args.spec.endswith(".pt2"):
             model, example_inputs, dynamic = load_exported_program(args.spec)
@@ -282,7 +292,7 @@ def _add_target_options(command: argparse.ArgumentParser) -> None:
                               "onnx-attention: opset-23 Attention")
     command.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
                          help="execution provider the model will run on (guides --target auto)")
-    command.add_argument("--seq-len", type=int, default=4096, metavar="N",
+    command.add_argument("--seq-len", type=_positive_int, default=4096, metavar="N",
                          help="sequence length at which to estimate peak activation memory (default 4096)")
 
 
@@ -297,7 +307,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Builds a small GPT-style model and rewrites its attention in PyTorch; exports it to ONNX "
                     "and optimizes the file. Checks each rewrite against its original and measures the "
                     "forward memory and time of all four models in fresh processes. No downloads.")
-    demo.add_argument("--seq-len", type=int, default=4096, help="sequence length (default %(default)s)")
+    demo.add_argument("--seq-len", type=_positive_int, default=4096, help="sequence length (default %(default)s)")
     demo.add_argument("--threads", type=int, default=2,
                       help="threads of PyTorch and ONNX Runtime (default %(default)s)")
     demo.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
@@ -340,7 +350,7 @@ def _parser() -> argparse.ArgumentParser:
                     "and writes OUT (whole or not at all).")
     export.add_argument("spec", metavar="MODULE:CALLABLE|PROGRAM.pt2")
     export.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
-    export.add_argument("--seq-len", type=int, default=128, metavar="N",
+    export.add_argument("--seq-len", type=_positive_int, default=128, metavar="N",
                         help="example sequence length for CALLABLE (default 128)")
     export.add_argument("--target", choices=list(TARGETS), default="auto",
                         help="form of the attention in OUT (default auto)")

@@ -73,13 +73,28 @@ def check_output_path(output: str, inputs: tuple[str, ...] = ()) -> None:
     """Refuse an output the write could not complete, or one that would replace an input."""
     directory = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(directory):
-        raise ModelFileError(f"{output}: directory {directory} does not exist")
+        what = "is not a directory" if os.path.exists(directory) else "does not exist"
+        raise ModelFileError(f"{output}: directory {directory} {what}")
+    if os.path.isdir(output):
+        raise ModelFileError(f"{output}: is a directory; give a file name to write the model to")
+    if not os.access(directory, os.W_OK):
+        raise ModelFileError(f"{output}: directory {directory} is not writable")
     if any(os.path.exists(path) and os.path.samefile(path, output) for path in inputs if os.path.exists(output)):
         raise ModelFileError(f"{output}: would overwrite the input model; choose another output path")
 
 
 def save_model(model: onnx.ModelProto, output: str) -> None:
-    """Write `model` to `output` atomically; over 2 GiB its tensors go to `<output>.data`."""
+    """Write `model` to `output` atomically; over 2 GiB its tensors go to `<output>.data`.
+
+    Raises ModelFileError (a bad output path) when the file system refuses the write.
+    """
+    try:
+        _save(model, output)
+    except OSError as error:
+        raise ModelFileError(f"{output}: cannot write there ({error.strerror or error})") from None
+
+
+def _save(model: onnx.ModelProto, output: str) -> None:
     directory = os.path.dirname(os.path.abspath(output)) or "."
     external = model.ByteSize() > _PROTOBUF_LIMIT
     data_name = os.path.basename(output) + ".data"

@@ -96,7 +96,8 @@ def _without_its_data(tmp_path) -> str:
 
 @pytest.mark.parametrize("case", ["truncated", "not onnx", "missing file", "future opset", "missing directory",
                                   "output is input", "bad chunk size", "bad budget", "missing external data",
-                                  "directory as model", "unknown option", "checker rejects"])
+                                  "directory as model", "unknown option", "checker rejects", "directory as output",
+                                  "output under a file", "zero seq len"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, gpt2_onnx, tmp_path):
     output = str(tmp_path / "out.onnx")
     model = gpt2_onnx
@@ -123,6 +124,12 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, gpt2_onnx, tmp_pa
         model = str(tmp_path)
     elif case == "unknown option":
         extra = ["--chunk-sise", "64"]
+    elif case == "directory as output":
+        output = str(tmp_path)
+    elif case == "output under a file":
+        output = os.path.join(gpt2_onnx, "out.onnx")
+    elif case == "zero seq len":
+        extra = ["--seq-len", "0"]
     elif case == "checker rejects":  # a node reads a value nothing produces
         model = _no_attention_model(tmp_path)
         broken = onnx.load(model)
@@ -132,11 +139,12 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, gpt2_onnx, tmp_pa
     result = rewriter_cli("optimize", model, "-o", output, *extra)
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert not os.path.exists(output) or output == gpt2_onnx
+    assert not os.path.isfile(output) or output == gpt2_onnx
     assert _digest(gpt2_onnx) == before
     expected = {"missing external data": os.path.join("copied", "model.onnx.data"),
                 "directory as model": "is a directory", "unknown option": "unrecognized arguments: --chunk-sise",
-                "checker rejects": "invalid ONNX model"}
+                "checker rejects": "invalid ONNX model", "directory as output": "is a directory",
+                "output under a file": "is not a directory", "zero seq len": "expected a positive integer"}
     assert expected.get(case, "") in result.stderr and "internal error" not in result.stderr, result.stderr
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 from passes.core.attention_spec import AttentionSpec, ChunkSizes
 
 __all__ = ["AUTO", "CHUNKED", "DEFAULT_BLOCK_BUDGET", "ONNX_ATTENTION", "ORT", "TARGETS", "default_slice_size", "parse_size", "plan_chunk_sizes"]
+
+logger = logging.getLogger(__name__)
 
 # What a user may ask an ONNX block to become (`--target`); here, not in onnx_api, so that the CLI
 # builds its parser without importing onnx_ir (and sympy): `rewriter --help` starts fast.
@@ -51,6 +54,9 @@ def plan_chunk_sizes(
         elif query > _MIN_QUERY_CHUNK:
             query //= 2
         else:
+            logger.warning("memory budget %d bytes is below the smallest block (%d queries × %d keys over %d "
+                           "batch·heads rows, %d bytes); using that block", budget, query, key, rows,
+                           rows * query * key * 4 * _LIVE_BLOCKS)
             break
     return ChunkSizes(max(query, 1), max(key, 1))
 
