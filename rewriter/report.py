@@ -99,7 +99,7 @@ class Report:
 
     def summary(self) -> str:
         """Human-readable lines: one per candidate."""
-        found = f"found {len(self.matches)} attention blocks"
+        found = f"found {len(self.matches)} attention block{'' if len(self.matches) == 1 else 's'}"
         if self.dry_run:
             would = self.would_rewrite_count
             lines = [f"{found}: {would} would be rewritten, {len(self.matches) - would} would be left alone "
