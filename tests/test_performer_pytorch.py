@@ -65,7 +65,7 @@ def test_self_attention(kernel, causal, length):
     model = _quiet(performer_pytorch.SelfAttention, dim=32, heads=2, dim_head=16, causal=causal, nb_features=24,
                    **KERNELS[kernel]).eval()
     x = torch.randn(2, length, 32)
-    gm, report = optimize_module(model, (x,))
+    gm, report = optimize_module(model, (x,), dynamic_shapes=None)  # the blocks at these shapes
     _assert_all_rewritten(report, gm, 1)
     assert _op_calls(gm)[0].args[5] is causal
     assert assert_module_parity(model, gm, (x,), atol=1e-4, grad_atol=1e-3) > 0
@@ -79,7 +79,7 @@ def test_fast_attention(kernel, causal):
                    **KERNELS[kernel]).eval()
     generator = torch.Generator().manual_seed(2)
     qkv = tuple(torch.randn(2, 3, 150, 16, generator=generator) for _ in range(3))
-    gm, report = optimize_module(model, qkv)
+    gm, report = optimize_module(model, qkv, dynamic_shapes=None)  # the blocks at these shapes
     _assert_all_rewritten(report, gm, 1)
     call = _op_calls(gm)[0]
     assert call.kwargs.get("key_sum_epsilon", call.args[-1]) == (1e-6 if causal else 0.0)
@@ -97,7 +97,7 @@ def test_performer_lm(kernel, causal, local_heads):
                    **KERNELS[kernel]).eval()
     model.fix_projection_matrices_()
     tokens = torch.randint(0, 50, (2, 96), generator=torch.Generator().manual_seed(4))
-    gm, report = optimize_module(model, (tokens,))
+    gm, report = optimize_module(model, (tokens,), dynamic_shapes=None)  # the blocks at these shapes
     _assert_all_rewritten(report, gm, 2)
     assert assert_module_parity(model, gm, (tokens,), atol=1e-4, grad_atol=1e-3) > 0
 
@@ -109,7 +109,7 @@ def test_no_projection_is_left_alone(causal):
     model = _quiet(performer_pytorch.SelfAttention, dim=32, heads=2, dim_head=16, causal=causal,
                    no_projection=True).eval()
     x = torch.randn(1, 20, 32)
-    gm, report = optimize_module(model, (x,))
+    gm, report = optimize_module(model, (x,), dynamic_shapes=None)  # the blocks at these shapes
     [match] = _performer_matches(report)
     assert not match.rewritten and "not a known feature map" in match.reason
     assert not _op_calls(gm)
@@ -123,7 +123,7 @@ def test_training_mode_with_redraw_fixed():
                    causal=True, nb_features=16, feature_redraw_interval=1)
     model.fix_projection_matrices_()
     tokens = torch.randint(0, 40, (1, 64), generator=torch.Generator().manual_seed(6))
-    gm, report = optimize_module(model.eval(), (tokens,))
+    gm, report = optimize_module(model.eval(), (tokens,), dynamic_shapes=None)  # the blocks at these shapes
     _assert_all_rewritten(report, gm, 1)
     before = model.performer.net.layers[0][0].fn.fast_attention.projection_matrix.clone()
     model.train()
@@ -143,7 +143,7 @@ def test_projection_is_an_operand(causal):
     del fast.projection_matrix
     fast.projection_matrix = projection
     x = torch.randn(1, 40, 32)
-    gm, report = optimize_module(model, (x,))
+    gm, report = optimize_module(model, (x,), dynamic_shapes=None)  # the blocks at these shapes
     _assert_all_rewritten(report, gm, 1)
     operand = _op_calls(gm)[0].args[3]
     assert operand.op == "get_attr", operand
