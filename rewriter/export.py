@@ -25,7 +25,7 @@ from passes.onnx.attention_node import REWRITER_DOMAIN, AttentionAttributes, reg
 from passes.onnx.lower_attention import CHUNKED, ONNX_ATTENTION, ORT, TARGET_OPS
 from passes.onnx.lower_rewriter_ops import LowerRewriterOps
 from passes.onnx.canonicalize_linear_attention import LINEAR_ORT
-from passes.onnx.raise_opset import RaiseOpsetPass
+from passes.onnx.raise_opset import raise_opset
 from passes.core.planner import TARGETS
 from rewriter.onnx_io import check_output_path, save_model
 from rewriter.report import Report
@@ -176,10 +176,10 @@ def _export_unlowered(module, example_inputs, target, dynamic_shapes, opset, **o
     # whenever there is a mask, a bias or causality, the chunked form never does.
     lowered = target if target in (ONNX_ATTENTION, ORT) else CHUNKED
     model_ir = program.model
-    if lowered == ONNX_ATTENTION and model_ir.opset_imports.get("", 1) < 23:
+    if lowered == ONNX_ATTENTION:
         # Raised after export: torch's opset-23 export fuses rotary embeddings into a
         # RotaryEmbedding node that ONNX Runtime 1.32 rejects for Llama-style caches.
-        model_ir = RaiseOpsetPass(23)(model_ir).model
+        model_ir = raise_opset(model_ir, 23)
     return model_ir, report, lowered
 
 

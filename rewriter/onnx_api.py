@@ -40,7 +40,7 @@ from passes.onnx.graph_values import is_op
 from passes.onnx.lower_attention import CHUNKED, ONNX_ATTENTION, ORT, TARGET_OPS, refusal
 from passes.onnx.lower_rewriter_ops import LowerRewriterOps
 from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch
-from passes.onnx.raise_opset import RaiseOpsetPass
+from passes.onnx.raise_opset import raise_opset
 from passes.onnx.canonicalize_linear_attention import CanonicalizeLinearAttention, LINEAR_ORT, PlannedLinearRewrite
 from rewriter.module_paths import annotate_modules, onnx_node_scopes
 from rewriter.report import MatchReport, Report
@@ -233,10 +233,8 @@ def detect_onnx(model_or_path) -> Report:
 
 def _raised(model: ir.Model, opset: int) -> tuple[ir.Model, str | None]:
     """`model` at default-domain `opset` at least, or unchanged with the reason it cannot be raised."""
-    if model.opset_imports.get("", 1) >= opset:
-        return model, None
     try:
-        return RaiseOpsetPass(opset)(model).model, None
+        return raise_opset(model, opset), None
     except onnx_ir.passes.PassError as error:
         return model, str(error)
 

@@ -34,6 +34,7 @@ import onnx_ir as ir
 from passes.core.mask_semantics import EFFECTIVELY_NEG_INF
 from passes.core.planner import CHUNKED, ONNX_ATTENTION, ORT
 from passes.onnx.attention_node import ATTENTION_OP, REWRITER_DOMAIN, AttentionAttributes, attention_attributes
+from passes.onnx.graph_values import attribute, is_op, producer_op
 from passes.onnx.operand_layout import repeat_heads
 from rewriter.kernels.onnx_chunked_attention import build_chunked_attention
 from rewriter.kernels.onnx_emitter import Emitter
@@ -135,11 +136,8 @@ def _input(node: ir.Node, index: int) -> ir.Value | None:
 
 def _through_transpose(value: ir.Value, perm: list[int]) -> ir.Value | None:
     """The input of the Transpose(perm) that produced `value`, if one did."""
-    producer = value.producer()
-    if producer is None or producer.op_type != "Transpose" or producer.domain not in ("", "ai.onnx"):
-        return None
-    attribute = producer.attributes.get("perm")
-    return producer.inputs[0] if attribute is not None and list(attribute.value) == perm else None
+    producer = producer_op(value, "Transpose")
+    return producer.inputs[0] if producer is not None and list(attribute(producer, "perm", ())) == perm else None
 
 
 def _read(value: ir.Value, layouts: tuple[str, ...]) -> tuple[ir.Value, str]:
@@ -154,12 +152,9 @@ def _read(value: ir.Value, layouts: tuple[str, ...]) -> tuple[ir.Value, str]:
 def _written_transposed(out: ir.Value) -> ir.Node | None:
     """The Transpose to (B, L, H, Dv) that is the output's only user, if it is."""
     users = list(dict.fromkeys(out.consumers()))
-    if out.is_graph_output() or len(users) != 1 or users[0].op_type != "Transpose" or users[0].domain not in ("", "ai.onnx"):
+    if out.is_graph_output() or len(users) != 1 or not is_op(users[0], "Transpose"):
         return None
-    attribute = users[0].attributes.get("perm")
-    if attribute is None or list(attribute.value) != _TO_BSNH or users[0].graph is not out.graph:
-        return None
-    return users[0]
+    return users[0] if list(attribute(users[0], "perm", ())) == _TO_BSNH and users[0].graph is out.graph else None
 
 
 def _chunked(w: Emitter, node: ir.Node, facts: BlockFacts, out_layout: str) -> ir.Value:

@@ -21,11 +21,10 @@ import onnx_ir as ir
 
 from rewriter.kernels.onnx_linear_attention import build_linear_attention
 
-__all__ = ["LINEAR_OP", "linear_fallback_reason", "linear_attention_replacement", "used_auxiliary_outputs"]
+__all__ = ["linear_fallback_reason", "linear_attention_replacement", "used_auxiliary_outputs"]
 
 logger = logging.getLogger(__name__)
 
-LINEAR_OP = "LinearAttention"
 _DEFAULTS = {"feature_map": "favor_softmax", "causal": 0, "data_scale": 1.0, "epsilon": 0.0,
              "normalizer_epsilon": 0.0, "stabilizer_grad": 0, "slice_size": 256, "key_sum_epsilon": 0.0}
 _AUXILIARY = ("state", "key_max")

@@ -16,7 +16,7 @@ import onnx.version_converter
 import onnx_ir as ir
 import onnx_ir.passes
 
-__all__ = ["RaiseOpsetPass"]
+__all__ = ["RaiseOpsetPass", "raise_opset"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +28,16 @@ def _strip_added_value_info(graph: onnx.GraphProto, original: onnx.GraphProto) -
     graph.value_info.extend(infos)
 
 
+def raise_opset(model: ir.Model, target: int) -> ir.Model:
+    """`model` at default-domain opset `target` or newer: `model` itself when already there, else
+    `RaiseOpsetPass`'s new model. Raises onnx_ir.passes.PassError when the converter cannot."""
+    if model.opset_imports.get("", 1) >= target:
+        return model
+    return RaiseOpsetPass(target)(model).model
+
+
 class RaiseOpsetPass(onnx_ir.passes.FunctionalPass):
-    """Returns the model at default-domain opset `target` (unchanged when already there)."""
+    """Returns a new model at default-domain opset `target` (use `raise_opset` for a model that may be there)."""
 
     def __init__(self, target: int):
         super().__init__()
@@ -37,8 +45,6 @@ class RaiseOpsetPass(onnx_ir.passes.FunctionalPass):
 
     def call(self, model: ir.Model) -> onnx_ir.passes.PassResult:
         current = model.opset_imports.get("", 1)
-        if current >= self.target:
-            return onnx_ir.passes.PassResult(model, False)
         proto = ir.serde.serialize_model(model)
         try:
             converted = onnx.version_converter.convert_version(proto, self.target)
