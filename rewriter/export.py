@@ -24,7 +24,7 @@ import torch
 from passes.onnx.attention_node import REWRITER_DOMAIN, AttentionAttributes, register_schemas
 from passes.onnx.lower_attention import CHUNKED, ONNX_ATTENTION, ORT, TARGET_OPS
 from passes.onnx.lower_rewriter_ops import LowerRewriterOps
-from passes.onnx.canonicalize_linear_attention import LINEAR_ORT
+from passes.onnx.canonicalize_linear_attention import LINEAR_TARGET_OPS
 from passes.onnx.raise_opset import raise_opset
 from passes.core.planner import TARGETS
 from rewriter.onnx_io import check_output_path, save_model
@@ -196,7 +196,7 @@ def _lower(model_ir: ir.Model, report: Report | None, lowered: str) -> onnx.Mode
         forms = [done for done, done_kind in zip(lowering.lowered, lowering.kinds) if done_kind == kind]
         if len(forms) != len(rewritten):
             forms = [(lowered, None)] * len(rewritten)
-        names = TARGET_OPS if kind == "softmax" else {CHUNKED: CHUNKED, ORT: LINEAR_ORT}
+        names = TARGET_OPS if kind == "softmax" else LINEAR_TARGET_OPS
         for match, (form, _fallback) in zip(rewritten, forms):
             match.target = names[form]
     model = ir.serde.serialize_model(model_ir)

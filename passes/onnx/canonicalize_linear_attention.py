@@ -33,12 +33,13 @@ from passes.onnx.linear_block import OnnxLinearAttentionMatch
 from passes.onnx.onnx_match import AnalysisContext
 from rewriter.kernels.onnx_emitter import Emitter
 
-__all__ = ["LINEAR_ORT", "CanonicalizeLinearAttention", "PlannedLinearRewrite"]
+__all__ = ["LINEAR_ORT", "LINEAR_TARGET_OPS", "CanonicalizeLinearAttention", "PlannedLinearRewrite"]
 
 logger = logging.getLogger(__name__)
 
 LINEAR_ORT = "com.microsoft.LinearAttention"
-_LOWERING_TARGET = {CHUNKED: CHUNKED, LINEAR_ORT: ORT}
+LINEAR_TARGET_OPS = {CHUNKED: CHUNKED, ORT: LINEAR_ORT}  # lowering target → what the report names
+_LOWERING_TARGET = {name: target for target, name in LINEAR_TARGET_OPS.items()}
 
 
 @dataclasses.dataclass
