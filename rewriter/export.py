@@ -42,8 +42,9 @@ class ExportVerificationError(ValueError):
     """The exported model's ONNX Runtime outputs differ from the eager module's; nothing was written."""
 
 
-def _translate_attention(q, k, v, bias=None, mask=None, scale=1.0, softcap=0.0, mask_fill=-math.inf,
-                         causal=False, causal_offset=0, q_chunk=1024, k_chunk=4096, zero_masked_rows=False):
+def _translate_attention(q, k, v, bias=None, mask=None, leaves=(), scale=1.0, softcap=0.0, mask_fill=-math.inf,
+                         causal=False, causal_offset=0, q_chunk=1024, k_chunk=4096, zero_masked_rows=False,
+                         bias_program="", mask_program=""):
     """torch.ops.rewriter.attention → one ai.rewriter::Attention node (traced by onnxscript)."""
     import onnxscript  # only when exporting: importing it costs about a second
 

@@ -123,8 +123,8 @@ def _emit(graph: Graph, match: FxAttentionMatch, chunks: ChunkSizes) -> Node:
             mask = graph.call_function(aten.logical_not.default, (mask,))
     attention = graph.call_function(
         torch.ops.rewriter.attention.default,
-        (query, key, value, bias, mask, match.scale, match.softcap, match.mask_fill,
-         match.causal, match.causal_offset, chunks.query, chunks.key, match.zero_masked_rows),
+        (query, key, value, bias, mask, [], match.scale, match.softcap, match.mask_fill,
+         match.causal, match.causal_offset, chunks.query, chunks.key, match.zero_masked_rows, "", ""),
     )
     out = graph.call_function(operator.getitem, (attention, 0))
     return _restore_layout(graph, out, match)

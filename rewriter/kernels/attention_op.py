@@ -1,9 +1,12 @@
 """`rewriter::attention`: exact softmax attention that never holds the Lq × Lk score matrix.
 
-    out, row_stats = torch.ops.rewriter.attention(q, k, v, bias, mask, scale, softcap, mask_fill,
-                                                  causal, causal_offset, q_chunk, k_chunk, zero_masked_rows)
+    out, row_stats = torch.ops.rewriter.attention(q, k, v, bias, mask, leaves, scale, softcap, mask_fill,
+                                                  causal, causal_offset, q_chunk, k_chunk, zero_masked_rows,
+                                                  bias_program, mask_program)
 
-Semantics are those of `chunked_attention` (scale → soft-cap → +bias → keep-mask → causal); a row
+Semantics are those of `chunked_attention` (scale → soft-cap → +bias → keep-mask → causal); a
+non-empty `bias_program` / `mask_program` (JSON, `rewriter.kernels.score_program`) over the tensors
+in `leaves` takes the place of the `bias` / `mask` tensor, evaluated block by block. A row
 whose every key is masked gives NaN as a hand-written softmax does, or 0 with `zero_masked_rows`
 (default False) as SDPA and `aten._safe_softmax` do, gradients included.
 Where PyTorch's fused CPU flash kernel computes exactly the same thing, forward and backward call
@@ -21,9 +24,11 @@ import torch
 
 from rewriter.kernels.chunked_attention import (
     ScoreOptions,
+    ScoreTerms,
     chunked_attention_backward,
     chunked_attention_forward,
 )
+from rewriter.kernels.score_program import parse
 
 __all__ = ["attention", "uses_fused_kernel"]
 
@@ -79,6 +84,14 @@ def _fused_inputs(q, k, v, bias, mask):
     return q.contiguous(), k.contiguous(), v.contiguous(), additive
 
 
+def _terms(bias, mask, leaves, bias_program: str, mask_program: str) -> ScoreTerms:
+    """The call's bias and mask; raises ValueError when a program and a tensor give the same term."""
+    if (bias_program and bias is not None) or (mask_program and mask is not None):
+        raise ValueError("rewriter::attention takes a bias (mask) tensor or a bias (mask) program, not both")
+    return ScoreTerms(bias, mask, parse(bias_program) if bias_program else None,
+                      parse(mask_program) if mask_program else None, tuple(leaves))
+
+
 def _check_shapes(q, k, v) -> None:
     """q (B, H, Lq, D), k (1|B, Hkv, Lk, D), v (1|B, Hkv, Lk, Dv) with H a multiple of Hkv."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -91,24 +104,25 @@ def _check_shapes(q, k, v) -> None:
 @torch.library.custom_op("rewriter::attention", mutates_args=())
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    bias: torch.Tensor | None, mask: torch.Tensor | None,
+    bias: torch.Tensor | None, mask: torch.Tensor | None, leaves: list[torch.Tensor],
     scale: float, softcap: float, mask_fill: float, causal: bool, causal_offset: int,
-    q_chunk: int, k_chunk: int, zero_masked_rows: bool = False,
+    q_chunk: int, k_chunk: int, zero_masked_rows: bool, bias_program: str, mask_program: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_shapes(q, k, v)
     opts = _options(scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk, zero_masked_rows)
-    if uses_fused_kernel(q, k, v, bias, mask, opts):
+    terms = _terms(bias, mask, leaves, bias_program, mask_program)
+    if not (bias_program or mask_program) and uses_fused_kernel(q, k, v, bias, mask, opts):
         q, k, v, additive = _fused_inputs(q, k, v, bias, mask)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, attn_mask=additive, scale=scale
         )
         return out, torch.stack([lse.float(), torch.ones_like(lse, dtype=torch.float32)], dim=-1)
-    return chunked_attention_forward(q, k, v, bias, mask, opts)
+    return chunked_attention_forward(q, k, v, terms, opts)
 
 
 @attention.register_fake
-def _(q, k, v, bias, mask, scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk,
-      zero_masked_rows=False):
+def _(q, k, v, bias, mask, leaves, scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk,
+      zero_masked_rows, bias_program, mask_program):
     _check_shapes(q, k, v)
     out = q.new_empty(q.shape[:-1] + (v.size(-1),))
     return out, q.new_empty(q.shape[:-1] + (2,), dtype=torch.float32)
@@ -117,14 +131,19 @@ def _(q, k, v, bias, mask, scale, softcap, mask_fill, causal, causal_offset, q_c
 @torch.library.custom_op("rewriter::attention_backward", mutates_args=())
 def attention_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    bias: torch.Tensor | None, mask: torch.Tensor | None, out: torch.Tensor, row_stats: torch.Tensor,
+    bias: torch.Tensor | None, mask: torch.Tensor | None, leaves: list[torch.Tensor],
+    out: torch.Tensor, row_stats: torch.Tensor,
     scale: float, softcap: float, mask_fill: float, causal: bool, causal_offset: int,
-    q_chunk: int, k_chunk: int, zero_masked_rows: bool, bias_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, dbias); dbias is an empty tensor when `bias_grad` is false."""
+    q_chunk: int, k_chunk: int, zero_masked_rows: bool, bias_program: str, mask_program: str, bias_grad: bool,
+    leaf_grads: list[bool],
+) -> list[torch.Tensor]:
+    """[dq, dk, dv, dbias, *dleaves]; dbias, and the gradient of a leaf `leaf_grads` does not ask for, are
+    empty tensors. Leaf gradients come from a bias program (floating-point leaves only)."""
     opts = _options(scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk, zero_masked_rows)
+    terms = _terms(bias, mask, leaves, bias_program, mask_program)
     no_bias_grad = q.new_empty(0)
-    if uses_fused_kernel(q, k, v, bias, mask, opts, bias_grad):
+    no_leaf_grads = [q.new_empty(0) for _ in leaves]
+    if not (bias_program or mask_program) and uses_fused_kernel(q, k, v, bias, mask, opts, bias_grad):
         groups = q.size(1) // k.size(1)
         q_full, k_full, v_full, additive = _fused_inputs(q, k, v, bias, mask)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -133,36 +152,46 @@ def attention_backward(
         )
         if groups > 1:
             dk, dv = (g.unflatten(1, (k.size(1), groups)).sum(2) for g in (dk, dv))
-        return dq.contiguous(), dk.contiguous(), dv.contiguous(), no_bias_grad
-    dq, dk, dv, dbias = chunked_attention_backward(grad_out, q, k, v, bias, mask, out, row_stats, opts, bias_grad)
+        return [dq.contiguous(), dk.contiguous(), dv.contiguous(), no_bias_grad, *no_leaf_grads]
+    dq, dk, dv, dbias, dleaves = chunked_attention_backward(grad_out, q, k, v, terms, out, row_stats, opts,
+                                                            bias_grad, leaf_grads)
     # Contiguous, as the fake kernel promises (compilers plan later views on these strides).
-    return dq.contiguous(), dk.contiguous(), dv.contiguous(), no_bias_grad if dbias is None else dbias.contiguous()
+    dbias = no_bias_grad if dbias is None else dbias.contiguous()
+    dleaves = [empty if grad is None else grad.contiguous() for grad, empty in zip(dleaves, no_leaf_grads)]
+    return [dq.contiguous(), dk.contiguous(), dv.contiguous(), dbias, *dleaves]
 
 
 @attention_backward.register_fake
-def _(grad_out, q, k, v, bias, mask, out, row_stats, scale, softcap, mask_fill, causal, causal_offset,
-      q_chunk, k_chunk, zero_masked_rows, bias_grad):
-    dbias = bias.new_empty(bias.shape) if bias_grad else q.new_empty(0)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias
+def _(grad_out, q, k, v, bias, mask, leaves, out, row_stats, scale, softcap, mask_fill, causal, causal_offset,
+      q_chunk, k_chunk, zero_masked_rows, bias_program, mask_program, bias_grad, leaf_grads):
+    dbias = bias.new_empty(bias.shape) if bias_grad and bias is not None else q.new_empty(0)
+    dleaves = [leaf.new_empty(leaf.shape) if flag else q.new_empty(0) for leaf, flag in zip(leaves, leaf_grads)]
+    return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias, *dleaves]
 
 
-_SCALAR_ARGS = ("scale", "softcap", "mask_fill", "causal", "causal_offset", "q_chunk", "k_chunk", "zero_masked_rows")
+_SCALAR_ARGS = ("scale", "softcap", "mask_fill", "causal", "causal_offset", "q_chunk", "k_chunk", "zero_masked_rows",
+                "bias_program", "mask_program")
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, mask, *scalars = inputs
+    q, k, v, bias, mask, leaves, *scalars = inputs
     out, row_stats = output
     ctx.scalars = scalars
-    ctx.bias_grad = bias is not None and ctx.needs_input_grad[3]
-    ctx.save_for_backward(q, k, v, bias, mask, out, row_stats)
+    bias_program = bool(scalars[_SCALAR_ARGS.index("bias_program")])
+    needs = ctx.needs_input_grad[5:5 + len(leaves)]  # flattened: one flag per leaf
+    ctx.leaf_grads = [bias_program and bool(wanted) and leaf.is_floating_point() for leaf, wanted in zip(leaves, needs)]
+    ctx.bias_grad = (bias is not None and ctx.needs_input_grad[3]) or any(ctx.leaf_grads)
+    ctx.save_for_backward(q, k, v, bias, mask, out, row_stats, *leaves)
 
 
 def _backward(ctx, grad_out, _grad_row_stats):
-    q, k, v, bias, mask, out, row_stats = ctx.saved_tensors
-    dq, dk, dv, dbias = torch.ops.rewriter.attention_backward(
-        grad_out, q, k, v, bias, mask, out, row_stats, *ctx.scalars, ctx.bias_grad
+    q, k, v, bias, mask, out, row_stats, *leaves = ctx.saved_tensors
+    dq, dk, dv, dbias, *dleaves = torch.ops.rewriter.attention_backward(
+        grad_out, q, k, v, bias, mask, leaves, out, row_stats, *ctx.scalars, ctx.bias_grad, ctx.leaf_grads
     )
-    return (dq, dk, dv, dbias if ctx.bias_grad else None, None) + (None,) * len(_SCALAR_ARGS)
+    leaf_grads = [grad if flag else None for grad, flag in zip(dleaves, ctx.leaf_grads)]
+    return (dq, dk, dv, dbias if ctx.bias_grad and bias is not None else None, None, leaf_grads) + (
+        None,) * len(_SCALAR_ARGS)
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

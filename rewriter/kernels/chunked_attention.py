@@ -19,6 +19,14 @@ Layouts: q (B, H, Lq, D); k (B|1, Hkv, Lk, D); v (B|1, Hkv, Lk, Dv) with H a mul
 (query head h reads key/value head h // (H / Hkv)); bias and mask broadcast to (B, H, Lq, Lk).
 Gradients of operands that broadcast (K/V of batch 1, a bias of size 1 on any axis) are summed
 over the broadcast axes, so each has its operand's own shape.
+
+The bias and the mask may instead be score programs (`rewriter.kernels.score_program`) over the
+tensors in `leaves`, evaluated block by block, so no Lq × Lk tensor exists; gradients reach the
+leaves that require them (a T5 bucket table) through each block's evaluation.
+
+A block whose every key is hidden by the mask is skipped, forward and backward, where that is exact:
+the fill is −∞, or every row of the block already has a score more than `_UNDERFLOW` above the fill
+(exp of the fill's difference is then exactly 0 in fp32).
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ import dataclasses
 import math
 
 import torch
+
+from rewriter.kernels.score_program import Program, evaluate, leaf_gradients, trace
 
 __all__ = ["ScoreOptions", "chunked_attention_forward", "chunked_attention_backward"]
 
@@ -41,6 +51,62 @@ class ScoreOptions:
     q_chunk: int = 1024
     k_chunk: int = 4096
     zero_masked_rows: bool = False  # rows whose every key is masked give 0 (SDPA, _safe_softmax), not NaN
+
+
+# exp(x) rounds to exactly 0 in fp32 for x < −103.98 (the smallest subnormal is 1.4e−45).
+_UNDERFLOW = 110.0
+
+
+@dataclasses.dataclass
+class ScoreTerms:
+    """The bias and mask of one call: tensors sliced per block, or programs evaluated per block.
+
+    `bias` and `mask` (True = keep) broadcast to (B, H, Lq, Lk); a program replaces the tensor of
+    the same name. `leaves` are the programs' operands.
+    """
+
+    bias: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    bias_program: Program | None = None
+    mask_program: Program | None = None
+    leaves: tuple[torch.Tensor, ...] = ()
+
+
+class _BlockTerms:
+    """A call's `ScoreTerms` in the grouped (B, Hkv, G, rows, cols) layout, one block at a time."""
+
+    def __init__(self, terms: ScoreTerms, q: torch.Tensor, kv_heads: int):
+        self.terms, self.kv_heads = terms, kv_heads
+        self.batch, self.heads, self.device = q.size(0), q.size(1), q.device
+        self.bias = None if terms.bias is None else _grouped(terms.bias, kv_heads)
+        self.hidden = None if terms.mask is None else _grouped(~terms.mask, kv_heads)
+
+    def _sizes(self, q0, q1, k0, k1):
+        return self.batch, self.heads, (q0, q1), (k0, k1), self.device
+
+    def bias_block(self, q0, q1, k0, k1) -> torch.Tensor | None:
+        if self.terms.bias_program is not None:
+            values = evaluate(self.terms.bias_program, list(self.terms.leaves), *self._sizes(q0, q1, k0, k1))
+            return _grouped(values, self.kv_heads)
+        return _block(self.bias, q0, q1, k0, k1)
+
+    def traced_bias_block(self, q0, q1, k0, k1) -> tuple[torch.Tensor, list]:
+        """The bias program's block, grouped, and every step's value for `leaf_gradients`."""
+        values = trace(self.terms.bias_program, list(self.terms.leaves), *self._sizes(q0, q1, k0, k1))
+        return _grouped(values[-1], self.kv_heads), values
+
+    def hidden_block(self, q0, q1, k0, k1) -> torch.Tensor | None:
+        if self.terms.mask_program is not None:
+            keep = evaluate(self.terms.mask_program, list(self.terms.leaves), *self._sizes(q0, q1, k0, k1))
+            return _grouped(keep, self.kv_heads).logical_not()
+        return _block(self.hidden, q0, q1, k0, k1)
+
+
+def _skippable(hidden_b: torch.Tensor | None, row_max: torch.Tensor, opts: ScoreOptions) -> bool:
+    """Whether a block whose hidden keys are `hidden_b` adds exactly nothing to rows with maxima `row_max`."""
+    if hidden_b is None or not bool(hidden_b.all()):
+        return False
+    return opts.mask_fill == -math.inf or bool((row_max - opts.mask_fill > _UNDERFLOW).all())
 
 
 def _denominator(row_sum: torch.Tensor, opts: ScoreOptions) -> torch.Tensor:
@@ -104,25 +170,20 @@ def _query_factor(opts: ScoreOptions) -> float:
     return opts.scale / opts.softcap if opts.softcap > 0 else opts.scale
 
 
-def _prepare(q, k, v, bias, mask):
-    """Grouped fp32 views of q (pre-scaled by `_query_factor`), k, v; bias; the inverted mask."""
+def _prepare(q, k, v, terms: ScoreTerms):
+    """Grouped fp32 views of q, k, v, and the block terms."""
     kv_heads = k.size(1)
-    return (
-        _grouped(q, kv_heads).float(),
-        k.unsqueeze(2).float(),
-        v.unsqueeze(2).float(),
-        None if bias is None else _grouped(bias, kv_heads),
-        None if mask is None else _grouped(~mask, kv_heads),
-    )
+    return _grouped(q, kv_heads).float(), k.unsqueeze(2).float(), v.unsqueeze(2).float(), _BlockTerms(
+        terms, q, kv_heads)
 
 
-def chunked_attention_forward(q, k, v, bias, mask, opts: ScoreOptions):
+def chunked_attention_forward(q, k, v, terms: ScoreTerms, opts: ScoreOptions):
     """Returns (out in q's dtype with shape (B, H, Lq, Dv), fp32 row statistics (B, H, Lq, 2)).
 
     The statistics hold each row's score max and sum of exp(score − max); a row whose every key
     is at −∞ has max −∞ and sum 0.
     """
-    qg, kg, vg, biasg, hiddeng = _prepare(q, k, v, bias, mask)
+    qg, kg, vg, block_terms = _prepare(q, k, v, terms)
     query_len, key_len = q.size(-2), k.size(-2)
     out = torch.empty(qg.shape[:-1] + (v.size(-1),), dtype=q.dtype, device=q.device)
     stats = torch.empty(qg.shape[:-1] + (2,), dtype=torch.float32, device=q.device)
@@ -134,10 +195,11 @@ def chunked_attention_forward(q, k, v, bias, mask, opts: ScoreOptions):
         acc = torch.zeros(qb.shape[:-1] + (v.size(-1),), device=q.device)
         for k0 in range(0, _key_stop(opts, q1, key_len), opts.k_chunk):
             k1 = min(k0 + opts.k_chunk, key_len)
+            hidden_b = block_terms.hidden_block(q0, q1, k0, k1)
+            if _skippable(hidden_b, row_max, opts):
+                continue
             scores, _ = _block_scores(
-                qb, kg[..., k0:k1, :], _block(biasg, q0, q1, k0, k1), _block(hiddeng, q0, q1, k0, k1),
-                opts, q0, k0,
-            )
+                qb, kg[..., k0:k1, :], block_terms.bias_block(q0, q1, k0, k1), hidden_b, opts, q0, k0)
             new_max = torch.maximum(row_max, scores.amax(-1))
             reference = _finite_reference(new_max)
             probs = scores.sub_(reference.unsqueeze(-1)).exp_()
@@ -163,9 +225,14 @@ def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return grad.sum(axes, keepdim=True) if axes else grad
 
 
-def chunked_attention_backward(grad_out, q, k, v, bias, mask, out, stats, opts: ScoreOptions, bias_grad: bool):
-    """Gradients (dq, dk, dv, dbias or None) recomputed block by block from the row statistics."""
-    qg, kg, vg, biasg, hiddeng = _prepare(q, k, v, bias, mask)
+def chunked_attention_backward(grad_out, q, k, v, terms: ScoreTerms, out, stats, opts: ScoreOptions,
+                               bias_grad: bool, leaf_grads: list[bool] | None = None):
+    """Gradients (dq, dk, dv, dbias or None, dleaves) recomputed block by block from the row statistics.
+
+    With `bias_grad`, dbias is the dense bias's gradient; a bias program's leaves get gradients where
+    `leaf_grads` asks (None for the others).
+    """
+    qg, kg, vg, block_terms = _prepare(q, k, v, terms)
     kv_heads = k.size(1)
     grad_g = _grouped(grad_out, kv_heads).float()
     stats_g = stats.unflatten(1, (kv_heads, q.size(1) // kv_heads))
@@ -176,10 +243,14 @@ def chunked_attention_backward(grad_out, q, k, v, bias, mask, out, stats, opts: 
     dq = torch.zeros_like(qg)
     dk = torch.zeros_like(kg.squeeze(2))
     dv = torch.zeros_like(vg.squeeze(2))
-    dbias = None
-    if bias_grad:
+    dbias, wanted_leaves = None, leaf_grads
+    leaf_grads = None
+    bias = terms.bias
+    if bias_grad and bias is not None:
         bias4 = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
         dbias = torch.zeros(bias4.shape, dtype=torch.float32, device=q.device)
+    if terms.bias_program is not None and any(wanted_leaves or ()):
+        leaf_grads = _LeafGradients(terms, wanted_leaves)
     for q0 in range(0, query_len, opts.q_chunk):
         q1 = min(q0 + opts.q_chunk, query_len)
         qb, dob = qg[..., q0:q1, :], grad_g[..., q0:q1, :]
@@ -187,9 +258,14 @@ def chunked_attention_backward(grad_out, q, k, v, bias, mask, out, stats, opts: 
         for k0 in range(0, _key_stop(opts, q1, key_len), opts.k_chunk):
             k1 = min(k0 + opts.k_chunk, key_len)
             kb, vb = kg[..., k0:k1, :], vg[..., k0:k1, :]
-            hidden_b = _block(hiddeng, q0, q1, k0, k1)
-            scores, capped = _block_scores(
-                qb_scaled, kb, _block(biasg, q0, q1, k0, k1), hidden_b, opts, q0, k0, keep_tanh=True)
+            hidden_b = block_terms.hidden_block(q0, q1, k0, k1)
+            if _skippable(hidden_b, stats_g[..., q0:q1, 0], opts):
+                continue
+            if leaf_grads is not None:
+                bias_b, traced = block_terms.traced_bias_block(q0, q1, k0, k1)
+            else:
+                bias_b, traced = block_terms.bias_block(q0, q1, k0, k1), None
+            scores, capped = _block_scores(qb_scaled, kb, bias_b, hidden_b, opts, q0, k0, keep_tanh=True)
             probs = scores.sub_(row_reference[..., q0:q1, :]).exp_().div_(row_sum[..., q0:q1, :])
             dv[..., k0:k1, :] += _reduce_to(torch.matmul(probs.transpose(-1, -2), dob).sum(2), dv.shape)
             grad_probs = torch.matmul(dob, vb.transpose(-1, -2)).sub_(delta[..., q0:q1].unsqueeze(-1))
@@ -198,14 +274,35 @@ def chunked_attention_backward(grad_out, q, k, v, bias, mask, out, stats, opts: 
                 grad_scores.masked_fill_(hidden_b, 0.0)
             if dbias is not None:
                 _accumulate_bias_grad(dbias, grad_scores, q0, q1, k0, k1)
+            if leaf_grads is not None:
+                leaf_grads.accumulate(traced, grad_scores)
             if capped is not None:  # d(c·tanh(x/c))/dx = 1 − tanh²
                 grad_scores.mul_(capped.square_().neg_().add_(1))
             dq[..., q0:q1, :] += torch.matmul(grad_scores, kb).mul_(opts.scale)
             dk[..., k0:k1, :] += _reduce_to(torch.matmul(grad_scores.transpose(-1, -2), qb).sum(2), dk.shape).mul_(
                 opts.scale)
-            del scores, capped, probs, grad_probs, grad_scores  # free this block before the next
+            del scores, capped, probs, grad_probs, grad_scores, bias_b, traced  # free this block before the next
     dbias = None if dbias is None else dbias.reshape(bias.shape).to(bias.dtype)
-    return dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
+    dleaves = leaf_grads.results() if leaf_grads is not None else [None] * len(terms.leaves)
+    return dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, dleaves
+
+
+class _LeafGradients:
+    """Gradients of a bias program's floating-point leaves that require one, summed over the blocks."""
+
+    def __init__(self, terms: ScoreTerms, wanted: list[bool]):
+        self.program, self.leaves, self.wanted = terms.bias_program, list(terms.leaves), list(wanted)
+        self.sums: list[torch.Tensor | None] = [None] * len(self.leaves)
+
+    def accumulate(self, traced: list, grad_scores: torch.Tensor) -> None:
+        """Add the block's share; `grad_scores` is the grouped (B, Hkv, G, rows, cols) score gradient."""
+        grad = grad_scores.flatten(1, 2)
+        for position, grad_leaf in enumerate(leaf_gradients(self.program, traced, self.leaves, self.wanted, grad)):
+            if grad_leaf is not None:
+                self.sums[position] = grad_leaf if self.sums[position] is None else self.sums[position] + grad_leaf
+
+    def results(self) -> list[torch.Tensor | None]:
+        return [None if total is None else total.to(leaf.dtype) for total, leaf in zip(self.sums, self.leaves)]
 
 
 def _accumulate_bias_grad(dbias, grad_scores, q0, q1, k0, k1):
