@@ -119,6 +119,16 @@ def test_fill_mask_reads_where_zero_min():
     assert fill_mask(builder.program(small)) is None  # fp16's min keeps the score: not a mask
 
 
+def test_triu_of_minus_infinity_is_the_causal_mask():
+    """``triu(full((L, L), −∞), 1)`` = where(key − query ≥ 1, −∞, 0): keep = ¬(key − query ≥ 1)."""
+    builder = ProgramBuilder()
+    above = builder.add("ge", (builder.add("sub", (builder.index("key"), builder.index("query")), dtype="int64"),
+                               builder.const(1, "int64")), dtype="bool")
+    bias = builder.add("where", (above, builder.const(-math.inf, "float32"), builder.const(0.0, "float32")))
+    mask, fill = fill_mask(builder.program(bias))
+    assert fill == -math.inf and causal_split(mask) == (0, None)
+
+
 def test_malformed_programs_are_refused():
     with pytest.raises(ValueError, match="not a score program"):
         parse("{")

@@ -135,11 +135,15 @@ def _affine(steps: tuple[Step, ...], position: int) -> Affine | None:
 
 # comparison → (sign, strict): "a op b" holds iff sign·(b − a) ≥ 0 (> 0 when strict)
 _COMPARISONS = {"le": (1, False), "lt": (1, True), "ge": (-1, False), "gt": (-1, True)}
+_NEGATED = {"le": "gt", "lt": "ge", "ge": "lt", "gt": "le"}
 
 
 def _causal_offset(steps: tuple[Step, ...], position: int) -> int | None:
     """o when step `position` is exactly ``key ≤ query + o``, over integers."""
     step = steps[position]
+    if step.op == "logical_not" and steps[step.args[0]].op in _NEGATED:
+        compared = steps[step.args[0]]
+        step = dataclasses.replace(compared, op=_NEGATED[compared.op])
     if step.op not in _COMPARISONS:
         return None
     left, right = (_affine(steps, arg) for arg in step.args)
@@ -182,17 +186,17 @@ def causal_split(program: Program) -> tuple[int | None, Program | None]:
 
 
 def fill_mask(program: Program) -> tuple[Program, float] | None:
-    """(keep-mask program, fill) when the bias `program` is ``where(keep, 0, f)`` with f ≤ −1e30."""
-    steps = program.steps
+    """(keep-mask program, fill) when the bias `program` is ``where(keep, 0, f)`` or ``where(hide, f, 0)``
+    with f ≤ −1e30 (``triu(full(−∞), 1)`` is the latter)."""
+    steps = list(program.steps)
     last = steps[-1]
-    if last.op != "where":
+    if last.op != "where" or steps[last.args[0]].dtype != "bool":
         return None
-    condition, kept, hidden = (steps[arg] for arg in last.args)
-    if kept.op != "const" or kept.attr != 0 or hidden.op != "const":
-        return None
-    fill = float(hidden.attr)
-    if fill > EFFECTIVELY_NEG_INF:
-        return None
-    if condition.dtype != "bool":
-        return None
-    return _reachable(steps, last.args[0]), fill
+    condition, first, second = last.args
+    constants = [steps[arg].attr if steps[arg].op == "const" else None for arg in (first, second)]
+    if constants[0] == 0 and constants[1] is not None and float(constants[1]) <= EFFECTIVELY_NEG_INF:
+        return _reachable(steps, condition), float(constants[1])
+    if constants[1] == 0 and constants[0] is not None and float(constants[0]) <= EFFECTIVELY_NEG_INF:
+        steps.append(Step("logical_not", (condition,), None, "bool"))
+        return _reachable(steps, len(steps) - 1), float(constants[0])
+    return None
