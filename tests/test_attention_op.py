@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import rewriter.kernels.attention_op as attention_op
-from rewriter.kernels.chunked_attention import ScoreOptions
+from rewriter.kernels.chunked_attention import ScoreOptions, ScoreTerms
+from rewriter.kernels.fused_rows import FusedRows
 from passes.core.planner import parse_size, plan_chunk_sizes
 from passes.core.attention_spec import AttentionSpec
 
@@ -103,7 +104,7 @@ def test_fused_and_chunked_paths_agree(masked):
     q, k, _, _, mask = _tensors(2, 2, 2, 50, 50, 16, None, (2, 1, 1, 50) if masked else None, seed=5)
     v = torch.randn_like(k)
     opts = ScoreOptions(scale=0.25, q_chunk=8, k_chunk=16)
-    assert attention_op.uses_fused_kernel(q, k, v, None, mask, opts)
+    assert attention_op.uses_fused_kernel(q, k, v, ScoreTerms(None, mask), opts) != masked
     torch.testing.assert_close(run_op(q, k, v, None, mask, opts), naive_attention(q, k, v, None, mask, opts))
 
 
@@ -112,7 +113,7 @@ def test_fully_masked_row_is_nan_like_eager_and_stays_off_the_fused_kernel():
     mask = torch.ones(1, 1, 4, 6, dtype=torch.bool)
     mask[..., 2, :] = False
     opts = ScoreOptions(scale=0.3)
-    assert not attention_op.uses_fused_kernel(q, k, v, None, mask, opts)
+    assert FusedRows(q, k, v, ScoreTerms(None, mask), opts).forward(0, 4) is None
     out = run_op(q, k, v, None, mask, opts)
     assert out[0, 0, 2].isnan().all() and not out[0, 0, [0, 1, 3]].isnan().any()
 

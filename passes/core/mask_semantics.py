@@ -21,10 +21,10 @@ from collections.abc import Callable
 from typing import Any
 
 from passes.core.score_algebra import ChainError, MaskStep
+from rewriter.kernels.chunked_attention import EFFECTIVELY_NEG_INF
 
 __all__ = ["EFFECTIVELY_NEG_INF", "ScoreSemantics", "fill_is_neg_inf", "mask_kind", "sort_score_terms"]
 
-EFFECTIVELY_NEG_INF = -1e30
 
 
 def fill_is_neg_inf(fill: float, offset: int, only_masking: bool) -> bool:

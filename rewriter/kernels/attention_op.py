@@ -10,7 +10,8 @@ in `leaves` takes the place of the `bias` / `mask` tensor, evaluated block by bl
 whose every key is masked gives NaN as a hand-written softmax does, or 0 with `zero_masked_rows`
 (default False) as SDPA and `aten._safe_softmax` do, gradients included.
 Where PyTorch's fused CPU flash kernel computes exactly the same thing, forward and backward call
-it; otherwise both run the blockwise implementation. `row_stats` (B, H, Lq, 2) holds each query
+it, for the whole call or chunk by chunk of query rows with each chunk's mask built for it alone
+(`rewriter.kernels.fused_rows`); otherwise both run the blockwise implementation. `row_stats` (B, H, Lq, 2) holds each query
 row's score max and sum of exp(score − max), what the backward needs; the fused kernel's
 log-sum-exp is stored as (lse, 1). The backward is its own custom op, so that
 compilers treat both directions as opaque and nothing n × n is saved between them.
@@ -28,60 +29,35 @@ from rewriter.kernels.chunked_attention import (
     chunked_attention_backward,
     chunked_attention_forward,
 )
+from rewriter.kernels.fused_rows import FusedRows
 from rewriter.kernels.score_program import parse
 
 __all__ = ["attention", "uses_fused_kernel"]
-
-_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# A row whose largest bias is below this has a log-sum-exp of magnitude ≥ 64, where fp32 keeps
-# log(sum) only to ~1e-5: the fused kernel's backward would then be off by more than rounding.
-_FUSED_MIN_ROW_BIAS = -64.0
-
 
 def _options(scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk, zero_masked_rows) -> ScoreOptions:
     return ScoreOptions(scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk, zero_masked_rows)
 
 
-def uses_fused_kernel(q, k, v, bias, mask, opts: ScoreOptions, bias_grad: bool = False) -> bool:
-    """Whether PyTorch's CPU flash kernel gives exactly this op's result for these inputs.
-
-    It takes one additive mask and top-left causality, not both; it returns 0 (not NaN) for a row
-    whose every key is at −∞, so such rows (checked on the data) stay on the blockwise path. Its
-    backward recomputes P from the stored log-sum-exp max + log(sum), in which log(sum) rounds
-    away when every key of a row carries a large negative bias (HF's finfo.min padding fill on a
-    fully padded row): such rows stay on the blockwise path too, which keeps max and sum apart.
-    """
-    if q.device.type != "cpu" or q.dtype not in _FUSED_DTYPES or opts.softcap > 0 or bias_grad:
-        return False
-    if not (q.dtype == k.dtype == v.dtype) or q.size(-1) != v.size(-1):
-        return False
-    if not q.size(0) == k.size(0) == v.size(0):  # K/V broadcast over the batch: blockwise
-        return False
-    if opts.causal and (opts.causal_offset != 0 or bias is not None or mask is not None):
-        return False
-    if bias is not None and mask is not None:
-        return False
-    if any(t is not None and not t.is_contiguous() for t in (bias, mask)):
-        return False
-    if bias is not None:
-        return bias.dtype == q.dtype and bool((bias.amax(-1) >= _FUSED_MIN_ROW_BIAS).all())
-    if mask is not None:
-        return opts.mask_fill == -math.inf and bool(mask.any(-1).all())
-    return True
+def uses_fused_kernel(q, k, v, terms: ScoreTerms, opts: ScoreOptions, bias_grad: bool = False) -> bool:
+    """Whether one call of PyTorch's CPU flash kernel computes this whole call: no bias or mask, and
+    causality (if any) top-left aligned, as its ``is_causal`` is. Calls with a bias or mask use it
+    chunk by chunk where exact (`rewriter.kernels.fused_rows`)."""
+    no_terms = terms.bias is None and terms.mask is None and terms.bias_program is None and terms.mask_program is None
+    return (FusedRows.applies(q, k, v, opts, bias_grad) and no_terms
+            and (not opts.causal or opts.causal_offset == 0))
 
 
-def _fused_inputs(q, k, v, bias, mask):
-    """Contiguous q, k, v with K/V expanded to the query heads, and the mask in additive form.
-
-    The ATen kernel reads its inputs as contiguous (it gives wrong results on other strides).
-    """
+def _fused_inputs(q, k, v):
+    """Contiguous q, k, v with K/V expanded to the query heads (the ATen kernel reads its inputs as
+    contiguous: it gives wrong results on other strides)."""
     groups = q.size(1) // k.size(1)
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    additive = bias
-    if mask is not None:
-        additive = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, -math.inf)
-    return q.contiguous(), k.contiguous(), v.contiguous(), additive
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def _fused_rows(q, k, v, terms: ScoreTerms, opts: ScoreOptions, bias_grad: bool = False) -> FusedRows | None:
+    return FusedRows(q, k, v, terms, opts) if FusedRows.applies(q, k, v, opts, bias_grad) else None
 
 
 def _terms(bias, mask, leaves, bias_program: str, mask_program: str) -> ScoreTerms:
@@ -111,13 +87,11 @@ def attention(
     _check_shapes(q, k, v)
     opts = _options(scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk, zero_masked_rows)
     terms = _terms(bias, mask, leaves, bias_program, mask_program)
-    if not (bias_program or mask_program) and uses_fused_kernel(q, k, v, bias, mask, opts):
-        q, k, v, additive = _fused_inputs(q, k, v, bias, mask)
+    if uses_fused_kernel(q, k, v, terms, opts):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, causal, attn_mask=additive, scale=scale
-        )
+            *_fused_inputs(q, k, v), 0.0, causal, scale=scale)
         return out, torch.stack([lse.float(), torch.ones_like(lse, dtype=torch.float32)], dim=-1)
-    return chunked_attention_forward(q, k, v, terms, opts)
+    return chunked_attention_forward(q, k, v, terms, opts, _fused_rows(q, k, v, terms, opts))
 
 
 @attention.register_fake
@@ -143,18 +117,15 @@ def attention_backward(
     terms = _terms(bias, mask, leaves, bias_program, mask_program)
     no_bias_grad = q.new_empty(0)
     no_leaf_grads = [q.new_empty(0) for _ in leaves]
-    if not (bias_program or mask_program) and uses_fused_kernel(q, k, v, bias, mask, opts, bias_grad):
+    if uses_fused_kernel(q, k, v, terms, opts, bias_grad):
         groups = q.size(1) // k.size(1)
-        q_full, k_full, v_full, additive = _fused_inputs(q, k, v, bias, mask)
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out.contiguous(), q_full, k_full, v_full, out, row_stats[..., 0], 0.0, causal,
-            attn_mask=additive, scale=scale,
-        )
+            grad_out.contiguous(), *_fused_inputs(q, k, v), out, row_stats[..., 0], 0.0, causal, scale=scale)
         if groups > 1:
             dk, dv = (g.unflatten(1, (k.size(1), groups)).sum(2) for g in (dk, dv))
         return [dq.contiguous(), dk.contiguous(), dv.contiguous(), no_bias_grad, *no_leaf_grads]
-    dq, dk, dv, dbias, dleaves = chunked_attention_backward(grad_out, q, k, v, terms, out, row_stats, opts,
-                                                            bias_grad, leaf_grads)
+    dq, dk, dv, dbias, dleaves = chunked_attention_backward(
+        grad_out, q, k, v, terms, out, row_stats, opts, bias_grad, leaf_grads, _fused_rows(q, k, v, terms, opts, bias_grad))
     # Contiguous, as the fake kernel promises (compilers plan later views on these strides).
     dbias = no_bias_grad if dbias is None else dbias.contiguous()
     dleaves = [empty if grad is None else grad.contiguous() for grad, empty in zip(dleaves, no_leaf_grads)]

@@ -38,7 +38,8 @@ import torch
 
 from rewriter.kernels.score_program import Program, evaluate, leaf_gradients, trace
 
-__all__ = ["ScoreOptions", "chunked_attention_forward", "chunked_attention_backward"]
+__all__ = ["EFFECTIVELY_NEG_INF", "BlockTerms", "ScoreOptions", "ScoreTerms", "chunked_attention_forward",
+           "chunked_attention_backward"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,9 @@ class ScoreOptions:
     zero_masked_rows: bool = False  # rows whose every key is masked give 0 (SDPA, _safe_softmax), not NaN
 
 
+# A finite fill at or below this hides a key as −∞ does once its row keeps one real score: exp(fill − max)
+# underflows to exactly 0 in every float type for scores of any realistic magnitude (< 1e29).
+EFFECTIVELY_NEG_INF = -1e30
 # exp(x) rounds to exactly 0 in fp32 for x < −103.98 (the smallest subnormal is 1.4e−45).
 _UNDERFLOW = 110.0
 
@@ -72,14 +76,17 @@ class ScoreTerms:
     leaves: tuple[torch.Tensor, ...] = ()
 
 
-class _BlockTerms:
-    """A call's `ScoreTerms` in the grouped (B, Hkv, G, rows, cols) layout, one block at a time."""
+class BlockTerms:
+    """A call's `ScoreTerms` in the grouped (B, Hkv, G, rows, cols) layout, one block at a time.
+
+    Nothing the size of the whole bias or mask is made: dense tensors are sliced, programs evaluated.
+    """
 
     def __init__(self, terms: ScoreTerms, q: torch.Tensor, kv_heads: int):
         self.terms, self.kv_heads = terms, kv_heads
         self.batch, self.heads, self.device = q.size(0), q.size(1), q.device
         self.bias = None if terms.bias is None else _grouped(terms.bias, kv_heads)
-        self.hidden = None if terms.mask is None else _grouped(~terms.mask, kv_heads)
+        self.keep = None if terms.mask is None else _grouped(terms.mask, kv_heads)
 
     def _sizes(self, q0, q1, k0, k1):
         return self.batch, self.heads, (q0, q1), (k0, k1), self.device
@@ -95,11 +102,15 @@ class _BlockTerms:
         values = trace(self.terms.bias_program, list(self.terms.leaves), *self._sizes(q0, q1, k0, k1))
         return _grouped(values[-1], self.kv_heads), values
 
-    def hidden_block(self, q0, q1, k0, k1) -> torch.Tensor | None:
+    def keep_block(self, q0, q1, k0, k1) -> torch.Tensor | None:
         if self.terms.mask_program is not None:
             keep = evaluate(self.terms.mask_program, list(self.terms.leaves), *self._sizes(q0, q1, k0, k1))
-            return _grouped(keep, self.kv_heads).logical_not()
-        return _block(self.hidden, q0, q1, k0, k1)
+            return _grouped(keep, self.kv_heads)
+        return _block(self.keep, q0, q1, k0, k1)
+
+    def hidden_block(self, q0, q1, k0, k1) -> torch.Tensor | None:
+        keep = self.keep_block(q0, q1, k0, k1)
+        return None if keep is None else keep.logical_not()
 
 
 def _skippable(hidden_b: torch.Tensor | None, row_max: torch.Tensor, opts: ScoreOptions) -> bool:
@@ -173,15 +184,16 @@ def _query_factor(opts: ScoreOptions) -> float:
 def _prepare(q, k, v, terms: ScoreTerms):
     """Grouped fp32 views of q, k, v, and the block terms."""
     kv_heads = k.size(1)
-    return _grouped(q, kv_heads).float(), k.unsqueeze(2).float(), v.unsqueeze(2).float(), _BlockTerms(
+    return _grouped(q, kv_heads).float(), k.unsqueeze(2).float(), v.unsqueeze(2).float(), BlockTerms(
         terms, q, kv_heads)
 
 
-def chunked_attention_forward(q, k, v, terms: ScoreTerms, opts: ScoreOptions):
+def chunked_attention_forward(q, k, v, terms: ScoreTerms, opts: ScoreOptions, fused=None):
     """Returns (out in q's dtype with shape (B, H, Lq, Dv), fp32 row statistics (B, H, Lq, 2)).
 
     The statistics hold each row's score max and sum of exp(score − max); a row whose every key
-    is at −∞ has max −∞ and sum 0.
+    is at −∞ has max −∞ and sum 0. `fused` (a `rewriter.kernels.fused_rows.FusedRows`) computes
+    the chunks of rows it can exactly; their statistics are (log-sum-exp, 1).
     """
     qg, kg, vg, block_terms = _prepare(q, k, v, terms)
     query_len, key_len = q.size(-2), k.size(-2)
@@ -189,6 +201,12 @@ def chunked_attention_forward(q, k, v, terms: ScoreTerms, opts: ScoreOptions):
     stats = torch.empty(qg.shape[:-1] + (2,), dtype=torch.float32, device=q.device)
     for q0 in range(0, query_len, opts.q_chunk):
         q1 = min(q0 + opts.q_chunk, query_len)
+        rows = fused.forward(q0, q1) if fused is not None else None
+        if rows is not None:
+            out[..., q0:q1, :] = rows[0].unflatten(1, qg.shape[1:3])
+            stats[..., q0:q1, 0] = rows[1].unflatten(1, qg.shape[1:3])
+            stats[..., q0:q1, 1] = 1.0
+            continue
         qb = qg[..., q0:q1, :] * _query_factor(opts)
         row_max = torch.full(qb.shape[:-1], -math.inf, device=q.device)
         row_sum = torch.zeros_like(row_max)
@@ -226,11 +244,11 @@ def _reduce_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 def chunked_attention_backward(grad_out, q, k, v, terms: ScoreTerms, out, stats, opts: ScoreOptions,
-                               bias_grad: bool, leaf_grads: list[bool] | None = None):
+                               bias_grad: bool, leaf_grads: list[bool] | None = None, fused=None):
     """Gradients (dq, dk, dv, dbias or None, dleaves) recomputed block by block from the row statistics.
 
     With `bias_grad`, dbias is the dense bias's gradient; a bias program's leaves get gradients where
-    `leaf_grads` asks (None for the others).
+    `leaf_grads` asks (None for the others). `fused` is the forward's, making the same choices.
     """
     qg, kg, vg, block_terms = _prepare(q, k, v, terms)
     kv_heads = k.size(1)
@@ -253,6 +271,11 @@ def chunked_attention_backward(grad_out, q, k, v, terms: ScoreTerms, out, stats,
         leaf_grads = _LeafGradients(terms, wanted_leaves)
     for q0 in range(0, query_len, opts.q_chunk):
         q1 = min(q0 + opts.q_chunk, query_len)
+        rows = None if fused is None else fused.backward(
+            q0, q1, grad_out[..., q0:q1, :], out[..., q0:q1, :], stats[..., q0:q1, 0])
+        if rows is not None:
+            dq[..., q0:q1, :] = rows.unflatten(1, qg.shape[1:3])
+            continue
         qb, dob = qg[..., q0:q1, :], grad_g[..., q0:q1, :]
         qb_scaled = qb * _query_factor(opts)
         for k0 in range(0, _key_stop(opts, q1, key_len), opts.k_chunk):
@@ -282,6 +305,10 @@ def chunked_attention_backward(grad_out, q, k, v, terms: ScoreTerms, out, stats,
             dk[..., k0:k1, :] += _reduce_to(torch.matmul(grad_scores.transpose(-1, -2), qb).sum(2), dk.shape).mul_(
                 opts.scale)
             del scores, capped, probs, grad_probs, grad_scores, bias_b, traced  # free this block before the next
+    key_grads = None if fused is None else fused.key_grads()
+    if key_grads is not None:
+        dk += key_grads[0]
+        dv += key_grads[1]
     dbias = None if dbias is None else dbias.reshape(bias.shape).to(bias.dtype)
     dleaves = leaf_grads.results() if leaf_grads is not None else [None] * len(terms.leaves)
     return dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, dleaves
