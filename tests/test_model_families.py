@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import rewriter
+import rewriter.kernels.attention_op  # noqa: F401  (registers torch.ops.rewriter.attention)
 from model_families import (
     HIDDEN,
     LAYERS,
