@@ -12,6 +12,7 @@ import torch
 
 import rewriter.kernels.attention_op  # noqa: F401
 from passes.core.score_programs import ProgramBuilder, causal_split, fill_mask
+from rewriter.kernels.program_proofs import key_bounds
 from rewriter.kernels.score_program import parse
 
 B, H, L, D = 2, 4, 37, 8
@@ -134,3 +135,28 @@ def test_malformed_programs_are_refused():
         parse("{")
     with pytest.raises(ValueError, match="unknown op"):
         parse('[["sqrt", [], null, "float32"]]')
+
+
+@pytest.mark.parametrize("window", [1, 5, 40])
+def test_sliding_window_program_matches_its_dense_mask(window):
+    """Keys are split at the window's edges and the causal diagonal (`key_bounds`); the parts merge exactly."""
+    q, k, v, pad, _ = _inputs(3)
+    builder = ProgramBuilder()
+    query, key, batch = builder.index("query"), builder.index("key"), builder.index("batch")
+    causal = builder.add("le", (key, query), dtype="bool")
+    far_edge = builder.add("sub", (query, builder.const(window, "int64")), dtype="int64")
+    inside = builder.add("gt", (key, far_edge), dtype="bool")
+    keep = builder.add("logical_and", (builder.add("logical_and", (causal, inside), dtype="bool"),
+                                       builder.load(pad, [batch, key], "bool")), dtype="bool")
+    program = builder.program(keep)
+    assert key_bounds(program)[:2] == (0, 1 - window)
+    rows, cols = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    dense = ((cols <= rows) & (cols > rows - window))[None, None] & pad[:, None, None, :]
+    grad = torch.randn(B, H, L, D)
+    for chunks in ((8, 16), (64, 64)):
+        want = _run(q, k, v, None, dense, [], chunks)
+        got = _run(q, k, v, None, None, builder.leaves, chunks, "", program.to_json())
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+        for g, w in zip(torch.autograd.grad((got * grad).sum(), (q, k, v)),
+                        torch.autograd.grad((want * grad).sum(), (q, k, v))):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)

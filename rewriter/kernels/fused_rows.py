@@ -2,34 +2,53 @@
 
 PyTorch's CPU flash-attention kernel (``aten._scaled_dot_product_flash_attention_for_cpu``) is
 several times faster than the blockwise implementation, but it takes one dense additive mask. Every
-query row is an independent softmax, so `FusedRows` feeds it a few rows at a time with the additive
-mask of those rows only (``rows × keys``, at most `MASK_BYTES`), built from the call's bias and mask
-tensors or programs, its causal diagonal, and its fill; keys past the last causally visible one are
-not passed at all. Nothing Lq × Lk is held.
+query row is an independent softmax, so `FusedRows` feeds it a few rows at a time. The keys of a
+chunk are split by what the mask proves (`rewriter.kernels.program_proofs.key_bounds`, and the
+causal flag): keys past the last causally visible one, or before a sliding window, are not passed at
+all; the keys every row of the chunk sees on the causal/window side get a mask from the other
+conjuncts alone (for a padding mask, one row broadcast over the chunk); only the diagonal bands
+(at most rows × rows keys) get the full mask. The parts' results are merged by their log-sum-exp
+(as in split-KV flash decoding); the backward runs each part against the merged output and
+log-sum-exp. Nothing Lq × Lk is held, and no mask wider than `MASK_BYTES` is built.
 
 A chunk goes to the fused kernel only where that is exact, checked on the chunk's own mask:
 every row keeps at least one key (the kernel gives 0, not the op's NaN, for a row with none, and
-its backward would divide by a zero sum), a finite fill is at or below `EFFECTIVELY_NEG_INF`
-(``s + fill`` is then exactly ``fill``, and with a key kept exp() of it is exactly 0), a bias has
-the query's dtype, and every row's largest additive term is at least `_MIN_ROW_BIAS` (below it the
-kernel's log-sum-exp keeps log(sum) too coarsely for the backward). Otherwise the caller computes
-those rows blockwise. The backward makes the same per-chunk decision, so it reads the statistics
-the forward stored.
+its backward would divide by a zero sum; skipped keys are then exactly 0 too), a finite fill is at
+or below `EFFECTIVELY_NEG_INF` (``s + fill`` is then exactly ``fill``, and exp() of it is exactly 0),
+a bias has the query's dtype, and every row's largest additive term is at least `_MIN_ROW_BIAS`
+(below it the kernel's log-sum-exp keeps log(sum) too coarsely for the backward). Otherwise the
+caller computes those rows blockwise. The backward makes the same per-chunk decision, so it reads
+the statistics the forward stored.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
 from rewriter.kernels.chunked_attention import EFFECTIVELY_NEG_INF, BlockTerms, ScoreOptions, ScoreTerms
+from rewriter.kernels.program_proofs import key_bounds
 
 __all__ = ["FusedRows", "MASK_BYTES"]
 
 MASK_BYTES = 32 << 20  # the additive mask of one chunk of rows, at most
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MIN_ROW_BIAS = -64.0
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+@dataclasses.dataclass
+class _Part:
+    """Keys k0:k1 of a chunk of rows, with their additive mask (None: nothing to add) and which rows
+    keep a key there (None: all)."""
+
+    k0: int
+    k1: int
+    additive: torch.Tensor | None
+    kept: torch.Tensor | None
 
 
 class FusedRows:
@@ -52,73 +71,110 @@ class FusedRows:
         self.q = q.contiguous()
         self.k = (k.repeat_interleave(groups, dim=1) if groups > 1 else k).contiguous()
         self.v = (v.repeat_interleave(groups, dim=1) if groups > 1 else v).contiguous()
+        upper, lower, rest = None, None, terms.mask_program
+        if terms.mask_program is not None:
+            upper, lower, rest = key_bounds(terms.mask_program)
+        if opts.causal:
+            upper = opts.causal_offset if upper is None else min(upper, opts.causal_offset)
+        self.upper, self.lower = upper, lower
         self.terms = BlockTerms(terms, q, kv_heads=q.size(1))  # one "group" per head: 4-D blocks
+        self.inner_terms = BlockTerms(dataclasses.replace(terms, mask_program=rest), q, kv_heads=q.size(1))
         per_row = q.size(0) * q.size(1) * k.size(-2) * q.element_size()
         self.rows = max(1, MASK_BYTES // per_row)
         self.dk = self.dv = None
 
-    def _key_stop(self, q1: int) -> int:
-        if not self.opts.causal:
-            return self.k.size(-2)
-        return max(0, min(self.k.size(-2), q1 + self.opts.causal_offset))
-
     def _chunks(self, q0: int, q1: int):
         for start in range(q0, q1, self.rows):
-            stop = min(start + self.rows, q1)
-            yield start, stop, self._key_stop(stop)
+            yield start, min(start + self.rows, q1)
 
-    def _additive(self, q0: int, q1: int, k1: int) -> torch.Tensor | None | bool:
-        """The rows' additive mask (None: nothing to add), or False where the kernel is not exact."""
-        opts, device = self.opts, self.q.device
-        keep = _four_d(self.terms.keep_block(q0, q1, 0, k1))
-        if opts.causal and k1 > q0 + opts.causal_offset + 1:
+    def _key_ranges(self, q0: int, q1: int) -> list[tuple[int, int, bool]]:
+        """(k0, k1, inner) ranges covering every key a row of q0:q1 may keep; `inner` ranges are
+        inside the causal and window bounds for every row."""
+        keys = self.k.size(-2)
+        stop = keys if self.upper is None else min(max(q1 + self.upper, 0), keys)
+        start = 0 if self.lower is None else min(max(q0 + self.lower, 0), stop)
+        inner_start = start if self.lower is None else min(max(q1 - 1 + self.lower, start), stop)
+        inner_stop = stop if self.upper is None else min(max(q0 + self.upper + 1, inner_start), stop)
+        ranges = [(start, inner_start, False), (inner_start, inner_stop, True), (inner_stop, stop, False)]
+        return [(k0, k1, inner) for k0, k1, inner in ranges if k1 > k0]
+
+    def _part(self, q0: int, q1: int, k0: int, k1: int, inner: bool) -> _Part | None:
+        """The part's mask, or None where the kernel is not exact for it."""
+        opts, device, dtype = self.opts, self.q.device, self.q.dtype
+        terms = self.inner_terms if inner else self.terms
+        keep = _four_d(terms.keep_block(q0, q1, k0, k1))
+        if not inner and opts.causal:
             rows = torch.arange(q0, q1, device=device).unsqueeze(1) + opts.causal_offset
-            below = torch.arange(k1, device=device).unsqueeze(0) <= rows
+            below = torch.arange(k0, k1, device=device).unsqueeze(0) <= rows
             keep = below if keep is None else keep & below
-        bias = _four_d(self.terms.bias_block(q0, q1, 0, k1))
-        if k1 == 0 or (keep is not None and not bool(keep.any(-1).all())):
-            return False
+        bias = _four_d(terms.bias_block(q0, q1, k0, k1))
+        if bias is not None and bias.dtype != dtype:
+            return None
         if keep is None:
-            return None if bias is None else _checked_bias(bias, self.q.dtype)
+            return _Part(k0, k1, None if bias is None else bias.contiguous(), None)
         if opts.mask_fill != -math.inf and opts.mask_fill > EFFECTIVELY_NEG_INF:
-            return False
-        fill = torch.tensor(opts.mask_fill, dtype=self.q.dtype, device=device)
-        if bias is None:
-            return torch.where(keep, torch.tensor(0, dtype=self.q.dtype, device=device), fill)
-        return _checked_bias(torch.where(keep, bias, fill), self.q.dtype) if bias.dtype == self.q.dtype else False
+            return None
+        fill = torch.tensor(opts.mask_fill, dtype=dtype, device=device)
+        additive = torch.where(keep, torch.tensor(0, dtype=dtype, device=device) if bias is None else bias, fill)
+        return _Part(k0, k1, additive.contiguous(), keep.any(-1))
+
+    def _parts(self, q0: int, q1: int) -> list[_Part] | None:
+        """The chunk's parts, or None where the fused kernel is not exact for these rows."""
+        parts = []
+        for k0, k1, inner in self._key_ranges(q0, q1):
+            part = self._part(q0, q1, k0, k1, inner)
+            if part is None:
+                return None
+            parts.append(part)
+        if not parts or not bool(_any_row(parts).all()):
+            return None
+        if self.terms.bias is not None or self.terms.terms.bias_program is not None:
+            largest = None
+            for part in parts:
+                row_max = part.additive.amax(-1)
+                largest = row_max if largest is None else torch.maximum(largest, row_max)
+            if not bool((largest >= _MIN_ROW_BIAS).all()):
+                return None
+        return parts
 
     def forward(self, q0: int, q1: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(out (B, H, q1 − q0, Dv), log-sum-exp (B, H, q1 − q0)) of rows q0:q1, or None."""
         outs, lses = [], []
-        for start, stop, k1 in self._chunks(q0, q1):
-            additive = self._additive(start, stop, k1)
-            if additive is False:
+        for start, stop in self._chunks(q0, q1):
+            parts = self._parts(start, stop)
+            if parts is None:
                 return None
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                self.q[..., start:stop, :], self.k[..., :k1, :], self.v[..., :k1, :], 0.0, False,
-                attn_mask=additive, scale=self.opts.scale)
+            results = [_FLASH(self.q[..., start:stop, :], self.k[..., part.k0:part.k1, :],
+                              self.v[..., part.k0:part.k1, :], 0.0, False, attn_mask=part.additive,
+                              scale=self.opts.scale) for part in parts]
+            out, lse = _merge(parts, results)
             outs.append(out)
-            lses.append(lse.float())
+            lses.append(lse)
         return torch.cat(outs, -2), torch.cat(lses, -1)
 
     def backward(self, q0: int, q1: int, grad_out, out, lse) -> torch.Tensor | None:
         """dq (B, H, q1 − q0, D) of rows q0:q1, or None; their share of dk and dv goes to `key_grads`."""
+        chunks = [(start, stop, self._parts(start, stop)) for start, stop in self._chunks(q0, q1)]
+        if any(parts is None for *_, parts in chunks):
+            return None
         if self.dk is None:
             self.dk = torch.zeros(self.k.shape, dtype=torch.float32, device=self.k.device)
             self.dv = torch.zeros(self.v.shape, dtype=torch.float32, device=self.v.device)
-        decisions = [(start, stop, k1, self._additive(start, stop, k1)) for start, stop, k1 in self._chunks(q0, q1)]
-        if any(additive is False for *_, additive in decisions):
-            return None
         grads = []
-        for start, stop, k1, additive in decisions:
+        for start, stop, parts in chunks:
             rows = slice(start - q0, stop - q0)
-            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                grad_out[..., rows, :].contiguous(), self.q[..., start:stop, :], self.k[..., :k1, :],
-                self.v[..., :k1, :], out[..., rows, :].contiguous(), lse[..., rows].contiguous(), 0.0, False,
-                attn_mask=additive, scale=self.opts.scale)
-            self.dk[..., :k1, :] += dk
-            self.dv[..., :k1, :] += dv
-            grads.append(dq)
+            grad_rows, out_rows = grad_out[..., rows, :].contiguous(), out[..., rows, :].contiguous()
+            lse_rows = lse[..., rows].contiguous()
+            dq_rows = None
+            for part in parts:
+                dq, dk, dv = _FLASH_BACKWARD(
+                    grad_rows, self.q[..., start:stop, :], self.k[..., part.k0:part.k1, :],
+                    self.v[..., part.k0:part.k1, :], out_rows, lse_rows, 0.0, False, attn_mask=part.additive,
+                    scale=self.opts.scale)
+                self.dk[..., part.k0:part.k1, :] += dk
+                self.dv[..., part.k0:part.k1, :] += dv
+                dq_rows = dq if dq_rows is None else dq_rows + dq
+            grads.append(dq_rows)
         return torch.cat(grads, -2)
 
     def key_grads(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -130,13 +186,34 @@ class FusedRows:
         return self.dk, self.dv
 
 
-def _checked_bias(additive: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | bool:
-    """`additive`, contiguous, or False where its dtype or a row's largest term rules the kernel out."""
-    if additive.dtype != dtype or not bool((additive.amax(-1) >= _MIN_ROW_BIAS).all()):
-        return False
-    return additive.contiguous()
+def _any_row(parts: list[_Part]) -> torch.Tensor:
+    """Whether each row keeps a key in some part."""
+    if any(part.kept is None for part in parts):
+        return torch.ones((), dtype=torch.bool)
+    kept = parts[0].kept
+    for part in parts[1:]:
+        kept = kept | part.kept
+    return kept
+
+
+def _merge(parts: list[_Part], results) -> tuple[torch.Tensor, torch.Tensor]:
+    """One softmax over all parts from each part's (out, lse): weights exp(lse_p − max), rows a part
+    hides completely weighing 0 (the kernel reports lse 0 and out 0 for them)."""
+    lses = []
+    for part, (_, lse) in zip(parts, results):
+        lse = lse.float()
+        if part.kept is not None:
+            lse = torch.where(part.kept, lse, -math.inf)
+        lses.append(lse)
+    if len(parts) == 1:
+        return results[0][0], lses[0]
+    top = torch.stack(lses).amax(0)
+    weights = [torch.exp(lse - top) for lse in lses]
+    total = sum(weights)
+    out = sum(w.unsqueeze(-1) * o.float() for w, (o, _) in zip(weights, results)) / total.unsqueeze(-1)
+    return out.to(results[0][0].dtype), top + torch.log(total)
 
 
 def _four_d(block: torch.Tensor | None) -> torch.Tensor | None:
-    """A (B, H, 1, rows, cols) block of `block_terms` with one head per group, as (B, H, rows, cols)."""
+    """A (B, H, 1, rows, cols) block of `BlockTerms` with one head per group, as (B, H, rows, cols)."""
     return None if block is None else block.squeeze(2)
