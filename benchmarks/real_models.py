@@ -76,15 +76,32 @@ def default_memory_limit_gib() -> float:
     return max(1.0, float(int(0.75 * available_kib / 2**20)))
 
 
-def run_point(row: Row, spec: dict, timeout_s: int) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--one", json.dumps(spec)]
-    result = fill_from_child(row, command, timeout_s)
+def child_command(spec: dict) -> list[str]:
+    return [sys.executable, os.path.abspath(__file__), "--one", json.dumps(spec)]
+
+
+def run_point(row: Row, spec: dict, timeout_s: int) -> None:
+    result = fill_from_child(row, child_command(spec), timeout_s)
     row.optimize_extra_mib, row.optimize_seconds = result.get("optimize_extra_mib"), result.get("optimize_seconds")
     row.blocks = result.get("blocks", row.blocks)
-    if spec["kind"] == "export" and result:
-        row.note = f"rewrote {row.blocks} ({', '.join(result['targets'])}); check at n = {result['check_n']}: {result['check']}"
     print(f"{row.section:>9} {row.family:>7} {row.mode:>9} n={row.n:<6}: {point_line(row)}", file=sys.stderr, flush=True)
-    return result
+
+
+def export_family(args, family: str, model_dir: str) -> tuple[dict, str]:
+    """(what the export child wrote, "") or ({}, why it failed): as-exported and optimised ONNX files."""
+    from rewriter.tools.bench_child import ChildFailed, run_json_child
+
+    lengths = args.onnx_lengths
+    spec = {"kind": "export", "family": family, "dir": model_dir, "batch": args.batch, "window": args.window,
+            "min_length": min(lengths), "max_length": max(max(lengths), 512)}
+    try:
+        made = run_json_child(child_command(spec), args.timeout)
+    except ChildFailed as error:
+        print(f"{'onnx':>9} {family:>7} export failed: {error}", file=sys.stderr, flush=True)
+        return {}, f"error: the export failed ({error})"
+    print(f"{'onnx':>9} {family:>7} exported; optimize_onnx rewrote {made['blocks']} ({', '.join(made['targets'])}); "
+          f"check at n = {made['check_n']}: {made['check']}", file=sys.stderr, flush=True)
+    return made, ""
 
 
 def set_base_ratios(rows: list[Row]) -> None:
@@ -165,18 +182,14 @@ def torch_rows(args, section: str, lengths, existing: list[Row]) -> list[Row]:
 
 def onnx_rows(args, model_dir: str) -> list[Row]:
     rows = []
-    lengths = args.onnx_lengths
     for family in args.families:
-        export = Row(section="onnx-export", family=family, mode="export", n=0)
-        made = run_point(export, {"kind": "export", "family": family, "dir": model_dir, "batch": args.batch,
-                                  "window": args.window, "min_length": min(lengths),
-                                  "max_length": max(max(lengths), 512)}, args.timeout)
+        made, why = export_family(args, family, model_dir)
         for mode in (m for m in ONNX_MODES if m in args.modes):
-            for n in lengths:
+            for n in args.onnx_lengths:
                 row = Row(section="onnx", family=family, mode=mode, n=n, limit_gib=args.memory_limit)
                 row.blocks = made.get("blocks", "") if mode == "optimized" else ""
-                if not made:
-                    row.note = export.note or "error: the export failed"
+                if why:
+                    row.note = why
                 elif mode == "optimized" and not made["ok"]:
                     row.note = f"error: the optimised file differs from the export ({made['check']})"
                 else:
@@ -228,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     rows += torch_rows(args, "optimize", args.optimize_lengths, rows)
     if args.onnx_lengths and set(ONNX_MODES) & set(args.modes):
         with tempfile.TemporaryDirectory() as scratch:
+            if args.model_dir:
+                os.makedirs(args.model_dir, exist_ok=True)
             rows += onnx_rows(args, args.model_dir or scratch)
     set_base_ratios(rows)
     tables = [f"## {section}\n\n{section_table(rows, section)}" for section in ("inference", "backward", "onnx")
