@@ -21,9 +21,13 @@ measures one call: extra peak RSS above the process's state after building the m
 
 Each child may allocate at most --memory-limit GiB beyond its state before the call (RLIMIT_AS);
 a call that needs more is reported as "out of memory (> X GiB)", and a ratio against it is a lower
-bound (">"). Ratios: memory = base / mode (x less), time = mode / base, against eager and sdpa (or
-the exported file) measured in the same run. Times are wall-clock of one call: other load on the
-machine skews them (the CPU-seconds column less so); memory figures are stable.
+bound (">"). The run ends with PASS/FAIL lines for issue 11's targets whose points it ran (inference
+at n = 16384: ≥ 50x less than eager, ≤ 0.5x its time, below sdpa; forward + backward at n = 8192:
+≥ 20x; ONNX at n = 8192: ≥ 30x; the optimise call's peak at n = 16384 within 10 MiB of n = 256) and
+exits with status 1 when one fails or a point had an error. Ratios: memory = base / mode (x less),
+time = mode / base, against eager and sdpa (or the exported file) measured in the same run. Times
+are wall-clock of one call: other load on the machine skews them (the CPU-seconds column less so);
+memory figures are stable.
 
     PYTHONPATH=. python benchmarks/real_models.py                          # the full run (long)
     PYTHONPATH=. python benchmarks/real_models.py --lengths 2048 --backward-lengths 1024 \\
@@ -48,6 +52,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_MODES = ("eager", "sdpa", "rewritten")
 ONNX_MODES = ("exported", "optimized")
 BASES = {"inference": ("eager", "sdpa"), "backward": ("eager", "sdpa"), "onnx": ("exported",)}
+# Issue 11's acceptance targets: (length, least memory ratio against the section's first base, most time ratio);
+# checked for each family whose points at that length were run, with the base.
+TARGETS = {"inference": (16384, 50.0, 0.5), "backward": (8192, 20.0, None), "onnx": (8192, 30.0, None)}
+OPTIMIZE_TARGET = (256, 16384, 10.0)  # the optimise call's peak at the longer length within 10 MiB of the shorter's
 DEFAULTS = {"lengths": (4096, 16384), "backward_lengths": (8192,), "optimize_lengths": (256, 16384),
             "onnx_lengths": (8192,)}
 
@@ -163,6 +171,51 @@ def optimize_table(rows: list[Row], families, lengths) -> str:
     return "\n".join(lines)
 
 
+def _verdict(goal: str, row: Row, base_mode: str, min_memory: float, max_time: float | None) -> tuple[str, str]:
+    ratio = row.ratios.get(base_mode)
+    if not ratio:
+        return "FAIL", f"{goal} ({row.note or f'{base_mode} not measured'})"
+    got = f"got {'>' if ratio['lower_bound'] else ''}{ratio['memory']:.1f}x less"
+    if ratio["memory"] < min_memory:
+        return "FAIL", f"{goal}: {got}"
+    if max_time is None:
+        return "PASS", f"{goal}: {got}"
+    if ratio["time"] is None:
+        return "SKIP", f"{goal}: {got}; the time is not comparable ({base_mode} ran out of memory)"
+    return ("PASS" if ratio["time"] <= max_time else "FAIL"), f"{goal}: {got}, {ratio['time']:.2f}x the time"
+
+
+def check_targets(rows: list[Row]) -> list[tuple[str, str]]:
+    """(PASS | FAIL | SKIP, description) for each target whose points were run (TARGETS, OPTIMIZE_TARGET)."""
+    by_key = {(r.section, r.family, r.mode, r.n): r for r in rows}
+    verdicts = []
+    for (section, family, mode, n), row in by_key.items():
+        target = TARGETS.get(section)
+        if target is None or n != target[0] or mode not in ("rewritten", "optimized"):
+            continue
+        base_mode, (_, min_memory, max_time) = BASES[section][0], target
+        if (section, family, base_mode, n) not in by_key:
+            continue
+        goal = f"{section} n={n} {family}: {mode} ≥{min_memory:g}x less than {base_mode}"
+        verdicts.append(_verdict(goal + (f", ≤{max_time:g}x its time" if max_time else ""), row, base_mode,
+                                 min_memory, max_time))
+        sdpa = by_key.get((section, family, "sdpa", n))
+        if section == "inference" and sdpa is not None and sdpa.measured:
+            verdicts.append(_verdict(f"{section} n={n} {family}: {mode} below HF sdpa", row, "sdpa", 1.0, None))
+    short, long, tolerance = OPTIMIZE_TARGET
+    for (section, family, mode, n), row in by_key.items():
+        first = by_key.get(("inference", family, "rewritten", short))
+        if (section, mode, n) != ("inference", "rewritten", long) or first is None:
+            continue
+        goal = f"optimise call at n={long} {family}: within {tolerance:g} MiB of its peak at n={short}"
+        if row.optimize_extra_mib is None or first.optimize_extra_mib is None:
+            verdicts.append(("FAIL", f"{goal} ({row.note or first.note})"))
+            continue
+        change = row.optimize_extra_mib - first.optimize_extra_mib
+        verdicts.append(("PASS" if abs(change) <= tolerance else "FAIL", f"{goal}: got {change:+.1f} MiB"))
+    return verdicts
+
+
 def torch_rows(args, section: str, lengths, existing: list[Row]) -> list[Row]:
     rows = []
     for family in args.families:
@@ -251,9 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         tables.append(f"## optimise call\n\n{optimize_table(rows, args.families, args.optimize_lengths)}")
     config = {name: getattr(args, name) for name in ("families", "modes", "batch", "window", "threads", "memory_limit",
                                                       *DEFAULTS)}
-    write_outputs("\n\n".join(tables), [], args.json, None,
-                  {"config": config, "load_average": load, "results": [dataclasses.asdict(r) for r in rows]})
-    return 1 if any(r.note.startswith("error") for r in rows) else 0
+    status = write_outputs("\n\n".join(tables), check_targets(rows), args.json, None,
+                           {"config": config, "load_average": load, "results": [dataclasses.asdict(r) for r in rows]})
+    return 1 if status or any(r.note.startswith("error") for r in rows) else 0
 
 
 if __name__ == "__main__":
