@@ -222,7 +222,8 @@ def torch_rows(args, section: str, lengths, existing: list[Row]) -> list[Row]:
         for n in lengths:
             for mode in (m for m in TORCH_MODES if m in args.modes):
                 if section == "optimize":
-                    if mode != "rewritten" or any(r.family == family and r.n == n and r.mode == mode for r in existing):
+                    if mode != "rewritten" or any((r.section, r.family, r.mode, r.n) == ("inference", family, mode, n)
+                                                   for r in existing):
                         continue
                 row = Row(section="inference" if section == "optimize" else section, family=family, mode=mode, n=n,
                           limit_gib=args.memory_limit)

@@ -54,3 +54,10 @@ def test_torch_and_onnxruntime_allocation_errors_are_out_of_memory_and_others_ar
     assert is_out_of_memory(torch_error)
     assert is_out_of_memory(RuntimeError("Non-zero status code returned while running MatMul node. bad allocation"))
     assert not is_out_of_memory(RuntimeError("The size of tensor a (4) must match the size of tensor b (5)"))
+    try:  # raised while handling an allocation failure (torch.export wraps errors this way)
+        try:
+            raise torch_error
+        except RuntimeError as cause:
+            raise RuntimeError("while capturing the module") from cause
+    except RuntimeError as wrapped:
+        assert is_out_of_memory(wrapped)

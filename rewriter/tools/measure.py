@@ -69,8 +69,13 @@ def limit_extra_memory(extra_bytes: int) -> None:
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    """Whether `error` is an allocation failure (as `limit_extra_memory` provokes) from torch, numpy or ORT."""
-    return isinstance(error, MemoryError) or bool(_OUT_OF_MEMORY.search(str(error)))
+    """Whether `error`, or an error it was raised from, is an allocation failure (as `limit_extra_memory`
+    provokes) from torch, numpy or ONNX Runtime."""
+    while error is not None:
+        if isinstance(error, MemoryError) or _OUT_OF_MEMORY.search(str(error)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def measure_call(call: Callable[[], object]) -> Measurement:
