@@ -69,7 +69,7 @@ class Row(PointFigures):
     limit_gib: float = 0.0
     optimize_extra_mib: float | None = None
     optimize_seconds: float | None = None
-    blocks: str = ""  # "rewrote R of F" attention blocks, for rewritten and optimised points
+    blocks: str = ""  # "R of F": attention blocks rewritten of those found (rewritten and optimised points)
     ratios: dict = dataclasses.field(default_factory=dict)  # base mode -> {"memory", "time", "lower_bound"}
 
     @property
