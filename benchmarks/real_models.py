@@ -164,7 +164,7 @@ def optimize_table(rows: list[Row], families, lengths) -> str:
         first = found[0].optimize_extra_mib if found and found[0] else None
         for n, r in zip(sorted(lengths), found):
             peak = r.optimize_extra_mib if r else None
-            change = None if peak is None or first is None else peak - first
+            change = None if peak is None or first is None else round(peak - first, 1) + 0.0  # no "-0.0"
             why = "" if peak is not None or r is None else r.note
             lines.append(f"| {family} | {n} | {fmt(peak, '.1f') or why} | {fmt(r and r.optimize_seconds, '.2f')} "
                          f"| {fmt(change, '+.1f')} |")
@@ -211,7 +211,7 @@ def check_targets(rows: list[Row]) -> list[tuple[str, str]]:
         if row.optimize_extra_mib is None or first.optimize_extra_mib is None:
             verdicts.append(("FAIL", f"{goal} ({row.note or first.note})"))
             continue
-        change = row.optimize_extra_mib - first.optimize_extra_mib
+        change = round(row.optimize_extra_mib - first.optimize_extra_mib, 1) + 0.0
         verdicts.append(("PASS" if abs(change) <= tolerance else "FAIL", f"{goal}: got {change:+.1f} MiB"))
     return verdicts
 
