@@ -30,8 +30,12 @@ class PointFigures:
         return self.seconds is not None
 
 
-def fill_from_child(row, command: list[str], timeout_s: int) -> None:
-    """Run `command` (which prints one JSON measurement last) and put its result, or why not, in `row`."""
+def fill_from_child(row, command: list[str], timeout_s: int) -> dict:
+    """Run `command` (which prints one JSON measurement last) and put its result, or why not, in `row`.
+
+    A child that measured nothing may say why in a "note" key (e.g. "out of memory (> 4 GiB)").
+    Returns the child's JSON object (empty when it failed), for any further keys it printed.
+    """
     # Imported here: the children, which import this module too, need not import rewriter (and torch).
     from rewriter.tools.bench_child import ChildFailed, run_json_child
 
@@ -39,8 +43,12 @@ def fill_from_child(row, command: list[str], timeout_s: int) -> None:
         result = run_json_child(command, timeout_s)
     except ChildFailed as error:
         row.note = f"error: {error}"
-        return
+        return {}
+    if result.get("note"):
+        row.note = result["note"]
+        return result
     row.extra_peak_mib, row.seconds, row.cpu_seconds = result["extra_peak_mib"], result["seconds"], result["cpu_seconds"]
+    return result
 
 
 def set_ratios(row, base) -> None:
