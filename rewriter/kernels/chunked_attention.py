@@ -113,11 +113,18 @@ class BlockTerms:
         return None if keep is None else keep.logical_not()
 
 
-def _skippable(hidden_b: torch.Tensor | None, row_max: torch.Tensor, opts: ScoreOptions) -> bool:
-    """Whether a block whose hidden keys are `hidden_b` adds exactly nothing to rows with maxima `row_max`."""
+def _skippable(hidden_b: torch.Tensor | None, row_max: torch.Tensor, opts: ScoreOptions, final: bool) -> bool:
+    """Whether a block whose hidden keys are `hidden_b` adds exactly nothing to rows with maxima `row_max`
+    (running maxima in the forward, `final` ones in the backward).
+
+    A row with no key at all is NaN without `zero_masked_rows`, and so are the gradients its blocks
+    pass on: the backward computes its blocks (the forward's output is NaN there either way).
+    """
     if hidden_b is None or not bool(hidden_b.all()):
         return False
-    return opts.mask_fill == -math.inf or bool((row_max - opts.mask_fill > _UNDERFLOW).all())
+    if opts.mask_fill == -math.inf:
+        return opts.zero_masked_rows or not final or not bool(torch.isneginf(row_max).any())
+    return bool((row_max - opts.mask_fill > _UNDERFLOW).all())
 
 
 def _denominator(row_sum: torch.Tensor, opts: ScoreOptions) -> torch.Tensor:
@@ -214,7 +221,7 @@ def chunked_attention_forward(q, k, v, terms: ScoreTerms, opts: ScoreOptions, fu
         for k0 in range(0, _key_stop(opts, q1, key_len), opts.k_chunk):
             k1 = min(k0 + opts.k_chunk, key_len)
             hidden_b = block_terms.hidden_block(q0, q1, k0, k1)
-            if _skippable(hidden_b, row_max, opts):
+            if _skippable(hidden_b, row_max, opts, final=False):
                 continue
             scores, _ = _block_scores(
                 qb, kg[..., k0:k1, :], block_terms.bias_block(q0, q1, k0, k1), hidden_b, opts, q0, k0)
@@ -282,7 +289,7 @@ def chunked_attention_backward(grad_out, q, k, v, terms: ScoreTerms, out, stats,
             k1 = min(k0 + opts.k_chunk, key_len)
             kb, vb = kg[..., k0:k1, :], vg[..., k0:k1, :]
             hidden_b = block_terms.hidden_block(q0, q1, k0, k1)
-            if _skippable(hidden_b, stats_g[..., q0:q1, 0], opts):
+            if _skippable(hidden_b, stats_g[..., q0:q1, 0], opts, final=True):
                 continue
             if leaf_grads is not None:
                 bias_b, traced = block_terms.traced_bias_block(q0, q1, k0, k1)
