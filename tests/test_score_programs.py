@@ -12,7 +12,7 @@ import torch
 
 import rewriter.kernels.attention_op  # noqa: F401
 from passes.core.score_programs import ProgramBuilder, causal_split, fill_mask
-from rewriter.kernels.program_proofs import key_bounds
+from rewriter.kernels.program_proofs import filled_bias_bounds, key_bounds
 from rewriter.kernels.score_program import parse
 
 B, H, L, D = 2, 4, 37, 8
@@ -160,3 +160,26 @@ def test_sliding_window_program_matches_its_dense_mask(window):
         for g, w in zip(torch.autograd.grad((got * grad).sum(), (q, k, v)),
                         torch.autograd.grad((want * grad).sum(), (q, k, v))):
             torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+def test_filled_bias_with_bounds_matches_its_dense_bias():
+    """HF eager's ``where(causal ∧ padding, 0, finfo.min)`` bias: chunks stop at the diagonal, exactly."""
+    q, k, v, pad, _ = _inputs(4)
+    pad[1, :9] = True
+    pad[1, -5:] = False  # right padding: every row keeps key 0
+    builder = ProgramBuilder()
+    query, key, batch = builder.index("query"), builder.index("key"), builder.index("batch")
+    keep = builder.add("logical_and", (builder.add("le", (key, query), dtype="bool"),
+                                       builder.load(pad, [batch, key], "bool")), dtype="bool")
+    fill = torch.finfo(torch.float32).min
+    bias = builder.add("where", (keep, builder.const(0.0, "float32"), builder.const(fill, "float32")))
+    program = builder.program(bias)
+    assert filled_bias_bounds(program)[:2] == (0, None)
+    rows, cols = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    dense = torch.zeros(B, 1, L, L).masked_fill(~((cols <= rows)[None, None] & pad[:, None, None, :]), fill)
+    grad = torch.randn(B, H, L, D)
+    want = _run(q, k, v, dense, None, [], (8, 16), zero_rows=False)
+    got = _run(q, k, v, None, None, builder.leaves, (8, 16), program.to_json(), "", zero_rows=False)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    for g, w in zip(torch.autograd.grad((got * grad).sum(), (q, k, v)), torch.autograd.grad((want * grad).sum(), (q, k, v))):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from passes.core.score_algebra import ChainError, MaskStep
-from rewriter.kernels.chunked_attention import EFFECTIVELY_NEG_INF
+from rewriter.kernels.program_proofs import EFFECTIVELY_NEG_INF
 
 __all__ = ["EFFECTIVELY_NEG_INF", "ScoreSemantics", "fill_is_neg_inf", "mask_kind", "sort_score_terms"]
 

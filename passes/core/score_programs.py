@@ -7,8 +7,8 @@ so optimising costs O(graph) at any sequence length:
 - `causal_split` (from `rewriter.kernels.program_proofs`, which the kernels use too): a keep-mask
   ``(key ≤ query + o) ∧ rest`` becomes the kernels' causal flag with offset o, and the program of
   `rest` (or none).
-- `fill_mask`: a bias ``where(keep, 0, f)`` with a fill f ≤ −1e30 is the keep-mask ``keep`` with
-  fill f (the score is lost in ``s + f`` in fp32, as in the model).
+- `fill_mask` (also from `program_proofs`): a bias ``where(keep, 0, f)`` with a fill f ≤ −1e30 is the
+  keep-mask ``keep`` with fill f in the forward (the score is lost in ``s + f`` in fp32, as in the model).
 - `reads_both_positions`: whether a value varies along both the query and the key axis, i.e. would
   be n×n if the model computed it.
 """
@@ -17,8 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from passes.core.mask_semantics import EFFECTIVELY_NEG_INF
-from rewriter.kernels.program_proofs import Affine, causal_split, reachable
+from rewriter.kernels.program_proofs import Affine, causal_split, fill_mask, reachable
 from rewriter.kernels.score_program import Program, Step
 
 __all__ = ["ProgramBuilder", "ProgramError", "Affine", "causal_split", "fill_mask", "reads_both_positions",
@@ -71,20 +70,3 @@ def axes_read(program: Program) -> set[str]:
 
 def reads_both_positions(program: Program) -> bool:
     return {"query", "key"} <= axes_read(program)
-
-
-def fill_mask(program: Program) -> tuple[Program, float] | None:
-    """(keep-mask program, fill) when the bias `program` is ``where(keep, 0, f)`` or ``where(hide, f, 0)``
-    with f ≤ −1e30 (``triu(full(−∞), 1)`` is the latter)."""
-    steps = list(program.steps)
-    last = steps[-1]
-    if last.op != "where" or steps[last.args[0]].dtype != "bool":
-        return None
-    condition, first, second = last.args
-    constants = [steps[arg].attr if steps[arg].op == "const" else None for arg in (first, second)]
-    if constants[0] == 0 and constants[1] is not None and float(constants[1]) <= EFFECTIVELY_NEG_INF:
-        return reachable(steps, condition), float(constants[1])
-    if constants[1] == 0 and constants[0] is not None and float(constants[0]) <= EFFECTIVELY_NEG_INF:
-        steps.append(Step("logical_not", (condition,), None, "bool"))
-        return reachable(steps, len(steps) - 1), float(constants[0])
-    return None

@@ -36,6 +36,7 @@ import math
 
 import torch
 
+from rewriter.kernels.program_proofs import EFFECTIVELY_NEG_INF
 from rewriter.kernels.score_program import Program, evaluate, leaf_gradients, trace
 
 __all__ = ["EFFECTIVELY_NEG_INF", "BlockTerms", "ScoreOptions", "ScoreTerms", "chunked_attention_forward",
@@ -54,9 +55,6 @@ class ScoreOptions:
     zero_masked_rows: bool = False  # rows whose every key is masked give 0 (SDPA, _safe_softmax), not NaN
 
 
-# A finite fill at or below this hides a key as −∞ does once its row keeps one real score: exp(fill − max)
-# underflows to exactly 0 in every float type for scores of any realistic magnitude (< 1e29).
-EFFECTIVELY_NEG_INF = -1e30
 # exp(x) rounds to exactly 0 in fp32 for x < −103.98 (the smallest subnormal is 1.4e−45).
 _UNDERFLOW = 110.0
 

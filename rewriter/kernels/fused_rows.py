@@ -3,8 +3,8 @@
 PyTorch's CPU flash-attention kernel (``aten._scaled_dot_product_flash_attention_for_cpu``) is
 several times faster than the blockwise implementation, but it takes one dense additive mask. Every
 query row is an independent softmax, so `FusedRows` feeds it a few rows at a time. The keys of a
-chunk are split by what the mask proves (`rewriter.kernels.program_proofs.key_bounds`, and the
-causal flag): keys past the last causally visible one, or before a sliding window, are not passed at
+chunk are split by what the mask proves (`rewriter.kernels.program_proofs.key_bounds`, the causal
+flag, or a bias ``where(keep, x, finfo.min)`` through `filled_bias_bounds`): keys past the last causally visible one, or before a sliding window, are not passed at
 all; the keys every row of the chunk sees on the causal/window side get a mask from the other
 conjuncts alone (for a padding mask, one row broadcast over the chunk); only the diagonal bands
 (at most rows × rows keys) get the full mask. The parts' results are merged by their log-sum-exp
@@ -28,8 +28,8 @@ import math
 
 import torch
 
-from rewriter.kernels.chunked_attention import EFFECTIVELY_NEG_INF, BlockTerms, ScoreOptions, ScoreTerms
-from rewriter.kernels.program_proofs import key_bounds
+from rewriter.kernels.chunked_attention import BlockTerms, ScoreOptions, ScoreTerms
+from rewriter.kernels.program_proofs import EFFECTIVELY_NEG_INF, filled_bias_bounds, key_bounds
 
 __all__ = ["FusedRows", "MASK_BYTES"]
 
@@ -71,14 +71,20 @@ class FusedRows:
         self.q = q.contiguous()
         self.k = (k.repeat_interleave(groups, dim=1) if groups > 1 else k).contiguous()
         self.v = (v.repeat_interleave(groups, dim=1) if groups > 1 else v).contiguous()
-        upper, lower, rest = None, None, terms.mask_program
+        upper, lower, inner = None, None, terms
         if terms.mask_program is not None:
             upper, lower, rest = key_bounds(terms.mask_program)
+            inner = dataclasses.replace(terms, mask_program=rest)
+        elif terms.bias_program is not None and terms.mask is None:  # HF eager: where(keep, 0, finfo.min)
+            found = filled_bias_bounds(terms.bias_program)
+            if found is not None:
+                upper, lower, rest = found
+                inner = dataclasses.replace(terms, bias_program=rest)
         if opts.causal:
             upper = opts.causal_offset if upper is None else min(upper, opts.causal_offset)
         self.upper, self.lower = upper, lower
         self.terms = BlockTerms(terms, q, kv_heads=q.size(1))  # one "group" per head: 4-D blocks
-        self.inner_terms = BlockTerms(dataclasses.replace(terms, mask_program=rest), q, kv_heads=q.size(1))
+        self.inner_terms = BlockTerms(inner, q, kv_heads=q.size(1))
         per_row = q.size(0) * q.size(1) * k.size(-2) * q.element_size()
         self.rows = max(1, MASK_BYTES // per_row)
         self.dk = self.dv = None

@@ -14,7 +14,12 @@ import dataclasses
 
 from rewriter.kernels.score_program import Program, Step
 
-__all__ = ["Affine", "causal_split", "key_bounds", "reachable"]
+# A finite fill at or below this hides a key as −∞ does once its row keeps one real score: exp(fill − max)
+# underflows to exactly 0 in every float type for scores of any realistic magnitude (< 1e29).
+EFFECTIVELY_NEG_INF = -1e30
+
+__all__ = ["EFFECTIVELY_NEG_INF", "Affine", "causal_split", "fill_mask", "filled_bias_bounds", "key_bounds",
+           "reachable"]
 
 
 def reachable(steps, output: int) -> Program:
@@ -112,13 +117,13 @@ def _conjuncts(steps: tuple[Step, ...], position: int) -> list[int]:
     return [position]
 
 
-def _split(program: Program, kinds: tuple[str, ...]) -> tuple[dict[str, int], Program | None]:
-    """The bounds of the `kinds` the keep-mask's conjuncts state (one offset each; where two differ,
-    the tighter), and the program of the other conjuncts (None when there are none)."""
-    steps = program.steps
+def _split(steps: list[Step], output: int, kinds: tuple[str, ...]) -> tuple[dict[str, int], int | None]:
+    """The bounds of the `kinds` that the keep-mask at step `output` states as conjuncts (one offset
+    each; where two differ, the tighter), and the step of the other conjuncts' conjunction (None
+    when there are none), appended to `steps` where needed."""
     bounds: dict[str, int] = {}
     rest = []
-    for position in _conjuncts(steps, len(steps) - 1):
+    for position in _conjuncts(steps, output):
         bound = _key_bound(steps, position)
         if bound is None or bound[0] not in kinds:
             rest.append(position)
@@ -128,25 +133,78 @@ def _split(program: Program, kinds: tuple[str, ...]) -> tuple[dict[str, int], Pr
         bounds[kind] = tighter(bounds[kind], offset) if kind in bounds else offset
     if not rest:
         return bounds, None
-    extended = list(steps)
-    output = rest[0]
+    conjunction = rest[0]
     for position in rest[1:]:
-        extended.append(Step("logical_and", (output, position), None, "bool"))
-        output = len(extended) - 1
-    return bounds, reachable(extended, output)
+        steps.append(Step("logical_and", (conjunction, position), None, "bool"))
+        conjunction = len(steps) - 1
+    return bounds, conjunction
 
 
 def causal_split(program: Program) -> tuple[int | None, Program | None]:
     """(causal offset o, program of the rest) for a keep-mask ``(key ≤ query + o) ∧ rest``;
     (None, program) when no conjunct is causal. The rest is None when the mask is exactly causal."""
-    bounds, rest = _split(program, ("upper",))
+    steps = list(program.steps)
+    bounds, rest = _split(steps, len(steps) - 1, ("upper",))
     if "upper" not in bounds:
         return None, program
-    return bounds["upper"], rest
+    return bounds["upper"], None if rest is None else reachable(steps, rest)
 
 
 def key_bounds(program: Program) -> tuple[int | None, int | None, Program | None]:
     """(upper, lower, rest): the keep-mask keeps only keys with ``query + lower ≤ key ≤ query + upper``
     (None: no such bound) and where `rest` (None: always) holds."""
-    bounds, rest = _split(program, ("upper", "lower"))
-    return bounds.get("upper"), bounds.get("lower"), rest
+    steps = list(program.steps)
+    bounds, rest = _split(steps, len(steps) - 1, ("upper", "lower"))
+    return bounds.get("upper"), bounds.get("lower"), None if rest is None else reachable(steps, rest)
+
+
+def _filled(steps: list[Step]) -> tuple[int, int, float] | None:
+    """(keep step, kept-value step, fill) when the last step is ``where(keep, x, f)`` or ``where(hide, f, x)``
+    with a constant f ≤ `EFFECTIVELY_NEG_INF` (a ``logical_not`` of `hide` is appended)."""
+    last = steps[-1]
+    if last.op != "where" or steps[last.args[0]].dtype != "bool":
+        return None
+    condition, first, second = last.args
+    fills = [float(steps[arg].attr) if steps[arg].op == "const" else None for arg in (first, second)]
+    if fills[1] is not None and fills[1] <= EFFECTIVELY_NEG_INF:
+        return condition, first, fills[1]
+    if fills[0] is not None and fills[0] <= EFFECTIVELY_NEG_INF:
+        steps.append(Step("logical_not", (condition,), None, "bool"))
+        return len(steps) - 1, second, fills[0]
+    return None
+
+
+def fill_mask(program: Program) -> tuple[Program, float] | None:
+    """(keep-mask program, fill) when the bias `program` is ``where(keep, 0, f)`` or ``where(hide, f, 0)``
+    with f ≤ −1e30 (``triu(full(−∞), 1)`` is the latter)."""
+    steps = list(program.steps)
+    found = _filled(steps)
+    if found is None:
+        return None
+    keep, kept, fill = found
+    if steps[kept].op != "const" or steps[kept].attr != 0:
+        return None
+    return reachable(steps, keep), fill
+
+
+def filled_bias_bounds(program: Program) -> tuple[int | None, int | None, Program | None] | None:
+    """For a bias ``where(keep, x, f)`` (f ≤ −1e30) whose keep-mask has key bounds: (upper, lower, the
+    bias inside them, ``where(rest, x, f)``, or x alone, None for a constant 0); else None.
+
+    Outside the bounds every score is f: in a row that keeps a key anywhere, exactly 0 after exp().
+    """
+    steps = list(program.steps)
+    found = _filled(steps)
+    if found is None:
+        return None
+    keep, kept, fill = found
+    bounds, rest = _split(steps, keep, ("upper", "lower"))
+    if not bounds:
+        return None
+    if rest is None:
+        inner = None if steps[kept].op == "const" and steps[kept].attr == 0 else reachable(steps, kept)
+    else:
+        steps.append(Step("const", (), fill, program.dtype))
+        steps.append(Step("where", (rest, kept, len(steps) - 1), None, program.dtype))
+        inner = reachable(steps, len(steps) - 1)
+    return bounds.get("upper"), bounds.get("lower"), inner
