@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-__all__ = ["MemoryEstimate", "estimate_peak_activation_bytes", "format_bytes", "sequence_dims"]
+__all__ = ["MemoryEstimate", "estimate_peak_activation_bytes", "format_bytes", "sequence_dims", "symbolic_input_dims"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +59,23 @@ def format_bytes(n: int) -> str:
     return f"{n / 1024**exponent:.1f} {_UNITS[exponent]}"
 
 
-def sequence_dims(model: onnx.ModelProto, length: int) -> dict[str, int]:
-    """Map every symbolic input dim whose name looks like a sequence length to `length`."""
-    names = {dim.dim_param for value in model.graph.input
-             for dim in value.type.tensor_type.shape.dim
-             if dim.dim_param and any(word in dim.dim_param.lower() for word in _SEQUENCE_WORDS)}
-    return dict.fromkeys(sorted(names), length)
+def sequence_dims(model: onnx.ModelProto, length: int, attention_symbols=()) -> dict[str, int]:
+    """Map to `length` every symbolic input dim in `attention_symbols` (the query/key lengths of attention
+    blocks, as `passes.onnx.sequence_symbols` proves them) and every one whose name looks like a sequence
+    length (seq, len, tokens); attention symbols first, then the others in sorted order."""
+    named = {dim.dim_param for dim in _input_dims(model)
+             if any(word in dim.dim_param.lower() for word in _SEQUENCE_WORDS)}
+    return dict.fromkeys([*attention_symbols, *sorted(named - set(attention_symbols))], length)
+
+
+def symbolic_input_dims(model: onnx.ModelProto) -> list[str]:
+    """The names of the model's symbolic input dims, in input order."""
+    return list(dict.fromkeys(dim.dim_param for dim in _input_dims(model)))
+
+
+def _input_dims(model: onnx.ModelProto) -> Iterator[onnx.TensorShapeProto.Dimension]:
+    for value in model.graph.input:
+        yield from (dim for dim in value.type.tensor_type.shape.dim if dim.dim_param)
 
 
 def estimate_peak_activation_bytes(
