@@ -70,9 +70,6 @@ def cache_off_kwargs(module: torch.nn.Module, args: tuple, kwargs: dict | None) 
         return None
     if "use_cache" not in names or names.index("use_cache") < len(args):
         return None
-    logger.warning("optimize_module(%s): captured with use_cache=False (a key/value cache cannot be an output of "
-                   "the captured graph); the result returns no cache (past_key_values is None) and takes "
-                   "use_cache=False only", type(module).__name__)
     return {**(kwargs or {}), "use_cache": False}
 
 

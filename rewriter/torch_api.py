@@ -47,7 +47,11 @@ def capture(module, example_inputs, example_kwargs=None, dynamic_shapes=AUTO) ->
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
     cache_off = cache_off_kwargs(module, example_inputs, example_kwargs)
-    example_kwargs = example_kwargs if cache_off is None else cache_off
+    if cache_off is not None:
+        logger.warning("optimize_module(%s): captured with use_cache=False (a key/value cache cannot be an output "
+                       "of the captured graph); the result returns no cache (past_key_values is None) and takes "
+                       "use_cache=False only", type(module).__name__)
+        example_kwargs = cache_off
     program = export_program(module, example_inputs, example_kwargs, dynamic_shapes)
     gm = explain_guard_failures(program.module())
     if isinstance(dynamic_shapes, str) and dynamic_shapes == AUTO and dynamic_input_axes(program):

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+import rewriter
 from rewriter import optimize_module
 from rewriter.dynamic_capture import InputShapeError, cache_off_kwargs
 
@@ -75,3 +77,16 @@ def test_only_a_config_asking_for_a_cache_adds_use_cache():
     assert cache_off_kwargs(module, (x,), {"use_cache": True}) is None  # passed by name
     module.config.use_cache = False
     assert cache_off_kwargs(module, (x,), None) is None
+
+
+def test_llama_exports_to_onnx_with_dynamic_batch_and_length(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    model, path = _llama(), tmp_path / "llama.onnx"
+    report = rewriter.export_onnx(model, (_ids(2, 32),), str(path))  # verified against eager without its cache
+    assert report.rewritten_count == 2 and "at lengths 1," in report.verification
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = _ids(3, 40)
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).last_hidden_state.numpy()
+    got = session.run(None, {session.get_inputs()[0].name: ids.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
