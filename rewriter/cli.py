@@ -151,6 +151,13 @@ def _inspect(args) -> int:
 
 
 def _optimize(args) -> int:
+    from passes.onnx.lower_rewriter_ops import fallback_warnings_once
+
+    with fallback_warnings_once():  # --verify lowers a copy again: each fallback is told once
+        return _optimize_and_verify(args)
+
+
+def _optimize_and_verify(args) -> int:
     from rewriter.onnx_api import optimize_onnx
     from rewriter.onnx_io import ModelFileError, check_output_path, save_model
     from rewriter.verify_blocks import verify_rewrite

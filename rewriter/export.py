@@ -24,7 +24,7 @@ import torch
 
 from passes.onnx.attention_node import REWRITER_DOMAIN, AttentionAttributes, register_schemas
 from passes.onnx.lower_attention import CHUNKED, ONNX_ATTENTION, ORT, TARGET_OPS
-from passes.onnx.lower_rewriter_ops import LowerRewriterOps
+from passes.onnx.lower_rewriter_ops import LowerRewriterOps, fallback_warnings_once
 from passes.onnx.canonicalize_linear_attention import LINEAR_TARGET_OPS
 from passes.onnx.raise_opset import raise_opset
 from passes.core.planner import TARGETS
@@ -236,6 +236,7 @@ def _lower(model_ir: ir.Model, report: Report | None, lowered: str) -> onnx.Mode
     return model
 
 
+@fallback_warnings_once()  # the verification copy is lowered too: each fallback is told once
 def export_onnx(module, example_inputs, path: str, *, target: str = "auto", dynamic_shapes=AUTO, opset: int = 18,
                 verify: bool = True, atol: float = 1e-4, rtol: float = 1e-3, **options) -> Report:
     """Export `module` to `path` with every proven attention block in chunked, O(n)-memory form.
