@@ -9,7 +9,6 @@ import logging
 import numpy as np
 import onnx
 import onnxruntime
-import pytest
 import torch
 
 import rewriter
@@ -60,15 +59,8 @@ def test_heads_of_qkv_inputs_stay_static(tmp_path):
     np.testing.assert_allclose(_ort(path, q, k, v), _Attention()(q, k, v).numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_a_failing_dynamic_export_falls_back_to_static_with_one_warning(tmp_path, monkeypatch, caplog):
-    export = torch.onnx.export
-
-    def static_only(*args, dynamic_shapes=None, **kwargs):
-        if dynamic_shapes is not None:
-            raise RuntimeError("no dynamic axes here")
-        return export(*args, **kwargs)
-
-    monkeypatch.setattr(torch.onnx, "export", static_only)
+def test_a_failing_dynamic_export_falls_back_to_static_with_one_warning(tmp_path, refuse_dynamic_shapes, caplog):
+    refuse_dynamic_shapes(torch.onnx, "export", "no dynamic axes here")
     torch.manual_seed(0)
     model = LlamaModel(layers=1).eval()
     path = tmp_path / "static.onnx"
@@ -88,11 +80,10 @@ def test_static_when_asked(tmp_path):
     assert _dims(path) == [[2, 16]]
 
 
-@pytest.mark.parametrize("shape", [(1, 16)])
-def test_batch_of_one_keeps_the_batch_static(tmp_path, shape):
+def test_batch_of_one_keeps_the_batch_static(tmp_path):
     torch.manual_seed(0)
     model = LlamaModel(layers=1).eval()
     path = tmp_path / "one.onnx"
-    rewriter.export_onnx(model, model.example_inputs(*shape), str(path))
+    rewriter.export_onnx(model, model.example_inputs(1, 16), str(path))  # torch.export fixes sizes 0 and 1
     ((batch, length),) = _dims(path)
     assert batch == 1 and isinstance(length, str)

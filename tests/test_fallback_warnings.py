@@ -13,6 +13,7 @@ import torch
 import rewriter
 from performer_models import FastAttention
 from rewriter.cli import main
+from test_export_onnx import PerformerThenSoftmax
 
 _FALLBACK = "lowered to chunked instead"
 
@@ -55,20 +56,11 @@ def test_separate_runs_each_tell_their_fallback(performer_with_symbolic_heads, c
     assert len(_fallbacks(caplog)) == 2
 
 
-class _PerformerThenSoftmax(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.performer = FastAttention(8, nb_features=12)
-
-    def forward(self, q, k, v):
-        return torch.nn.functional.scaled_dot_product_attention(self.performer(q, k, v), k, v)
-
-
 def test_export_tells_a_fallback_once(tmp_path, caplog):
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 10, 8) for _ in range(3))
     with caplog.at_level(logging.WARNING):
-        report = rewriter.export_onnx(_PerformerThenSoftmax().eval(), (q, k, v), str(tmp_path / "m.onnx"),
+        report = rewriter.export_onnx(PerformerThenSoftmax().eval(), (q, k, v), str(tmp_path / "m.onnx"),
                                       target="ort")
     assert "a copy with" in report.verification  # the copy was lowered as well
     [told] = _fallbacks(caplog)
