@@ -123,15 +123,17 @@ def _runnable(original):
     return spelt_out(original)
 
 
-def _compare_memory(original, optimized, seq_len: int):
-    """Peak-activation estimates of `original` (as `_runnable` gives it) and `optimized` at `seq_len`."""
-    from rewriter.tools.memory_estimate import estimate_peak_activation_bytes, sequence_dims
+def _compare_memory(original, optimized, seq_len: int, attention_symbols=()):
+    """Peak-activation estimates of `original` (as `_runnable` gives it) and `optimized` at `seq_len`:
+    the attention blocks' query/key lengths and dims named like a length take `seq_len`, other dims 1."""
+    from rewriter.tools.memory_estimate import estimate_peak_activation_bytes, sequence_dims, symbolic_input_dims
     from rewriter.report import MemoryComparison
 
-    dims = sequence_dims(original, seq_len)
+    dims = sequence_dims(original, seq_len, attention_symbols)
     before = estimate_peak_activation_bytes(original, dims)
     after = estimate_peak_activation_bytes(optimized, dims)
-    return MemoryComparison(dims, before.peak_bytes, after.peak_bytes)
+    others = tuple(name for name in symbolic_input_dims(original) if name not in dims)
+    return MemoryComparison(dims, before.peak_bytes, after.peak_bytes, tuple(attention_symbols), others)
 
 
 def _inspect(args) -> int:
@@ -140,7 +142,7 @@ def _inspect(args) -> int:
     model = _load(args.model)
     optimized, report = optimize_onnx(model, target=args.target, provider=args.provider)
     report.as_dry_run()  # nothing is written: each block is what `optimize` would make of it
-    report.memory = _compare_memory(_runnable(model), optimized, args.seq_len)
+    report.memory = _compare_memory(_runnable(model), optimized, args.seq_len, report.sequence_dims)
     if args.json:
         _print_json(report.to_dict())
     else:
@@ -149,6 +151,13 @@ def _inspect(args) -> int:
 
 
 def _optimize(args) -> int:
+    from passes.onnx.lower_rewriter_ops import fallback_warnings_once
+
+    with fallback_warnings_once():  # --verify lowers a copy again: each fallback is told once
+        return _optimize_and_verify(args)
+
+
+def _optimize_and_verify(args) -> int:
     from rewriter.onnx_api import optimize_onnx
     from rewriter.onnx_io import ModelFileError, check_output_path, save_model
     from rewriter.verify_blocks import verify_rewrite
@@ -163,7 +172,7 @@ def _optimize(args) -> int:
     optimized, report = optimize_onnx(original, target=args.target, provider=args.provider,
                                       chunk_size=chunk_size, memory_budget=memory_budget)
     runnable = _runnable(original)
-    report.memory = _compare_memory(runnable, optimized, args.seq_len)
+    report.memory = _compare_memory(runnable, optimized, args.seq_len, report.sequence_dims)
     log(report.summary())
     payload = report.to_dict()
     if args.verify:
@@ -293,7 +302,9 @@ def _add_target_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
                          help="execution provider the model will run on (guides --target auto)")
     command.add_argument("--seq-len", type=_positive_int, default=4096, metavar="N",
-                         help="sequence length at which to estimate peak activation memory (default 4096)")
+                         help="sequence length at which to estimate peak activation memory: it binds every "
+                              "symbolic dim that is an attention block's query/key length, and dims named like a "
+                              "length; other symbolic dims are 1 (default 4096)")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -20,8 +20,8 @@ import logging
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["AUTO", "InputShapeError", "auto_dynamic_shapes", "dynamic_input_axes", "explain_guard_failures",
-           "export_program", "export_static"]
+__all__ = ["AUTO", "InputShapeError", "auto_dynamic_shapes", "cache_off_kwargs", "dynamic_input_axes",
+           "explain_guard_failures", "export_program", "export_static", "pass_cache_off"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +54,43 @@ def auto_dynamic_shapes(module: torch.nn.Module, args: tuple, kwargs: dict | Non
     return specs if any(isinstance(leaf, dict) for leaf in leaves) else None
 
 
+def cache_off_kwargs(module: torch.nn.Module, args: tuple, kwargs: dict | None) -> dict | None:
+    """`kwargs` with ``use_cache=False`` added, or None to leave them as they are.
+
+    Added for a `transformers` model that would return its key/value cache: `module.config.use_cache`
+    is true (the default of most decoder configs), `forward` takes `use_cache`, and the caller passed
+    none. A `DynamicCache` output cannot be captured (torch.export has no pytree for it), and without
+    the cache the other outputs are the same.
+    """
+    if not getattr(getattr(module, "config", None), "use_cache", False) or (kwargs and "use_cache" in kwargs):
+        return None
+    try:
+        names = list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):  # a forward without a Python signature
+        return None
+    if "use_cache" not in names or names.index("use_cache") < len(args):
+        return None
+    return {**(kwargs or {}), "use_cache": False}
+
+
+def pass_cache_off(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Make `gm`, captured with ``use_cache=False`` added by `cache_off_kwargs`, take calls without it
+    (as the original module did); returns `gm`."""
+
+    def add_cache_off(module, args, kwargs):
+        return None if "use_cache" in kwargs else (args, {**kwargs, "use_cache": False})
+
+    gm.register_forward_pre_hook(add_cache_off, with_kwargs=True, prepend=True)
+    return gm
+
+
 def dynamic_input_axes(program: torch.export.ExportedProgram) -> int:
     """How many axes of the program's user inputs stayed symbolic (a specialised SymInt is a number)."""
     placeholders = {node.name: node for node in program.graph.find_nodes(op="placeholder")}
     count = 0
     for name in program.graph_signature.user_inputs:
+        if name not in placeholders:  # a non-tensor input (use_cache=False, say) is a constant, not a placeholder
+            continue
         value = placeholders[name].meta.get("val")
         if isinstance(value, torch.Tensor):
             count += sum(isinstance(size, torch.SymInt) and not size.node.expr.is_number for size in value.shape)

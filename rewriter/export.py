@@ -11,6 +11,7 @@ slices carrying only the (M, Dv + 1) state (never the L × M × Dv of the cumsum
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
@@ -23,10 +24,12 @@ import torch
 
 from passes.onnx.attention_node import REWRITER_DOMAIN, AttentionAttributes, register_schemas
 from passes.onnx.lower_attention import CHUNKED, ONNX_ATTENTION, ORT, TARGET_OPS
-from passes.onnx.lower_rewriter_ops import LowerRewriterOps
+from passes.onnx.lower_rewriter_ops import LowerRewriterOps, fallback_warnings_once
 from passes.onnx.canonicalize_linear_attention import LINEAR_TARGET_OPS
 from passes.onnx.raise_opset import raise_opset
 from passes.core.planner import TARGETS
+from rewriter.dynamic_capture import AUTO, cache_off_kwargs
+from rewriter.export_axes import export_dynamic_shapes, sequence_axes
 from rewriter.onnx_io import check_output_path, save_model
 from rewriter.report import Report
 from rewriter.torch_api import optimize_module
@@ -145,43 +148,72 @@ def _compare(module, model: onnx.ModelProto, inputs: tuple, atol: float, rtol: f
     return None
 
 
-def to_onnx(module, example_inputs, *, target: str = "auto", dynamic_shapes=None, opset: int = 18,
+def to_onnx(module, example_inputs, *, target: str = "auto", dynamic_shapes=AUTO, opset: int = 18,
             **options) -> tuple[onnx.ModelProto, Report]:
     """The checked ONNX model of `module` with attention lowered to `target`, and the report; nothing saved."""
-    model_ir, report, lowered = _export_unlowered(module, example_inputs, target, dynamic_shapes, opset, **options)
+    model_ir, report, lowered, _ = _export_unlowered(module, example_inputs, target, dynamic_shapes, opset, **options)
     return _lower(model_ir, report, lowered), report
 
 
+def _onnx_program(gm, example_inputs: tuple, kwargs: dict | None, shapes, opset: int, name: str, auto: bool):
+    """torch.onnx.export (dynamo) of the rewritten `gm`; under `auto`, at the example's shapes with one
+    WARNING where the exporter cannot keep `shapes` symbolic. Returns (program, the shapes it kept)."""
+    translations = {torch.ops.rewriter.attention.default: _translate_attention,
+                    torch.ops.rewriter.linear_attention.default: _translate_linear_attention}
+    for attempt in ([shapes, None] if auto and shapes else [shapes]):
+        try:
+            with warnings.catch_warnings():
+                # The captured GraphModule reports training mode whatever the module's was (it cannot .eval()).
+                warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
+                # one entry per input, keyword inputs (constants) included
+                spec = (*attempt, *[None] * len(kwargs)) if attempt is not None and kwargs else attempt
+                return torch.onnx.export(gm, example_inputs, kwargs=kwargs, dynamo=True, dynamic_shapes=spec,
+                                         opset_version=opset, verbose=False,
+                                         custom_translation_table=translations), attempt
+        except Exception as error:  # noqa: BLE001 - any failure of the dynamic export falls back to static
+            if attempt is None or not auto:
+                raise
+            cause = error.__cause__ or error  # torch.onnx wraps torch.export's error in a page of advice
+            reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+            logger.warning("export_onnx(%s): the file takes only the example's shapes: exporting with dynamic batch "
+                           "and sequence axes failed (%s: %s); pass dynamic_shapes= to choose the axes", name,
+                           type(cause).__name__, reason)
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
 def _export_unlowered(module, example_inputs, target, dynamic_shapes, opset, **options):
-    """(the exported onnx_ir model with its ai.rewriter nodes, the report, the form to lower them to)."""
+    """(the exported onnx_ir model with its ai.rewriter nodes, the report, the form to lower them to, the
+    axes a check resizes: one entry per positional input, None for a file with static shapes)."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     if opset < 18:
         raise ValueError(f"export needs opset 18 or newer (got {opset})")
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    shapes = _positional_shapes(module, example_inputs, dynamic_shapes)
-    gm, report = optimize_module(module, example_inputs, dynamic_shapes=shapes, **options)
+    auto = isinstance(dynamic_shapes, str) and dynamic_shapes == AUTO
+    shapes = None if auto else _positional_shapes(module, example_inputs, dynamic_shapes)
+    gm, report = optimize_module(module, example_inputs, dynamic_shapes=AUTO if auto else shapes, **options)
+    if auto:  # the axes the capture kept symbolic (optimize_module warned about any it could not)
+        shapes = export_dynamic_shapes(gm, example_inputs)
     register_schemas()
     if getattr(module, "training", False):
         logger.warning("exporting %s in training mode (dropout stays in the graph); call .eval() first",
                        type(module).__name__)
-    with warnings.catch_warnings():
-        # The captured GraphModule reports training mode whatever the module's was (it cannot .eval()).
-        warnings.filterwarnings("ignore", message="Exporting a model while it is in training mode")
-        program = torch.onnx.export(
-            gm, example_inputs, dynamo=True, dynamic_shapes=shapes, opset_version=opset, verbose=False,
-            custom_translation_table={torch.ops.rewriter.attention.default: _translate_attention,
-                                      torch.ops.rewriter.linear_attention.default: _translate_linear_attention})
+    # use_cache=False, where optimize_module added it: the captured graph takes it as a constant
+    program, shapes = _onnx_program(gm, example_inputs, cache_off_kwargs(module, example_inputs, None), shapes, opset,
+                                    type(module).__name__, auto)
     # auto is chunked: on ORT's CPU provider MultiHeadAttention and Attention-23 hold n × n
     # whenever there is a mask, a bias or causality, the chunked form never does.
     lowered = target if target in (ONNX_ATTENTION, ORT) else CHUNKED
     model_ir = program.model
+    symbolic = any(value.shape is not None and value.shape.is_dynamic() for value in model_ir.graph.inputs)
+    # Checked at other lengths along the blocks' sequence axes only (a batch axis keeps its size).
+    lengths = (sequence_axes(gm, example_inputs) or shapes) if symbolic else None
     if lowered == ONNX_ATTENTION:
         # Raised after export: torch's opset-23 export fuses rotary embeddings into a
         # RotaryEmbedding node that ONNX Runtime 1.32 rejects for Llama-style caches.
         model_ir = raise_opset(model_ir, 23)
-    return model_ir, report, lowered
+    return model_ir, report, lowered, lengths
 
 
 def _lower(model_ir: ir.Model, report: Report | None, lowered: str) -> onnx.ModelProto:
@@ -205,26 +237,29 @@ def _lower(model_ir: ir.Model, report: Report | None, lowered: str) -> onnx.Mode
     return model
 
 
-def export_onnx(module, example_inputs, path: str, *, target: str = "auto", dynamic_shapes=None, opset: int = 18,
+@fallback_warnings_once()  # the verification copy is lowered too: each fallback is told once
+def export_onnx(module, example_inputs, path: str, *, target: str = "auto", dynamic_shapes=AUTO, opset: int = 18,
                 verify: bool = True, atol: float = 1e-4, rtol: float = 1e-3, **options) -> Report:
     """Export `module` to `path` with every proven attention block in chunked, O(n)-memory form.
 
+    `dynamic_shapes="auto"` (default) exports symbolic the batch and sequence axes that `optimize_module`
+    keeps dynamic (`rewriter.export_axes`); where the exporter cannot, the example's shapes, with one
+    WARNING. None exports the example's shapes; a torch.export spec chooses the axes.
     `options` go to `optimize_module` (`memory_budget`, `chunk_size`). With `verify`, ONNX Runtime's
     outputs are compared with the eager module's at the example inputs, and those of a copy lowered
     with small blocks (`rewriter.verify_blocks`) at length 1 and at lengths spanning two and three
-    blocks of each axis (inputs cut or repeated along their dynamic axes; at the example's shapes for
+    blocks of each axis (inputs cut or repeated along their sequence axes; at the example's shapes for
     a static export); `Report.verification` says which. A difference raises `ExportVerificationError`
     and nothing is written.
     """
     check_output_path(path)
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    model_ir, report, lowered = _export_unlowered(module, example_inputs, target, dynamic_shapes, opset, **options)
-    shapes = _positional_shapes(module, example_inputs, dynamic_shapes)
-    symbolic = any(value.shape is not None and value.shape.is_dynamic() for value in model_ir.graph.inputs)
-    if not symbolic:
-        shapes = None
-    forced = _check_blocks(module, example_inputs, shapes) if verify and report.rewritten_count else None
+    model_ir, report, lowered, shapes = _export_unlowered(module, example_inputs, target, dynamic_shapes, opset,
+                                                          **options)
+    cache_off = cache_off_kwargs(module, example_inputs, None)  # eager is compared without its cache, as exported
+    eager = module if cache_off is None else functools.partial(module, **cache_off)
+    forced = _check_blocks(eager, example_inputs, shapes) if verify and report.rewritten_count else None
     check_ir = with_check_blocks(model_ir, REWRITER_DOMAIN, forced[0]) if forced else None
     model = _lower(model_ir, report, lowered)
     if verify:
@@ -243,7 +278,7 @@ def export_onnx(module, example_inputs, path: str, *, target: str = "auto", dyna
                                "at the example's shapes"))
         for name, checked, cases, spoken in checks:
             for inputs in cases:
-                problem = _compare(module, checked, inputs, atol, rtol)
+                problem = _compare(eager, checked, inputs, atol, rtol)
                 if problem:
                     shapes_text = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
                     raise ExportVerificationError(f"ONNX Runtime differs from eager ({name}) at input shapes "

@@ -30,12 +30,15 @@ logger = logging.getLogger(__name__)
 
 _NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 _DYNAMO_ROOT = re.compile(r"^L\['self'\]\.?|^L__self__\.?")
-_INDEX = re.compile(r"\[(\d+)\]")
+_DYNAMO_NAME = re.compile(r"^[LG]\['([^'\]]+)'\]")  # a local or global the compiled function reads: L['s'], G['model']
+_INDEX = re.compile(r"\['?([^'\]]+)'?\]")  # [0] of a ModuleList, ['key'] of a ModuleDict
 
 
 def _plain_path(path: str) -> str:
-    """Dynamo spells paths as Python (``L['self'].h[0].attn``); torch.export as ``h.0.attn``."""
-    return _INDEX.sub(r".\1", _DYNAMO_ROOT.sub("", path)).strip(".")
+    """Dynamo spells paths as Python, from the compiled module (``L['self'].h[0].attn``) or from the
+    local or global the compiled function reads (``L['s'].a``, ``G['model'].d['x']``); torch.export
+    as ``h.0.attn``. All become the user's path: ``h.0.attn``, ``s.a``, ``model.d.x``."""
+    return _INDEX.sub(r".\1", _DYNAMO_NAME.sub(r"\1", _DYNAMO_ROOT.sub("", path))).strip(".")
 
 
 def fx_node_scopes(graph_module) -> dict[str, str]:

@@ -41,6 +41,7 @@ from passes.onnx.lower_attention import CHUNKED, ONNX_ATTENTION, ORT, TARGET_OPS
 from passes.onnx.lower_rewriter_ops import LowerRewriterOps
 from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch
 from passes.onnx.raise_opset import raise_opset
+from passes.onnx.sequence_symbols import sequence_symbols
 from passes.onnx.canonicalize_linear_attention import CanonicalizeLinearAttention, LINEAR_ORT, PlannedLinearRewrite
 from rewriter.module_paths import annotate_modules, onnx_node_scopes
 from rewriter.report import MatchReport, Report
@@ -227,7 +228,8 @@ def detect_onnx(model_or_path) -> Report:
     ctx = AnalysisContext(ir.serde.deserialize_model(proto))
     position = _graph_order(ctx)
     matches = sorted(_detect(ctx) + detect_linear_attention(ctx), key=position)
-    report = Report(source, [MatchReport(match.spec, False) for match in matches])
+    report = Report(source, [MatchReport(match.spec, False) for match in matches],
+                    sequence_dims=sequence_symbols(ctx, matches))
     return annotate_modules(report, onnx_node_scopes(proto)).as_dry_run()
 
 
@@ -261,6 +263,7 @@ def optimize_onnx(model_or_path, *, target: str = "auto", provider: str = "cpu",
     model = ir.serde.deserialize_model(original)
     model, raise_error = _raised(model, _ONNX_ATTENTION_OPSET if target == ONNX_ATTENTION else _MIN_OPSET)
     analysis = _analyse(model, target, provider, memory_budget, chunk_size)
+    lengths = sequence_symbols(analysis.ctx, analysis.matches + analysis.linear)  # before the rewrite changes the graph
     if raise_error:
         _refuse_all(analysis.plans, analysis.reasons, raise_error)
         _refuse_all(analysis.linear_plans, analysis.linear_reasons, raise_error)
@@ -273,6 +276,7 @@ def optimize_onnx(model_or_path, *, target: str = "auto", provider: str = "cpu",
         if plan.node is not None and lowering.forms.get(plan.node) == CHUNKED:
             plan.target = CHUNKED
     report = annotate_modules(_report(analysis, source), onnx_node_scopes(original))
+    report.sequence_dims = lengths
     logger.info(report.summary())
     if not modified:
         unchanged = onnx.ModelProto()

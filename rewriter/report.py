@@ -57,9 +57,19 @@ class MatchReport:
 class MemoryComparison:
     """Estimated peak live activation bytes before and after the rewrite, at given input dims."""
 
-    dims: dict[str, int]
+    dims: dict[str, int]  # the dims bound to the sequence length
     before_bytes: int
     after_bytes: int
+    attention_dims: tuple[str, ...] = ()  # those of `dims` that are an attention block's query/key length
+    other_dims: tuple[str, ...] = ()  # the other symbolic input dims, taken as 1
+
+    def describe(self) -> str:
+        """Which dims were bound, and why: ``s1=4096 (attention query/key length), batch=1``."""
+        def why(name: str) -> str:
+            return " (attention query/key length)" if name in self.attention_dims else " (named like a length)"
+
+        bound = [f"{name}={size}{why(name)}" for name, size in self.dims.items()]
+        return ", ".join(bound + [f"{name}=1" for name in self.other_dims]) or "static shapes"
 
 
 @dataclasses.dataclass
@@ -67,6 +77,7 @@ class Report:
     source: str
     matches: list[MatchReport] = dataclasses.field(default_factory=list)
     memory: MemoryComparison | None = None
+    sequence_dims: list[str] = dataclasses.field(default_factory=list)  # ONNX: symbolic dims that are attention lengths
     dry_run: bool = False  # a look (`inspect`, `detect_module`): nothing was changed
     verification: str | None = None  # what was verified, in words, where a check ran
 
@@ -94,6 +105,7 @@ class Report:
             "would_rewrite": self.would_rewrite_count if self.dry_run else None,
             "matches": [match.to_dict() for match in self.matches],
             "memory_estimate": dataclasses.asdict(self.memory) if self.memory else None,
+            "sequence_dims": self.sequence_dims,
             "verification": self.verification,
         }
 
@@ -123,8 +135,8 @@ class Report:
         if self.memory:
             from rewriter.tools.memory_estimate import format_bytes
 
-            dims = ", ".join(f"{name}={size}" for name, size in self.memory.dims.items()) or "static shapes"
-            lines.append(f"estimated peak activation memory at {dims}: {format_bytes(self.memory.before_bytes)}"
+            lines.append(f"estimated peak activation memory at {self.memory.describe()}: "
+                         f"{format_bytes(self.memory.before_bytes)}"
                          f" before, {format_bytes(self.memory.after_bytes)} after")
         if self.verification:
             lines.append(self.verification)

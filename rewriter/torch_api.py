@@ -11,7 +11,15 @@ from passes.fx.detect_softmax_attention import FxAttentionMatch, detect_softmax_
 from passes.fx.detect_linear_attention import detect_linear_attention
 from passes.fx.rewrite_attention import RewriteSoftmaxAttention
 from passes.fx.rewrite_linear_attention import RewriteLinearAttention
-from rewriter.dynamic_capture import AUTO, dynamic_input_axes, explain_guard_failures, export_program, export_static
+from rewriter.dynamic_capture import (
+    AUTO,
+    cache_off_kwargs,
+    dynamic_input_axes,
+    explain_guard_failures,
+    export_program,
+    export_static,
+    pass_cache_off,
+)
 from rewriter.module_paths import annotate_modules, fx_node_scopes
 from passes.core.planner import plan_chunk_sizes
 from rewriter.report import MatchReport, Report
@@ -29,7 +37,8 @@ def capture(module, example_inputs, example_kwargs=None, dynamic_shapes=AUTO) ->
 
     `dynamic_shapes`: "auto" (default) keeps batch and sequence axes dynamic where torch.export can
     (`rewriter.dynamic_capture`), None captures the example's shapes, anything else goes to torch.export.
-    A call at shapes the graph cannot take raises `InputShapeError`.
+    A call at shapes the graph cannot take raises `InputShapeError`. A `transformers` model whose config
+    asks for a key/value cache is captured with ``use_cache=False`` (`cache_off_kwargs`, one WARNING).
     """
     if isinstance(module, torch.export.ExportedProgram):
         return module.module()
@@ -37,11 +46,17 @@ def capture(module, example_inputs, example_kwargs=None, dynamic_shapes=AUTO) ->
         raise TypeError(f"expected an nn.Module or ExportedProgram, got {type(module).__name__}")
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
+    cache_off = cache_off_kwargs(module, example_inputs, example_kwargs)
+    if cache_off is not None:
+        logger.warning("optimize_module(%s): captured with use_cache=False (a key/value cache cannot be an output "
+                       "of the captured graph); the result returns no cache (past_key_values is None) and takes "
+                       "use_cache=False only", type(module).__name__)
+        example_kwargs = cache_off
     program = export_program(module, example_inputs, example_kwargs, dynamic_shapes)
     gm = explain_guard_failures(program.module())
     if isinstance(dynamic_shapes, str) and dynamic_shapes == AUTO and dynamic_input_axes(program):
         gm = _static_if_it_rewrites_more(gm, module, example_inputs, example_kwargs)
-    return gm
+    return gm if cache_off is None else pass_cache_off(gm)
 
 
 def _accepted(gm: GraphModule) -> tuple[int, list[str]]:

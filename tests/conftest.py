@@ -13,3 +13,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def refuse_dynamic_shapes(monkeypatch):
+    """`refuse_dynamic_shapes(owner, "export", message)`: `owner.export` raises RuntimeError(message)
+    when given dynamic_shapes, and works as before without them."""
+
+    def refuse(owner, name: str, message: str) -> None:
+        original = getattr(owner, name)
+
+        def static_only(*args, dynamic_shapes=None, **kwargs):
+            if dynamic_shapes is not None:
+                raise RuntimeError(message)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, static_only)
+
+    return refuse

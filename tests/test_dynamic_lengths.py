@@ -82,15 +82,8 @@ def test_static_capture_takes_only_the_example_shape():
         gm(_tokens(2, 32))
 
 
-def test_failed_dynamic_capture_falls_back_with_one_warning(monkeypatch, caplog):
-    export = torch.export.export
-
-    def no_dynamic_shapes(*args, dynamic_shapes=None, **kwargs):
-        if dynamic_shapes is not None:
-            raise RuntimeError("Constraints violated (seq)!\nmore detail")
-        return export(*args, **kwargs)
-
-    monkeypatch.setattr(torch.export, "export", no_dynamic_shapes)
+def test_failed_dynamic_capture_falls_back_with_one_warning(refuse_dynamic_shapes, caplog):
+    refuse_dynamic_shapes(torch.export, "export", "Constraints violated (seq)!\nmore detail")
     with caplog.at_level(logging.WARNING, logger="rewriter.dynamic_capture"):
         gm, report = rewriter.optimize_module(NanoGPT(layers=1).eval(), (_tokens(2, 64),))
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -82,6 +82,22 @@ def test_naive_attention_peak_is_two_score_matrices():
     assert estimate.peak_bytes >= scores
 
 
+def test_unsorted_nodes_are_sorted_before_the_sweep():
+    model = _naive_attention()
+    reference = estimate_peak_activation_bytes(model, {"seq": 1024})
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(nodes))  # consumers before producers: the checker would refuse it
+    assert estimate_peak_activation_bytes(model, {"seq": 1024}) == reference
+
+
+def test_a_cycle_is_refused():
+    model = _naive_attention()
+    model.graph.node[0].input[0] = "out"  # Transpose reads the graph's own output
+    with pytest.raises(ValueError, match="cycle"):
+        estimate_peak_activation_bytes(model, {"seq": 8})
+
+
 def test_naive_attention_grows_quadratically():
     model = _naive_attention()
     small, large = (estimate_peak_activation_bytes(model, {"seq": n}).peak_bytes for n in (1024, 2048))

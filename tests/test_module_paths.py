@@ -36,3 +36,31 @@ def test_a_model_without_scopes_keeps_the_node_name():
 
 def test_dynamo_paths_read_as_module_paths():
     assert _plain_path("L['self'].h[0].attn") == "h.0.attn" and _plain_path("transformer.h.0.attn") == "transformer.h.0.attn"
+
+
+def test_dynamo_paths_of_a_compiled_function_read_as_the_users_names():
+    assert _plain_path("L['s'].a") == "s.a" and _plain_path("G['model'].d['x']") == "model.d.x"
+    assert _plain_path("L['s'].layers[0]") == "s.layers.0" and _plain_path("L['self']") == ""
+
+
+class _Attention(torch.nn.Module):
+    def forward(self, q):
+        return torch.softmax(q @ q.transpose(-1, -2) * 0.3, dim=-1) @ q
+
+
+class _Stack(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = _Attention()
+        self.layers = torch.nn.ModuleList([_Attention()])
+
+
+def test_compile_backend_names_a_functions_module_argument_by_its_name():
+    def step(s, q):
+        return s.layers[0](s.a(q))
+
+    rewriter.compile_reports(clear=True)
+    torch.compile(step, backend="rewriter", options={"compiler": "eager"})(_Stack(), torch.randn(1, 2, 16, 8))
+    [report] = rewriter.compile_reports(clear=True)
+    assert [m.module for m in report.matches] == ["s.a", "s.layers.0"], report.summary()
+    assert "s.a (node " in report.summary()

@@ -207,6 +207,7 @@ def test_causal_lm_with_dynamic_length_is_rewritten_at_two_lengths():
     optimized, report = rewriter.optimize_onnx(proto)
     performer = _performer(report)
     assert len(performer) == 2 and all(m.rewritten and m.spec.causal for m in performer), report.summary()
+    assert report.sequence_dims == ["seq"]  # the length axis of the blocks' q and k
     assert "CumSum" not in _ops(optimized)
     for length in (24, 37):
         tokens = torch.randint(0, 50, (2, length), generator=torch.Generator().manual_seed(length))

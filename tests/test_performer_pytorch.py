@@ -197,7 +197,9 @@ def test_export_onnx(tmp_path, causal, target):
     model, tokens = _language_model(causal, depth=2), _tokens(80)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        report = rewriter.export_onnx(model, (tokens,), str(tmp_path / "lm.onnx"), target=target)
+        # at the example's shapes: torch.export fixes every axis of this model, and the default's dynamic
+        # attempt would capture it twice (83 s instead of 38 s for the causal one)
+        report = rewriter.export_onnx(model, (tokens,), str(tmp_path / "lm.onnx"), target=target, dynamic_shapes=None)
     found = _performer_matches(report)
     assert len(found) == 2 and all(match.rewritten for match in found), report.summary()
     got = _ort(onnx.load(str(tmp_path / "lm.onnx")), tokens)

@@ -7,10 +7,15 @@ node) and `optimize_onnx` (the detector replaces each proven block with the same
 `passes.onnx.lower_linear_attention`. A node whose requested target refuses it (the reason comes
 from `lower_attention.refusal`) is lowered to the chunked form, and `lowered` says why; afterwards
 no private node and no private opset import remain.
+
+A run that lowers a model and then a verification copy of it (`export_onnx`, `rewriter optimize
+--verify`) enters `fallback_warnings_once`, so that each block's fallback is told once, not once per copy.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 
 import onnx_ir as ir
@@ -23,9 +28,32 @@ from passes.onnx.lower_linear_attention import (
     used_auxiliary_outputs,
 )
 
-__all__ = ["LowerRewriterOps", "LoweringError"]
+__all__ = ["LowerRewriterOps", "LoweringError", "fallback_warnings_once"]
 
 logger = logging.getLogger(__name__)
+
+_told: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("fallbacks_told", default=None)
+
+
+@contextlib.contextmanager
+def fallback_warnings_once():
+    """Within this context (also a decorator) each fallback warning is logged once; repeats go to DEBUG."""
+    token = _told.set(set())
+    try:
+        yield
+    finally:
+        _told.reset(token)
+
+
+def _warn_fallback(why: str) -> None:
+    """'<node>: <reason>; lowered to chunked instead', at WARNING unless already told in this context."""
+    told = _told.get()
+    if told is not None and why in told:
+        logger.debug("%s; lowered to %s instead (again: a verification copy)", why, CHUNKED)
+        return
+    if told is not None:
+        told.add(why)
+    logger.warning("%s; lowered to %s instead", why, CHUNKED)
 
 
 def _lower(node: ir.Node, index: int, target: str, opset: int) -> tuple[str, str | None]:
@@ -40,7 +68,7 @@ def _lower(node: ir.Node, index: int, target: str, opset: int) -> tuple[str, str
             lower_attention_node(node, target, opset)
             return target, None
         except LoweringError as error:  # a used row_stats output raises again below
-            logger.warning("%s; lowered to %s instead", error, CHUNKED)
+            _warn_fallback(str(error))
             lower_attention_node(node, CHUNKED, opset)
             return CHUNKED, str(error)
     lower_attention_node(node, CHUNKED, opset)
@@ -71,7 +99,7 @@ def _lower_linear(graph: ir.Graph, node: ir.Node, index: int, target: str, opset
         reason, form = str(error), CHUNKED
         nodes, out = linear_attention_replacement(node, index, form, opset)
     if reason:
-        logger.warning("%s: %s; lowered to %s instead", node.name, reason, CHUNKED)
+        _warn_fallback(f"{node.name}: {reason}")
     _splice(graph, node, nodes, out)
     return form, reason
 

@@ -2,7 +2,7 @@
 
 Symbolic input dims are bound to sizes; shapes are then inferred with ONNX shape inference (with
 data propagation) and onnxscript's constant folding of integer shape arithmetic, so intermediate
-shapes become concrete. A liveness sweep over the nodes in topological order (networkx) sums the
+shapes become concrete. A liveness sweep over the nodes in topological order (onnx-ir's stable sort) sums the
 bytes alive at each node: a value lives from its producer to its last consumer, a graph output to
 the end. Only activations count: graph inputs, initializers and Constant outputs do not.
 
@@ -24,13 +24,11 @@ import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
-import networkx as nx
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxscript.optimizer
 
-__all__ = ["MemoryEstimate", "estimate_peak_activation_bytes", "format_bytes", "sequence_dims"]
+__all__ = ["MemoryEstimate", "estimate_peak_activation_bytes", "format_bytes", "sequence_dims", "symbolic_input_dims"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +59,23 @@ def format_bytes(n: int) -> str:
     return f"{n / 1024**exponent:.1f} {_UNITS[exponent]}"
 
 
-def sequence_dims(model: onnx.ModelProto, length: int) -> dict[str, int]:
-    """Map every symbolic input dim whose name looks like a sequence length to `length`."""
-    names = {dim.dim_param for value in model.graph.input
-             for dim in value.type.tensor_type.shape.dim
-             if dim.dim_param and any(word in dim.dim_param.lower() for word in _SEQUENCE_WORDS)}
-    return dict.fromkeys(sorted(names), length)
+def sequence_dims(model: onnx.ModelProto, length: int, attention_symbols=()) -> dict[str, int]:
+    """Map to `length` every symbolic input dim in `attention_symbols` (the query/key lengths of attention
+    blocks, as `passes.onnx.sequence_symbols` proves them) and every one whose name looks like a sequence
+    length (seq, len, tokens); attention symbols first, then the others in sorted order."""
+    named = {dim.dim_param for dim in _input_dims(model)
+             if any(word in dim.dim_param.lower() for word in _SEQUENCE_WORDS)}
+    return dict.fromkeys([*attention_symbols, *sorted(named - set(attention_symbols))], length)
+
+
+def symbolic_input_dims(model: onnx.ModelProto) -> list[str]:
+    """The names of the model's symbolic input dims, in input order."""
+    return list(dict.fromkeys(dim.dim_param for dim in _input_dims(model)))
+
+
+def _input_dims(model: onnx.ModelProto) -> Iterator[onnx.TensorShapeProto.Dimension]:
+    for value in model.graph.input:
+        yield from (dim for dim in value.type.tensor_type.shape.dim if dim.dim_param)
 
 
 def estimate_peak_activation_bytes(
@@ -78,9 +87,15 @@ def estimate_peak_activation_bytes(
     modified.
     """
     work = ir.from_proto(model)
+    try:
+        work.graph.sort()  # shape inference and the sweep read nodes in order; a sorted graph stays as it is
+    except ValueError as error:
+        raise ValueError("the ONNX graph has a cycle") from error
     _bind_inputs(work.graph, dims or {}, default_dim)
     _pin_first_iteration(work.graph)
     work = _infer_shapes(work)
+    import onnxscript.optimizer  # here, not at the top: importing it costs a quarter of a second
+
     for _ in range(_MAX_ROUNDS):
         onnxscript.optimizer.fold_constants(work, onnx_shape_inference=True, should_fold=_is_shape_arithmetic)
         if not _seed_loop_shapes(work.graph):
@@ -190,16 +205,6 @@ def _reads(node: ir.Node) -> Iterator[ir.Value]:
             yield from (v for v in inner.inputs if v is not None)
 
 
-def _topological_order(dependencies: nx.DiGraph) -> list[int]:
-    if all(u < v for u, v in dependencies.edges):
-        return list(range(dependencies.number_of_nodes()))
-    logger.debug("graph nodes are not topologically sorted; sorting")
-    try:
-        return list(nx.topological_sort(dependencies))
-    except nx.NetworkXUnfeasible as error:
-        raise ValueError("the ONNX graph has a cycle") from error
-
-
 def _value_bytes(value: ir.Value, unknown: set[ir.Value]) -> int:
     dtype, shape = value.dtype, value.shape
     if (not isinstance(value.type, ir.TensorType) or dtype in (None, ir.DataType.STRING, ir.DataType.UNDEFINED)
@@ -214,27 +219,21 @@ def _graph_peak(graph: ir.Graph, unknown: set[ir.Value], *, count_inputs: bool) 
     nodes = list(graph)
     producer = {v: i for i, node in enumerate(nodes) for v in node.outputs if v.name and node.op_type != "Constant"}
     consumers: dict[ir.Value, set[int]] = {}
-    dependencies = nx.DiGraph()
-    dependencies.add_nodes_from(range(len(nodes)))
     for i, node in enumerate(nodes):
         for value in _reads(node):
             consumers.setdefault(value, set()).add(i)
-            if value in producer and producer[value] != i:
-                dependencies.add_edge(producer[value], i)
-    order = _topological_order(dependencies)
-    step = {node_index: s for s, node_index in enumerate(order)}
-    outputs, last = set(graph.outputs), len(order) - 1
-    delta = [0] * (len(order) + 1)
+    outputs, last = set(graph.outputs), len(nodes) - 1
+    delta = [0] * (len(nodes) + 1)
     counted = [*producer, *(graph.inputs if count_inputs else ())]
     for value in counted:
-        start = step[producer[value]] if value in producer else 0
-        end = last if value in outputs else max((step[c] for c in consumers.get(value, ())), default=start)
+        start = producer.get(value, 0)
+        end = last if value in outputs else max(consumers.get(value, ()), default=start)
         size = _value_bytes(value, unknown)
         delta[start] += size
         delta[end + 1] -= size
     live, peak, peak_node = 0, 0, None
-    for s, i in enumerate(order):
-        live += delta[s]
+    for i in range(len(nodes)):
+        live += delta[i]
         inner, inner_node = max((_graph_peak(g, unknown, count_inputs=True) for g in _subgraphs(nodes[i])),
                                 default=(0, None), key=lambda found: found[0])
         if live + inner > peak or peak_node is None:
