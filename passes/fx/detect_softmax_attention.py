@@ -34,6 +34,9 @@ from passes.fx.product_labels import LabeledProduct, label_product
 from passes.fx.score_chain import ScoreChain, trace_score_chain
 from passes.core.mask_semantics import ScoreSemantics, fill_is_neg_inf, mask_kind, sort_score_terms
 from passes.core.score_algebra import ChainError, MaskStep
+from passes.core.program_terms import ProgramTerm, program_bias_offset, program_mask_offset, recover_terms
+from passes.core.score_programs import ProgramBuilder
+from passes.fx.score_program_recovery import FxProgramTranslator
 
 __all__ = ["Operand", "FxAttentionMatch", "detect_softmax_attention"]
 
@@ -354,14 +357,21 @@ class _Builder:
         def aligned(node, what):
             return dataclasses.replace(self._score_operand(node, scores_info, what), order=canonical)
 
-        def bias_offset(operand, factor, only_masking):
+        def bias_offset(operand, factor, only_masking):  # a recovered program is never evaluated densely
+            if isinstance(operand, ProgramTerm):
+                return program_bias_offset(operand, factor, only_masking)
             return self._causal_from_bias(operand, factor, query_len, key_len, only_masking)
 
         def mask_offset(operand, step, only_masking):
+            if isinstance(operand, ProgramTerm):
+                return program_mask_offset(operand, step, only_masking)
             return self._causal_from_mask(operand, step, query_len, key_len, only_masking)
 
         aligned_biases = [(aligned(node, "bias"), factor) for node, factor in biases]
         aligned_masks = [dataclasses.replace(step, condition=aligned(step.condition, "mask")) for step in masks]
+        builder = ProgramBuilder()
+        translator = FxProgramTranslator(self.gm, builder)
+        aligned_biases, aligned_masks = recover_terms(builder, aligned_biases, aligned_masks, translator.operand)
         try:
             sort_score_terms(match, aligned_biases, aligned_masks, bias_offset, mask_offset)
         except ChainError as error:
