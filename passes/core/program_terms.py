@@ -4,8 +4,12 @@ A front end translates each bias and mask operand of an accepted block into one 
 `ProgramBuilder` (its own translator, e.g. `passes.fx.score_program_recovery`); this module then:
 
 - `recover_terms`: swaps each operand whose translation succeeds for a `ProgramTerm` (masks in
-  keep form), and turns a lone bias ``where(keep, 0, f)`` with f ≤ −1e30 into the keep-mask with
-  fill f (`score_programs.fill_mask`; the score is lost in ``s + f`` in fp32, as in the model).
+  keep form), and turns a lone bias ``where(keep, 0, −∞)`` into the keep-mask with fill −∞
+  (`score_programs.fill_mask`), which lets the kernels split off the causal flag and skip blocks.
+  A finite fill (HF's finfo.min) stays a bias program: on a row whose every key it hides, the
+  model's scores ``s + f`` still pass gradients to s (the row's softmax is uniform, not constant),
+  which a mask, replacing scores by a constant, would not. Its causal-only form still becomes the
+  causal flag (`program_bias_offset`), where no row is fully hidden.
   An operand that is a leaf read as it is (an n×n input) stays the IR's tensor operand.
 - `program_bias_offset` / `program_mask_offset`: the causal provers `mask_semantics.sort_score_terms`
   calls for program terms, reading the program only (`score_programs.causal_split`), never an
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -74,12 +79,14 @@ def _read_as_is(program: Program) -> bool:
     return last.op == "load" and all(arg < 0 or steps[arg].op == "index" for arg in last.args)
 
 
-def _term(builder: ProgramBuilder, operand, translate: Callable[[Any], int]) -> ProgramTerm | None:
+def _term(builder: ProgramBuilder, operand, translate: Callable[[Any], int], negated: bool = False) -> ProgramTerm | None:
+    """The operand as a program (negated: its logical not), or None where it stays the tensor operand."""
     try:
-        term = ProgramTerm(builder, translate(operand), operand)
+        step = translate(operand)
     except ProgramError as error:
         logger.info("a mask or bias stays a tensor: %s", error)
         return None
+    term = ProgramTerm(builder, negate(builder, step) if negated else step, operand)
     if _read_as_is(term.program):
         return None  # an input or buffer used as it is: the tensor operand is the same thing
     return term
@@ -94,17 +101,13 @@ def recover_terms(builder: ProgramBuilder, biases: list[tuple[Any, float]], mask
     """
     recovered_masks = []
     for step in masks:
-        term = _term(builder, step.condition, translate)
-        if term is None:
-            recovered_masks.append(step)
-            continue
-        keep = term.step if step.keep_when_true else negate(builder, term.step)
-        recovered_masks.append(MaskStep(ProgramTerm(builder, keep, step.condition), True, step.fill))
+        term = _term(builder, step.condition, translate, negated=not step.keep_when_true)
+        recovered_masks.append(step if term is None else MaskStep(term, True, step.fill))
     recovered_biases = []
     for operand, factor in biases:
         term = _term(builder, operand, translate)
         found = fill_mask(term.program) if term is not None and not recovered_masks and factor > 0 else None
-        if found is not None:
+        if found is not None and found[1] * factor == -math.inf:
             keep, fill = found
             recovered_masks.append(MaskStep(ProgramTerm(builder, absorb(builder, keep), operand), True, fill * factor))
         else:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import operator
 
-import numpy as np
 import torch
 from torch.fx import GraphModule, Node
 
@@ -123,11 +122,12 @@ class FxProgramTranslator:
     def _op(self, op: str, args, dtype: str) -> int:
         if op == "logical_not":
             return negate(self.builder, args[0])
-        if op in ("eq", "ne") and dtype == "bool":  # ``tril_buffer == 0`` on a boolean: a negation
+        if op in ("eq", "ne") and dtype == "bool":  # ``tril_buffer == 0`` on a 0/1 value: a negation
             flags = [self._const(arg) for arg in args]
             for value, other in ((flags[1], args[0]), (flags[0], args[1])):
-                if value in (0, 1) and self.builder.steps[other].dtype == "bool":
-                    return other if (value == 1) == (op == "eq") else negate(self.builder, other)
+                flag = self._boolean_source(other)
+                if value in (0, 1) and flag is not None:
+                    return flag if (value == 1) == (op == "eq") else negate(self.builder, flag)
         if op in ("add", "sub") and self._const(args[1]) == 0 and self.builder.steps[args[0]].dtype == dtype:
             return args[0]  # HF's ``arange + 0`` (a cache offset of 0)
         if op == "logical_and":  # ``True ∧ x`` (HF's new_ones ∧ …) is x, which keeps causal conjuncts visible
@@ -137,6 +137,13 @@ class FxProgramTranslator:
             if constants[1] is True:
                 return args[0]
         return self.builder.add(op, tuple(args), None, dtype)
+
+    def _boolean_source(self, step: int) -> int | None:
+        """The boolean step whose 0/1 value `step` is (itself, or a cast of it), else None."""
+        found = self.builder.steps[step]
+        if found.op == "cast" and self.builder.steps[found.args[0]].dtype == "bool":
+            return found.args[0]
+        return step if found.dtype == "bool" else None
 
     def _cast(self, step: int, dtype: str) -> int:
         if self.builder.steps[step].dtype == dtype:
@@ -201,24 +208,24 @@ class FxProgramTranslator:
         return any(first != second for first in query for second in key)
 
     def _tril_buffer(self, node: Node, indices: list[int]) -> int | None:
-        """``key ≤ query + o`` when a constant boolean buffer holds a tril of ones (GPT-2's ``bias``).
+        """``key ≤ query + o`` when a constant 0/1 buffer holds a tril of ones (GPT-2's, nanoGPT's ``bias``).
 
         Reads the buffer once (its size is the model's, not the example's); None for anything else.
         """
         if node not in self._tril_offsets:
             value = operator.attrgetter(node.target)(self.gm)
             offset = None
-            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) and (
-                    value.dtype == torch.bool and value.dim() >= 2):
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) and value.dim() >= 2 and (
+                    value.dtype == torch.bool or bool(((value == 0) | (value == 1)).all())):
                 rows, cols = value.shape[-2:]
-                offset = causal_offset_of_keep(value.detach().cpu().numpy().astype(np.bool_), rows, cols)
+                offset = causal_offset_of_keep(value.detach().cpu().numpy() != 0, rows, cols)
             self._tril_offsets[node] = offset
         offset = self._tril_offsets[node]
         if offset is None:
             return None
         row, col = (step if step >= 0 else self.builder.const(0, "int64") for step in indices[-2:])
-        bound = self.builder.add("add", (row, self.builder.const(offset, "int64")), None, "int64")
-        return self.builder.add("le", (col, bound), None, "bool")
+        bound = self._op("add", [row, self.builder.const(offset, "int64")], "int64")
+        return self._cast(self.builder.add("le", (col, bound), None, "bool"), _dtype(node))
 
     def _broadcast(self, node: Node, arg, indices: list[int]) -> int:
         """`arg` (an input of `node`) at `node`'s `indices`, with right-aligned broadcasting."""
