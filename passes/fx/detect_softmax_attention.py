@@ -246,8 +246,9 @@ def _check_operand_shapes(match: FxAttentionMatch) -> None:
 class _Builder:
     """Turns one anchor into an `FxAttentionMatch` (accepted, or rejected with a reason)."""
 
-    def __init__(self, gm: GraphModule):
+    def __init__(self, gm: GraphModule, score_programs: bool = True):
         self.gm = gm
+        self.score_programs = score_programs
         self.split: BatchSplit | None = None  # the current candidate's batch views, if any
         self.segments: dict[Node, tuple | None] = {}  # bias/mask → the scores' shape where applied
 
@@ -369,9 +370,10 @@ class _Builder:
 
         aligned_biases = [(aligned(node, "bias"), factor) for node, factor in biases]
         aligned_masks = [dataclasses.replace(step, condition=aligned(step.condition, "mask")) for step in masks]
-        builder = ProgramBuilder()
-        translator = FxProgramTranslator(self.gm, builder)
-        aligned_biases, aligned_masks = recover_terms(builder, aligned_biases, aligned_masks, translator.operand)
+        if self.score_programs:
+            builder = ProgramBuilder()
+            translator = FxProgramTranslator(self.gm, builder)
+            aligned_biases, aligned_masks = recover_terms(builder, aligned_biases, aligned_masks, translator.operand)
         try:
             sort_score_terms(match, aligned_biases, aligned_masks, bias_offset, mask_offset)
         except ChainError as error:
@@ -496,9 +498,13 @@ def _layout_fields(match: FxAttentionMatch) -> dict:
     return fields
 
 
-def detect_softmax_attention(gm: GraphModule) -> list[FxAttentionMatch]:
-    """Every attention candidate in `gm`, in graph order, accepted or with a rejection reason."""
-    builder = _Builder(gm)
+def detect_softmax_attention(gm: GraphModule, score_programs: bool = True) -> list[FxAttentionMatch]:
+    """Every attention candidate in `gm`, in graph order, accepted or with a rejection reason.
+
+    With `score_programs`, masks and biases are recovered as programs where their producers allow
+    (`passes.fx.score_program_recovery`); else they stay tensor operands.
+    """
+    builder = _Builder(gm, score_programs)
     matches = []
     for node in list(gm.graph.nodes):
         try:
