@@ -16,6 +16,7 @@ import transformers
 
 import rewriter
 import rewriter.compile_backend  # noqa: F401  (registers the "rewriter" backend)
+from parity import assert_gradients_close
 from rewriter.kernels.score_program import parse
 
 ATTENTION_OP = torch.ops.rewriter.attention.default
@@ -66,13 +67,8 @@ def _assert_parity(run_eager, run_rewritten, wrt) -> None:
     """Forward (NaN pattern included) and the gradients with respect to `wrt`."""
     want, got = run_eager(), run_rewritten()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, equal_nan=True)
-    wanted = torch.autograd.grad(_loss(want), wrt, allow_unused=True)
-    gotten = torch.autograd.grad(_loss(got), wrt, allow_unused=True)
-    for index, (g, w) in enumerate(zip(gotten, wanted)):
-        if w is None:
-            assert g is None or not g.any(), f"gradient {index} where eager has none"
-        else:
-            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4, msg=lambda m, i=index: f"gradient {i}: {m}")
+    assert_gradients_close(torch.autograd.grad(_loss(got), wrt, allow_unused=True),
+                           torch.autograd.grad(_loss(want), wrt, allow_unused=True))
 
 
 def _is_sequence_axis(size, length: int) -> bool:
