@@ -49,8 +49,9 @@ for _name, _op in (("add", "add"), ("sub", "sub"), ("mul", "mul"), ("div", "div"
                    ("bitwise_xor", "logical_xor")):
     for _overload in ("Tensor", "Scalar", "other", "default"):
         for _packet in (getattr(aten, _name, None), getattr(aten, _name + "_", None)):
-            if _packet is not None and hasattr(_packet, _overload):
-                _BINARY[getattr(_packet, _overload)] = _op
+            overload = getattr(_packet, _overload, None) if _packet is not None else None
+            if overload is not None and len(overload._schema.arguments) >= 2:  # not min/max over all elements
+                _BINARY[overload] = _op
 _LOGICAL = {"logical_and", "logical_or", "logical_xor", "logical_not"}
 _FILLED = {aten.full.default: 1, aten.full_like.default: 1, aten.new_full.default: 2, aten.scalar_tensor.default: 0}
 _ONES = {aten.ones.default, aten.ones_like.default, aten.new_ones.default}
