@@ -28,7 +28,8 @@ DECODER = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num
 def _hf_model(family: str, implementation: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if family == "llama":
-        model = transformers.LlamaModel(transformers.LlamaConfig(**DECODER, **SMALL, attn_implementation=implementation))
+        model = transformers.LlamaModel(transformers.LlamaConfig(
+            **DECODER, **SMALL, attn_implementation=implementation))
     elif family == "mistral":
         model = transformers.MistralModel(transformers.MistralConfig(
             **DECODER, **SMALL, sliding_window=5, attn_implementation=implementation))

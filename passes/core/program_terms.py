@@ -30,7 +30,8 @@ from passes.core.score_algebra import MaskStep
 from passes.core.score_programs import ProgramBuilder, ProgramError, causal_split, fill_mask
 from rewriter.kernels.score_program import Program
 
-__all__ = ["ProgramTerm", "absorb", "combined_bias", "compact_leaves", "negate", "program_bias_offset", "program_mask_offset", "recover_terms"]
+__all__ = ["ProgramTerm", "absorb", "combined_bias", "compact_leaves", "negate", "program_bias_offset",
+           "program_mask_offset", "recover_terms"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,8 @@ def _read_as_is(program: Program) -> bool:
     return last.op == "load" and all(arg < 0 or steps[arg].op == "index" for arg in last.args)
 
 
-def _term(builder: ProgramBuilder, operand, translate: Callable[[Any], int], negated: bool = False) -> ProgramTerm | None:
+def _term(builder: ProgramBuilder, operand, translate: Callable[[Any], int],
+          negated: bool = False) -> ProgramTerm | None:
     """The operand as a program (negated: its logical not), or None where it stays the tensor operand."""
     try:
         step = translate(operand)

@@ -10,10 +10,10 @@ tables (``index.Tensor``, ``embedding``) compose like any elementwise op::
         → where(load(attention_mask, [batch, key]) ∧ key ≤ query, 0, min)
 
 Accepted: elementwise, comparison, logical ops, ``where``/``masked_fill`` and casts with
-right-aligned broadcasting; views that only add, remove or permute size-1 axes; ``slice`` (constant
-start and step); ``arange``; filled tensors; ``triu``/``tril``; ``index.Tensor`` and ``embedding``;
+right-aligned broadcasting; ``expand``, and the views of `passes.fx.index_views` (size-1 axes,
+permutes, constant slices); ``arange``; filled tensors; ``triu``/``tril``; ``index.Tensor`` and ``embedding``;
 in-place ops on a temporary with one user. A placeholder or ``get_attr`` becomes a leaf at any size
-(it exists already); a constant boolean buffer that is a ``tril`` pattern (GPT-2's ``bias``)
+(it exists already); a constant 0/1 buffer holding a ``tril`` pattern (nanoGPT's ``bias``)
 becomes the comparison it encodes. Any other value becomes a leaf only when it is O(n), i.e. it
 does not vary along the query and the key axis on two different axes; else `ProgramError`.
 """
@@ -30,6 +30,7 @@ from passes.core.causal_proofs import causal_offset_of_keep
 from passes.core.program_terms import negate
 from passes.core.score_programs import ProgramBuilder, ProgramError
 from passes.fx import aten_vocabulary as ops
+from passes.fx.index_views import constant_integer, dtype_name, is_one, shape_of, source_positions
 
 __all__ = ["FxProgramTranslator"]
 
@@ -56,41 +57,8 @@ _LOGICAL = {"logical_and", "logical_or", "logical_xor", "logical_not"}
 _FILLED = {aten.full.default: 1, aten.full_like.default: 1, aten.new_full.default: 2, aten.scalar_tensor.default: 0}
 _ONES = {aten.ones.default, aten.ones_like.default, aten.new_ones.default}
 _ZEROS = {aten.zeros.default, aten.zeros_like.default, aten.new_zeros.default}
-_SQUEEZE = {aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default}
 _PASSTHROUGH = ops.PASSTHROUGH | {aten.detach.default}
 _ROLES = {4: ("batch", "head", "query", "key"), 3: ("batch", "query", "key"), 2: ("query", "key")}
-
-
-def _dtype(node: Node) -> str:
-    return str(ops.tensor_meta(node).dtype).removeprefix("torch.")
-
-
-def _shape(node: Node) -> tuple:
-    meta = ops.tensor_meta(node)
-    if meta is None:
-        raise ProgramError(f"no shape recorded for '{node.name}'")
-    return tuple(meta.shape)
-
-
-def _is_one(size) -> bool:
-    return isinstance(size, int) and size == 1
-
-
-def _same_size(first, second) -> bool:
-    if isinstance(first, int) or isinstance(second, int):
-        return isinstance(first, int) and isinstance(second, int) and first == second
-    return first.node.expr == second.node.expr
-
-
-def _integer(value) -> int:
-    """A Python int from a literal or a graph value known at capture (a SymInt that simplified)."""
-    if isinstance(value, Node):
-        value = value.meta.get("val")
-    if isinstance(value, torch.SymInt) and value.node.expr.is_number:
-        value = int(value.node.expr)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ProgramError(f"a slice or offset that is not a constant integer ({value!r})")
-    return value
 
 
 class FxProgramTranslator:
@@ -164,8 +132,8 @@ class FxProgramTranslator:
         if operand.view_shape is not None:
             raise ProgramError(f"'{operand.node.name}' is applied through a (batch·heads) view")
         roles = _ROLES[len(operand.order)]
-        shape = _shape(operand.node)
-        indices = [-1 if _is_one(size) else self.builder.index(roles[operand.order.index(label)])
+        shape = shape_of(operand.node)
+        indices = [-1 if is_one(size) else self.builder.index(roles[operand.order.index(label)])
                    for label, size in zip(operand.labels, shape)]
         return self.translate(operand.node, indices)
 
@@ -185,13 +153,13 @@ class FxProgramTranslator:
     def _translate(self, node: Node, indices: list[int]) -> int:
         if ops.tensor_meta(node) is None:
             if isinstance(node.meta.get("val"), (int, float, torch.SymInt, torch.SymFloat)):
-                return self.translate(_integer(node), [])
+                return self.translate(constant_integer(node), [])
             raise ProgramError(f"'{node.name}' has no recorded tensor value")
         if node.op == "get_attr":
             pattern = self._tril_buffer(node, indices)
-            return pattern if pattern is not None else self.builder.load(node, indices, _dtype(node))
+            return pattern if pattern is not None else self.builder.load(node, indices, dtype_name(node))
         if node.op == "placeholder":
-            return self.builder.load(node, indices, _dtype(node))
+            return self.builder.load(node, indices, dtype_name(node))
         if node.op != "call_function":
             raise ProgramError(f"'{node.name}' is a {node.op}")
         try:
@@ -200,7 +168,7 @@ class FxProgramTranslator:
             if self._varies_on_two_axes(indices):
                 raise
             logger.debug("'%s' becomes a leaf: %s", node.name, error)
-            return self.builder.load(node, indices, _dtype(node))
+            return self.builder.load(node, indices, dtype_name(node))
 
     def _varies_on_two_axes(self, indices: list[int]) -> bool:
         reads = [self._reads(step) for step in indices]
@@ -226,18 +194,18 @@ class FxProgramTranslator:
             return None
         row, col = (step if step >= 0 else self.builder.const(0, "int64") for step in indices[-2:])
         bound = self._op("add", [row, self.builder.const(offset, "int64")], "int64")
-        return self._cast(self.builder.add("le", (col, bound), None, "bool"), _dtype(node))
+        return self._cast(self.builder.add("le", (col, bound), None, "bool"), dtype_name(node))
 
     def _broadcast(self, node: Node, arg, indices: list[int]) -> int:
         """`arg` (an input of `node`) at `node`'s `indices`, with right-aligned broadcasting."""
         if not isinstance(arg, Node) or ops.tensor_meta(arg) is None:
-            return self.translate(arg if not isinstance(arg, Node) else _integer(arg), [])
-        shape = _shape(arg)
+            return self.translate(arg if not isinstance(arg, Node) else constant_integer(arg), [])
+        shape = shape_of(arg)
         own = indices[len(indices) - len(shape):] if shape else []
-        return self.translate(arg, [-1 if _is_one(size) else step for size, step in zip(shape, own)])
+        return self.translate(arg, [-1 if is_one(size) else step for size, step in zip(shape, own)])
 
     def _call(self, node: Node, indices: list[int]) -> int:
-        target, args, dtype = node.target, node.args, _dtype(node)
+        target, args, dtype = node.target, node.args, dtype_name(node)
         if target in ops.IN_PLACE or (target in _BINARY and target._schema.name.endswith("_")):
             if len(ops.value_users(args[0])) != 1:
                 raise ProgramError(f"'{node.name}' updates a tensor that other ops read")
@@ -251,7 +219,8 @@ class FxProgramTranslator:
             return self._binary(node, _BINARY[target], indices, dtype)
         if target in (aten.rsub.Scalar, aten.rsub.Tensor):
             alpha = node.kwargs.get("alpha", 1)
-            scaled = self._binary_steps("mul", self._broadcast(node, args[0], indices), self.translate(alpha, []), dtype)
+            scaled = self._binary_steps("mul", self._broadcast(node, args[0], indices), self.translate(alpha, []),
+                                        dtype)
             return self._op("sub", [self._broadcast(node, args[1], indices), scaled], dtype)
         if target in ops.WHERE:
             steps = [self._broadcast(node, arg, indices) for arg in args[:3]]
@@ -273,7 +242,9 @@ class FxProgramTranslator:
         if target is aten.embedding.default:
             weight, positions = args[0], args[1]
             return self.translate(weight, [self.translate(positions, indices[:-1]), indices[-1]])
-        return self._view(node, indices)
+        if target in ops.EXPAND:
+            return self._broadcast(node, args[0], indices)
+        return self.translate(*source_positions(node, indices, self.builder))
 
     def _binary_steps(self, op: str, left: int, right: int, dtype: str) -> int:
         if op in _LOGICAL:
@@ -320,7 +291,7 @@ class FxProgramTranslator:
 
     def _triangle(self, node: Node, indices: list[int], dtype: str) -> int:
         """tril keeps x where col − row ≤ d, triu where col − row ≥ d; elsewhere 0 (False)."""
-        diagonal = _integer(node.args[1] if len(node.args) > 1 else node.kwargs.get("diagonal", 0))
+        diagonal = constant_integer(node.args[1] if len(node.args) > 1 else node.kwargs.get("diagonal", 0))
         row, col = (step if step >= 0 else self.builder.const(0, "int64") for step in indices[-2:])
         distance = self.builder.add("sub", (col, row), None, "int64")
         lower = node.target is aten.tril.default
@@ -340,75 +311,12 @@ class FxProgramTranslator:
         if any(not isinstance(position, Node) or ops.tensor_meta(position) is None
                or ops.tensor_meta(position).dtype == torch.bool for position in positions):
             raise ProgramError(f"'{node.name}' indexes with a slice, None or a boolean mask")
-        rank = len(_shape(node)) - (len(_shape(source)) - len(positions))
+        rank = len(shape_of(node)) - (len(shape_of(source)) - len(positions))
         leading = indices[:rank]
         source_indices = []
         for position in positions:
-            shape = _shape(position)
+            shape = shape_of(position)
             own = leading[len(leading) - len(shape):] if shape else []
-            source_indices.append(self.translate(position, [-1 if _is_one(size) else step
+            source_indices.append(self.translate(position, [-1 if is_one(size) else step
                                                             for size, step in zip(shape, own)]))
         return self.translate(source, source_indices + indices[rank:])
-
-    def _view(self, node: Node, indices: list[int]) -> int:
-        """Views that add, remove or permute axes of size 1, slices, and permutes."""
-        target, args = node.target, node.args
-        source = args[0]
-        if not isinstance(source, Node):
-            raise ProgramError(f"unsupported op '{target}' ('{node.name}')")
-        source_shape, rank = _shape(source), len(_shape(node))
-        if target in ops.UNSQUEEZE:
-            dim = args[1] % rank
-            return self.translate(source, indices[:dim] + indices[dim + 1:])
-        if target in ops.PERMUTE:
-            order = [axis % rank for axis in args[1]]
-            inner = [0] * rank
-            for position, axis in enumerate(order):
-                inner[axis] = indices[position]
-            return self.translate(source, inner)
-        if target in ops.TRANSPOSE:
-            first, second = args[1] % rank, args[2] % rank
-            inner = list(indices)
-            inner[first], inner[second] = inner[second], inner[first]
-            return self.translate(source, inner)
-        if target in ops.EXPAND:
-            return self._broadcast(node, source, indices)
-        if target is aten.slice.Tensor:
-            dim = (args[1] if len(args) > 1 else 0) % rank
-            start = _integer(args[2]) if len(args) > 2 and args[2] is not None else 0
-            step = _integer(args[4]) if len(args) > 4 else 1
-            if start < 0 or step < 1:
-                raise ProgramError(f"'{node.name}' slices from the end or backwards")
-            inner = list(indices)
-            if _is_one(source_shape[dim]):
-                inner[dim] = -1
-            else:
-                position = indices[dim] if indices[dim] >= 0 else self.builder.const(0, "int64")
-                if step != 1:
-                    position = self.builder.add("mul", (position, self.builder.const(step, "int64")), None, "int64")
-                if start != 0:
-                    position = self.builder.add("add", (position, self.builder.const(start, "int64")), None, "int64")
-                inner[dim] = position
-            return self.translate(source, inner)
-        if target is aten.select.int:
-            dim = args[1] % len(source_shape)
-            position = _integer(args[2])
-            if position < 0:
-                raise ProgramError(f"'{node.name}' selects from the end")
-            return self.translate(source, indices[:dim] + [self.builder.const(position, "int64")] + indices[dim:])
-        if target in _SQUEEZE or target in ops.RESHAPE:
-            return self.translate(source, _unit_axes_view(node, source_shape, _shape(node), indices))
-        raise ProgramError(f"unsupported op '{target}' ('{node.name}')")
-
-
-def _unit_axes_view(node: Node, source_shape: tuple, shape: tuple, indices: list[int]) -> list[int]:
-    """The source's indices for a view that only adds or removes axes of size 1."""
-    source_axes = [axis for axis, size in enumerate(source_shape) if not _is_one(size)]
-    axes = [axis for axis, size in enumerate(shape) if not _is_one(size)]
-    if len(source_axes) != len(axes) or not all(
-            _same_size(source_shape[a], shape[b]) for a, b in zip(source_axes, axes)):
-        raise ProgramError(f"'{node.name}' reshapes {source_shape} to {shape}, not only axes of size 1")
-    inner = [-1] * len(source_shape)
-    for a, b in zip(source_axes, axes):
-        inner[a] = indices[b]
-    return inner
