@@ -188,6 +188,31 @@ def test_written_causal_masks_become_the_causal_flag(style):
         _assert_parity(lambda: model(*inputs), lambda: gm(*inputs), inputs[:3])
 
 
+class _RarerOps(torch.nn.Module):
+    """A bias built with clamp, rsub, remainder, floor division, select and unit-axis reshapes."""
+
+    def forward(self, q, k, v, limits):
+        length = q.size(-2)
+        positions = torch.arange(length)
+        relative = (positions[None, :] - positions[:, None]).clamp(-3, 3)
+        band = torch.remainder(relative, 4) // 2
+        limit = limits.select(1, 0).reshape(-1, 1, 1, 1)
+        bias = (1 - band.float()) * 0.5 - (positions.view(1, 1, 1, length) >= limit).float() * 1e4
+        return torch.softmax(q @ k.transpose(-1, -2) / 8 + bias, -1) @ v
+
+
+def test_rarer_ops_become_a_bias_program():
+    model = _RarerOps()
+    limits = torch.tensor([[LENGTH, 0], [LENGTH - 3, 0]])
+    inputs = _block_inputs("rare", LENGTH) + (limits,)
+    gm, report = rewriter.optimize_module(model, inputs)
+    _assert_programs(gm, report, 1, causal=False, mask=False, bias=True)
+    assert [leaf.op for call in _calls(gm) for leaf in call.args[5]] == ["placeholder"]  # every op translated
+    for length in (LENGTH, OTHER_LENGTH):
+        inputs = _block_inputs("rare", length) + (limits,)
+        _assert_parity(lambda: model(*inputs), lambda: gm(*inputs), inputs[:3])
+
+
 @pytest.mark.parametrize("style", ["input_mask", "product_mask"])
 def test_masks_that_vary_per_pair_stay_dense_and_exact(style):
     model = _Block(style)
