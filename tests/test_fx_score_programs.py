@@ -162,6 +162,10 @@ class _Block(torch.nn.Module):
             scores = scores.masked_fill(~first, float("-inf"))
         elif self.style == "product_mask":  # varies per (query, key) through a product: not a program
             scores = scores.masked_fill(first @ second.transpose(-1, -2) < 0, float("-inf"))
+        elif self.style == "mixed_bias":  # a distance bias (a program) and a product bias (not): both stay tensors
+            positions = torch.arange(length)
+            distance = (positions[None, :] - positions[:, None]).abs().float()
+            scores = scores - 0.1 * distance + (first[:, None, :] * second[None, :, :]).sum(-1)
         return torch.softmax(scores, -1) @ v
 
 
@@ -172,8 +176,8 @@ def _block_inputs(style: str, length: int) -> tuple:
         mask = torch.rand(length, length, generator=generator) > 0.7
         mask[3] = False  # a row that sees no key: NaN
         return q, k, v, mask
-    if style == "product_mask":
-        return q, k, v, torch.randn(length, 3, generator=generator), torch.randn(length, 3, generator=generator)
+    if style in ("product_mask", "mixed_bias"):
+        return q, k, v, *(torch.randn(length, 3, generator=generator, requires_grad=True) for _ in range(2))
     return q, k, v
 
 
@@ -213,19 +217,25 @@ def test_rarer_ops_become_a_bias_program():
         _assert_parity(lambda: model(*inputs), lambda: gm(*inputs), inputs[:3])
 
 
-@pytest.mark.parametrize("style", ["input_mask", "product_mask"])
+@pytest.mark.parametrize("style", ["input_mask", "product_mask", "mixed_bias"])
 def test_masks_that_vary_per_pair_stay_dense_and_exact(style):
     model = _Block(style)
     inputs = _block_inputs(style, LENGTH)
     gm, report = rewriter.optimize_module(model, inputs)
     assert report.matches[0].rewritten, report.summary()
     (call,) = _calls(gm)
-    assert call.args[4] is not None and call.args[15] == "", "the mask should stay a tensor operand"
+    if style == "mixed_bias":
+        assert call.args[3] is not None and call.args[14] == "", "the biases should stay tensor operands"
+    else:
+        assert call.args[4] is not None and call.args[15] == "", "the mask should stay a tensor operand"
     for length in (LENGTH, OTHER_LENGTH):
         inputs = _block_inputs(style, length)
-        with torch.no_grad():
+        if style != "input_mask":
+            _assert_parity(lambda: model(*inputs), lambda: gm(*inputs), inputs[:3] + inputs[3:])
+            continue
+        with torch.no_grad():  # NaN rows: the gradients are NaN in both
             want = model(*inputs)
-            assert want.isnan().any() == (style == "input_mask")
+            assert want.isnan().any()
             torch.testing.assert_close(gm(*inputs), want, atol=1e-5, rtol=1e-4, equal_nan=True)
 
 

@@ -120,7 +120,8 @@ def _score_terms(graph: Graph, match: FxAttentionMatch, replaced: dict[Node, Nod
     programs = [None, None]
     if biases and all(isinstance(operand, ProgramTerm) for operand, _ in biases):
         programs[0], biases = biases[0][0].builder.program(combined_bias(biases)), []
-    biases = [(operand.dense if isinstance(operand, ProgramTerm) else operand, factor) for operand, factor in biases]
+    biases = [(_current(operand.dense, replaced) if isinstance(operand, ProgramTerm) else operand, factor)
+              for operand, factor in biases]
     bias, mask = _combined_bias(graph, biases), None
     if isinstance(match.mask, ProgramTerm):
         programs[1] = match.mask.program
@@ -150,12 +151,16 @@ def _emit(graph: Graph, match: FxAttentionMatch, chunks: ChunkSizes, replaced: d
     return _restore_layout(graph, out, match)
 
 
+def _current(operand: Operand | None, replaced: dict[Node, Node]) -> Operand | None:
+    if operand is None or operand.node not in replaced:
+        return operand
+    return dataclasses.replace(operand, node=replaced[operand.node])
+
+
 def _follow_replacements(match: FxAttentionMatch, replaced: dict[Node, Node]) -> None:
     """Point the match's operands past outputs that earlier rewrites replaced (stacked layers)."""
     def current(operand):
-        if operand is None or isinstance(operand, ProgramTerm) or operand.node not in replaced:
-            return operand
-        return dataclasses.replace(operand, node=replaced[operand.node])
+        return operand if isinstance(operand, ProgramTerm) else _current(operand, replaced)
 
     match.query, match.key, match.value, match.mask = map(current, (match.query, match.key, match.value, match.mask))
     match.biases = [(current(operand), factor) for operand, factor in match.biases]
