@@ -101,10 +101,14 @@ def detect_module(module, example_inputs, **capture_options) -> Report:
     return annotate_modules(report, fx_node_scopes(gm)).as_dry_run()
 
 
-def rewrite_graph_module(gm: GraphModule, memory_budget=None, chunk_size=None, source: str = "graph") -> Report:
-    """Detect, plan and rewrite the attention of an ATen-level GraphModule in place."""
+def rewrite_graph_module(gm: GraphModule, memory_budget=None, chunk_size=None, source: str = "graph",
+                         score_programs: bool = True) -> Report:
+    """Detect, plan and rewrite the attention of an ATen-level GraphModule in place.
+
+    `score_programs=False` keeps every mask and bias a tensor operand of the op (no programs).
+    """
     scopes = fx_node_scopes(gm)  # before the rewrite removes the blocks' nodes
-    matches = detect_softmax_attention(gm)
+    matches = detect_softmax_attention(gm, score_programs)
     planned = {}
     for index, match in enumerate(matches):
         if match.spec.accepted:
@@ -119,7 +123,8 @@ def rewrite_graph_module(gm: GraphModule, memory_budget=None, chunk_size=None, s
 
 
 def optimize_module(
-    module, example_inputs, *, memory_budget=None, chunk_size=None, example_kwargs=None, dynamic_shapes=AUTO
+    module, example_inputs, *, memory_budget=None, chunk_size=None, example_kwargs=None, dynamic_shapes=AUTO,
+    score_programs: bool = True,
 ) -> tuple[GraphModule, Report]:
     """Capture `module`, replace every proven attention block, and report every candidate.
 
@@ -128,9 +133,10 @@ def optimize_module(
     `dynamic_shapes="auto"` (default) at other batch sizes and sequence lengths too, where
     torch.export can keep those axes dynamic (else one WARNING says why not); `None` captures the
     example's shapes only; a torch.export `dynamic_shapes` spec chooses the axes. A call at shapes
-    the graph cannot take raises `rewriter.dynamic_capture.InputShapeError`.
+    the graph cannot take raises `rewriter.dynamic_capture.InputShapeError`. Masks and biases the
+    model builds from O(n) pieces reach the op as score programs (`score_programs=False`: as tensors).
     """
     gm = capture(module, example_inputs, example_kwargs, dynamic_shapes)
-    report = rewrite_graph_module(gm, memory_budget, chunk_size, type(module).__name__)
+    report = rewrite_graph_module(gm, memory_budget, chunk_size, type(module).__name__, score_programs)
     logger.info(report.summary())
     return gm, report

@@ -22,6 +22,15 @@ def _outputs(result) -> list[torch.Tensor]:
     return list(result) if isinstance(result, (tuple, list)) else [result]
 
 
+def assert_gradients_close(actual, expected, atol=1e-4, rtol=1e-4) -> None:
+    """Gradient by gradient; where eager has none, the rewrite has none or zeros."""
+    for index, (want, got) in enumerate(zip(expected, actual)):
+        if want is None:
+            assert got is None or not got.any(), f"input {index}: gradient where eager has none"
+        else:
+            torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=lambda m, i=index: f"input {i}: {m}")
+
+
 def assert_parity(module, inputs, *, rewrites: int, atol=1e-5, rtol=1e-4, grad_atol=1e-4, grads=True, **options):
     """Rewrite `module`, check `rewrites` blocks were replaced, and outputs and the gradients of
     the inputs and of every parameter (by name) agree.

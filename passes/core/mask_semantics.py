@@ -61,13 +61,14 @@ class ScoreSemantics:
 
 def sort_score_terms(semantics: ScoreSemantics, biases: list[tuple[Any, float]], masks: list[MaskStep],
                      bias_offset: Callable[[Any, float, bool], int | None],
-                     mask_offset: Callable[[Any, MaskStep, bool], int | None]) -> None:
+                     mask_offset: Callable[[Any, MaskStep, bool], int | tuple | None]) -> None:
     """Sort `biases` ((operand, factor)) and `masks` into `semantics`: causal flag, remaining biases, mask.
 
     `bias_offset(operand, factor, only_masking)` and `mask_offset(operand, step, only_masking)` are
     the IR's provers: the causal offset o when the term is exactly ``key ≤ query + o`` (checked with
-    `fill_is_neg_inf`), else None. The operands in `masks` are already aligned with the scores.
-    Raises ChainError for the combinations no kernel computes exactly.
+    `fill_is_neg_inf`), else None; `mask_offset` may also give (o, rest) for a mask
+    ``causal ∧ rest`` whose part `rest` stays a mask with the same fill. The operands in `masks` are
+    already aligned with the scores. Raises ChainError for the combinations no kernel computes exactly.
     """
     only_masking = len(biases) + len(masks) == 1
     offsets, remaining_biases = [], []
@@ -80,6 +81,9 @@ def sort_score_terms(semantics: ScoreSemantics, biases: list[tuple[Any, float]],
     remaining = []
     for step in masks:
         proven = mask_offset(step.condition, step, only_masking)
+        if isinstance(proven, tuple):
+            proven, rest = proven
+            remaining.append(dataclasses.replace(step, condition=rest))
         if proven is None:
             if offsets and math.isfinite(step.fill):
                 # Keys hidden by both would hold the fill in the model but −∞ in the kernel.

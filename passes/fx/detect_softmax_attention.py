@@ -34,6 +34,9 @@ from passes.fx.product_labels import LabeledProduct, label_product
 from passes.fx.score_chain import ScoreChain, trace_score_chain
 from passes.core.mask_semantics import ScoreSemantics, fill_is_neg_inf, mask_kind, sort_score_terms
 from passes.core.score_algebra import ChainError, MaskStep
+from passes.core.program_terms import ProgramTerm, program_bias_offset, program_mask_offset, recover_terms
+from passes.core.score_programs import ProgramBuilder
+from passes.fx.score_program_recovery import FxProgramTranslator
 
 __all__ = ["Operand", "FxAttentionMatch", "detect_softmax_attention"]
 
@@ -243,8 +246,9 @@ def _check_operand_shapes(match: FxAttentionMatch) -> None:
 class _Builder:
     """Turns one anchor into an `FxAttentionMatch` (accepted, or rejected with a reason)."""
 
-    def __init__(self, gm: GraphModule):
+    def __init__(self, gm: GraphModule, score_programs: bool = True):
         self.gm = gm
+        self.score_programs = score_programs
         self.split: BatchSplit | None = None  # the current candidate's batch views, if any
         self.segments: dict[Node, tuple | None] = {}  # bias/mask → the scores' shape where applied
 
@@ -354,14 +358,22 @@ class _Builder:
         def aligned(node, what):
             return dataclasses.replace(self._score_operand(node, scores_info, what), order=canonical)
 
-        def bias_offset(operand, factor, only_masking):
+        def bias_offset(operand, factor, only_masking):  # a recovered program is never evaluated densely
+            if isinstance(operand, ProgramTerm):
+                return program_bias_offset(operand, factor, only_masking)
             return self._causal_from_bias(operand, factor, query_len, key_len, only_masking)
 
         def mask_offset(operand, step, only_masking):
+            if isinstance(operand, ProgramTerm):
+                return program_mask_offset(operand, step, only_masking)
             return self._causal_from_mask(operand, step, query_len, key_len, only_masking)
 
         aligned_biases = [(aligned(node, "bias"), factor) for node, factor in biases]
         aligned_masks = [dataclasses.replace(step, condition=aligned(step.condition, "mask")) for step in masks]
+        if self.score_programs:
+            builder = ProgramBuilder()
+            translator = FxProgramTranslator(self.gm, builder)
+            aligned_biases, aligned_masks = recover_terms(builder, aligned_biases, aligned_masks, translator.operand)
         try:
             sort_score_terms(match, aligned_biases, aligned_masks, bias_offset, mask_offset)
         except ChainError as error:
@@ -486,9 +498,13 @@ def _layout_fields(match: FxAttentionMatch) -> dict:
     return fields
 
 
-def detect_softmax_attention(gm: GraphModule) -> list[FxAttentionMatch]:
-    """Every attention candidate in `gm`, in graph order, accepted or with a rejection reason."""
-    builder = _Builder(gm)
+def detect_softmax_attention(gm: GraphModule, score_programs: bool = True) -> list[FxAttentionMatch]:
+    """Every attention candidate in `gm`, in graph order, accepted or with a rejection reason.
+
+    With `score_programs`, masks and biases are recovered as programs where their producers allow
+    (`passes.fx.score_program_recovery`); else they stay tensor operands.
+    """
+    builder = _Builder(gm, score_programs)
     matches = []
     for node in list(gm.graph.nodes):
         try:

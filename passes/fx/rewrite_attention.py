@@ -21,6 +21,7 @@ from torch.fx import Graph, GraphModule, Node
 
 import rewriter.kernels.attention_op  # noqa: F401  (registers torch.ops.rewriter.attention)
 from passes.core.attention_spec import ChunkSizes
+from passes.core.program_terms import ProgramTerm, combined_bias, compact_leaves
 from passes.fx import aten_vocabulary as ops
 from passes.fx.detect_softmax_attention import FxAttentionMatch, Operand
 
@@ -112,30 +113,54 @@ def _with_query_factors(graph: Graph, query: Node, match: FxAttentionMatch) -> N
     return query
 
 
-def _emit(graph: Graph, match: FxAttentionMatch, chunks: ChunkSizes) -> Node:
-    query, key, value = (_arrange(graph, operand) for operand in (match.query, match.key, match.value))
-    query = _with_query_factors(graph, query, match)
-    bias = _combined_bias(graph, match.biases)
-    mask = None
-    if match.mask is not None:
+def _score_terms(graph: Graph, match: FxAttentionMatch, replaced: dict[Node, Node]) -> tuple:
+    """(bias, mask, leaves, bias program, mask program): recovered programs where every term of a kind
+    has one (a bias program and a dense bias are not mixed), else the dense operands."""
+    biases = match.biases
+    programs = [None, None]
+    if biases and all(isinstance(operand, ProgramTerm) for operand, _ in biases):
+        programs[0], biases = biases[0][0].builder.program(combined_bias(biases)), []
+    biases = [(_current(operand.dense, replaced) if isinstance(operand, ProgramTerm) else operand, factor)
+              for operand, factor in biases]
+    bias, mask = _combined_bias(graph, biases), None
+    if isinstance(match.mask, ProgramTerm):
+        programs[1] = match.mask.program
+    elif match.mask is not None:
         mask = _arrange(graph, match.mask)
         if not match.mask_keep_when_true:
             mask = graph.call_function(aten.logical_not.default, (mask,))
+    terms = [term for term in [match.mask, *(operand for operand, _ in match.biases)] if isinstance(term, ProgramTerm)]
+    if not terms:
+        return bias, mask, [], "", ""
+    programs, leaves = compact_leaves(programs, terms[0].builder.leaves)
+    leaves = [replaced.get(leaf, leaf) for leaf in leaves]
+    return bias, mask, leaves, *(program.to_json() if program is not None else "" for program in programs)
+
+
+def _emit(graph: Graph, match: FxAttentionMatch, chunks: ChunkSizes, replaced: dict[Node, Node]) -> Node:
+    query, key, value = (_arrange(graph, operand) for operand in (match.query, match.key, match.value))
+    query = _with_query_factors(graph, query, match)
+    bias, mask, leaves, bias_program, mask_program = _score_terms(graph, match, replaced)
     attention = graph.call_function(
         torch.ops.rewriter.attention.default,
-        (query, key, value, bias, mask, [], match.scale, match.softcap, match.mask_fill,
-         match.causal, match.causal_offset, chunks.query, chunks.key, match.zero_masked_rows, "", ""),
+        (query, key, value, bias, mask, leaves, match.scale, match.softcap, match.mask_fill,
+         match.causal, match.causal_offset, chunks.query, chunks.key, match.zero_masked_rows,
+         bias_program, mask_program),
     )
     out = graph.call_function(operator.getitem, (attention, 0))
     return _restore_layout(graph, out, match)
 
 
+def _current(operand: Operand | None, replaced: dict[Node, Node]) -> Operand | None:
+    if operand is None or operand.node not in replaced:
+        return operand
+    return dataclasses.replace(operand, node=replaced[operand.node])
+
+
 def _follow_replacements(match: FxAttentionMatch, replaced: dict[Node, Node]) -> None:
     """Point the match's operands past outputs that earlier rewrites replaced (stacked layers)."""
-    def current(operand: Operand | None) -> Operand | None:
-        if operand is None or operand.node not in replaced:
-            return operand
-        return dataclasses.replace(operand, node=replaced[operand.node])
+    def current(operand):
+        return operand if isinstance(operand, ProgramTerm) else _current(operand, replaced)
 
     match.query, match.key, match.value, match.mask = map(current, (match.query, match.key, match.value, match.mask))
     match.biases = [(current(operand), factor) for operand, factor in match.biases]
@@ -152,6 +177,39 @@ def _erase_replaced(graph: Graph, replaced: list[Node]) -> None:
             graph.erase_node(observer)
         if not node.users:
             graph.erase_node(node)
+
+
+def _eliminate_dead_code(graph: Graph) -> None:
+    """Dead-code elimination that also drops exporter assertions on values nothing else reads.
+
+    The mask and bias producers a rewrite leaves unused (n×n for HF's masks) are often watched by
+    an ``_assert_tensor_metadata``, or end in an in-place op on a temporary (T5's ``buckets +=``),
+    which plain elimination keeps (and so the producers too).
+    """
+    while True:
+        graph.eliminate_dead_code()
+        dead = [node for node in graph.nodes if _observes_unused(node) or _updates_unused_temporary(node)]
+        if not dead:
+            return
+        for node in dead:
+            graph.erase_node(node)
+
+
+def _observes_unused(node: Node) -> bool:
+    return (ops.is_call(node, ops.OBSERVERS) and bool(node.args) and isinstance(node.args[0], Node)
+            and not ops.value_users(node.args[0]))
+
+
+def _updates_unused_temporary(node: Node) -> bool:
+    """An unused in-place op whose updated tensor is a computed value that nothing else reads."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or node.users or schema is None or not schema.is_mutable:
+        return False
+    updated = node.args[0] if node.args else None
+    fresh = isinstance(updated, Node) and updated.op == "call_function" and not any(  # not a view of another
+        result.alias_info is not None for result in getattr(updated.target, "_schema", schema).returns)
+    return (fresh and list(updated.users) == [node] and schema.arguments[0].alias_info is not None
+            and schema.arguments[0].alias_info.is_write)
 
 
 class RewriteSoftmaxAttention(onnx_ir.passes.InPlacePass):
@@ -171,13 +229,13 @@ class RewriteSoftmaxAttention(onnx_ir.passes.InPlacePass):
         for match in self.matches:
             _follow_replacements(match, replaced)
             with graph.inserting_before(match.output):
-                replacement = _emit(graph, match, self.plan(match.spec))
+                replacement = _emit(graph, match, self.plan(match.spec), replaced)
             match.output.replace_all_uses_with(replacement)
             replaced[match.output] = replacement
             _erase_replaced(graph, match.replaced)
             logger.info("rewrote attention at %s", match.output.name)
         if self.matches:
-            graph.eliminate_dead_code()
+            _eliminate_dead_code(graph)
             graph.lint()
             model.recompile()
         return onnx_ir.passes.PassResult(model, bool(self.matches))
