@@ -181,16 +181,35 @@ def test_checkpointed_states_beat_subtraction_in_fp32():
                                                      dtype=torch.float64))
     grad = torch.randn(1, 1, 512, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     opts = LinearOptions(FeatureMap("favor_softmax", 16**-0.25, 1e-4), causal=True, slice_size=16)
-    out, state, key_max = linear_attention_forward(q, k, v, proj, opts)
-    reference = linear_attention_backward(grad, q, k, v, proj, out, state, key_max, opts, True)[0]
+    _, state, key_max = linear_attention_forward(q, k, v, proj, opts)
+    reference = linear_attention_backward(grad, q, k, v, proj, state, key_max, opts, True)[0]
     fp32 = [t.float() for t in (q, k, v, proj)]
-    out, state, key_max = linear_attention_forward(*fp32, opts)
+    _, state, key_max = linear_attention_forward(*fp32, opts)
     errors = {}
     for mode in ("checkpoint", "subtract"):
-        dq = linear_attention_backward(grad.float(), *fp32, out, state, key_max, opts, True, mode)[0]
+        dq = linear_attention_backward(grad.float(), *fp32, state, key_max, opts, True, mode)[0]
         errors[mode] = ((dq.double() - reference).abs().max() / reference.abs().max()).item()
     assert errors["checkpoint"] < 1e-5
     assert errors["checkpoint"] * 5 < errors["subtract"], errors
+
+
+@pytest.mark.parametrize("length", [4, 8, 12, 36, 40, 68])
+def test_segment_checkpoints_give_every_running_state_last_first(length):
+    """The causal backward's slice-start states (√n checkpoints, segments recomputed) are exactly the
+    states of one running sum over the slices, each slice once, last slice first."""
+    from rewriter.kernels.linear_attention import _checkpointed_starts, _contribution, _initial_state, _Layout, _slices
+    q, k, v, proj = (t.detach() for t in make_inputs(1, 2, 1, length, length, 8, 16, 4, True, seed=3))
+    opts = LinearOptions(FeatureMap("favor_softmax", 8**-0.25, 1e-4), causal=True, slice_size=4, key_sum_epsilon=1e-6)
+    _, state, key_max = linear_attention_forward(q, k, v, proj, opts)
+    lay, slices = _Layout(q, k, v, proj), _slices(length, opts.slice_size)
+    expected, running = [], _initial_state(state.shape, state.dtype, state.device, opts)
+    for bounds in slices:
+        expected.append(running)
+        running = running + _contribution(lay, key_max, opts, *bounds)
+    got = list(_checkpointed_starts(lay, state, key_max, opts, slices))
+    assert [index for index, _ in got] == list(reversed(range(len(slices))))
+    for index, start in got:
+        assert torch.equal(start, expected[index]), index
 
 
 # --------------------------------------------------------------------------- op contract

@@ -218,6 +218,13 @@ def _favor(gm, phi: Node, is_query: bool) -> FeatureMapMatch:
     return FeatureMapMatch(x, projection, "favor_softmax", c, eps, stab_grad, tuple(nodes))
 
 
+# performer-pytorch's `no_projection=True`: φ(q) = softmax over the head dim; φ(k) = softmax over the
+# keys (bidirectional: "efficient attention", a normaliser per feature that needs every key) or
+# exp(k) (causal). The op maps q and k row-wise with one map, so neither form is one of its maps.
+_NO_PROJECTION = ("{name} is {what} (performer-pytorch no_projection: softmax over the head dim for q, over the"
+                  " keys or exp for k): not a known feature map; the op applies one row-wise map to q and k")
+
+
 def _generalized(gm, phi: Node) -> FeatureMapMatch:
     nodes, eps, node = [], 0.0, phi
     inner = node.args[0] if ops.is_call(node, ops.ADD) else None
@@ -234,6 +241,9 @@ def _generalized(gm, phi: Node) -> FeatureMapMatch:
             raise NotProven("elu features with alpha ≠ 1")
     elif ops.is_call(node, {aten.relu.default}):
         kind = "relu"
+    elif ops.is_call(node, ops.SOFTMAX) or ops.is_call(node, ops.EXP):
+        raise NotProven(_NO_PROJECTION.format(name=phi.name, what=(
+            f"a softmax over axis {node.args[1]}" if ops.is_call(node, ops.SOFTMAX) else "exp(x) with no stabiliser")))
     else:
         raise NotProven(f"{phi.name} is not a known feature map (FAVOR+, relu + ε, elu + 1)")
     nodes.append(node)

@@ -6,6 +6,8 @@ projection, so gradients still reach the projection and nothing of size L × M i
     q ─┐
     k ─┼─ rewriter::linear_attention(q, k, v, Ω, feature_map, causal, c, ε, 0, stabilizer_grad, slice, ε_Σk)[0] ─ users
     v ─┘
+
+A one-input `cat` right after the block (a copy) is dropped as well.
 """
 
 from __future__ import annotations
@@ -28,6 +30,16 @@ __all__ = ["RewriteLinearAttention"]
 
 logger = logging.getLogger(__name__)
 
+def _drop_copying_cats(graph, out) -> None:
+    """A one-input `cat` of the op's output (performer-pytorch's `SelfAttention` so joins its global
+    heads to absent local heads) is a copy of it: its users read the output itself, which nothing
+    else reads, so the forward holds one (B, H, L, Dv) tensor fewer."""
+    for user in list(out.users):
+        if ops.is_call(user, {torch.ops.aten.cat.default}) and len(user.args[0]) == 1 and len(out.users) == 1:
+            user.replace_all_uses_with(out)
+            graph.erase_node(user)
+
+
 class RewriteLinearAttention(onnx_ir.passes.InPlacePass):
     """Rewrites the accepted matches of `detect_linear_attention` in place; `plan(spec)` gives the slice."""
 
@@ -49,6 +61,7 @@ class RewriteLinearAttention(onnx_ir.passes.InPlacePass):
                 )
                 out = graph.call_function(operator.getitem, (call, 0))
             match.output.replace_all_uses_with(out)
+            _drop_copying_cats(graph, out)
             # Erase explicitly, users first: dead-code elimination keeps ops it deems impure.
             order = {node: index for index, node in enumerate(graph.nodes)}
             for node in sorted(set(match.replaced), key=lambda n: -order[n]):

@@ -26,8 +26,13 @@ denominator come out of one product. Causal slices add their own keys through a 
 
 The causal backward walks the slices in reverse, carrying the gradient of the state. It needs the
 state at the start of each slice; by default (`state_recovery="checkpoint"`) one forward pass over
-the keys stores it at every slice boundary, (L / slice_size)·M·(Dv + 1) floats per kv head, which
-the forward never holds (so inference memory stays flat in L). The alternative, subtracting each
+the keys keeps it at every s-th slice boundary (s ≈ √(L / slice_size)), and the states inside a
+segment of s slices are recomputed from its first when the reverse walk reaches it: about
+2·√(L / slice_size)·M·(Dv + 1) floats per kv head (at L = 16384, slice 256: 16 states instead of
+64), for one more pass over the keys. The states are the same numbers as those of one running sum
+(same additions in the same order), and the forward never holds them (so inference memory stays
+flat in L). Nor does the backward need the output: it recomputes each slice's numerator and
+normaliser (exactly as the forward did) instead of saving the (B, H, L, Dv) output. The alternative, subtracting each
 slice's contribution from the final state (`"subtract"`, O(M·Dv) memory), cancels catastrophically
 for early slices: the final state is ~L/l times larger than the state at position l. Measured in
 fp32 against float64 (FAVOR+, D = Dv = 64, M = 256, slice 64, one head; max error relative to the
@@ -48,6 +53,7 @@ head h reads kv head h // (H / Hkv)); causal needs Lq = Lk. Arithmetic is in fp3
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.nn.functional as F
@@ -187,10 +193,11 @@ class _Layout:
         return self._drop[n]
 
 
-def _output_grad(grad_out, out, den):
-    """Gradient of the augmented numerator (num | den) from that of out = num / den."""
+def _output_grad(grad_out, num, normalizer_epsilon):
+    """Gradient of the augmented numerator (num | den) from that of out = num / (den + ε)."""
+    den = num[..., -1:] + normalizer_epsilon
     grad_num = grad_out / den
-    return torch.cat([grad_num, -(grad_num * out).sum(-1, keepdim=True)], -1)
+    return torch.cat([grad_num, -(grad_num * (num[..., :-1] / den)).sum(-1, keepdim=True)], -1)
 
 
 # --------------------------------------------------------------------------- forward
@@ -281,26 +288,25 @@ class _Grads:
             self.dprojection.index_put_((m,), weight * self.lay.k[b, h, j].to(self.lay.dtype), accumulate=True)
 
 
-def linear_attention_backward(grad_out, q, k, v, projection, out, state, key_max, opts: LinearOptions,
+def linear_attention_backward(grad_out, q, k, v, projection, state, key_max, opts: LinearOptions,
                               want_projection: bool, state_recovery: str = "checkpoint"):
     """(dq, dk, dv, dprojection or None), recomputing φ slice by slice; see the module docstring."""
     lay = _Layout(q, k, v, projection)
     grads = _Grads(lay, q, k, v, want_projection)
     key_max = key_max.to(lay.dtype)
     if opts.causal:
-        _causal_backward(lay, grads, grad_out, out, state.to(lay.dtype), key_max, opts, state_recovery)
+        _causal_backward(lay, grads, grad_out, state.to(lay.dtype), key_max, opts, state_recovery)
     else:
-        _bidirectional_backward(lay, grads, grad_out, out, state.to(lay.dtype), key_max, opts)
+        _bidirectional_backward(lay, grads, grad_out, state.to(lay.dtype), key_max, opts)
     return grads.finish(opts.feature_map, q, k, v, projection)
 
 
-def _bidirectional_backward(lay, grads, grad_out, out, state, key_max, opts: LinearOptions):
+def _bidirectional_backward(lay, grads, grad_out, state, key_max, opts: LinearOptions):
     fmap, grad_state = opts.feature_map, torch.zeros_like(state)
     for l0, l1 in _slices(lay.qg.size(3), opts.slice_size):
         qb = lay.query(lay.q, l0, l1)
         phi_q, saved = _features(qb, lay.projection, fmap, for_backward=True)
-        den = torch.matmul(phi_q, state[..., -1:]) + opts.normalizer_epsilon
-        grad_num = _output_grad(lay.query(grad_out, l0, l1), lay.query(out, l0, l1), den)
+        grad_num = _output_grad(lay.query(grad_out, l0, l1), torch.matmul(phi_q, state), opts.normalizer_epsilon)
         grad_state += torch.matmul(phi_q.transpose(-1, -2), grad_num)
         grads.query(torch.matmul(grad_num, state.transpose(-1, -2)), qb, saved, fmap, l0, l1)
     for l0, l1 in _slices(lay.k.size(2), opts.slice_size):
@@ -310,35 +316,65 @@ def _bidirectional_backward(lay, grads, grad_out, out, state, key_max, opts: Lin
         grads.key(torch.matmul(vb, grad_state.transpose(-1, -2)), kb, saved, fmap, key_max, l0, l1)
 
 
-def _slice_start_states(lay, state, key_max, opts: LinearOptions):
-    """The state before each slice, from one pass over the keys."""
-    starts, running = [], _initial_state(state.shape, state.dtype, state.device, opts)
-    for l0, l1 in _slices(lay.k.size(2), opts.slice_size):
-        starts.append(running)
-        kb, vb = lay.keys(l0, l1)
-        phi_k, _ = _features(kb, lay.projection, opts.feature_map, key_max[..., None, None])
-        running = running + torch.matmul(phi_k.transpose(-1, -2), vb)
-    return starts
+def _contribution(lay, key_max, opts: LinearOptions, l0, l1):
+    """φ(k)ᵀ·(v | 1) of keys l0:l1: what slice l0:l1 adds to the state."""
+    kb, vb = lay.keys(l0, l1)
+    phi_k, _ = _features(kb, lay.projection, opts.feature_map, key_max[..., None, None])
+    return torch.matmul(phi_k.transpose(-1, -2), vb)
 
 
-def _causal_backward(lay, grads, grad_out, out, state, key_max, opts: LinearOptions, state_recovery: str):
-    if state_recovery not in ("checkpoint", "subtract"):
+def _checkpointed_starts(lay, state, key_max, opts: LinearOptions, slices):
+    """(index, state before slice `index`), last slice first, from segment checkpoints.
+
+    One pass over the keys keeps the running state at every `stride`-th slice (and all states of
+    the last segment); each earlier segment's states are recomputed from its checkpoint when the
+    walk reaches it. Every state is the same running sum, added in the same order.
+    """
+    count = len(slices)
+    stride = math.isqrt(max(count - 1, 0)) + 1
+    last_first = (count - 1) // stride * stride
+    segments, running = [], _initial_state(state.shape, state.dtype, state.device, opts)
+    for index in range(count):
+        if index % stride == 0:
+            segments.append([running])
+        elif index >= last_first:
+            segments[-1].append(running)
+        if index + 1 < count:
+            running = running + _contribution(lay, key_max, opts, *slices[index])
+    while segments:
+        states, first = segments.pop(), len(segments) * stride
+        while len(states) < min(stride, count - first):
+            states.append(states[-1] + _contribution(lay, key_max, opts, *slices[first + len(states) - 1]))
+        while states:
+            yield first + len(states) - 1, states.pop()
+
+
+def _subtracted_starts(lay, state, key_max, opts: LinearOptions, slices):
+    """(index, state before slice `index`), last slice first, subtracting from the final state."""
+    running = state
+    for index in reversed(range(len(slices))):
+        running = running - _contribution(lay, key_max, opts, *slices[index])
+        yield index, running
+
+
+_STATE_RECOVERY = {"checkpoint": _checkpointed_starts, "subtract": _subtracted_starts}
+
+
+def _causal_backward(lay, grads, grad_out, state, key_max, opts: LinearOptions, state_recovery: str):
+    if state_recovery not in _STATE_RECOVERY:
         raise ValueError(f"state_recovery {state_recovery!r} is not 'checkpoint' or 'subtract'")
     fmap, slices = opts.feature_map, _slices(lay.k.size(2), opts.slice_size)
-    starts = _slice_start_states(lay, state, key_max, opts) if state_recovery == "checkpoint" else None
-    grad_state, running = torch.zeros_like(state), state
-    for index in reversed(range(len(slices))):
+    grad_state = torch.zeros_like(state)
+    for index, start in _STATE_RECOVERY[state_recovery](lay, state, key_max, opts, slices):
         l0, l1 = slices[index]
         qb, (kb, vb) = lay.query(lay.q, l0, l1), lay.keys(l0, l1)
         phi_q, saved_q = _features(qb, lay.projection, fmap, for_backward=True)
         phi_k, saved_k = _features(kb, lay.projection, fmap, key_max[..., None, None], True)
-        if starts is None:
-            running = running - torch.matmul(phi_k.transpose(-1, -2), vb)
-        start = running if starts is None else starts[index]
         drop = lay.causal_drop(l1 - l0)
         scores = torch.matmul(phi_q, phi_k.transpose(-1, -2)).masked_fill_(drop, 0.0)
-        den = torch.matmul(phi_q, start[..., -1:]) + scores.sum(-1, keepdim=True) + opts.normalizer_epsilon
-        grad_num = _output_grad(lay.query(grad_out, l0, l1), lay.query(out, l0, l1), den)
+        num = torch.matmul(phi_q, start)
+        num += torch.matmul(scores, vb)  # as in the forward, so the recomputed output is the forward's
+        grad_num = _output_grad(lay.query(grad_out, l0, l1), num, opts.normalizer_epsilon)
         grad_scores = torch.matmul(grad_num, vb.transpose(-1, -2)).masked_fill_(drop, 0.0)
         grad_phi_q = torch.matmul(grad_num, start.transpose(-1, -2)) + torch.matmul(grad_scores, phi_k)
         grad_phi_k = torch.matmul(grad_scores.transpose(-1, -2), phi_q) + torch.matmul(vb, grad_state.transpose(-1, -2))

@@ -10,8 +10,8 @@ all four). `state` (B, Hkv, M, Dv + 1) is Σφ(k)vᵀ with Σφ(k) as its last c
 `key_sum_epsilon` is added to every (prefix-)summed feature of the normaliser (the state's last
 column starts at it). `key_max` (B, Hkv) is the FAVOR+ key stabiliser (zeros for the other maps). Both are auxiliary
 outputs without gradients. The backward is its own custom op, so compilers treat both directions as
-opaque and nothing of size L × M is saved between them: only q, k, v, the projection, the output,
-the state and the stabiliser.
+opaque and nothing of size L × M is saved between them: only q, k, v, the projection, the state
+and the stabiliser (the backward recomputes the output slice by slice rather than keeping it).
 
 Mapping performer-pytorch: `softmax_kernel(normalize_data=True, eps=1e-4)` → feature_map
 "favor_softmax", data_scale D^-¼, epsilon 1e-4, stabilizer_grad False for the current `.detach()`ed
@@ -88,19 +88,19 @@ def _(q, k, v, projection, feature_map, causal, data_scale, epsilon, normalizer_
 @torch.library.custom_op("rewriter::linear_attention_backward", mutates_args=())
 def linear_attention_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, projection: torch.Tensor | None,
-    out: torch.Tensor, state: torch.Tensor, key_max: torch.Tensor,
+    state: torch.Tensor, key_max: torch.Tensor,
     feature_map: str, causal: bool, data_scale: float, epsilon: float, normalizer_epsilon: float,
     stabilizer_grad: bool, slice_size: int, projection_grad: bool, key_sum_epsilon: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dprojection); dprojection is an empty tensor when `projection_grad` is false."""
     opts = _options(feature_map, causal, data_scale, epsilon, normalizer_epsilon, stabilizer_grad, slice_size,
                     key_sum_epsilon)
-    dq, dk, dv, dprojection = _backward_math(grad_out, q, k, v, projection, out, state, key_max, opts, projection_grad)
+    dq, dk, dv, dprojection = _backward_math(grad_out, q, k, v, projection, state, key_max, opts, projection_grad)
     return dq, dk, dv, q.new_empty(0) if dprojection is None else dprojection
 
 
 @linear_attention_backward.register_fake
-def _(grad_out, q, k, v, projection, out, state, key_max, feature_map, causal, data_scale, epsilon,
+def _(grad_out, q, k, v, projection, state, key_max, feature_map, causal, data_scale, epsilon,
       normalizer_epsilon, stabilizer_grad, slice_size, projection_grad, key_sum_epsilon=0.0):
     # The gradients come back contiguous whatever the strides of the inputs.
     dprojection = q.new_empty(projection.shape, dtype=projection.dtype) if projection_grad and projection is not None \
@@ -114,18 +114,18 @@ _SCALAR_ARGS = ("feature_map", "causal", "data_scale", "epsilon", "normalizer_ep
 
 def _setup_context(ctx, inputs, output):
     q, k, v, projection, *scalars = inputs
-    out, state, key_max = output
+    _out, state, key_max = output
     ctx.scalars = scalars[:-1]
     ctx.key_sum_epsilon = scalars[-1]
     ctx.projection_grad = projection is not None and ctx.needs_input_grad[3]
     ctx.mark_non_differentiable(state, key_max)
-    ctx.save_for_backward(q, k, v, projection, out, state, key_max)
+    ctx.save_for_backward(q, k, v, projection, state, key_max)
 
 
 def _backward(ctx, grad_out, _grad_state, _grad_key_max):
-    q, k, v, projection, out, state, key_max = ctx.saved_tensors
+    q, k, v, projection, state, key_max = ctx.saved_tensors
     dq, dk, dv, dprojection = torch.ops.rewriter.linear_attention_backward(
-        grad_out, q, k, v, projection, out, state, key_max, *ctx.scalars, ctx.projection_grad, ctx.key_sum_epsilon
+        grad_out, q, k, v, projection, state, key_max, *ctx.scalars, ctx.projection_grad, ctx.key_sum_epsilon
     )
     return (dq, dk, dv, dprojection if ctx.projection_grad else None) + (None,) * len(_SCALAR_ARGS)
 
