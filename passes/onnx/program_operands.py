@@ -105,7 +105,8 @@ def _spans_both(ctx: AnalysisContext, operand: Operand, scores: ScoreAxes) -> bo
 def recover_programs(ctx: AnalysisContext, match: OnnxAttentionMatch, scores: ScoreAxes,
                      biases: list[tuple[Operand, float]], masks: list[MaskStep]) -> ProgramTerms | None:
     """The programs of every bias and mask operand (aligned with `scores`), or None when one does
-    not translate or none of them would be n×n (nothing to gain)."""
+    not translate, none of them would be n×n or a leaf is read along both sequence axes (nothing to
+    gain: the tensor exists anyway)."""
     operands = [operand for operand, _ in biases] + [step.condition for step in masks]
     if not any(_spans_both(ctx, operand, scores) for operand in operands):
         return None
@@ -128,6 +129,9 @@ def recover_programs(ctx: AnalysisContext, match: OnnxAttentionMatch, scores: Sc
                 else:
                     positions.append(builder.index(names[label]))
             outputs[operand] = translator.translate(operand.value, positions)
+        for step in builder.steps:
+            if step.op == "load" and translator.spans_both(list(step.args)):
+                raise ProgramError(f"'{builder.leaves[step.attr].name}' is read along both sequence axes")
     except ProgramError as error:
         logger.debug("score operands of %s stay tensors: %s", match.spec.nodes[-1:] or "a block", error)
         return None

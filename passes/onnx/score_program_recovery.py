@@ -12,6 +12,9 @@ position of the table they read; ``Trilu`` compares its last two positions::
     am (B, L) ─Cast→ GatherND[batch_arange, kv_arange] ─And─ LessOrEqual(kv, q) ─Where(0, −inf)→ bias
       ⇒ where(cast(load(am, [batch, key])) ∧ (key ≤ query), 0, −inf)
 
+A symbolic size is taken as never 1 unless it is one of shape inference's ``unk__`` placeholders
+(exporters name sizes that torch.export proved ≥ 2), so its axis is read at the output's position.
+
 Leaves are graph inputs and initializers (any size; they exist already) and computed values that
 do not vary along both a query-reading and a key-reading axis; anything else raises
 `ProgramError` and the operand stays a dense tensor (still exact). Nothing is evaluated.
@@ -103,16 +106,21 @@ class ProgramTranslator:
         lead = len(positions) - len(dims)
         if lead < 0:
             raise ProgramError(f"'{x.name}' has more axes than its broadcast result")
+        for dim in dims:
+            if isinstance(dim, str) and dim.startswith("unk__"):
+                # Shape inference's placeholder: the axis may be 1 and broadcast, or not.
+                raise ProgramError(f"the shape of '{x.name}' is not known well enough to broadcast it")
         return [-1 if dim == 1 else positions[lead + axis] for axis, dim in enumerate(dims)]
 
-    def _spans_both(self, positions: list[int]) -> bool:
+    def spans_both(self, positions: list[int]) -> bool:
+        """Whether one axis is read at a query-dependent position and another at a key-dependent one."""
         query = [axis for axis, p in enumerate(positions) if "query" in self.reads(p)]
         key = [axis for axis, p in enumerate(positions) if "key" in self.reads(p)]
         return any(a != b for a in query for b in key)
 
     def _leaf(self, value: ir.Value, positions: list[int]) -> int:
         computed = value.producer() is not None and const_array(value) is None
-        if computed and (value.graph is not self.graph or self._spans_both(positions)):
+        if computed and (value.graph is not self.graph or self.spans_both(positions)):
             raise ProgramError(f"'{value.name}' ({value.producer().op_type}) varies along both sequence axes")
         return self.builder.load(value, positions, self._dtype(value))
 
@@ -169,6 +177,8 @@ class ProgramTranslator:
         if node.op_type == "Div" and dtype not in _FLOATS:  # ONNX truncates integer division
             wide = [self.builder.add("cast", (arg,), dtype="float64") for arg in args]
             return self.builder.add("cast", (self.builder.add("div", tuple(wide), dtype="float64"),), dtype=dtype)
+        if op == "where":
+            return self._where(*args, dtype)
         result = args[0]
         if op in ("minimum", "maximum") and len(args) > 2:
             for arg in args[1:]:
@@ -180,7 +190,29 @@ class ProgramTranslator:
         return self.translate(node.inputs[0], positions)
 
     def _op_Cast(self, node, value, positions):
-        return self.builder.add("cast", (self.translate(node.inputs[0], positions),), dtype=self._dtype(value))
+        inner, dtype = self.translate(node.inputs[0], positions), self._dtype(value)
+        if dtype == "bool":  # cast(where(c, 1, 0), bool) is c: what the causal proofs read
+            step = self.builder.steps[inner]
+            if step.op == "const":
+                return self.builder.const(bool(step.attr), "bool")
+            if step.op == "where":
+                return self._where(*step.args, "bool", cast=True)
+        return self.builder.add("cast", (inner,), dtype=dtype)
+
+    def _where(self, condition: int, kept: int, other: int, dtype: str, cast: bool = False) -> int:
+        """where(condition, kept, other) in `dtype`; with constant true/false branches, the condition
+        itself or its negation. `cast`: the branches are converted to `dtype` first."""
+        steps = self.builder.steps
+        if steps[kept].op == steps[other].op == "const" and dtype == "bool":
+            pair = (bool(steps[kept].attr), bool(steps[other].attr))
+            if pair == (True, False):
+                return condition
+            if pair == (False, True):
+                return self.builder.add("logical_not", (condition,), dtype="bool")
+            return self.builder.const(pair[0], "bool")
+        if cast:
+            kept, other = (self.builder.add("cast", (branch,), dtype=dtype) for branch in (kept, other))
+        return self.builder.add("where", (condition, kept, other), dtype=dtype)
 
     def _op_Expand(self, node, value, positions):
         return self.translate(node.inputs[0], self._broadcast(node.inputs[0], positions))
@@ -268,7 +300,7 @@ class ProgramTranslator:
         keep = self.builder.add(compare, (offset, self.builder.const(diagonal, "int64")), dtype="bool")
         dtype = self._dtype(value)
         zero = self.builder.const(False if dtype == "bool" else 0, dtype)
-        return self.builder.add("where", (keep, self.translate(node.inputs[0], positions), zero), dtype=dtype)
+        return self._where(keep, self.translate(node.inputs[0], positions), zero, dtype)
 
     def _op_Concat(self, node, value, positions):
         axis = int(attribute(node, "axis", 0)) % len(positions)
