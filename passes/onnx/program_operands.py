@@ -45,6 +45,7 @@ class ProgramTerms:
 
     builder: ProgramBuilder
     outputs: dict[Operand, int]
+    scores: ScoreAxes
 
     def _program(self, operand: Operand, keep_when_true: bool = True) -> Program:
         step = self.outputs[operand]
@@ -67,8 +68,24 @@ class ProgramTerms:
         return offset if rest is None and offset is not None and fill_is_neg_inf(
             step.fill, offset, only_masking) else None
 
+    def _as_operand(self, program: Program | None, dtypes: tuple[str, ...]) -> Operand | None:
+        """The leaf `program` reads as it is, aligned with the scores (a tensor every target takes
+        directly, costing nothing more), or None."""
+        load = program.steps[-1] if program is not None else None
+        canonical = self.scores.canonical
+        if load is None or load.op != "load" or load.dtype not in dtypes or len(load.args) > len(canonical):
+            return None
+        axes = canonical[len(canonical) - len(load.args):]
+        names = _axis_names(self.scores)
+        for label, arg in zip(axes, load.args):
+            read = program.steps[arg] if arg >= 0 else None
+            if read is not None and (read.op != "index" or read.attr != names.get(label)):
+                return None
+        return Operand(self.builder.leaves[load.attr], axes, canonical)
+
     def apply(self, match: OnnxAttentionMatch) -> None:
-        """Move the match's remaining bias terms and mask into programs over pruned, renumbered leaves."""
+        """Move the match's remaining bias terms and mask into programs over pruned, renumbered
+        leaves; a program that only reads a leaf as it is gives that leaf back as the operand."""
         builder, bias, mask = self.builder, None, None
         if match.biases:
             dtypes = {builder.steps[self.outputs[operand]].dtype for operand, _ in match.biases}
@@ -85,7 +102,10 @@ class ProgramTerms:
                 if offset is not None and (not match.causal or match.causal_offset == offset):
                     # where(causal ∧ rest, s, −∞) is the causal flag applied after where(rest, s, −∞)
                     match.causal, match.causal_offset, mask = True, offset, rest
-        programs = [builder.program(bias) if bias is not None else None, mask]
+        bias = builder.program(bias) if bias is not None else None
+        dense_bias = self._as_operand(bias, ("float32", "float16", "bfloat16", "float64"))
+        dense_mask = self._as_operand(mask, ("bool",))
+        programs = [None if dense_bias else bias, None if dense_mask else mask]
         used = sorted({step.attr for program in programs if program for step in program.steps if step.op == "load"})
         renumber = {old: new for new, old in enumerate(used)}
         match.bias_program, match.mask_program = (
@@ -93,7 +113,8 @@ class ProgramTerms:
                 dataclasses.replace(step, attr=renumber[step.attr]) if step.op == "load" else step
                 for step in program.steps)) for program in programs)
         match.leaves = [builder.leaves[old] for old in used]
-        match.biases, match.mask, match.mask_keep_when_true = [], None, True
+        match.biases = [(dense_bias, 1.0)] if dense_bias is not None else []
+        match.mask, match.mask_keep_when_true = dense_mask, True
 
 
 def _spans_both(ctx: AnalysisContext, operand: Operand, scores: ScoreAxes) -> bool:
@@ -135,4 +156,4 @@ def recover_programs(ctx: AnalysisContext, match: OnnxAttentionMatch, scores: Sc
     except ProgramError as error:
         logger.debug("score operands of %s stay tensors: %s", match.spec.nodes[-1:] or "a block", error)
         return None
-    return ProgramTerms(builder, outputs)
+    return ProgramTerms(builder, outputs, scores)

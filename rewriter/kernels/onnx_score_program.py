@@ -89,7 +89,6 @@ class ScoreProgramEmitter:
         for step in program.steps:
             if step.op == "load" and step.attr not in self._leaves:
                 self._leaves[step.attr] = _flattened(outer, leaves[step.attr], len(step.args))
-        self._dtypes = {number: leaves[number].dtype for number in self._leaves}
 
     @property
     def axes(self) -> set[str]:
@@ -109,8 +108,7 @@ class ScoreProgramEmitter:
                 types[position] = "const:" + step.dtype
                 continue
             if step.op == "load":
-                values[position] = self._load(e, step, values, steps)
-                types[position] = _NAMES[self._dtypes[step.attr]]
+                values[position], types[position] = self._load(e, step, values, steps), step.dtype
             else:
                 values[position], types[position] = self._elementwise(e, step, values, types, steps)
             if types[position] != step.dtype:
