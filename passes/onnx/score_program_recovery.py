@@ -90,6 +90,11 @@ class ProgramTranslator:
             raise ProgramError(f"'{getattr(value, 'name', None)}' is not a constant")
         return array
 
+    def _optional(self, node: ir.Node, index: int, default: list) -> list:
+        """The constant input `index` of `node` as a list, `default` when it is absent."""
+        value = node.inputs[index] if len(node.inputs) > index else None
+        return default if value is None else self._constant(value).reshape(-1).tolist()
+
     def reads(self, step: int) -> frozenset[str]:
         """The index axes a step depends on."""
         if step < 0:
@@ -259,10 +264,8 @@ class ProgramTranslator:
         data = node.inputs[0]
         dims = self._dims(data)
         starts = self._constant(node.inputs[1]).reshape(-1).tolist()
-        axes = (self._constant(node.inputs[3]).reshape(-1).tolist() if len(node.inputs) > 3 and node.inputs[3]
-                else list(range(len(starts))))
-        steps = (self._constant(node.inputs[4]).reshape(-1).tolist() if len(node.inputs) > 4 and node.inputs[4]
-                 else [1] * len(starts))
+        axes = self._optional(node, 3, list(range(len(starts))))
+        steps = self._optional(node, 4, [1] * len(starts))
         inner = list(positions)
         for start, axis, step in zip(starts, axes, steps):
             axis = int(axis) % len(dims)
@@ -293,7 +296,7 @@ class ProgramTranslator:
     def _op_Trilu(self, node, value, positions):
         if len(positions) < 2:
             raise ProgramError("Trilu of fewer than two axes")
-        diagonal = int(self._constant(node.inputs[1]).reshape(())) if len(node.inputs) > 1 and node.inputs[1] else 0
+        diagonal = int(self._optional(node, 1, [0])[0])
         rows, cols = self._position(positions[-2]), self._position(positions[-1])
         offset = self.builder.add("sub", (cols, rows), dtype="int64")
         compare = "ge" if attribute(node, "upper", 1) else "le"
