@@ -241,6 +241,44 @@ def test_recovered_programs_remove_the_square_mask(name):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, equal_nan=True)
 
 
+class _DataMask(torch.nn.Module):
+    """Key padding and a boolean (L, L) input: data per query-key pair, no function of the positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 48)
+
+    def forward(self, ids, attention_mask, pairs):
+        x = torch.nn.functional.one_hot(ids % 16, 16).float()
+        q, k, v = (t.unflatten(-1, (4, -1)).transpose(1, 2) for t in self.proj(x).chunk(3, -1))
+        keep = pairs & attention_mask.bool()[:, None, None, :]
+        scores = (q @ k.transpose(-1, -2)).masked_fill(~keep, float("-inf"))
+        return (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).flatten(2)
+
+
+def test_a_mask_of_data_per_pair_stays_a_tensor():
+    feeds = _ids(EXPORT_LEN)
+    pairs = np.random.default_rng(1).random((EXPORT_LEN, EXPORT_LEN)) < 0.8
+    pairs[np.arange(EXPORT_LEN), np.arange(EXPORT_LEN)] = True
+    length = torch.export.Dim("length", min=2, max=256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(_DataMask().eval(), (torch.from_numpy(feeds["ids"]),
+                                                         torch.from_numpy(feeds["attention_mask"]),
+                                                         torch.from_numpy(pairs)),
+                                    dynamo=True, input_names=["ids", "attention_mask", "pairs"],
+                                    dynamic_shapes=({1: length}, {1: length}, {0: length, 1: length}))
+    original = program.model_proto
+    optimized, report = rewriter.optimize_onnx(original)
+    (match,) = report.matches
+    assert match.rewritten and match.masked, report.summary()
+    assert _square_values(optimized), "the (B, 1, L, L) mask is the block's tensor operand"
+    feeds["pairs"] = pairs
+    outputs = [onnxruntime.InferenceSession(model.SerializeToString()).run(None, feeds)[0]
+               for model in (original, optimized)]
+    np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
 def test_multi_head_attention_refuses_a_program():
     optimized, report = rewriter.optimize_onnx(onnx.load_from_string(_exported("bert-sdpa")), target="ort")
     assert not any(match.rewritten for match in report.matches)
