@@ -23,6 +23,7 @@ do not vary along both a query-reading and a key-reading axis; anything else rai
 from __future__ import annotations
 
 import logging
+import operator
 
 import numpy as np
 import onnx_ir as ir
@@ -43,6 +44,7 @@ _ELEMENTWISE = {
     "Xor": "logical_xor", "Not": "logical_not", "Where": "where", "Div": "div", "Mod": "remainder",
 }
 _FLOATS = ("float32", "float16", "bfloat16", "float64")
+_COMPARE = {"eq": operator.eq, "lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge}
 
 
 class ProgramTranslator:
@@ -184,6 +186,12 @@ class ProgramTranslator:
             return self.builder.add("cast", (self.builder.add("div", tuple(wide), dtype="float64"),), dtype=dtype)
         if op == "where":
             return self._where(*args, dtype)
+        if op == "logical_not":
+            return self._negation(args[0])
+        if op in _COMPARE:
+            folded = self._compare_branches(op, *args)
+            if folded is not None:
+                return folded
         result = args[0]
         if op in ("minimum", "maximum") and len(args) > 2:
             for arg in args[1:]:
@@ -213,11 +221,38 @@ class ProgramTranslator:
             if pair == (True, False):
                 return condition
             if pair == (False, True):
-                return self.builder.add("logical_not", (condition,), dtype="bool")
+                return self._negation(condition)
             return self.builder.const(pair[0], "bool")
         if cast:
             kept, other = (self.builder.add("cast", (branch,), dtype=dtype) for branch in (kept, other))
+        elif steps[kept].op == "const" and steps[other].op == "const" and steps[other].attr == 0 != steps[kept].attr:
+            # where(hide, f, 0) as where(keep, 0, f): the form `fill_mask` reads (e.g. full(f).triu(1))
+            condition, kept, other = self._negation(condition), other, kept
         return self.builder.add("where", (condition, kept, other), dtype=dtype)
+
+    def _compare_branches(self, op: str, left: int, right: int) -> int | None:
+        """op(where(c, a, b), z) with constants a, b, z as c, ¬c or a constant (SDPA's
+        ``tril(ones) == 0``), or None."""
+        steps = self.builder.steps
+        where, other, swapped = (left, right, False) if steps[left].op == "where" else (right, left, True)
+        if steps[where].op != "where" or steps[other].op != "const":
+            return None
+        condition, kept, hidden = steps[where].args
+        if steps[kept].op != "const" or steps[hidden].op != "const":
+            return None
+        z = steps[other].attr
+        results = [_COMPARE[op](z, v) if swapped else _COMPARE[op](v, z)
+                   for v in (steps[kept].attr, steps[hidden].attr)]
+        return self._where(condition, self.builder.const(results[0], "bool"), self.builder.const(results[1], "bool"),
+                           "bool")
+
+    def _negation(self, condition: int) -> int:
+        """¬condition; a comparison flips (what `causal_split` reads), others get a logical_not."""
+        step = self.builder.steps[condition]
+        flipped = {"lt": "ge", "ge": "lt", "le": "gt", "gt": "le", "eq": "ne", "ne": "eq"}.get(step.op)
+        if flipped is None or any(self.builder.steps[arg].dtype in _FLOATS for arg in step.args):  # NaN
+            return self.builder.add("logical_not", (condition,), dtype="bool")
+        return self.builder.add(flipped, step.args, dtype="bool")
 
     def _op_Expand(self, node, value, positions):
         return self.translate(node.inputs[0], self._broadcast(node.inputs[0], positions))
