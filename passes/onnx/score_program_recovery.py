@@ -23,11 +23,11 @@ do not vary along both a query-reading and a key-reading axis; anything else rai
 from __future__ import annotations
 
 import logging
-import operator
 
 import numpy as np
 import onnx_ir as ir
 
+from passes.core.program_folding import compare_branches, negation, where
 from passes.core.score_programs import ProgramBuilder, ProgramError
 from passes.onnx.graph_values import attribute, const_array
 from passes.onnx.shape_facts import ShapeFacts
@@ -44,7 +44,7 @@ _ELEMENTWISE = {
     "Xor": "logical_xor", "Not": "logical_not", "Where": "where", "Div": "div", "Mod": "remainder",
 }
 _FLOATS = ("float32", "float16", "bfloat16", "float64")
-_COMPARE = {"eq": operator.eq, "lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge}
+_COMPARISONS = ("eq", "lt", "le", "gt", "ge")
 
 
 class ProgramTranslator:
@@ -185,11 +185,11 @@ class ProgramTranslator:
             wide = [self.builder.add("cast", (arg,), dtype="float64") for arg in args]
             return self.builder.add("cast", (self.builder.add("div", tuple(wide), dtype="float64"),), dtype=dtype)
         if op == "where":
-            return self._where(*args, dtype)
+            return where(self.builder, *args, dtype)
         if op == "logical_not":
-            return self._negation(args[0])
-        if op in _COMPARE:
-            folded = self._compare_branches(op, *args)
+            return negation(self.builder, args[0])
+        if op in _COMPARISONS:
+            folded = compare_branches(self.builder, op, *args)
             if folded is not None:
                 return folded
         result = args[0]
@@ -209,50 +209,8 @@ class ProgramTranslator:
             if step.op == "const":
                 return self.builder.const(bool(step.attr), "bool")
             if step.op == "where":
-                return self._where(*step.args, "bool", cast=True)
+                return where(self.builder, *step.args, "bool", cast=True)
         return self.builder.add("cast", (inner,), dtype=dtype)
-
-    def _where(self, condition: int, kept: int, other: int, dtype: str, cast: bool = False) -> int:
-        """where(condition, kept, other) in `dtype`; with constant true/false branches, the condition
-        itself or its negation. `cast`: the branches are converted to `dtype` first."""
-        steps = self.builder.steps
-        if steps[kept].op == steps[other].op == "const" and dtype == "bool":
-            pair = (bool(steps[kept].attr), bool(steps[other].attr))
-            if pair == (True, False):
-                return condition
-            if pair == (False, True):
-                return self._negation(condition)
-            return self.builder.const(pair[0], "bool")
-        if cast:
-            kept, other = (self.builder.add("cast", (branch,), dtype=dtype) for branch in (kept, other))
-        elif steps[kept].op == "const" and steps[other].op == "const" and steps[other].attr == 0 != steps[kept].attr:
-            # where(hide, f, 0) as where(keep, 0, f): the form `fill_mask` reads (e.g. full(f).triu(1))
-            condition, kept, other = self._negation(condition), other, kept
-        return self.builder.add("where", (condition, kept, other), dtype=dtype)
-
-    def _compare_branches(self, op: str, left: int, right: int) -> int | None:
-        """op(where(c, a, b), z) with constants a, b, z as c, ¬c or a constant (SDPA's
-        ``tril(ones) == 0``), or None."""
-        steps = self.builder.steps
-        where, other, swapped = (left, right, False) if steps[left].op == "where" else (right, left, True)
-        if steps[where].op != "where" or steps[other].op != "const":
-            return None
-        condition, kept, hidden = steps[where].args
-        if steps[kept].op != "const" or steps[hidden].op != "const":
-            return None
-        z = steps[other].attr
-        results = [_COMPARE[op](z, v) if swapped else _COMPARE[op](v, z)
-                   for v in (steps[kept].attr, steps[hidden].attr)]
-        return self._where(condition, self.builder.const(results[0], "bool"), self.builder.const(results[1], "bool"),
-                           "bool")
-
-    def _negation(self, condition: int) -> int:
-        """¬condition; a comparison flips (what `causal_split` reads), others get a logical_not."""
-        step = self.builder.steps[condition]
-        flipped = {"lt": "ge", "ge": "lt", "le": "gt", "gt": "le", "eq": "ne", "ne": "eq"}.get(step.op)
-        if flipped is None or any(self.builder.steps[arg].dtype in _FLOATS for arg in step.args):  # NaN
-            return self.builder.add("logical_not", (condition,), dtype="bool")
-        return self.builder.add(flipped, step.args, dtype="bool")
 
     def _op_Expand(self, node, value, positions):
         return self.translate(node.inputs[0], self._broadcast(node.inputs[0], positions))
@@ -338,7 +296,7 @@ class ProgramTranslator:
         keep = self.builder.add(compare, (offset, self.builder.const(diagonal, "int64")), dtype="bool")
         dtype = self._dtype(value)
         zero = self.builder.const(False if dtype == "bool" else 0, dtype)
-        return self._where(keep, self.translate(node.inputs[0], positions), zero, dtype)
+        return where(self.builder, keep, self.translate(node.inputs[0], positions), zero, dtype)
 
     def _op_Concat(self, node, value, positions):
         axis = int(attribute(node, "axis", 0)) % len(positions)

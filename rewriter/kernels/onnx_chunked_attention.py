@@ -19,6 +19,8 @@ applied to each query block; the output is written by the loop in (B, H, L, D) o
     │  Loop j < nk                             carries m = −∞, l = 0, acc = 0
     │  │  k0 = j·kc   S = qb · fp32(kg[k0:k0+kc]) as (B,Hkv,1,D,keys)
     │  │  S = softcap·tanh(S) → S + bias[q0:q1, k0:k0+kc] → where(mask[q0:q1, k0:k0+kc], S, fill)
+    │  │      (a bias or mask given as a score program is computed here for rows q0:q1, keys
+    │  │       k0:k0+kc from its leaves: `onnx_score_program`; nothing Lq × Lk exists)
     │  │  S + If(the causal diagonal crosses this block, (rows, keys) tile of 0 / −∞, zeros)
     │  │  m' = max(m, rowmax S)   r = max(m', −FLT_MAX)   P = exp(S − r)   a = exp(m − r)
     │  │  l = a·l + rowsum P   acc = a·acc + P · fp32(vg[k0:k0+kc]) as (B,Hkv,1,keys,Dv)   m = m'
