@@ -6,8 +6,8 @@ size-1 axis), following producers back: index propagation, the same design as th
 Broadcasting ops pass positions to their inputs (size-1 axes read position 0); views move them
 (``Unsqueeze``/``Squeeze``, ``Reshape`` that only adds or removes size-1 axes, ``Transpose``,
 ``Slice`` with constant starts and steps); ``Range`` and constant aranges become arithmetic on the
-position; lookups (``Gather``, ``GatherElements``, ``GatherND``) turn an index tensor into the
-position of the table they read; ``Trilu`` compares its last two positions::
+position; lookups (``Gather``, ``GatherElements``, ``GatherND``: `program_lookups`) turn an index
+tensor into the position of the table they read; ``Trilu`` compares its last two positions::
 
     am (B, L) ─Cast→ GatherND[batch_arange, kv_arange] ─And─ LessOrEqual(kv, q) ─Where(0, −inf)→ bias
       ⇒ where(cast(load(am, [batch, key])) ∧ (key ≤ query), 0, −inf)
@@ -30,6 +30,7 @@ import onnx_ir as ir
 from passes.core.program_folding import compare_branches, negation, where
 from passes.core.score_programs import ProgramBuilder, ProgramError
 from passes.onnx.graph_values import attribute, const_array
+from passes.onnx.program_lookups import LookupTranslations
 from passes.onnx.shape_facts import ShapeFacts
 from rewriter.kernels.onnx_score_program import program_type
 
@@ -47,7 +48,7 @@ _FLOATS = ("float32", "float16", "bfloat16", "float64")
 _COMPARISONS = ("eq", "lt", "le", "gt", "ge")
 
 
-class ProgramTranslator:
+class ProgramTranslator(LookupTranslations):
     """Translates values of one graph into steps of `builder`; results are shared per (value, positions)."""
 
     def __init__(self, facts: ShapeFacts, builder: ProgramBuilder, graph: ir.Graph):
@@ -130,17 +131,6 @@ class ProgramTranslator:
         if computed and (value.graph is not self.graph or self.spans_both(positions)):
             raise ProgramError(f"'{value.name}' ({value.producer().op_type}) varies along both sequence axes")
         return self.builder.load(value, positions, self._dtype(value))
-
-    def _read(self, data: ir.Value, positions: list[int]) -> int:
-        """data[positions]: through its producers where every position is an in-range axis position,
-        else as a leaf (whose load wraps negative positions as the lookup does)."""
-        plain = all(p < 0 or self.builder.steps[p].op == "index" for p in positions)
-        if plain and data.producer() is not None and const_array(data) is None:
-            try:
-                return self.translate(data, positions)
-            except ProgramError:
-                pass
-        return self._leaf(data, positions)
 
     # -- the ops -----------------------------------------------------------------------------------
     def _translate(self, value: ir.Value, positions: list[int]) -> int:
@@ -297,53 +287,3 @@ class ProgramTranslator:
         dtype = self._dtype(value)
         zero = self.builder.const(False if dtype == "bool" else 0, dtype)
         return where(self.builder, keep, self.translate(node.inputs[0], positions), zero, dtype)
-
-    def _op_Concat(self, node, value, positions):
-        axis = int(attribute(node, "axis", 0)) % len(positions)
-        entry = positions[axis]
-        if entry >= 0 and self.builder.steps[entry].op != "const":
-            raise ProgramError(f"Concat '{value.name}' read at a varying position of its joined axis")
-        wanted, start = (int(self.builder.steps[entry].attr) if entry >= 0 else 0), 0
-        for part in node.inputs:
-            size = self._dims(part)[axis]
-            if not isinstance(size, int):
-                raise ProgramError(f"Concat '{value.name}' joins parts of dynamic size")
-            if wanted < start + size:
-                inner = list(positions)
-                inner[axis] = -1 if size == 1 else self.builder.const(wanted - start, "int64")
-                return self.translate(part, inner)
-            start += size
-        raise ProgramError(f"Concat '{value.name}' read past its end")
-
-    def _op_Gather(self, node, value, positions):
-        data, indices = node.inputs
-        axis = int(attribute(node, "axis", 0)) % len(self._dims(data))
-        count = len(self._dims(indices))
-        gathered = self.translate(indices, positions[axis:axis + count])
-        return self._read(data, positions[:axis] + [self._indexing(gathered)] + positions[axis + count:])
-
-    def _op_GatherElements(self, node, value, positions):
-        data, indices = node.inputs
-        axis = int(attribute(node, "axis", 0)) % len(positions)
-        inner = list(positions)
-        inner[axis] = self._indexing(self.translate(indices, positions))
-        return self._read(data, inner)
-
-    def _op_GatherND(self, node, value, positions):
-        data, indices = node.inputs
-        if attribute(node, "batch_dims", 0):
-            raise ProgramError("GatherND with batch_dims")
-        depth = self._dims(indices)[-1]
-        if not isinstance(depth, int):
-            raise ProgramError("GatherND with a dynamic index depth")
-        lead = len(self._dims(indices)) - 1
-        picked = [self._indexing(self.translate(indices, positions[:lead] + [self.builder.const(j, "int64")]))
-                  for j in range(depth)]
-        return self._read(data, picked + positions[lead:])
-
-    def _indexing(self, step: int) -> int:
-        """An index value as an int64 position."""
-        if self.builder.steps[step].dtype == "int64":
-            return step
-        return self.builder.add("cast", (step,), dtype="int64")
-
