@@ -52,8 +52,12 @@ def _translate_attention(q, k, v, bias=None, mask=None, leaves=(), scale=1.0, so
     import onnxscript  # only when exporting: importing it costs about a second
 
     attributes = AttentionAttributes(float(scale), float(softcap), float(mask_fill), bool(causal), int(causal_offset),
-                                     bool(zero_masked_rows), int(q_chunk), int(k_chunk))
-    return onnxscript.values.Opset(REWRITER_DOMAIN, 1).Attention(q, k, v, bias, mask, **attributes.as_onnx())
+                                     bool(zero_masked_rows), int(q_chunk), int(k_chunk), str(bias_program),
+                                     str(mask_program))
+    # The leaves go by keyword: torch's exporter (2.13) binds a variadic input given positionally to
+    # every positional argument, q included.
+    return onnxscript.values.Opset(REWRITER_DOMAIN, 1).Attention(q, k, v, bias, mask, leaves=list(leaves),
+                                                                 **attributes.as_onnx())
 
 
 def _translate_linear_attention(q, k, v, projection, feature_map, causal, data_scale, epsilon, normalizer_epsilon,

@@ -6,9 +6,14 @@ translation of ``torch.ops.rewriter.attention``. One lowering (`passes.onnx.lowe
 turns it into the chosen target; it never reaches a saved file::
 
     q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv),
-    [bias (B|1, H|1, Lq|1, Lk), float], [mask (B|1, H|1, Lq|1, Lk), bool, true = keep]
+    [bias (B|1, H|1, Lq|1, Lk), float], [mask (B|1, H|1, Lq|1, Lk), bool, true = keep], leaves…
       ─ ai.rewriter::Attention(scale, softcap, mask_fill, causal, causal_offset,
-                               zero_masked_rows, q_chunk, k_chunk) ─ out (B, H, Lq, Dv), row_stats
+                               zero_masked_rows, q_chunk, k_chunk, bias_program, mask_program)
+      ─ out (B, H, Lq, Dv), row_stats
+
+``bias_program`` / ``mask_program`` (JSON of `rewriter.kernels.score_program`, empty when absent)
+give the bias or keep-mask as a function of (batch, head, query, key) over the trailing ``leaves``
+inputs (any types and shapes); a program replaces the tensor of the same role, which is then absent.
 
 Semantics are those of `rewriter.kernels.chunked_attention` (scale → soft-cap → +bias → keep-mask
 → causal); a row whose every key is masked gives NaN, or 0 with ``zero_masked_rows``. ``row_stats``
@@ -23,10 +28,11 @@ import math
 import onnx_ir as ir
 
 __all__ = ["ATTENTION_OP", "LINEAR_ATTENTION_OP", "REWRITER_DOMAIN", "AttentionAttributes", "attention_attributes",
-           "register_schemas"]
+           "program_leaves", "register_schemas"]
 
 REWRITER_DOMAIN = "ai.rewriter"
 ATTENTION_OP, LINEAR_ATTENTION_OP = "Attention", "LinearAttention"
+_LEAF_TYPES = ("float", "float16", "bfloat16", "double", "int64", "int32", "int16", "int8", "uint8", "bool")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +47,8 @@ class AttentionAttributes:
     zero_masked_rows: bool = False
     q_chunk: int = 1024
     k_chunk: int = 4096
+    bias_program: str = ""
+    mask_program: str = ""
 
     def as_onnx(self) -> dict:
         """The attributes as an ONNX node takes them (floats and ints)."""
@@ -59,24 +67,32 @@ def attention_attributes(node: ir.Node) -> AttentionAttributes:
     return AttentionAttributes(**values)
 
 
+def program_leaves(node: ir.Node) -> list[ir.Value]:
+    """The leaves the node's score programs read (its inputs after ``mask``)."""
+    return list(node.inputs[5:])
+
+
 def register_schemas() -> None:
     """Give ``ai.rewriter::Attention`` and ``::LinearAttention`` schemas, so onnxscript can trace calls to them."""
     from onnx import defs
 
     param, optional = defs.OpSchema.FormalParameter, defs.OpSchema.FormalParameterOption.Optional
+    variadic = defs.OpSchema.FormalParameterOption.Variadic
     kinds = defs.OpSchema.AttrType
     floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
     lowered_by = "lowered by passes.onnx.lower_attention before saving"
     if not defs.has(ATTENTION_OP, REWRITER_DOMAIN):
-        attribute_kinds = {"float": kinds.FLOAT, "int": kinds.INT, "bool": kinds.INT}
+        attribute_kinds = {"float": kinds.FLOAT, "int": kinds.INT, "bool": kinds.INT, "str": kinds.STRING}
         attributes = [defs.OpSchema.Attribute(field.name, attribute_kinds[field.type], "")
                       for field in dataclasses.fields(AttentionAttributes)]
         defs.register_schema(defs.OpSchema(
             ATTENTION_OP, REWRITER_DOMAIN, 1, doc=f"torch.ops.rewriter.attention; {lowered_by}",
             inputs=[param("q", "T"), param("k", "T"), param("v", "T"), param("bias", "T", param_option=optional),
-                    param("mask", "B", param_option=optional)],
+                    param("mask", "B", param_option=optional),
+                    param("leaves", "L", param_option=variadic, is_homogeneous=False, min_arity=0)],
             outputs=[param("out", "T"), param("row_stats", "S")],
-            type_constraints=[("T", floats, ""), ("B", ["tensor(bool)"], ""), ("S", ["tensor(float)"], "")],
+            type_constraints=[("T", floats, ""), ("B", ["tensor(bool)"], ""), ("S", ["tensor(float)"], ""),
+                              ("L", [f"tensor({name})" for name in _LEAF_TYPES], "")],
             attributes=attributes))
     if not defs.has(LINEAR_ATTENTION_OP, REWRITER_DOMAIN):
         attributes = [("feature_map", kinds.STRING), ("causal", kinds.INT), ("data_scale", kinds.FLOAT),

@@ -80,9 +80,11 @@ def _keep_mask(w: Emitter, ctx: AnalysisContext, match: OnnxAttentionMatch) -> i
 
 def _attributes(match: OnnxAttentionMatch, chunks: ChunkSizes | None) -> AttentionAttributes:
     sizes = {"q_chunk": chunks.query, "k_chunk": chunks.key} if chunks else {}
+    programs = {role: program.to_json() for role, program in (("bias_program", match.bias_program),
+                                                              ("mask_program", match.mask_program)) if program}
     return AttentionAttributes(scale=float(match.scale), softcap=float(match.softcap), mask_fill=float(match.mask_fill),
                                causal=match.causal, causal_offset=match.causal_offset,
-                               zero_masked_rows=match.zero_masked_rows, **sizes)
+                               zero_masked_rows=match.zero_masked_rows, **sizes, **programs)
 
 
 def block_facts_of_match(ctx: AnalysisContext, match: OnnxAttentionMatch) -> BlockFacts:
@@ -107,6 +109,7 @@ def _follow_replacements(match: OnnxAttentionMatch, replaced: dict[ir.Value, ir.
     for field in ("query", "key", "value", "key_source", "value_source", "mask"):
         setattr(match, field, current(getattr(match, field)))
     match.biases = [(current(operand), factor) for operand, factor in match.biases]
+    match.leaves = [replaced.get(leaf, leaf) for leaf in match.leaves]
 
 
 def _absorb_output_transpose(match: OnnxAttentionMatch) -> None:
@@ -132,7 +135,7 @@ def _canonical_node(w: Emitter, ctx: AnalysisContext, match: OnnxAttentionMatch,
     v = arrange(w, ctx, match.value_source or match.value)
     bias, mask = _combined_bias(w, ctx, match, dtype), _keep_mask(w, ctx, match)
     dims = arranged_dims(ctx, match.query)[:3] + [arranged_dims(ctx, match.value_source or match.value)[3]]
-    out = w.op(ATTENTION_OP, q, k, v, bias, mask, domain=REWRITER_DOMAIN, dtype=dtype, shape=dims,
+    out = w.op(ATTENTION_OP, q, k, v, bias, mask, *match.leaves, domain=REWRITER_DOMAIN, dtype=dtype, shape=dims,
                **_attributes(match, chunks).as_onnx())
     return restore_layout(w, out, match, dtype, ctx.facts.dtype(match.output))
 

@@ -33,7 +33,8 @@ import onnx_ir as ir
 
 from passes.core.mask_semantics import EFFECTIVELY_NEG_INF
 from passes.core.planner import CHUNKED, ONNX_ATTENTION, ORT
-from passes.onnx.attention_node import ATTENTION_OP, REWRITER_DOMAIN, AttentionAttributes, attention_attributes
+from passes.onnx.attention_node import (ATTENTION_OP, REWRITER_DOMAIN, AttentionAttributes, attention_attributes,
+                                        program_leaves)
 from passes.onnx.graph_values import attribute, is_op, producer_op
 from passes.onnx.operand_layout import repeat_heads
 from rewriter.kernels.onnx_chunked_attention import build_chunked_attention
@@ -68,10 +69,15 @@ class BlockFacts:
     attributes: AttentionAttributes
 
     @property
+    def has_program(self) -> bool:
+        """The bias or mask is a score program, computed block by block from its leaves."""
+        return bool(self.attributes.bias_program or self.attributes.mask_program)
+
+    @property
     def flash_eligible(self) -> bool:
         """No bias, mask, causality or soft-cap: ORT's CPU MultiHeadAttention takes its flash path."""
         a = self.attributes
-        return not (a.causal or self.has_bias or self.has_mask or a.softcap)
+        return not (a.causal or self.has_bias or self.has_mask or self.has_program or a.softcap)
 
 
 def _dim(value: ir.Value | None, axis: int):
@@ -91,6 +97,7 @@ def block_facts(node: ir.Node) -> BlockFacts:
                       attributes=attention_attributes(node))
 
 
+
 def _finite_fill(facts: BlockFacts, target: str, limit: float = EFFECTIVELY_NEG_INF) -> str | None:
     """Why `target` cannot take a mask filled with a finite value above `limit`, or None."""
     fill = facts.attributes.mask_fill
@@ -106,6 +113,9 @@ def refusal(facts: BlockFacts, target: str) -> str | None:
         return f"{TARGET_OPS[target]} needs static head counts (got {facts.heads}/{facts.kv_heads})"
     if target == CHUNKED:
         return None
+    if facts.has_program:
+        # Their masks are dense (.., Lq, Lk) tensors: a score program would be built at full size.
+        return f"{TARGET_OPS[target]} takes the mask or bias only as an Lq × Lk tensor, not as a score program"
     if target == ORT:
         if facts.dtype not in _MHA_TYPES:
             return f"MultiHeadAttention does not take {facts.dtype} inputs"
@@ -165,7 +175,8 @@ def _chunked(w: Emitter, node: ir.Node, facts: BlockFacts, out_layout: str) -> i
         w.tape, q, k, v, num_heads=facts.heads, num_kv_heads=facts.kv_heads, scale=a.scale, bias=_input(node, 3),
         mask=_input(node, 4), softcap=a.softcap, mask_fill=a.mask_fill, causal=a.causal,
         causal_offset=a.causal_offset, q_chunk=a.q_chunk, k_chunk=a.k_chunk, q_layout=q_layout, k_layout=k_layout,
-        v_layout=v_layout, out_layout=out_layout, name=f"{w.prefix}/chunked", opset=w.opset)
+        v_layout=v_layout, out_layout=out_layout, name=f"{w.prefix}/chunked", opset=w.opset,
+        bias_program=a.bias_program, mask_program=a.mask_program, leaves=program_leaves(node))
 
 
 def _additive_mask(w: Emitter, node: ir.Node, facts: BlockFacts, keep_bool: bool) -> ir.Value | None:

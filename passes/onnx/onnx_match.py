@@ -18,6 +18,7 @@ from passes.core.mask_semantics import ScoreSemantics
 from passes.onnx.axis_labels import Operand
 from passes.onnx.constant_folding import ShapeOnlyFolder
 from passes.onnx.shape_facts import ShapeFacts
+from rewriter.kernels.score_program import Program
 
 __all__ = ["AnalysisContext", "OnnxAttentionMatch", "Rejected"]
 
@@ -50,6 +51,11 @@ class OnnxAttentionMatch(ScoreSemantics):
     nodes: list[ir.Node] = dataclasses.field(default_factory=list)  # dead once `output` is replaced
     fused: ir.Node | None = None  # an Attention / MultiHeadAttention node already in the graph
     equal_lengths: bool = False  # query and key lengths are provably the same
+    # Score programs (`rewriter.kernels.score_program`) that replace the bias / mask tensors, and
+    # the values they read, in leaf-number order (`passes.onnx.program_operands`).
+    bias_program: Program | None = None
+    mask_program: Program | None = None
+    leaves: list[ir.Value] = dataclasses.field(default_factory=list)
 
 
 class AnalysisContext:

@@ -4,7 +4,9 @@ A bias or mask operand must broadcast to the scores without enlarging them; its 
 scores' axes aligned from the right. One that depends only on shapes (a sliced causal buffer, a
 ``Trilu`` of a filled matrix, a ``Range`` comparison) is evaluated at several shapes of the free
 symbols (all equal, twice, and all distinct); when every evaluation is exactly ``key ≤ query + o``
-with the same ``o``, it becomes the kernel's causal flag instead of a materialised tensor.
+with the same ``o``, it becomes the kernel's causal flag instead of a materialised tensor. Operands
+that are functions of the positions over O(n) leaves become score programs instead
+(`program_operands`), proven on the programs without evaluating anything.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 from passes.onnx.axis_labels import Operand
 from passes.core.causal_proofs import causal_offset_of_bias, causal_offset_of_keep
 from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch, Rejected
+from passes.onnx.program_operands import recover_programs
 from passes.core.attention_labels import ScoreAxes
 from passes.core.mask_semantics import fill_is_neg_inf, sort_score_terms
 from passes.core.score_algebra import ChainError, MaskStep
@@ -87,7 +90,13 @@ def fill_masks(ctx: AnalysisContext, match: OnnxAttentionMatch, scores: ScoreAxe
     aligned_biases = [(_aligned(ctx, value, scores, "bias"), factor) for value, factor in biases]
     aligned_masks = [dataclasses.replace(step, condition=_aligned(ctx, step.condition, scores, "mask"))
                      for step in masks]
+    # Operands recovered as score programs are proven on the programs, never evaluated.
+    programs = recover_programs(ctx, match, scores, aligned_biases, aligned_masks)
+    if programs is not None:
+        bias_offset, mask_offset = programs.bias_offset, programs.mask_offset
     try:
         sort_score_terms(match, aligned_biases, aligned_masks, bias_offset, mask_offset)
     except ChainError as error:
         raise Rejected(str(error)) from error
+    if programs is not None:
+        programs.apply(match)

@@ -21,7 +21,9 @@ def spec_fields(ctx: AnalysisContext, match: OnnxAttentionMatch) -> dict:
     batch = query.order[:-2]
     fields = {
         "causal": match.causal, "causal_offset": match.causal_offset, "scale": match.scale,
-        "softcap": match.softcap or None, "mask_kind": mask_kind(match.mask is not None, bool(match.biases)), "mask_fill": match.mask_fill,
+        "softcap": match.softcap or None, "mask_fill": match.mask_fill,
+        "mask_kind": mask_kind(match.mask is not None or match.mask_program is not None,
+                               bool(match.biases) or match.bias_program is not None),
         "q_layout": _layout(query), "k_layout": _layout(key), "v_layout": _layout(value),
         "out_layout": _layout(Operand(match.output, match.out_labels, match.out_canonical)),
         "seq_len_q": ctx.static_dim(query, q_seq), "seq_len_k": ctx.static_dim(key, key.order[-2]),

@@ -19,6 +19,8 @@ applied to each query block; the output is written by the loop in (B, H, L, D) o
     │  Loop j < nk                             carries m = −∞, l = 0, acc = 0
     │  │  k0 = j·kc   S = qb · fp32(kg[k0:k0+kc]) as (B,Hkv,1,D,keys)
     │  │  S = softcap·tanh(S) → S + bias[q0:q1, k0:k0+kc] → where(mask[q0:q1, k0:k0+kc], S, fill)
+    │  │      (a bias or mask given as a score program is computed here for rows q0:q1, keys
+    │  │       k0:k0+kc from its leaves: `onnx_score_program`; nothing Lq × Lk exists)
     │  │  S + If(the causal diagonal crosses this block, (rows, keys) tile of 0 / −∞, zeros)
     │  │  m' = max(m, rowmax S)   r = max(m', −FLT_MAX)   P = exp(S − r)   a = exp(m − r)
     │  │  l = a·l + rowsum P   acc = a·acc + P · fp32(vg[k0:k0+kc]) as (B,Hkv,1,keys,Dv)   m = m'
@@ -50,6 +52,8 @@ import onnx
 import onnx_ir as ir
 
 from rewriter.kernels.onnx_emitter import Emitter, standalone_model, typed
+from rewriter.kernels.onnx_score_program import ScoreProgramEmitter
+from rewriter.kernels.score_program import parse
 
 __all__ = ["build_chunked_attention", "make_chunked_attention_model"]
 
@@ -128,7 +132,22 @@ class _Builder:
             x = self.e("Unsqueeze", x, self.e.const(list(range(4 - x.shape.rank()))))
         return typed(self._group_heads(x, heads), dtype)
 
-    def build(self, q, k, v, bias, mask) -> ir.Value:
+    def _programs(self, q: ir.Value, programs: dict[str, str], leaves) -> list[tuple[ScoreProgramEmitter, str]]:
+        """The score programs as emitters, and the batch and head positions they read (outer graph,
+        shaped like the grouped scores (B, Hkv, G, rows, keys))."""
+        e = self.e
+        emitters = [(ScoreProgramEmitter(e, parse(text), leaves), role) for role, text in programs.items() if text]
+        axes = set().union(*(emitter.axes for emitter, _ in emitters))
+        self.positions = {}
+        if "batch" in axes:
+            batch = e("Range", self.e.const(0), e("Squeeze", e.shape(q, end=1)), self.e.const(1))
+            self.positions["batch"] = e("Reshape", batch, e.const([-1, 1, 1, 1, 1]))
+        if "head" in axes:
+            groups = self.heads // self.kv_heads
+            self.positions["head"] = e.const(np.arange(self.heads).reshape(1, self.kv_heads, groups, 1, 1))
+        return emitters
+
+    def build(self, q, k, v, bias, mask, programs: dict[str, str], leaves) -> ir.Value:
         e = self.e
         qg, kg, vg = (self._sliceable(x, role, heads) for x, role, heads in
                       ((q, "q", self.heads), (k, "k", self.kv_heads), (v, "v", self.kv_heads)))
@@ -138,7 +157,8 @@ class _Builder:
         n_q = e("Squeeze", self._ceil_div(e, q_len, qc))
         operands = ((bias, "bias"), (mask, "mask"))
         scores = [(self._grouped_operand(t, role), role) for t, role in operands if t is not None]
-        blocks = e("Loop", n_q, None, body=self._query_body(qg, kg, vg, q_len, qc, q.dtype, scores))
+        emitters = self._programs(q, programs, leaves)
+        blocks = e("Loop", n_q, None, body=self._query_body(qg, kg, vg, q_len, qc, q.dtype, scores, emitters))
         # Scan output: (N, *one block in the output layout); N goes right before the block's rows.
         out_layout = self.layouts["out"]
         block_labels = "N" + out_layout.replace("H", "HG")
@@ -153,7 +173,7 @@ class _Builder:
         """[size of x's `axis` − 1], computed in the outer graph."""
         return self.e("Sub", self.e.shape(x, start=axis, end=axis + 1), self.one)
 
-    def _query_body(self, qg, kg, vg, q_len, qc, dtype, scores) -> ir.Graph:
+    def _query_body(self, qg, kg, vg, q_len, qc, dtype, scores, emitters) -> ir.Graph:
         b = self.e.subgraph()
         i, cond = ir.val(b.name("i"), _INT64, []), ir.val(b.name("cond"), _BOOL, [])
         q0 = b("Mul", i, qc)
@@ -164,6 +184,10 @@ class _Builder:
         # and reading that slice in the key loop measured ~16 MiB more peak on ORT 1.32 at n = 16384);
         # a broadcast (size-1) axis is read whole.
         rows = [(t, b("Min", q0, self._last_index(t, 3)), q1, self._last_index(t, 4), role) for t, role in scores]
+        block_positions = dict(self.positions)
+        if any("query" in emitter.axes for emitter, _ in emitters):
+            query_positions = b("Range", b("Squeeze", q0), b("Squeeze", q1), self.e.const(1))
+            block_positions["query"] = b("Reshape", query_positions, self.e.const([1, 1, 1, -1, 1]))
         diagonal = None
         n_k = self._ceil_div(b, self.k_len, self.k_chunk)
         if self.causal:
@@ -179,7 +203,7 @@ class _Builder:
         l0 = b("ConstantOfShape", row_shape, value=ir.tensor([0.0], dtype=_FLOAT))
         acc_shape = b("Concat", lead, b.shape(vg[0], start=4), axis=0)
         acc0 = b("ConstantOfShape", acc_shape, value=ir.tensor([0.0], dtype=_FLOAT))
-        key_body = self._key_body(qb, kg, vg, rows, diagonal)
+        key_body = self._key_body(qb, kg, vg, rows, diagonal, emitters, block_positions)
         _, row_sum, acc = b("Loop", b("Squeeze", n_k), None, m0, l0, acc0, body=key_body, outputs=3)
         block = b("Div", acc, row_sum)
         if dtype != _FLOAT:
@@ -196,7 +220,7 @@ class _Builder:
         out = typed(b("Pad", block, pad), dtype)
         return b.graph([i, cond], [typed(b("Identity", cond), _BOOL), out], "query_chunk")
 
-    def _key_body(self, qb, kg, vg, rows, diagonal) -> ir.Graph:
+    def _key_body(self, qb, kg, vg, rows, diagonal, emitters, positions) -> ir.Graph:
         b = self.e.subgraph()
         j, cond = ir.val(b.name("j"), _INT64, []), ir.val(b.name("cond"), _BOOL, [])
         m, row_sum, acc = (ir.val(b.name(tag), _FLOAT, [None] * 5) for tag in ("m", "l", "acc"))
@@ -205,10 +229,20 @@ class _Builder:
         # Everything else a step reads is sliced or built before S: made after S is freed, these
         # small tensors split the arena's S-sized free chunks (~16 MiB more peak on ORT 1.32).
         vb = self._read_block(b, vg, k0, k1)
-        terms = []  # in the kernels' order: + bias, mask, + causal
+        blocks = {}  # bias and mask blocks: sliced from a tensor, or computed by a score program
         for x, row_start, row_stop, last_key, role in rows:
             starts = b("Concat", row_start, b("Min", k0, last_key), axis=0)
-            block = typed(b("Slice", x, starts, b("Concat", row_stop, k1, axis=0), self.axis(3, 4)), x.dtype)
+            blocks[role] = typed(b("Slice", x, starts, b("Concat", row_stop, k1, axis=0), self.axis(3, 4)), x.dtype)
+        if emitters:
+            keys = b("Range", b("Squeeze", k0), b("Squeeze", b("Min", k1, self.k_len)), self.e.const(1))
+            positions = {**positions, "key": b("Reshape", keys, self.e.const([1, 1, 1, 1, -1]))}
+            for emitter, role in emitters:
+                blocks[role] = emitter.emit(b, positions, rank=5)
+        terms = []  # in the kernels' order: + bias, mask, + causal
+        for role in ("bias", "mask"):
+            block = blocks.get(role)
+            if block is None:
+                continue
             if role == "bias":
                 terms.append(("Add", self._as_float(b, block)))
             elif self.mask_fill == -math.inf:
@@ -276,6 +310,9 @@ def build_chunked_attention(
     out_layout: str = "BHLD",
     name: str = "chunked_attention",
     opset: int = 18,
+    bias_program: str = "",
+    mask_program: str = "",
+    leaves: Sequence[ir.Value] = (),
 ) -> ir.Value:
     """Append chunked attention over q (B,H,Lq,D), k (B,Hkv,Lk,D), v (B,Hkv,Lk,Dv) to `tape`.
 
@@ -288,7 +325,13 @@ def build_chunked_attention(
     `num_heads`. Returns the (B, H, Lq, Dv) output in q's dtype; all math is in fp32. Values are
     named `<name>/...`, so `name` must be unique in the graph. Every node is valid in default-domain
     `opset` (13 or newer).
+
+    `bias_program` / `mask_program` (JSON of `rewriter.kernels.score_program`) replace `bias` /
+    `mask`: each block's values are computed in the loop from `leaves` (`onnx_score_program`), so
+    nothing Lq × Lk is read. Raises ValueError for a role given both ways or a malformed program.
     """
+    if (bias is not None and bias_program) or (mask is not None and mask_program):
+        raise ValueError("a bias or mask is given both as a tensor and as a score program")
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
     layouts = {"q": q_layout, "k": k_layout, "v": v_layout, "out": out_layout}
@@ -305,7 +348,7 @@ def build_chunked_attention(
         raise ValueError(f"the chunked subgraph needs opset 13 or newer (got {opset})")
     builder = _Builder(Emitter(tape, name, opset=opset), num_heads, num_kv_heads, scale, softcap, mask_fill,
                        causal, causal_offset, q_chunk, k_chunk, layouts)
-    out = builder.build(q, k, v, bias, mask)
+    out = builder.build(q, k, v, bias, mask, {"bias": bias_program, "mask": mask_program}, leaves)
     out.dtype = q.dtype
     if q.shape is not None and v.shape is not None:
         dims = {"B": q.shape[0], "H": num_heads, "L": q.shape[q_layout.index("L")], "D": v.shape[3]}

@@ -1,0 +1,159 @@
+"""A block's mask and bias operands as score programs, and the proofs made on those programs.
+
+`recover_programs` translates every bias and mask operand of an accepted block
+(`score_program_recovery`); when all of them translate and one would be n×n, the block's score
+terms are sorted on the programs (`ProgramTerms.bias_offset` / `mask_offset`, for
+`mask_semantics.sort_score_terms`, with `score_programs.causal_split` / `fill_mask`: symbolic, no
+tensor is evaluated) and `ProgramTerms.apply` moves what is left into the match as programs::
+
+    bias terms Σ factor · bias_i       → bias_program
+    mask (kept where true, fill −∞)    → causal flag (key ≤ query + o, when a conjunct says so) + mask_program
+
+Otherwise the operands stay dense tensors, as before (still exact).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+from passes.core.attention_labels import ScoreAxes
+from passes.core.mask_semantics import fill_is_neg_inf
+from passes.core.score_algebra import MaskStep
+from passes.core.score_programs import ProgramBuilder, ProgramError, causal_split, fill_mask
+from passes.onnx.axis_labels import Operand
+from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch
+from passes.onnx.score_program_recovery import ProgramTranslator
+from rewriter.kernels.score_program import Program
+
+__all__ = ["ProgramTerms", "recover_programs"]
+
+logger = logging.getLogger(__name__)
+
+
+def _axis_names(scores: ScoreAxes) -> dict[str, str | None]:
+    """Score label → program axis; None for a batch label that may pack batch and heads."""
+    batch = dict(zip(scores.batch, ("batch", "head"))) if len(scores.batch) == 2 else {
+        label: None for label in scores.batch}
+    return {**batch, scores.query: "query", scores.key: "key"}
+
+
+@dataclasses.dataclass
+class ProgramTerms:
+    """The programs of one block's operands: one builder, one output step per operand."""
+
+    builder: ProgramBuilder
+    outputs: dict[Operand, int]
+    scores: ScoreAxes
+
+    def _program(self, operand: Operand, keep_when_true: bool = True) -> Program:
+        step = self.outputs[operand]
+        if not keep_when_true:
+            step = self.builder.add("logical_not", (step,), dtype="bool")
+        return self.builder.program(step)
+
+    def bias_offset(self, operand: Operand, factor: float, only_masking: bool) -> int | None:
+        """o when the bias is exactly ``where(key ≤ query + o, 0, f)`` with a fill the causal flag may take."""
+        found = fill_mask(self._program(operand)) if factor > 0 else None
+        if found is None:
+            return None
+        offset, rest = causal_split(found[0])
+        return offset if rest is None and offset is not None and fill_is_neg_inf(
+            found[1] * factor, offset, only_masking) else None
+
+    def mask_offset(self, operand: Operand, step: MaskStep, only_masking: bool) -> int | None:
+        """o when the mask keeps exactly ``key ≤ query + o``."""
+        offset, rest = causal_split(self._program(operand, step.keep_when_true))
+        return offset if rest is None and offset is not None and fill_is_neg_inf(
+            step.fill, offset, only_masking) else None
+
+    def _as_operand(self, program: Program | None, dtypes: tuple[str, ...]) -> Operand | None:
+        """The leaf `program` reads as it is, aligned with the scores (a tensor every target takes
+        directly, costing nothing more), or None."""
+        load = program.steps[-1] if program is not None else None
+        canonical = self.scores.canonical
+        if load is None or load.op != "load" or load.dtype not in dtypes or len(load.args) > len(canonical):
+            return None
+        axes = canonical[len(canonical) - len(load.args):]
+        names = _axis_names(self.scores)
+        for label, arg in zip(axes, load.args):
+            read = program.steps[arg] if arg >= 0 else None
+            if read is not None and (read.op != "index" or read.attr != names.get(label)):
+                return None
+        return Operand(self.builder.leaves[load.attr], axes, canonical)
+
+    def apply(self, match: OnnxAttentionMatch) -> None:
+        """Move the match's remaining bias terms and mask into programs over pruned, renumbered
+        leaves; a program that only reads a leaf as it is gives that leaf back as the operand."""
+        builder, bias, mask = self.builder, None, None
+        if match.biases:
+            dtypes = {builder.steps[self.outputs[operand]].dtype for operand, _ in match.biases}
+            dtype = dtypes.pop() if len(dtypes) == 1 else "float32"
+            for operand, factor in match.biases:
+                term = self.outputs[operand]
+                if factor != 1.0:
+                    term = builder.add("mul", (term, builder.const(float(factor), dtype)), dtype=dtype)
+                bias = term if bias is None else builder.add("add", (bias, term), dtype=dtype)
+        if match.mask is not None:
+            mask = self._program(match.mask, match.mask_keep_when_true)
+            if match.mask_fill == -math.inf:
+                offset, rest = causal_split(mask)
+                if offset is not None and (not match.causal or match.causal_offset == offset):
+                    # where(causal ∧ rest, s, −∞) is the causal flag applied after where(rest, s, −∞)
+                    match.causal, match.causal_offset, mask = True, offset, rest
+        bias = builder.program(bias) if bias is not None else None
+        dense_bias = self._as_operand(bias, ("float32", "float16", "bfloat16", "float64"))
+        dense_mask = self._as_operand(mask, ("bool",))
+        programs = [None if dense_bias else bias, None if dense_mask else mask]
+        used = sorted({step.attr for program in programs if program for step in program.steps if step.op == "load"})
+        renumber = {old: new for new, old in enumerate(used)}
+        match.bias_program, match.mask_program = (
+            None if program is None else Program(tuple(
+                dataclasses.replace(step, attr=renumber[step.attr]) if step.op == "load" else step
+                for step in program.steps)) for program in programs)
+        match.leaves = [builder.leaves[old] for old in used]
+        match.biases = [(dense_bias, 1.0)] if dense_bias is not None else []
+        match.mask, match.mask_keep_when_true = dense_mask, True
+
+
+def _spans_both(ctx: AnalysisContext, operand: Operand, scores: ScoreAxes) -> bool:
+    dims = ctx.facts.dims(operand.value) or ()
+    wide = {label for label, dim in zip(operand.labels, dims) if dim != 1}
+    return {scores.query, scores.key} <= wide
+
+
+def recover_programs(ctx: AnalysisContext, match: OnnxAttentionMatch, scores: ScoreAxes,
+                     biases: list[tuple[Operand, float]], masks: list[MaskStep]) -> ProgramTerms | None:
+    """The programs of every bias and mask operand (aligned with `scores`), or None when one does
+    not translate, none of them would be n×n or a leaf is read along both sequence axes (nothing to
+    gain: the tensor exists anyway)."""
+    operands = [operand for operand, _ in biases] + [step.condition for step in masks]
+    if not any(_spans_both(ctx, operand, scores) for operand in operands):
+        return None
+    builder = ProgramBuilder()
+    translator = ProgramTranslator(ctx.facts, builder, match.graph)
+    names, outputs = _axis_names(scores), {}
+    try:
+        for operand in operands:
+            if operand.split_heads:
+                raise ProgramError(f"'{operand.value.name}' packs heads with another axis")
+            dims = ctx.facts.dims(operand.value)
+            if dims is None or len(dims) != len(operand.labels):
+                raise ProgramError(f"the shape of '{operand.value.name}' is unknown")
+            positions = []
+            for label, dim in zip(operand.labels, dims):
+                if dim == 1:
+                    positions.append(-1)
+                elif names.get(label) is None:
+                    raise ProgramError(f"'{operand.value.name}' varies along an axis packing batch and heads")
+                else:
+                    positions.append(builder.index(names[label]))
+            outputs[operand] = translator.translate(operand.value, positions)
+        for step in builder.steps:
+            if step.op == "load" and translator.spans_both(list(step.args)):
+                raise ProgramError(f"'{builder.leaves[step.attr].name}' is read along both sequence axes")
+    except ProgramError as error:
+        logger.debug("score operands of %s stay tensors: %s", match.spec.nodes[-1:] or "a block", error)
+        return None
+    return ProgramTerms(builder, outputs, scores)
