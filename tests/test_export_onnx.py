@@ -207,13 +207,32 @@ def test_onnx_attention_target(tmp_path):
     np.testing.assert_allclose(actual, expected.numpy(), atol=1e-4, rtol=1e-4)
 
 
+class FiniteFillPadding(torch.nn.Module):
+    """A padding mask filled with finfo.min, as HF's eager models fill."""
+
+    def forward(self, q, k, v, keep):
+        scores = (q @ k.transpose(-1, -2)) * 0.25
+        scores = scores.masked_fill(~keep[:, None, None, :], torch.finfo(scores.dtype).min)
+        return torch.softmax(scores, -1) @ v
+
+
 def test_onnx_attention_refuses_a_finite_fill(tmp_path):
-    """GPT-2's mask fills with finfo.min: a row whose every key is masked would average V in the model
-    and be 0 in Attention-23, so the block is lowered to the chunked form, which keeps the fill."""
+    """A row whose every key holds the finite fill averages V in the model and is 0 in Attention-23,
+    so the block is lowered to the chunked form, which keeps the fill."""
+    example = tuple(torch.randn(2, 2, 12, 16) for _ in range(3)) + (torch.rand(2, 12) > 0.3,)
+    report = rewriter.export_onnx(FiniteFillPadding().eval(), example, str(tmp_path / "padded.onnx"),
+                                  target="onnx-attention", dynamic_shapes=None)
+    assert [match.target for match in report.matches] == ["chunked"]
+
+
+def test_causal_mask_with_a_finite_fill_is_causal_for_attention_23(tmp_path):
+    """GPT-2's tril buffer filled with finfo.min hides no row entirely: it is the causal flag, which
+    Attention-23 computes exactly."""
     model, example = tiny_gpt2(EXPORT_LEN)
     report = rewriter.export_onnx(model, example, str(tmp_path / "gpt2.onnx"), target="onnx-attention",
                                   dynamic_shapes=_dynamic(example))
-    assert [match.target for match in report.matches] == ["chunked"]
+    assert [match.target for match in report.matches] == ["Attention-23"]
+    assert all(match.causal for match in report.matches)
 
 
 class SoftCappedAttention(torch.nn.Module):
