@@ -18,7 +18,8 @@ result, and every value broadcasts against (B, H, Lq, Lk)::
 
 Leaves are the op's tensor operands: inputs, parameters and buffers of any size (they exist
 already), and values the model computes that are O(n) or smaller. Programs travel as JSON text
-(the torch op's and the ONNX node's string attribute); `parse` caches the decoded form.
+(the torch op's and the ONNX node's string attribute); `parse` caches the decoded form. This
+module imports no torch (ONNX-only paths read programs too); `score_program_torch` evaluates them.
 """
 
 from __future__ import annotations
@@ -26,24 +27,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import operator
 from typing import Any
 
-import torch
 
-__all__ = ["AXES", "OPS", "Program", "Step", "evaluate", "leaf_gradients", "parse", "trace"]
+__all__ = ["AXES", "OPS", "Program", "Step", "parse"]
 
 AXES = ("batch", "head", "query", "key")
 
-OPS = {
-    "add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": torch.true_divide,
-    "floor_divide": torch.floor_divide, "remainder": torch.remainder, "neg": torch.neg, "abs": torch.abs,
-    "log": torch.log, "exp": torch.exp, "floor": torch.floor, "ceil": torch.ceil,
-    "minimum": torch.minimum, "maximum": torch.maximum,
-    "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge, "eq": torch.eq, "ne": torch.ne,
-    "logical_and": torch.logical_and, "logical_or": torch.logical_or, "logical_xor": torch.logical_xor,
-    "logical_not": torch.logical_not, "where": torch.where,
-}
+OPS = frozenset({
+    "add", "sub", "mul", "div", "floor_divide", "remainder", "neg", "abs", "log", "exp", "floor", "ceil",
+    "minimum", "maximum", "lt", "le", "gt", "ge", "eq", "ne", "logical_and", "logical_or", "logical_xor",
+    "logical_not", "where",
+})  # elementwise ops, with torch's semantics (`score_program_torch` evaluates them)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,141 +87,3 @@ def parse(text: str) -> Program:
     if not steps:
         raise ValueError("empty score program")
     return Program(steps)
-
-
-_TENSOR_ONLY = {"minimum", "maximum", "logical_and", "logical_or", "logical_xor", "logical_not"}
-
-
-def _dtype(name: str) -> torch.dtype:
-    return getattr(torch, name)
-
-
-def _as_tensor(value, dtype: str, device) -> torch.Tensor:
-    return value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=_dtype(dtype), device=device)
-
-
-def _index(axis: str, sizes: dict[str, tuple[int, int]], device) -> torch.Tensor:
-    start, stop = sizes[axis]
-    shape = [1, 1, 1, 1]
-    shape[AXES.index(axis)] = stop - start
-    return torch.arange(start, stop, device=device).view(shape)
-
-
-def _run(program: Program, leaves, batch: int, heads: int, rows, cols, device, keep: bool) -> list:
-    sizes = {"batch": (0, batch), "head": (0, heads), "query": rows, "key": cols}
-    values: list[Any] = [None] * len(program.steps)
-    last_use = program.last_use
-    for position, step in enumerate(program.steps):
-        args = [values[arg] for arg in step.args if arg >= 0]
-        if step.op == "index":
-            value = _index(step.attr, sizes, device)
-        elif step.op == "const":
-            value = step.attr  # a Python scalar: torch's scalar promotion, as in the model's own code
-        elif step.op == "load":
-            value = leaves[step.attr][tuple(values[arg] if arg >= 0 else 0 for arg in step.args)]
-        elif step.op == "cast":
-            value = torch.as_tensor(args[0], device=device).to(_dtype(step.dtype))
-        else:
-            if step.op in _TENSOR_ONLY or not any(isinstance(arg, torch.Tensor) for arg in args):
-                args = [_as_tensor(arg, program.steps[index].dtype, device) for arg, index in zip(args, step.args)]
-            value = OPS[step.op](*args)
-            if value.dtype != _dtype(step.dtype):
-                value = value.to(_dtype(step.dtype))
-        values[position] = value
-        if not keep:
-            for arg in step.args:
-                if arg >= 0 and last_use[arg] == position:
-                    values[arg] = None
-    values[-1] = _as_tensor(values[-1], program.dtype, device)
-    return values
-
-
-def evaluate(program: Program, leaves: list[torch.Tensor], batch: int, heads: int,
-             rows: tuple[int, int], cols: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """The program's values for queries rows[0]:rows[1] and keys cols[0]:cols[1].
-
-    Returns a tensor broadcastable to (batch, heads, rows[1] − rows[0], cols[1] − cols[0]) in the
-    program's dtype. Each step's value is dropped after its last use, so the peak is a few
-    block-sized temporaries.
-    """
-    return _run(program, leaves, batch, heads, rows, cols, device, keep=False)[-1]
-
-
-def trace(program: Program, leaves: list[torch.Tensor], batch: int, heads: int,
-          rows: tuple[int, int], cols: tuple[int, int], device: torch.device) -> list:
-    """Every step's value (the last is `evaluate`'s result), for `leaf_gradients`."""
-    return _run(program, leaves, batch, heads, rows, cols, device, keep=True)
-
-
-def _sum_to(grad: torch.Tensor, value) -> torch.Tensor | None:
-    if not isinstance(value, torch.Tensor):
-        return None
-    extra = grad.dim() - value.dim()
-    grad = grad.sum(tuple(range(extra))) if extra > 0 else grad
-    axes = tuple(axis for axis in range(value.dim()) if value.size(axis) == 1 and grad.size(axis) != 1)
-    return grad.sum(axes, keepdim=True) if axes else grad
-
-
-def _local_gradients(op: str, args: list, value: torch.Tensor, grad: torch.Tensor) -> list:
-    """d(op)/d(args)ᵀ · grad for each argument (torch's own conventions, ties split as torch does)."""
-    if op == "add":
-        return [grad, grad]
-    if op == "sub":
-        return [grad, -grad]
-    if op == "mul":
-        return [grad * args[1], grad * args[0]]
-    if op == "div":
-        return [grad / args[1], -grad * value / args[1]]
-    if op == "neg":
-        return [-grad]
-    if op == "abs":
-        return [grad * torch.sign(args[0])]
-    if op == "log":
-        return [grad / args[0]]
-    if op == "exp":
-        return [grad * value]
-    if op in ("minimum", "maximum"):
-        first, second = args
-        chosen = first < second if op == "minimum" else first > second
-        tie = first == second
-        return [torch.where(tie, grad / 2, grad * chosen), torch.where(tie, grad / 2, grad * ~chosen)]
-    if op == "where":
-        condition = args[0]
-        return [None, torch.where(condition, grad, 0.0), torch.where(condition, 0.0, grad)]
-    if op == "cast":
-        return [grad]
-    return [None] * len(args)  # comparisons, logic, floor, …: no gradient
-
-
-def leaf_gradients(program: Program, values: list, leaves: list[torch.Tensor], wanted: list[bool],
-                   grad: torch.Tensor) -> list[torch.Tensor | None]:
-    """The gradient of Σ grad · program(leaves) with respect to each wanted leaf (None for the others).
-
-    `values` comes from `trace`; `grad` broadcasts like the program's result. Reverse mode over the
-    steps, with the same local derivatives as torch's autograd.
-    """
-    grads: list[Any] = [None] * len(program.steps)
-    grads[-1] = grad
-    results: list[torch.Tensor | None] = [None] * len(leaves)
-    for position in range(len(program.steps) - 1, -1, -1):
-        step, upstream = program.steps[position], grads[position]
-        if upstream is None or not values[position].is_floating_point():
-            continue
-        if step.op == "load":
-            if wanted[step.attr]:
-                leaf = leaves[step.attr]
-                indices = [values[arg] if arg >= 0 else torch.zeros((), dtype=torch.long, device=leaf.device)
-                           for arg in step.args]
-                shape = torch.broadcast_shapes(*(index.shape for index in indices), upstream.shape)
-                total = results[step.attr]
-                if total is None:
-                    total = results[step.attr] = torch.zeros(leaf.shape, dtype=upstream.dtype, device=leaf.device)
-                total.index_put_(tuple(index.expand(shape) for index in indices), upstream.expand(shape),
-                                 accumulate=True)
-            continue
-        args = [values[arg] for arg in step.args]
-        for arg, local in zip(step.args, _local_gradients(step.op, args, values[position], upstream)):
-            reduced = None if local is None else _sum_to(local, values[arg])
-            if reduced is not None and values[arg].is_floating_point():
-                grads[arg] = reduced if grads[arg] is None else grads[arg] + reduced
-    return results
