@@ -11,6 +11,7 @@ the other conjuncts alone. Never evaluates a tensor.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from rewriter.kernels.score_program import Program, Step
 
@@ -18,8 +19,8 @@ from rewriter.kernels.score_program import Program, Step
 # underflows to exactly 0 in every float type for scores of any realistic magnitude (< 1e29).
 EFFECTIVELY_NEG_INF = -1e30
 
-__all__ = ["EFFECTIVELY_NEG_INF", "Affine", "causal_split", "fill_mask", "filled_bias_bounds", "key_bounds",
-           "reachable"]
+__all__ = ["EFFECTIVELY_NEG_INF", "Affine", "affine", "causal_split", "fill_mask", "filled_bias_bounds", "key_bounds",
+           "reachable", "relative_steps"]
 
 
 def reachable(steps, output: int) -> Program:
@@ -55,7 +56,7 @@ class Affine:
 _INTEGER = ("int64", "int32", "int16", "int8", "uint8")
 
 
-def _affine(steps: tuple[Step, ...], position: int) -> Affine | None:
+def affine(steps: tuple[Step, ...], position: int) -> Affine | None:
     step = steps[position]
     if step.op == "index":
         return {"query": Affine(query=1), "key": Affine(key=1)}.get(step.attr)
@@ -64,7 +65,7 @@ def _affine(steps: tuple[Step, ...], position: int) -> Affine | None:
         return Affine(constant=int(value)) if isinstance(value, (int, float)) and value == int(value) else None
     if step.dtype not in _INTEGER:
         return None
-    parts = [_affine(steps, arg) for arg in step.args]
+    parts = [affine(steps, arg) for arg in step.args]
     if any(part is None for part in parts):
         return None
     if step.op == "cast":
@@ -97,7 +98,7 @@ def _key_bound(steps: tuple[Step, ...], position: int) -> tuple[str, int] | None
         step = dataclasses.replace(compared, op=_NEGATED[compared.op])
     if step.op not in _COMPARISONS:
         return None
-    left, right = (_affine(steps, arg) for arg in step.args)
+    left, right = (affine(steps, arg) for arg in step.args)
     if left is None or right is None:
         return None
     sign, strict = _COMPARISONS[step.op]
@@ -208,3 +209,30 @@ def filled_bias_bounds(program: Program) -> tuple[int | None, int | None, Progra
         steps.append(Step("where", (rest, kept, len(steps) - 1), None, program.dtype))
         inner = reachable(steps, len(steps) - 1)
     return bounds.get("upper"), bounds.get("lower"), inner
+
+
+@functools.lru_cache(maxsize=256)
+def relative_steps(program: Program) -> tuple[dict[int, int], frozenset[int]]:
+    """The steps that depend on the query and key indices only through ``key − query`` (T5's buckets,
+    ALiBi's distances): ({step: c} for those that are exactly ``key − query + c``, all such steps).
+
+    Such a value is Toeplitz in (query, key), so a block of rows × cols needs it only on the
+    rows + cols − 1 differences the block spans (`score_program_torch.evaluate`).
+    """
+    steps = program.steps
+    reads: list[set[str]] = []
+    for step in steps:
+        reads.append({step.attr} if step.op == "index" else set().union(*(reads[arg] for arg in step.args if arg >= 0)))
+    roots: dict[int, int] = {}
+    relative: set[int] = set()
+    for position, step in enumerate(steps):
+        if not {"query", "key"} & reads[position]:
+            continue
+        form = affine(steps, position)
+        if form is not None and form.query == -1 and form.key == 1:
+            roots[position] = form.constant
+            relative.add(position)
+        elif step.op != "index" and all(arg < 0 or arg in relative or not {"query", "key"} & reads[arg]
+                                        for arg in step.args):
+            relative.add(position)
+    return roots, frozenset(relative)

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from rewriter.kernels.program_proofs import relative_steps
 from rewriter.kernels.score_program import AXES, Program
 
 __all__ = ["evaluate", "leaf_gradients", "trace"]
@@ -40,13 +41,40 @@ def _index(axis: str, sizes: dict[str, tuple[int, int]], device) -> torch.Tensor
     return torch.arange(start, stop, device=device).view(shape)
 
 
+class _Differences:
+    """The ``key − query`` values a block spans, and how to spread a value over them onto the block."""
+
+    def __init__(self, rows, cols, device):
+        self.low = cols[0] - (rows[1] - 1)
+        count = (cols[1] - cols[0]) + (rows[1] - rows[0]) - 1
+        self.values = torch.arange(self.low, self.low + count, device=device).view(1, 1, 1, count)
+        self.index = (torch.arange(*cols, device=device).unsqueeze(0)
+                      - torch.arange(*rows, device=device).unsqueeze(1) - self.low)
+
+    def spread(self, value):
+        """A (·, ·, 1, differences) value as its (·, ·, rows, cols) block."""
+        if not isinstance(value, torch.Tensor) or value.size(-1) == 1:
+            return value
+        return value[..., self.index].squeeze(-3)
+
+
 def _run(program: Program, leaves, batch: int, heads: int, rows, cols, device, keep: bool) -> list:
     sizes = {"batch": (0, batch), "head": (0, heads), "query": rows, "key": cols}
     values: list[Any] = [None] * len(program.steps)
     last_use = program.last_use
+    roots, relative = ({}, frozenset()) if keep else relative_steps(program)
+    differences = _Differences(rows, cols, device) if relative else None
+    spread: set[int] = set()
     for position, step in enumerate(program.steps):
+        if relative and position not in relative:
+            for arg in step.args:
+                if arg in relative and arg not in spread:
+                    values[arg] = differences.spread(values[arg])
+                    spread.add(arg)
         args = [values[arg] for arg in step.args if arg >= 0]
-        if step.op == "index":
+        if position in roots:  # key − query + c, over the block's differences only
+            value = (differences.values + roots[position]).to(_dtype(step.dtype))
+        elif step.op == "index":
             value = _index(step.attr, sizes, device)
         elif step.op == "const":
             value = step.attr  # a Python scalar: torch's scalar promotion, as in the model's own code
@@ -65,6 +93,9 @@ def _run(program: Program, leaves, batch: int, heads: int, rows, cols, device, k
             for arg in step.args:
                 if arg >= 0 and last_use[arg] == position:
                     values[arg] = None
+    last = len(values) - 1
+    if last in relative and last not in spread:
+        values[last] = differences.spread(values[last])
     values[-1] = _as_tensor(values[-1], program.dtype, device)
     return values
 
@@ -75,7 +106,8 @@ def evaluate(program: Program, leaves: list[torch.Tensor], batch: int, heads: in
 
     Returns a tensor broadcastable to (batch, heads, rows[1] − rows[0], cols[1] − cols[0]) in the
     program's dtype. Each step's value is dropped after its last use, so the peak is a few
-    block-sized temporaries.
+    block-sized temporaries; the steps that depend on positions only through ``key − query`` are
+    computed once per difference the block spans (`program_proofs.relative_steps`), not per entry.
     """
     return _run(program, leaves, batch, heads, rows, cols, device, keep=False)[-1]
 
