@@ -249,13 +249,16 @@ def export_onnx(module, example_inputs, path: str, *, target: str = "auto", dyna
     `dynamic_shapes="auto"` (default) exports symbolic the batch and sequence axes that `optimize_module`
     keeps dynamic (`rewriter.export_axes`); where the exporter cannot, the example's shapes, with one
     WARNING. None exports the example's shapes; a torch.export spec chooses the axes.
-    `options` go to `optimize_module` (`memory_budget`, `chunk_size`). With `verify`, ONNX Runtime's
+    `options` go to `optimize_module` (`memory_budget`, `chunk_size`); keyword inputs of the model are not
+    taken (pass them positionally; `example_kwargs` raises TypeError). With `verify`, ONNX Runtime's
     outputs are compared with the eager module's at the example inputs, and those of a copy lowered
     with small blocks (`rewriter.verify_blocks`) at length 1 and at lengths spanning two and three
     blocks of each axis (inputs cut or repeated along their sequence axes; at the example's shapes for
     a static export); `Report.verification` says which. A difference raises `ExportVerificationError`
     and nothing is written.
     """
+    if "example_kwargs" in options:
+        raise TypeError("export_onnx takes the model's inputs positionally in example_inputs, not example_kwargs")
     check_output_path(path)
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)

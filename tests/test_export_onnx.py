@@ -346,3 +346,10 @@ def test_export_check_spans_several_blocks_and_says_so(tmp_path, monkeypatch):
     with pytest.raises(ExportVerificationError, match=r"blocks\) at input shapes"):
         rewriter.export_onnx(model, example, str(tmp_path / "bad.onnx"), dynamic_shapes=({1: torch.export.Dim.AUTO},))
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_example_kwargs_are_refused_with_a_reason(tmp_path):
+    example = tuple(torch.randn(1, 2, 12, 16) for _ in range(3))
+    with pytest.raises(TypeError, match="positionally"):
+        rewriter.export_onnx(SoftCappedAttention().eval(), example, str(tmp_path / "m.onnx"), example_kwargs={})
+    assert not (tmp_path / "m.onnx").exists()

@@ -97,3 +97,21 @@ def test_fully_masked_rows_on_onnx_runtime(module, target, tmp_path):
     with torch.no_grad():
         expected = module(*inputs).numpy()
     np.testing.assert_allclose(actual, expected, atol=1e-5, rtol=1e-4, equal_nan=True)
+
+
+class ScaledAfterFiniteFill(nn.Module):
+    """finfo.min, then a scale that takes it past fp32's range: eager's fill becomes −∞."""
+
+    def forward(self, q, k, v, mask):
+        scores = (q @ k.transpose(-1, -2)).masked_fill(~mask, torch.finfo(torch.float32).min) / 0.5
+        return scores.softmax(-1) @ v
+
+
+def test_a_fill_scaled_past_the_float_range_is_minus_infinity():
+    inputs = _inputs()
+    gm, report = rewriter.optimize_module(ScaledAfterFiniteFill(), inputs, chunk_size=(1, 4), dynamic_shapes=None)
+    assert op_count(gm) == 1, report.summary()
+    expected, actual = _outputs_and_grads(ScaledAfterFiniteFill(), inputs), _outputs_and_grads(gm, inputs)
+    assert expected[0][:, :, 2].isnan().all()
+    for want, got in zip(expected, actual):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, equal_nan=True)

@@ -35,6 +35,8 @@ from rewriter.kernels.score_program import parse
 __all__ = ["attention", "uses_fused_kernel"]
 
 def _options(scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk, zero_masked_rows) -> ScoreOptions:
+    # The fill as fp32 holds it: a fill scaled past fp32's range (finfo.min / 0.5) is −∞, as in the model.
+    mask_fill = float(torch.tensor(mask_fill, dtype=torch.float32))
     return ScoreOptions(scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk, zero_masked_rows)
 
 
