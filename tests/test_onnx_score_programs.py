@@ -36,7 +36,7 @@ B, H, HKV, D = 2, 4, 2, 8
 
 
 def _programs(offset: int = 0):
-    """keep = (key ≤ query + offset) ∧ pad[b, key] ∧ (key − query) % 3 ≠ 1;
+    """keep = (key ≤ query + offset) ∧ pad[b, key] ∧ ((key − query) % 3 ≠ 1 ∨ pad[1, key]) (a constant index);
     bias = table[min(|key − query| // 2, 7), head] − 0.5 · floor(key / 4) · (head + 1)."""
     builder = ProgramBuilder()
     query, key, batch, head = (builder.index(axis) for axis in ("query", "key", "batch", "head"))
@@ -46,6 +46,8 @@ def _programs(offset: int = 0):
                                 builder.const(1, "int64")), dtype="bool")
     keep = builder.add("logical_and", (builder.add("le", (key, shifted), dtype="bool"),
                                        builder.load("pad", [batch, key], "bool")), dtype="bool")
+    stripe = builder.add("logical_or", (stripe, builder.load("pad", [builder.const(1, "int64"), key], "bool")),
+                         dtype="bool")
     keep = builder.add("logical_and", (keep, stripe), dtype="bool")
     half = builder.add("floor_divide", (builder.add("abs", (distance,), dtype="int64"), builder.const(2, "int64")),
                        dtype="int64")

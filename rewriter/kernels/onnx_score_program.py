@@ -128,6 +128,8 @@ class ScoreProgramEmitter:
             if arg < 0:
                 continue
             position = values[arg]
+            if position is None:  # a constant index (constants are written where they are used)
+                position = _const(e, steps[arg].attr, "int64")
             if steps[arg].dtype != "int64":
                 position = e("Cast", position, to=ir.DataType.INT64)
             if steps[arg].op != "index":
