@@ -50,6 +50,14 @@ class HandWritten(nn.Module):
         return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
 
 
+class HandWrittenAdditive(nn.Module):
+    """An additive −∞ mask: on a row whose every key it hides, NaN reaches the scores' gradients too."""
+
+    def forward(self, q, k, v, mask):
+        additive = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+        return ((q @ k.transpose(-1, -2)) / 8**0.5 + additive).softmax(-1) @ v
+
+
 def _inputs():
     torch.manual_seed(0)
     q = torch.randn(2, 4, Q_LEN, 8)
@@ -66,7 +74,8 @@ def _outputs_and_grads(module, inputs):
 
 
 @pytest.mark.parametrize(("module", "row_value"), [(SdpaBoolMask(), 0.0), (SdpaFloatMask(), 0.0),
-                                                   (SafeSoftmax(), 0.0), (HandWritten(), math.nan)])
+                                                   (SafeSoftmax(), 0.0), (HandWritten(), math.nan),
+                                                   (HandWrittenAdditive(), math.nan)])
 @pytest.mark.parametrize("chunks", [(2, 4), (1, 4)])  # (1, 4): the masked row is a block of its own
 def test_fully_masked_rows_match_the_original_forward_and_backward(module, row_value, chunks):
     inputs = _inputs()

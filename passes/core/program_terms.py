@@ -95,8 +95,12 @@ def _term(builder: ProgramBuilder, operand, translate: Callable[[Any], int],
 
 
 def recover_terms(builder: ProgramBuilder, biases: list[tuple[Any, float]], masks: list[MaskStep],
-                  translate: Callable[[Any], int]) -> tuple[list[tuple[Any, float]], list[MaskStep]]:
+                  translate: Callable[[Any], int], zero_masked_rows: bool) -> tuple[list[tuple[Any, float]], list[MaskStep]]:
     """`biases` ((operand, factor)) and `masks` with each translatable operand a `ProgramTerm`.
+
+    A lone bias ``where(keep, 0, −∞)`` becomes a keep-mask only with `zero_masked_rows`: where a
+    row whose every key it hides is NaN, the bias passes that NaN to the gradients of the scores,
+    which a mask (replacing the scores) would not.
 
     `translate(operand)` adds the operand's value at (batch, head, query, key) to `builder` and
     returns its step, or raises ProgramError. Masks come back in keep form (keep_when_true).
@@ -108,7 +112,8 @@ def recover_terms(builder: ProgramBuilder, biases: list[tuple[Any, float]], mask
     recovered_biases = []
     for operand, factor in biases:
         term = _term(builder, operand, translate)
-        found = fill_mask(term.program) if term is not None and not recovered_masks and factor > 0 else None
+        convertible = term is not None and not recovered_masks and factor > 0 and zero_masked_rows
+        found = fill_mask(term.program) if convertible else None
         if found is not None and found[1] * factor == -math.inf:
             keep, fill = found
             recovered_masks.append(MaskStep(ProgramTerm(builder, absorb(builder, keep), operand), True, fill * factor))

@@ -267,6 +267,7 @@ class _Builder:
             probabilities, pv_node = _follow_probabilities(anchor, nodes)
             self._find_batch_views(chain, nodes)
             scores = self._fill_from_products(match, chain, softmax, probabilities, pv_node)
+            match.zero_masked_rows = ops.is_call(softmax, ops.SAFE_SOFTMAX)
             self._fill_masks(match, scores, chain.biases, chain.masks)
             match.query_factors = [(_query_factor(self._score_operand(node, scores, "scale"), scores), divides)
                                    for node, divides in chain.query_factors]
@@ -274,7 +275,6 @@ class _Builder:
         except (_Rejected, LabelError, BatchViewError) as error:
             return FxAttentionMatch(self._spec(match, nodes, str(error)))
         match.scale, match.softcap = chain.scale, chain.softcap
-        match.zero_masked_rows = ops.is_call(softmax, ops.SAFE_SOFTMAX)
         match.replaced = [pv_node] + nodes[::-1] + chain.nodes + [chain.product_node]
         match.spec = self._spec(match, match.replaced[::-1], None)
         return match
@@ -373,7 +373,8 @@ class _Builder:
         if self.score_programs:
             builder = ProgramBuilder()
             translator = FxProgramTranslator(self.gm, builder)
-            aligned_biases, aligned_masks = recover_terms(builder, aligned_biases, aligned_masks, translator.operand)
+            aligned_biases, aligned_masks = recover_terms(builder, aligned_biases, aligned_masks, translator.operand,
+                                                          match.zero_masked_rows)
         try:
             sort_score_terms(match, aligned_biases, aligned_masks, bias_offset, mask_offset)
         except ChainError as error:
@@ -442,6 +443,7 @@ class _Builder:
                     biases.append((mask, 1.0))
                 else:
                     masks.append(MaskStep(mask, keep_when_true=True, fill=-math.inf))
+            match.zero_masked_rows = True  # SDPA gives 0 for a row whose every key is masked
             self._fill_masks(match, ScoreAxes(batch + "MP", scores_shape, batch, "M", "P"), biases, masks)
             if is_causal:
                 if match.causal:
@@ -451,7 +453,6 @@ class _Builder:
             match.spec = dataclasses.replace(match.spec, reason=str(error))
             return match
         match.scale = scale if scale is not None else 1.0 / math.sqrt(_shape(q)[-1])
-        match.zero_masked_rows = True  # SDPA gives 0 for a row whose every key is masked
         match.replaced = [node]
         match.spec = self._spec(match, [node], None)
         return match

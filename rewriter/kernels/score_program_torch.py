@@ -18,7 +18,7 @@ _TORCH_OPS = {
     "floor_divide": torch.floor_divide, "remainder": torch.remainder, "neg": torch.neg, "abs": torch.abs,
     "log": torch.log, "exp": torch.exp, "floor": torch.floor, "ceil": torch.ceil,
     "minimum": torch.minimum, "maximum": torch.maximum,
-    "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge, "eq": torch.eq, "ne": torch.ne,
+    "lt": operator.lt, "le": operator.le, "gt": operator.gt, "ge": operator.ge, "eq": operator.eq, "ne": operator.ne,
     "logical_and": torch.logical_and, "logical_or": torch.logical_or, "logical_xor": torch.logical_xor,
     "logical_not": torch.logical_not, "where": torch.where,
 }
