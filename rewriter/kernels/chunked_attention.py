@@ -36,11 +36,10 @@ import math
 
 import torch
 
-from rewriter.kernels.program_proofs import EFFECTIVELY_NEG_INF
 from rewriter.kernels.score_program import Program
 from rewriter.kernels.score_program_torch import evaluate, leaf_gradients, trace
 
-__all__ = ["EFFECTIVELY_NEG_INF", "BlockTerms", "ScoreOptions", "ScoreTerms", "chunked_attention_forward",
+__all__ = ["BlockTerms", "ScoreOptions", "ScoreTerms", "chunked_attention_forward",
            "chunked_attention_backward"]
 
 
