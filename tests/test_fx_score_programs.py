@@ -40,6 +40,9 @@ def _hf_model(family: str, implementation: str) -> torch.nn.Module:
         model = transformers.GPT2Model(transformers.GPT2Config(
             n_embd=64, n_head=4, n_layer=2, vocab_size=100, bos_token_id=0, eos_token_id=0, use_cache=False,
             attn_implementation=implementation))
+    elif family == "bloom":  # ALiBi on merged (batch·heads) scores, viewed to (B, H, L, L) around the mask
+        model = transformers.BloomModel(transformers.BloomConfig(
+            hidden_size=64, n_head=4, n_layer=2, vocab_size=100, use_cache=False, attn_implementation=implementation))
     else:
         model = transformers.T5EncoderModel(transformers.T5Config(
             d_model=64, d_ff=128, num_heads=4, d_kv=16, num_layers=2, vocab_size=100, use_cache=False))
@@ -118,6 +121,7 @@ HF_CASES = [
     ("bert", "eager", False, False, True, -math.inf),
     ("mistral", "sdpa", True, True, False, -math.inf),  # sliding window 5 < length: the band is the mask program
     ("gpt2", "eager", False, False, True, -math.inf),
+    ("bloom", "eager", False, False, True, -math.inf),  # ALiBi (B·H, 1, L) read at batch·H + head, plus the mask
     ("t5", "sdpa", False, False, True, -math.inf),  # relative position buckets + padding: one bias program
 ]
 

@@ -18,11 +18,12 @@ import dataclasses
 import logging
 import math
 
+import sympy
 from torch.fx import Node
 
 from passes.fx import aten_vocabulary as ops
 
-__all__ = ["FINE", "MERGED", "BatchSplit", "batch_split", "expand", "is_batch_view", "split_shape"]
+__all__ = ["FINE", "MERGED", "BatchSplit", "batch_split", "expand", "is_batch_view", "split_shape", "unflatten_sizes"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,27 +36,37 @@ class BatchViewError(ValueError):
 
 
 def _sizes(node) -> tuple | None:
+    """Sizes of `node`: ints, or sympy expressions for dynamic sizes (compared without guards)."""
     meta = ops.tensor_meta(node)
-    return None if meta is None else tuple(meta.shape)
+    return None if meta is None else tuple(size if isinstance(size, int) else size.node.expr for size in meta.shape)
+
+
+def _same(first, second) -> bool:
+    """Two sizes (ints or sympy expressions) that are equal for every value of their symbols."""
+    return sympy.expand(first - second) == 0
 
 
 def is_batch_view(node: Node) -> bool:
-    """A reshape/view keeping the two trailing sizes and the number of elements before them."""
+    """A reshape/view keeping the two trailing sizes and the number of elements before them.
+
+    Dynamic sizes (HF BLOOM exported with a dynamic batch and length: (4·s0, s1, s1) viewed as
+    (s0, 4, s1, s1)) are compared as polynomials in their symbols, so no guard is added.
+    """
     if not ops.is_call(node, ops.RESHAPE):
         return False
     before, after = _sizes(node.args[0]), _sizes(node)
     if before is None or after is None or len(before) < 3 or len(after) < 3:
         return False
-    if not all(isinstance(size, int) for size in before + after):
-        return False  # dynamic sizes: not proven here
-    return before[-2:] == after[-2:] and math.prod(before[:-2]) == math.prod(after[:-2])
+    return all(_same(a, b) for a, b in zip(before[-2:], after[-2:])) and _same(
+        math.prod(before[:-2]), math.prod(after[:-2]))
 
 
 @dataclasses.dataclass(frozen=True)
 class BatchSplit:
-    """The (batch, heads) sizes the merged (batch·heads) axis of a block splits into."""
+    """The (batch, heads) sizes the merged (batch·heads) axis of a block splits into (ints or
+    sympy expressions; at most one of them dynamic, see `unflatten_sizes`)."""
 
-    sizes: tuple[int, int]
+    sizes: tuple
 
     @property
     def merged(self) -> int:
@@ -76,7 +87,7 @@ def batch_split(shapes: list[tuple]) -> BatchSplit | None:
     split = [prefix for prefix in prefixes if len(prefix) == 2]
     merged = [prefix for prefix in prefixes if len(prefix) == 1]
     if len(split) != 1 or len(split) + len(merged) != len(prefixes) or any(
-            prefix[0] != math.prod(split[0]) for prefix in merged):
+            not _same(prefix[0], math.prod(split[0])) for prefix in merged):
         raise BatchViewError(
             "views between the products and softmax reshape more than the batch and head axes "
             f"(batch axes {sorted(prefixes)})")
@@ -91,10 +102,20 @@ def expand(labels: str) -> str:
 def split_shape(shape: tuple, position: int, split: BatchSplit) -> tuple:
     """`shape` with its merged axis at `position` viewed as (B, H), or as (1, 1) where it broadcasts."""
     size = shape[position]
-    if size == split.merged:
+    if _same(size, split.merged):
         parts = split.sizes
     elif size == 1:
         parts = (1, 1)
     else:
         raise BatchViewError(f"an operand of batch size {size} does not view as {split.sizes}")
     return tuple(shape[:position]) + tuple(parts) + tuple(shape[position + 1:])
+
+
+def unflatten_sizes(parts: tuple) -> list[int]:
+    """The (batch, heads) sizes of a split as `unflatten` takes them: a dynamic one becomes −1.
+
+    Raises BatchViewError when both are dynamic (the split would not be determined by the sizes).
+    """
+    if not any(isinstance(part, int) for part in parts):
+        raise BatchViewError(f"a (batch·heads) axis splits into two dynamic sizes {parts}")
+    return [part if isinstance(part, int) else -1 for part in parts]

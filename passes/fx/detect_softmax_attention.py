@@ -179,6 +179,7 @@ def _split_operand(operand: Operand, split: BatchSplit | None) -> Operand:
         return dataclasses.replace(operand, order=expand(operand.order))
     try:
         view = batch_views.split_shape(_shape(operand.node), operand.labels.index(MERGED), split)
+        batch_views.unflatten_sizes(view[operand.labels.index(MERGED):][:2])
     except BatchViewError as error:
         raise _Rejected(str(error)) from None
     return Operand(operand.node, expand(operand.labels), expand(operand.order), view)

@@ -23,6 +23,7 @@ import rewriter.kernels.attention_op  # noqa: F401  (registers torch.ops.rewrite
 from passes.core.attention_spec import ChunkSizes
 from passes.core.program_terms import ProgramTerm, combined_bias, compact_leaves
 from passes.fx import aten_vocabulary as ops
+from passes.fx.batch_views import FINE, unflatten_sizes
 from passes.fx.detect_softmax_attention import FxAttentionMatch, Operand
 
 __all__ = ["RewriteSoftmaxAttention"]
@@ -35,7 +36,9 @@ def _arrange(graph: Graph, operand: Operand) -> Node:
     """`operand` as a 4-D (batch, heads, rows, cols) view: absent labels become size-1 axes."""
     node, labels = operand.node, operand.labels
     if operand.view_shape is not None:  # a merged (batch·heads) axis, split as `labels` name it
-        node = graph.call_function(aten.reshape.default, (node, list(operand.view_shape)))
+        position = labels.index(FINE[0])
+        parts = unflatten_sizes(operand.view_shape[position:position + 2])
+        node = graph.call_function(aten.unflatten.int, (node, position, parts))
     for label in operand.order:
         if label not in labels:
             node = graph.call_function(aten.unsqueeze.default, (node, len(labels)))
@@ -73,7 +76,8 @@ def _restore_layout(graph: Graph, node: Node, match: FxAttentionMatch) -> Node:
         node = graph.call_function(aten.permute.default, (node, order))
     original = ops.tensor_meta(match.output)
     if len(match.out_labels) != original.dim():  # the model's output merges (batch, heads)
-        node = graph.call_function(aten.reshape.default, (node, list(original.shape)))
+        position = match.out_labels.index(FINE[0])
+        node = graph.call_function(aten.flatten.using_ints, (node, position, position + 1))
     else:
         node = _with_memory_order_of(graph, node, order, original)
     if match.cast_output_to is not None:

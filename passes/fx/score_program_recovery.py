@@ -30,6 +30,7 @@ from passes.core.causal_proofs import causal_offset_of_keep
 from passes.core.program_terms import negate
 from passes.core.score_programs import ProgramBuilder, ProgramError
 from passes.fx import aten_vocabulary as ops
+from passes.fx.batch_views import FINE, MERGED
 from passes.fx.index_views import constant_integer, dtype_name, is_one, shape_of, source_positions
 
 __all__ = ["FxProgramTranslator"]
@@ -128,13 +129,31 @@ class FxProgramTranslator:
 
         `operand.order` names the scores' axes in kernel order (batch, heads, query, key; or batch,
         query, key; or query, key) and `operand.labels` the node's axes among them.
+        An operand viewed through a (batch·heads) split (`operand.view_shape`, BLOOM's ALiBi on
+        (B·H, 1, Lk)) is read at ``batch · H + head`` on its merged axis, for a static head count H.
         """
-        if operand.view_shape is not None:
-            raise ProgramError(f"'{operand.node.name}' is applied through a (batch·heads) view")
         roles = _ROLES[len(operand.order)]
-        shape = shape_of(operand.node)
-        indices = [-1 if is_one(size) else self.builder.index(roles[operand.order.index(label)])
-                   for label, size in zip(operand.labels, shape)]
+
+        def index(label: str) -> int:
+            return self.builder.index(roles[operand.order.index(label)])
+
+        labels = operand.labels
+        if operand.view_shape is not None:
+            position = labels.index(FINE[0])
+            heads = operand.view_shape[position + 1]
+            if not isinstance(heads, int):
+                raise ProgramError(f"'{operand.node.name}' is applied through a (batch·heads) view "
+                                   f"with a dynamic head count")
+            labels = labels[:position] + MERGED + labels[position + 2:]
+        indices = []
+        for label, size in zip(labels, shape_of(operand.node)):
+            if is_one(size):
+                indices.append(-1)
+            elif label == MERGED:
+                batch = self.builder.add("mul", (index(FINE[0]), self.builder.const(heads, "int64")), None, "int64")
+                indices.append(self.builder.add("add", (batch, index(FINE[1])), None, "int64"))
+            else:
+                indices.append(index(label))
         return self.translate(operand.node, indices)
 
     # — the translation —
