@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -21,6 +20,7 @@ import onnx_ir as ir
 import onnxruntime
 import pytest
 
+from onnx_builders import blocks_run
 from passes.core.score_programs import ProgramBuilder
 from rewriter.kernels.key_range import KeyRange, key_range
 from rewriter.kernels.onnx_chunked_attention import build_chunked_attention
@@ -159,33 +159,18 @@ def test_reference_handles_finite_rows_as_uniform():
     np.testing.assert_allclose(out[0, :, 1], np.repeat(feeds["v"], 2, 1)[0].mean(1), rtol=1e-6)
 
 
-def _blocks_run(model: onnx.ModelProto, feeds: dict, tmp_path) -> int:
-    """Key blocks the Loop runs, from ONNX Runtime's profile (it lists every node run inside Loop bodies;
-    a block runs two MatMuls: Q·Kᵀ and P·V)."""
-    options = onnxruntime.SessionOptions()
-    options.enable_profiling, options.profile_file_prefix = True, str(tmp_path / "profile")
-    session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    session.run(None, feeds)
-    with open(session.end_profiling()) as profile:
-        events = json.load(profile)
-    matmuls = sum(1 for event in events if event.get("cat") == "Node" and "MatMul" in event["name"]
-                  and event["name"].endswith("_kernel_time"))
-    assert matmuls % 2 == 0
-    return matmuls // 2
-
-
 def _needed_blocks(keep: np.ndarray, q_chunk: int, k_chunk: int) -> int:
-    """Blocks of k_chunk keys spanning, for each chunk of rows, the first to the last key one of them keeps."""
+    """Blocks of the k_chunk grid from, for each chunk of rows, the first to the last key one of them keeps."""
     lq = keep.shape[-2]
     kept_anywhere = keep.reshape(-1, lq, keep.shape[-1]).any(0)
     total = 0
     for q0 in range(0, lq, q_chunk):
         keys = np.flatnonzero(kept_anywhere[q0:q0 + q_chunk].any(0))
-        total += math.ceil((keys[-1] - keys[0] + 1) / k_chunk) if keys.size else 0
+        total += keys[-1] // k_chunk - keys[0] // k_chunk + 1 if keys.size else 0
     return total
 
 
-@pytest.mark.parametrize("k_chunk", [3, 4])  # 4: a window chunk spans 4 + 5 − 1 = 8 keys, one more needs a third block
+@pytest.mark.parametrize("k_chunk", [3, 4])
 @pytest.mark.parametrize("lengths", [(16, 16), (9, 20), (20, 9)])
 @pytest.mark.parametrize("kind", ["causal-flag", "program-causal", "window", "bias-window"])
 def test_loop_runs_only_the_blocks_rows_may_keep(kind, lengths, k_chunk, tmp_path):
@@ -202,7 +187,7 @@ def test_loop_runs_only_the_blocks_rows_may_keep(kind, lengths, k_chunk, tmp_pat
         keep = _dense_keep(lq, lk, upper, with_window, np.ones((1, lk), bool))
     model = _model(dict(options, q_chunk=q_chunk, k_chunk=k_chunk), padded=False)
     feeds = _feeds(1, lq, lk, None)
-    assert _blocks_run(model, feeds, tmp_path) == _needed_blocks(keep, q_chunk, k_chunk)
+    assert blocks_run(model.SerializeToString(), feeds, tmp_path) == _needed_blocks(keep, q_chunk, k_chunk)
     unbounded = math.ceil(lq / q_chunk) * math.ceil(lk / k_chunk)
     assert _needed_blocks(keep, q_chunk, k_chunk) < unbounded
 
@@ -214,10 +199,10 @@ def test_finite_fill_visits_the_skipped_keys_only_for_chunks_with_a_row_keeping_
     model = _model(dict(bias_program=bias, q_chunk=4, k_chunk=4), padded=True)
     keep_all = _dense_keep(lq, lk, 0, None, np.ones((1, lk), bool))
     skipping = _needed_blocks(keep_all, 4, 4)
-    assert _blocks_run(model, _feeds(1, lq, lk, np.ones((1, lk), bool)), tmp_path) == skipping
+    assert blocks_run(model.SerializeToString(), _feeds(1, lq, lk, np.ones((1, lk), bool)), tmp_path) == skipping
     pad = _padding(1, lk, hidden_prefix=2)  # rows 0 and 1 keep no key: chunk 0 also visits keys 4:12
     feeds = _feeds(1, lq, lk, pad)
-    assert _blocks_run(model, feeds, tmp_path) == skipping + 2
+    assert blocks_run(model.SerializeToString(), feeds, tmp_path) == skipping + 2
     got = onnxruntime.InferenceSession(model.SerializeToString()).run(None, feeds)[0]
     want = _reference(feeds["q"], feeds["k"], feeds["v"], _dense_keep(lq, lk, 0, None, pad), FINFO_MIN)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

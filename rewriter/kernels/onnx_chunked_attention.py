@@ -15,9 +15,9 @@ applied to each query block; the output is written by the loop in (B, H, L, D) o
     Loop i < ceil(Lq / qc)                     qc = min(q_chunk, Lq); scan output: out block
     │  q0 = i·qc   q1 = min(q0 + qc, Lq)   qb = fp32(qg[q0:q1]) as (B,Hkv,G,rows,D) · scale
     │  ks:ke = the keys rows q0:q1 may keep (`key_range`: the causal flag, a program's causal or
-    │       window bounds; 0:Lk when nothing is proven)      nk = ceil((ke − ks) / kc)
+    │       window bounds; 0:Lk when nothing is proven)   f = ⌊ks / kc⌋   nk = ⌈ke / kc⌉ − f
     │  Loop j < nk                             carries m = −∞, l = 0, acc = 0
-    │  │  k0 = ks + j·kc   k1 = min(k0 + kc, ke)   S = qb · fp32(kg[k0:k1]) as (B,Hkv,1,D,keys)
+    │  │  k0 = (f + j)·kc   k1 = min(k0 + kc, Lk)   S = qb · fp32(kg[k0:k1]) as (B,Hkv,1,D,keys)
     │  │  S = softcap·tanh(S) → S + bias[q0:q1, k0:k1] → where(mask[q0:q1, k0:k1], S, fill)
     │  │      (a bias or mask given as a score program is computed here for rows q0:q1, keys
     │  │       k0:k1 from its leaves: `onnx_score_program`; nothing Lq × Lk exists)
@@ -25,8 +25,8 @@ applied to each query block; the output is written by the loop in (B, H, L, D) o
     │  │  m' = max(m, rowmax S)   r = max(m', −FLT_MAX)   P = exp(S − r)   a = exp(m − r)
     │  │  l = a·l + rowsum P   acc = a·acc + P · fp32(vg[k0:k0+kc]) as (B,Hkv,1,keys,Dv)   m = m'
     │  └─
-    │  (a finite fill outside the bounds: Loop over keys 0:ks and ke:Lk too, carrying m, l, acc, with
-    │   no trips unless some row's m is within 110 of the fill, e.g. a row with every key hidden)
+    │  (a finite fill outside the bounds: Loop over the other blocks too, carrying m, l, acc, with no
+    │   trips unless some row's m is within 110 of the fill, e.g. a row with every key hidden)
     │  out block = Pad(acc / l in q's dtype, in the output layout) to qc rows
     └─
     (nq, B,Hkv,G,qc,Dv) ─Transpose─Reshape→ (B,H,nq·qc,Dv) ─Slice(:Lq)→ out (B,H,Lq,Dv)
@@ -37,7 +37,7 @@ two copies at the end whatever the form; the Transpose and Slice after it each f
 so they add time but no peak (a sequence of unpadded blocks, ConcatFromSequence'd, measured the
 same peak on ORT 1.32: its SequenceInsert copies the sequence).
 
-Blocks outside ks:ke are never visited, so they cost nothing: for a causal block about half the
+Blocks holding none of ks:ke are never visited, so they cost nothing: for a causal block about half the
 blocks, for a sliding window all but the band's. Skipping is exact (`key_range`): keys outside the
 bounds score −∞ (adding nothing; a row keeping no key is NaN either way), or a finite fill that
 exp() takes to exactly 0 in rows with a score more than 110 above it; other rows visit them.
@@ -209,13 +209,12 @@ class _Builder:
         l0 = b("ConstantOfShape", row_shape, value=ir.tensor([0.0], dtype=_FLOAT))
         acc_shape = b("Concat", lead, b.shape(vg[0], start=4), axis=0)
         acc0 = b("ConstantOfShape", acc_shape, value=ir.tensor([0.0], dtype=_FLOAT))
-        start, stop = self._key_span(b, q0, q1)
+        first, n_k = self._key_blocks(b, q0, q1)
         block_inputs = (qb, kg, vg, rows, diagonal, emitters, block_positions)
-        visited = self._key_body(*block_inputs, self._span_blocks(start, stop))
-        n_k = self._ceil_div(b, b("Sub", stop, start), self.k_chunk)
+        visited = self._key_body(*block_inputs, lambda body, j: body("Add", first, j))
         m, row_sum, acc = b("Loop", b("Squeeze", n_k), None, m0, l0, acc0, body=visited, outputs=3)
         if self.keys.fill is not None:
-            row_sum, acc = self._skipped_keys(b, block_inputs, start, stop, m, row_sum, acc)
+            row_sum, acc = self._skipped_blocks(b, block_inputs, first, n_k, m, row_sum, acc)
         block = b("Div", acc, row_sum)
         if dtype != _FLOAT:
             block = b("Cast", block, to=dtype)
@@ -231,47 +230,45 @@ class _Builder:
         out = typed(b("Pad", block, pad), dtype)
         return b.graph([i, cond], [typed(b("Identity", cond), _BOOL), out], "query_chunk")
 
-    def _key_span(self, b: Emitter, q0: ir.Value, q1: ir.Value) -> tuple[ir.Value, ir.Value]:
-        """[start], [stop]: the keys rows q0:q1 may keep (`KeyRange.span`, computed in the query body)."""
+    def _key_blocks(self, b: Emitter, q0: ir.Value, q1: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """[first], [count]: the blocks of the kc grid holding the keys rows q0:q1 may keep
+        (`KeyRange.span`). Blocks stay on the grid, so every block but the one at Lk has kc keys, as
+        without bounds (blocks of varying sizes split ORT's arena: more peak)."""
         upper, lower = self.keys.upper, self.keys.lower
+        if upper is None and lower is None:
+            return self.zero, self._ceil_div(b, self.k_len, self.k_chunk)
         stop = self.k_len if upper is None else b("Min", b("Max", b("Add", q1, self.e.const([upper])), self.zero),
                                                   self.k_len)
-        start = self.zero if lower is None else b("Min", b("Max", b("Add", q0, self.e.const([lower])), self.zero),
-                                                  stop)
-        return start, stop
+        if lower is None:
+            return self.zero, self._ceil_div(b, stop, self.k_chunk)
+        start = b("Min", b("Max", b("Add", q0, self.e.const([lower])), self.zero), stop)
+        first = b("Div", start, self.k_chunk)
+        count = b("Sub", self._ceil_div(b, stop, self.k_chunk), first)
+        return first, b("Where", b("Greater", stop, start), count, self.zero)
 
-    def _span_blocks(self, start: ir.Value, stop: ir.Value):
-        """Block j of keys start:stop is keys k0 = start + j·kc up to min(k0 + kc, stop)."""
-        def keys(b: Emitter, j: ir.Value) -> tuple[ir.Value, ir.Value]:
-            k0 = b("Add", start, b("Mul", j, self.k_chunk))
-            return k0, b("Min", b("Add", k0, self.k_chunk), stop)
-        return keys
-
-    def _skipped_keys(self, b: Emitter, block_inputs, start, stop, m, row_sum, acc) -> tuple[ir.Value, ir.Value]:
-        """(l, acc) after also visiting keys 0:start and stop:Lk when a row of the chunk has no score more
-        than `UNDERFLOW` above the finite fill there (e.g. every key hidden): then they count in the
-        original. Otherwise a Loop of no trips, which returns its initial values."""
-        before = self._ceil_div(b, start, self.k_chunk)
-        skipped = b("Add", before, self._ceil_div(b, b("Sub", self.k_len, stop), self.k_chunk))
+    def _skipped_blocks(self, b: Emitter, block_inputs, first, count, m, row_sum, acc) -> tuple[ir.Value, ir.Value]:
+        """(l, acc) after also visiting the blocks before `first` and from first + count on, when a row of
+        the chunk has no score more than `UNDERFLOW` above the finite fill (e.g. every key hidden): then
+        those keys count in the original. Otherwise a Loop of no trips, which returns its initial values."""
+        skipped = b("Sub", self._ceil_div(b, self.k_len, self.k_chunk), count)
         threshold = self.e.const(np.float32(self.keys.fill + UNDERFLOW), np.float32)
         exact = b("Greater", b("ReduceMin", m, keepdims=0), threshold)
         trips = b("Squeeze", b("Where", exact, self.zero, skipped))
 
-        def keys(body: Emitter, j: ir.Value) -> tuple[ir.Value, ir.Value]:
-            first = body("Less", j, before)
-            k0 = body("Where", first, body("Mul", j, self.k_chunk),
-                      body("Add", stop, body("Mul", body("Sub", j, before), self.k_chunk)))
-            return k0, body("Min", body("Add", k0, self.k_chunk), body("Where", first, start, self.k_len))
+        def block(body: Emitter, j: ir.Value) -> ir.Value:
+            return body("Where", body("Less", j, first), j, body("Add", j, count))
 
-        _, row_sum, acc = b("Loop", trips, None, m, row_sum, acc, body=self._key_body(*block_inputs, keys), outputs=3)
+        body = self._key_body(*block_inputs, block)
+        _, row_sum, acc = b("Loop", trips, None, m, row_sum, acc, body=body, outputs=3)
         return row_sum, acc
 
-    def _key_body(self, qb, kg, vg, rows, diagonal, emitters, positions, keys) -> ir.Graph:
-        """One block of keys: `keys(body, j)` gives its [k0], [k_end]."""
+    def _key_body(self, qb, kg, vg, rows, diagonal, emitters, positions, block) -> ir.Graph:
+        """Trip j visits grid block `block(body, j)` ([index]): keys k0 = index·kc to min(k0 + kc, Lk)."""
         b = self.e.subgraph()
         j, cond = ir.val(b.name("j"), _INT64, []), ir.val(b.name("cond"), _BOOL, [])
         m, row_sum, acc = (ir.val(b.name(tag), _FLOAT, [None] * 5) for tag in ("m", "l", "acc"))
-        k0, k1 = keys(b, j)
+        k0 = b("Mul", block(b, j), self.k_chunk)
+        k1 = b("Min", b("Add", k0, self.k_chunk), self.k_len)
         # Everything else a step reads is sliced or built before S: made after S is freed, these
         # small tensors split the arena's S-sized free chunks (~16 MiB more peak on ORT 1.32).
         vb = self._read_block(b, vg, k0, k1)
