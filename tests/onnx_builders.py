@@ -9,6 +9,7 @@ runs the original and the rewritten model on ONNX Runtime and compares every out
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -276,3 +277,19 @@ def assert_parity(model: onnx.ModelProto, sizes_list, *, target: str, rewrites: 
 
 def op_types(model: onnx.ModelProto) -> list[str]:
     return [node.op_type for node in model.graph.node]
+
+
+def blocks_run(model: bytes, feeds: dict, tmp_path, name_part: str = "") -> int:
+    """Key blocks the chunked Loops run, from ONNX Runtime's profile: it lists every node run inside
+    Loop bodies, and a block runs two MatMuls (Q·Kᵀ and P·V). With `name_part`, only MatMuls whose
+    name holds it count (the model's own projections are MatMuls too)."""
+    options = ort.SessionOptions()
+    options.enable_profiling, options.profile_file_prefix = True, str(tmp_path / "profile")
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    session.run(None, feeds)
+    with open(session.end_profiling()) as profile:
+        events = json.load(profile)
+    matmuls = sum(1 for event in events if event.get("cat") == "Node" and event["name"].endswith("_kernel_time")
+                  and "MatMul" in event["name"] and name_part in event["name"])
+    assert matmuls % 2 == 0
+    return matmuls // 2

@@ -124,3 +124,50 @@ def test_a_fill_scaled_past_the_float_range_is_minus_infinity():
     assert expected[0][:, :, 2].isnan().all()
     for want, got in zip(expected, actual):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, equal_nan=True)
+
+
+class PaddedCausal(nn.Module):
+    """Causal attention with a (B, L) key padding mask (left padding hides every key of the first rows),
+    as SDPA (0 on those rows), a −∞ fill (NaN) or a finfo.min fill (V averaged over all keys)."""
+
+    def __init__(self, fill: str):
+        super().__init__()
+        self.fill = fill
+
+    def forward(self, q, k, v, pad):
+        positions = torch.arange(q.shape[-2])
+        keep = (positions[None, :] <= positions[:, None]) & pad[:, None, None, :]
+        if self.fill == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        value = float("-inf") if self.fill == "-inf" else torch.finfo(torch.float32).min
+        return ((q @ k.transpose(-1, -2)) / 8**0.5).masked_fill(~keep, value).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("fill, row_value", [("sdpa", 0.0), ("-inf", math.nan), ("finfo.min", None)])
+def test_fully_masked_rows_of_a_skipping_loop(fill, row_value, tmp_path):
+    """The chunked Loop visits only keys up to the diagonal (the mask is a program of the padding input);
+    rows keeping no key still give the original's value: 0, NaN, or V's mean over all keys."""
+    from onnx_builders import blocks_run
+
+    module, length = PaddedCausal(fill), 7
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, length, 8) for _ in range(3))
+    pad = torch.ones(2, length, dtype=torch.bool)
+    pad[1, :3] = False  # batch 1, rows 0..2: no key
+    path = tmp_path / "m.onnx"
+    report = rewriter.export_onnx(module, (q, k, v, pad), str(path), target="chunked", verify=False,
+                                  chunk_size=(2, 3), dynamic_shapes=None)
+    assert [match.rewritten for match in report.matches] == [True], report.summary()
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = dict(zip([value.name for value in session.get_inputs()], (x.numpy() for x in (q, k, v, pad))))
+    (actual,) = session.run(None, feeds)
+    with torch.no_grad():
+        expected = module(q, k, v, pad).numpy()
+    np.testing.assert_allclose(actual, expected, atol=1e-5, rtol=1e-4, equal_nan=True)
+    rows = actual[1, :, :3]
+    if row_value is None:
+        np.testing.assert_allclose(rows, np.broadcast_to(v[1].mean(-2, keepdim=True).numpy(), rows.shape), rtol=1e-5)
+    else:
+        assert (np.isnan(rows).all() if math.isnan(row_value) else (rows == row_value).all())
+    grid = math.ceil(length / 2) * math.ceil(length / 3)
+    assert blocks_run(path.read_bytes(), feeds, tmp_path, "chunked") < grid

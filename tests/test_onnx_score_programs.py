@@ -8,6 +8,8 @@
   rows, the T5 encoder replica of `model_families` with its bucket-table bias, a hand-written ALiBi +
   sliding-window block): the optimised graph has no n×n value and no
   mask producers left, ORT equals the original at two lengths, the report says rewritten;
+- block skipping on HF eager LLaMA's ``where(mask, 0, finfo.min)``: the Loop runs the causal blocks
+  only, and the skipped keys too in chunks where left padding hides every key of a row;
 - near-misses: an n×n boolean input stays a tensor (and MultiHeadAttention may still take it);
   MultiHeadAttention refuses a program.
 """
@@ -28,6 +30,7 @@ import torch
 import rewriter
 import rewriter.kernels.attention_op  # noqa: F401
 from model_families import T5EncoderModel
+from onnx_builders import blocks_run
 from passes.core.score_programs import ProgramBuilder
 from rewriter.kernels.onnx_chunked_attention import build_chunked_attention
 from rewriter.kernels.onnx_emitter import standalone_model
@@ -285,3 +288,22 @@ def test_multi_head_attention_refuses_a_program():
     optimized, report = rewriter.optimize_onnx(onnx.load_from_string(_exported("bert-sdpa")), target="ort")
     assert not any(match.rewritten for match in report.matches)
     assert all("score program" in match.reason for match in report.matches), report.summary()
+
+
+def test_causal_blocks_of_a_finite_fill_bias_are_skipped(tmp_path):
+    """HF eager LLaMA's where(causal ∧ padding, 0, finfo.min): each query chunk visits keys up to the
+    diagonal; chunks where left padding hides every key of a row visit the others too (there the
+    original averages V over all keys)."""
+    optimized, report = rewriter.optimize_onnx(onnx.load_from_string(_exported("llama-eager")), chunk_size=(4, 4))
+    assert all(match.rewritten for match in report.matches), report.summary()
+    model, names = optimized.SerializeToString(), ("ids", "attention_mask")
+    feeds = _ids(EXPORT_LEN)
+    feeds["attention_mask"][:] = 1
+    chunks = EXPORT_LEN // 4
+    causal = sum(range(1, chunks + 1))  # chunk i (4 rows) visits keys 0:4(i + 1): i + 1 blocks
+    assert blocks_run(model, dict(zip(names, feeds.values())), tmp_path, "chunked") == 2 * causal  # two layers
+    feeds = _ids(EXPORT_LEN)  # batch 1 hides keys 0:8: its rows 0..7 keep none, in chunks 0 and 1
+    revisited = (chunks - 1) + (chunks - 2)  # the keys past each chunk's diagonal
+    assert blocks_run(model, dict(zip(names, feeds.values())), tmp_path, "chunked") == 2 * (causal + revisited)
+    want = _outputs(_exported("llama-eager"), EXPORT_LEN)
+    np.testing.assert_allclose(_outputs(model, EXPORT_LEN), want, rtol=1e-4, atol=1e-5, equal_nan=True)

@@ -36,6 +36,7 @@ import math
 
 import torch
 
+from rewriter.kernels.key_range import UNDERFLOW as _UNDERFLOW
 from rewriter.kernels.score_program import Program
 from rewriter.kernels.score_program_torch import evaluate, leaf_gradients, trace
 
@@ -53,10 +54,6 @@ class ScoreOptions:
     q_chunk: int = 1024
     k_chunk: int = 4096
     zero_masked_rows: bool = False  # rows whose every key is masked give 0 (SDPA, _safe_softmax), not NaN
-
-
-# exp(x) rounds to exactly 0 in fp32 for x < −103.98 (the smallest subnormal is 1.4e−45).
-_UNDERFLOW = 110.0
 
 
 @dataclasses.dataclass

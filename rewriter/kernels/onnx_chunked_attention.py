@@ -14,17 +14,19 @@ applied to each query block; the output is written by the loop in (B, H, L, D) o
     q, k, v ─(split heads: Reshape/Unsqueeze, views)→ qg, kg, vg
     Loop i < ceil(Lq / qc)                     qc = min(q_chunk, Lq); scan output: out block
     │  q0 = i·qc   q1 = min(q0 + qc, Lq)   qb = fp32(qg[q0:q1]) as (B,Hkv,G,rows,D) · scale
-    │  nk = ceil(clamp(q1 + offset, 0, Lk) / kc)  when causal (blocks above the diagonal
-    │       are never visited), else ceil(Lk / kc)
+    │  ks:ke = the keys rows q0:q1 may keep (`key_range`: the causal flag, a program's causal or
+    │       window bounds; 0:Lk when nothing is proven)   f = ⌊ks / kc⌋   nk = ⌈ke / kc⌉ − f
     │  Loop j < nk                             carries m = −∞, l = 0, acc = 0
-    │  │  k0 = j·kc   S = qb · fp32(kg[k0:k0+kc]) as (B,Hkv,1,D,keys)
-    │  │  S = softcap·tanh(S) → S + bias[q0:q1, k0:k0+kc] → where(mask[q0:q1, k0:k0+kc], S, fill)
+    │  │  k0 = (f + j)·kc   k1 = min(k0 + kc, Lk)   S = qb · fp32(kg[k0:k1]) as (B,Hkv,1,D,keys)
+    │  │  S = softcap·tanh(S) → S + bias[q0:q1, k0:k1] → where(mask[q0:q1, k0:k1], S, fill)
     │  │      (a bias or mask given as a score program is computed here for rows q0:q1, keys
-    │  │       k0:k0+kc from its leaves: `onnx_score_program`; nothing Lq × Lk exists)
+    │  │       k0:k1 from its leaves: `onnx_score_program`; nothing Lq × Lk exists)
     │  │  S + If(the causal diagonal crosses this block, (rows, keys) tile of 0 / −∞, zeros)
     │  │  m' = max(m, rowmax S)   r = max(m', −FLT_MAX)   P = exp(S − r)   a = exp(m − r)
     │  │  l = a·l + rowsum P   acc = a·acc + P · fp32(vg[k0:k0+kc]) as (B,Hkv,1,keys,Dv)   m = m'
     │  └─
+    │  (a finite fill outside the bounds: Loop over the other blocks too, carrying m, l, acc, with no
+    │   trips unless some row's m is within 110 of the fill, e.g. a row with every key hidden)
     │  out block = Pad(acc / l in q's dtype, in the output layout) to qc rows
     └─
     (nq, B,Hkv,G,qc,Dv) ─Transpose─Reshape→ (B,H,nq·qc,Dv) ─Slice(:Lq)→ out (B,H,Lq,Dv)
@@ -34,6 +36,11 @@ ORT keeps each iteration's block and copies them into the Loop's output, so the 
 two copies at the end whatever the form; the Transpose and Slice after it each free their input,
 so they add time but no peak (a sequence of unpadded blocks, ConcatFromSequence'd, measured the
 same peak on ORT 1.32: its SequenceInsert copies the sequence).
+
+Blocks holding none of ks:ke are never visited, so they cost nothing: for a causal block about half the
+blocks, for a sliding window all but the band's. Skipping is exact (`key_range`): keys outside the
+bounds score −∞ (adding nothing; a row keeping no key is NaN either way), or a finite fill that
+exp() takes to exactly 0 in rows with a score more than 110 above it; other rows visit them.
 
 Using r = max(m', −FLT_MAX) instead of m' keeps exp() finite for rows whose every key so far
 is at −∞; such rows end with l = 0 and give NaN, like a naive softmax. A mask with fill −∞ is
@@ -51,6 +58,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from rewriter.kernels.key_range import UNDERFLOW, KeyRange, key_range
 from rewriter.kernels.onnx_emitter import Emitter, standalone_model, typed
 from rewriter.kernels.onnx_score_program import ScoreProgramEmitter
 from rewriter.kernels.score_program import parse
@@ -71,8 +79,9 @@ class _Builder:
 
     def __init__(self, emit: Emitter, heads: int, kv_heads: int, scale: float, softcap: float,
                  mask_fill: float, causal: bool, causal_offset: int, q_chunk: int, k_chunk: int,
-                 layouts: dict[str, str]):
+                 layouts: dict[str, str], keys: KeyRange):
         self.e = emit
+        self.keys = keys
         self.layouts = layouts
         self.heads, self.kv_heads = heads, kv_heads
         self.scale, self.softcap, self.mask_fill = scale, softcap, mask_fill
@@ -189,11 +198,8 @@ class _Builder:
             query_positions = b("Range", b("Squeeze", q0), b("Squeeze", q1), self.e.const(1))
             block_positions["query"] = b("Reshape", query_positions, self.e.const([1, 1, 1, -1, 1]))
         diagonal = None
-        n_k = self._ceil_div(b, self.k_len, self.k_chunk)
         if self.causal:
             offset = self.e.const([self.causal_offset])
-            key_stop = b("Min", b("Max", b("Add", q1, offset), self.zero), self.k_len)
-            n_k = self._ceil_div(b, key_stop, self.k_chunk)
             positions = b("Range", b("Squeeze", q0), b("Squeeze", q1), self.e.const(1))
             query_pos = b("Unsqueeze", b("Add", positions, offset), self.axis(-1))
             diagonal = (query_pos, b("Add", b("Add", q0, offset), self.one))
@@ -203,8 +209,12 @@ class _Builder:
         l0 = b("ConstantOfShape", row_shape, value=ir.tensor([0.0], dtype=_FLOAT))
         acc_shape = b("Concat", lead, b.shape(vg[0], start=4), axis=0)
         acc0 = b("ConstantOfShape", acc_shape, value=ir.tensor([0.0], dtype=_FLOAT))
-        key_body = self._key_body(qb, kg, vg, rows, diagonal, emitters, block_positions)
-        _, row_sum, acc = b("Loop", b("Squeeze", n_k), None, m0, l0, acc0, body=key_body, outputs=3)
+        first, n_k = self._key_blocks(b, q0, q1)
+        block_inputs = (qb, kg, vg, rows, diagonal, emitters, block_positions)
+        visited = self._key_body(*block_inputs, lambda body, j: body("Add", first, j))
+        m, row_sum, acc = b("Loop", b("Squeeze", n_k), None, m0, l0, acc0, body=visited, outputs=3)
+        if self.keys.fill is not None:
+            row_sum, acc = self._skipped_blocks(b, block_inputs, first, n_k, m, row_sum, acc)
         block = b("Div", acc, row_sum)
         if dtype != _FLOAT:
             block = b("Cast", block, to=dtype)
@@ -220,12 +230,45 @@ class _Builder:
         out = typed(b("Pad", block, pad), dtype)
         return b.graph([i, cond], [typed(b("Identity", cond), _BOOL), out], "query_chunk")
 
-    def _key_body(self, qb, kg, vg, rows, diagonal, emitters, positions) -> ir.Graph:
+    def _key_blocks(self, b: Emitter, q0: ir.Value, q1: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """[first], [count]: the blocks of the kc grid holding the keys rows q0:q1 may keep
+        (`KeyRange.span`). Blocks stay on the grid, so every block but the one at Lk has kc keys, as
+        without bounds (blocks of varying sizes split ORT's arena: more peak)."""
+        upper, lower = self.keys.upper, self.keys.lower
+        if upper is None and lower is None:
+            return self.zero, self._ceil_div(b, self.k_len, self.k_chunk)
+        stop = self.k_len if upper is None else b("Min", b("Max", b("Add", q1, self.e.const([upper])), self.zero),
+                                                  self.k_len)
+        if lower is None:
+            return self.zero, self._ceil_div(b, stop, self.k_chunk)
+        start = b("Min", b("Max", b("Add", q0, self.e.const([lower])), self.zero), stop)
+        first = b("Div", start, self.k_chunk)
+        count = b("Sub", self._ceil_div(b, stop, self.k_chunk), first)
+        return first, b("Where", b("Greater", stop, start), count, self.zero)
+
+    def _skipped_blocks(self, b: Emitter, block_inputs, first, count, m, row_sum, acc) -> tuple[ir.Value, ir.Value]:
+        """(l, acc) after also visiting the blocks before `first` and from first + count on, when a row of
+        the chunk has no score more than `UNDERFLOW` above the finite fill (e.g. every key hidden): then
+        those keys count in the original. Otherwise a Loop of no trips, which returns its initial values."""
+        skipped = b("Sub", self._ceil_div(b, self.k_len, self.k_chunk), count)
+        threshold = self.e.const(np.float32(self.keys.fill + UNDERFLOW), np.float32)
+        exact = b("Greater", b("ReduceMin", m, keepdims=0), threshold)
+        trips = b("Squeeze", b("Where", exact, self.zero, skipped))
+
+        def block(body: Emitter, j: ir.Value) -> ir.Value:
+            return body("Where", body("Less", j, first), j, body("Add", j, count))
+
+        body = self._key_body(*block_inputs, block)
+        _, row_sum, acc = b("Loop", trips, None, m, row_sum, acc, body=body, outputs=3)
+        return row_sum, acc
+
+    def _key_body(self, qb, kg, vg, rows, diagonal, emitters, positions, block) -> ir.Graph:
+        """Trip j visits grid block `block(body, j)` ([index]): keys k0 = index·kc to min(k0 + kc, Lk)."""
         b = self.e.subgraph()
         j, cond = ir.val(b.name("j"), _INT64, []), ir.val(b.name("cond"), _BOOL, [])
         m, row_sum, acc = (ir.val(b.name(tag), _FLOAT, [None] * 5) for tag in ("m", "l", "acc"))
-        k0 = b("Mul", j, self.k_chunk)
-        k1 = b("Add", k0, self.k_chunk)
+        k0 = b("Mul", block(b, j), self.k_chunk)
+        k1 = b("Min", b("Add", k0, self.k_chunk), self.k_len)
         # Everything else a step reads is sliced or built before S: made after S is freed, these
         # small tensors split the arena's S-sized free chunks (~16 MiB more peak on ORT 1.32).
         vb = self._read_block(b, vg, k0, k1)
@@ -234,8 +277,8 @@ class _Builder:
             starts = b("Concat", row_start, b("Min", k0, last_key), axis=0)
             blocks[role] = typed(b("Slice", x, starts, b("Concat", row_stop, k1, axis=0), self.axis(3, 4)), x.dtype)
         if emitters:
-            keys = b("Range", b("Squeeze", k0), b("Squeeze", b("Min", k1, self.k_len)), self.e.const(1))
-            positions = {**positions, "key": b("Reshape", keys, self.e.const([1, 1, 1, 1, -1]))}
+            key_positions = b("Range", b("Squeeze", k0), b("Squeeze", k1), self.e.const(1))
+            positions = {**positions, "key": b("Reshape", key_positions, self.e.const([1, 1, 1, 1, -1]))}
             for emitter, role in emitters:
                 blocks[role] = emitter.emit(b, positions, rank=5)
         terms = []  # in the kernels' order: + bias, mask, + causal
@@ -250,7 +293,7 @@ class _Builder:
             else:
                 terms.append(("Where", block))
         if diagonal is not None:
-            terms.append(("Add", self._causal_tile(b, k0, b("Min", k1, self.k_len), *diagonal)))
+            terms.append(("Add", self._causal_tile(b, k0, k1, *diagonal)))
         s = b("MatMul", qb, self._read_block(b, kg, k0, k1))
         if self.softcap > 0:
             s = b("Mul", b("Tanh", s), self.e.const(self.softcap, np.float32))
@@ -346,8 +389,11 @@ def build_chunked_attention(
                  name, num_heads, num_kv_heads, q_chunk, k_chunk, causal, causal_offset)
     if opset < 13:
         raise ValueError(f"the chunked subgraph needs opset 13 or newer (got {opset})")
+    keys = key_range(mask_program=parse(mask_program) if mask_program else None,
+                     bias_program=parse(bias_program) if bias_program else None, dense_mask=mask is not None,
+                     mask_fill=mask_fill, causal=causal, causal_offset=causal_offset)
     builder = _Builder(Emitter(tape, name, opset=opset), num_heads, num_kv_heads, scale, softcap, mask_fill,
-                       causal, causal_offset, q_chunk, k_chunk, layouts)
+                       causal, causal_offset, q_chunk, k_chunk, layouts, keys)
     out = builder.build(q, k, v, bias, mask, {"bias": bias_program, "mask": mask_program}, leaves)
     out.dtype = q.dtype
     if q.shape is not None and v.shape is not None:

@@ -19,8 +19,8 @@ from rewriter.kernels.score_program import Program, Step
 # underflows to exactly 0 in every float type for scores of any realistic magnitude (< 1e29).
 EFFECTIVELY_NEG_INF = -1e30
 
-__all__ = ["EFFECTIVELY_NEG_INF", "Affine", "affine", "causal_split", "fill_mask", "filled_bias_bounds", "key_bounds",
-           "reachable", "relative_steps"]
+__all__ = ["EFFECTIVELY_NEG_INF", "Affine", "affine", "bias_fill", "causal_split", "fill_mask", "filled_bias_bounds",
+           "key_bounds", "reachable", "relative_steps"]
 
 
 def reachable(steps, output: int) -> Program:
@@ -236,3 +236,10 @@ def relative_steps(program: Program) -> tuple[dict[int, int], frozenset[int]]:
                                         for arg in step.args):
             relative.add(position)
     return roots, frozenset(relative)
+
+
+def bias_fill(program: Program) -> float | None:
+    """f when the bias `program` is ``where(keep, x, f)`` or ``where(hide, f, x)`` with a constant
+    f ≤ `EFFECTIVELY_NEG_INF` (the score of every key it hides), else None."""
+    found = _filled(list(program.steps))
+    return None if found is None else found[2]
