@@ -13,7 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["LabelError", "PvAxes", "QkAxes", "ScoreAxes", "prove_pv_axes", "prove_qk_axes"]
+__all__ = ["FINE", "MERGED", "expand", "LabelError", "PvAxes", "QkAxes", "ScoreAxes", "prove_pv_axes", "prove_qk_axes"]
+
+
+# A (batch·heads) axis that views split or merge (BLOOM's scores on B·H batches): its label in
+# operand labels, and the labels of its (batch, heads) axes once split; never einsum letters.
+FINE = "01"
+MERGED = "*"
+
+
+def expand(labels: str) -> str:
+    """Labels with the merged axis written as its two split labels."""
+    return labels.replace(MERGED, FINE)
 
 
 class LabelError(Exception):
