@@ -157,12 +157,12 @@ def block_split(facts: ShapeFacts, folder: ShapeOnlyFolder, product: ir.Node,
     for view in views:
         before, after = view_dims(view, facts, folder)
         prefixes += [tuple(before[:-2]), tuple(after[:-2])]
-    split = {prefix for prefix in prefixes if len(prefix) == 2}
-    if len(split) != 1 or not all(len(prefix) == 2 and same_size(prefix, next(iter(split))) or len(prefix) == 1
-                                  and same_size(prefix, next(iter(split))) for prefix in prefixes):
+    split = {prefix for prefix in prefixes if len(prefix) == 2}  # one (B, H), written alike everywhere
+    sizes = next(iter(split)) if len(split) == 1 else None
+    if sizes is None or not all(len(prefix) == 2 or len(prefix) == 1 and same_size(prefix, sizes)
+                                for prefix in prefixes):
         raise ValueError("views between the products and softmax reshape more than the batch and head axes "
                          f"(batch axes {[list(prefix) for prefix in prefixes]})")
-    sizes = next(iter(split))
     if not any(isinstance(size, int) for size in sizes):
         raise ValueError(f"the scores' (batch·heads) axis splits into two dynamic sizes {list(sizes)}")
     on_path = {out for node in [product, *nodes] for out in node.outputs}

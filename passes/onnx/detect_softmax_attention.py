@@ -21,10 +21,10 @@ import logging
 
 import onnx_ir as ir
 
-from passes.core.attention_labels import (FINE, MERGED, LabelError, QkAxes, ScoreAxes, expand, prove_pv_axes,
-                                          prove_qk_axes)
+from passes.core.attention_labels import (MERGED, LabelError, QkAxes, ScoreAxes, compact_labels, expand,
+                                          prove_pv_axes, prove_qk_axes)
 from passes.core.attention_spec import AttentionSpec
-from passes.onnx.axis_labels import LabeledProduct, Operand, label_product, trace_to_source
+from passes.onnx.axis_labels import Operand, label_product, trace_to_source
 from passes.onnx.batch_views import BatchSplit, block_split, merged_operand, split_dims, view_reason
 from passes.onnx.graph_values import FLOAT_TYPES, attribute, const_array, is_op, value_consumers
 from passes.onnx.grouped_heads import repeat_interleave_source
@@ -79,22 +79,6 @@ def _is_nan_guard(value: ir.Value) -> ir.Node | None:
     return where if not zero.any() else None
 
 
-def _compact_labels(product: LabeledProduct, split: BatchSplit | None) -> LabeledProduct:
-    """With a split, the product's batch labels renamed: one merged axis `MERGED`, two `FINE`."""
-    if split is None:
-        return product
-    batch = product.out_labels[:-2]
-    if len(batch) not in (1, 2):
-        raise Rejected(f"a product with {len(batch)} batch axes in a block with batch views")
-    names = dict(zip(batch, MERGED if len(batch) == 1 else FINE))
-
-    def rename(labels: str) -> str:
-        return "".join(names.get(label, label) for label in labels)
-
-    return dataclasses.replace(product, left_labels=rename(product.left_labels),
-                               right_labels=rename(product.right_labels), out_labels=rename(product.out_labels))
-
-
 class _Builder:
     def __init__(self, ctx: AnalysisContext):
         self.ctx = ctx
@@ -109,7 +93,7 @@ class _Builder:
             raise Rejected(str(error)) from None
 
     def operand(self, value, labels: str, order: str) -> Operand:
-        """An operand of a product (labels in `_compact_labels` form), its merged axis split."""
+        """An operand of a product (labels in `compact_labels` form), its merged axis split."""
         if MERGED not in labels:
             return Operand(value, labels, order)
         try:
@@ -218,7 +202,7 @@ class _Builder:
 
     def fill_from_products(self, match, chain, axis: int, probabilities, pv) -> ScoreAxes:
         """`axis`: the one softmax normalises over, counted from the end."""
-        facts, qk = self.ctx.facts, _compact_labels(chain.product, self.split)
+        facts, qk = self.ctx.facts, compact_labels(chain.product, self.split is not None)
         if self.split is not None and axis not in (-1, -2):
             raise Rejected("softmax runs over a batch or head axis")
         scores = expand(qk.out_labels)
@@ -257,7 +241,7 @@ class _Builder:
         if pv.left is not probabilities and not (is_op(pv.node, "Einsum") and pv.right is probabilities):
             raise Rejected("probabilities are not the left operand of the P·V product")
         on_left = pv.left is probabilities
-        pv = _compact_labels(pv, self.split)
+        pv = compact_labels(pv, self.split is not None)
         p_labels = pv.left_labels if on_left else pv.right_labels
         value_value, value_labels = (pv.right, pv.right_labels) if on_left else (pv.left, pv.left_labels)
         pv_axes = prove_pv_axes(axes, scores, expand(p_labels), expand(value_labels), expand(pv.out_labels))

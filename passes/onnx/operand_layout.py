@@ -7,9 +7,12 @@ and die with the matched nodes. From there it is arranged with at most one ``Tra
 the order a kernel asks for (`BNSH` = (batch, heads, rows, cols) or another order of those four
 axes); `copies` says whether that order needs the transpose::
 
-    Q ─(Reshape heads)─(Transpose)─(Unsqueeze)─┐
-    K, V, bias, mask likewise ─────────────────┼─ attention ─ (Squeeze)─(Transpose)─(merge heads)─(Cast)─ users
-                                               ┘
+    Q ─(Reshape heads | split batch·heads)─(Transpose)─(Unsqueeze)─┐
+    K, V, bias, mask likewise ─────────────────────────────────────┼─ attention ─ (Squeeze)─(Transpose)
+                                                                   ┘    ─(merge heads | batch·heads)─(Cast)─ users
+
+An operand whose axis packs (batch·heads) (`Operand.merged`, `passes.onnx.batch_views`) is read
+from the split value it is a view of where there is one, else split by a Reshape.
 
 New nodes go on an `Emitter`'s tape (names under one unique prefix).
 """
