@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from torch import nn
 
 import rewriter
 from test_fx_batch_views import B, H, L, D, MergedProducts, Regrouped, RowMoving, SplitProducts
@@ -23,10 +24,10 @@ def _run(model, feeds):
     return session.run(None, dict(zip([i.name for i in session.get_inputs()], feeds)))[0]
 
 
-def _rewritten(module, inputs, tmp_path, rewrites: int):
+def _rewritten(module, inputs, tmp_path, rewrites: int, target: str = "auto"):
     path = tmp_path / "model.onnx"
     torch.onnx.export(module.eval(), tuple(inputs), str(path), dynamo=True, verbose=False)
-    optimized, report = rewriter.optimize_onnx(str(path), chunk_size=4)
+    optimized, report = rewriter.optimize_onnx(str(path), chunk_size=4, target=target)
     assert report.rewritten_count == rewrites, report.summary()
     feeds = [x.numpy() for x in inputs]
     np.testing.assert_allclose(_run(optimized.SerializeToString(), feeds), _run(str(path), feeds),
@@ -34,13 +35,14 @@ def _rewritten(module, inputs, tmp_path, rewrites: int):
     return report
 
 
+@pytest.mark.parametrize("target", ["auto", "ort"])
 @pytest.mark.parametrize("where", ["merged_output", "split_output", "probabilities"])
-def test_merged_batch_views_are_part_of_the_block(where, tmp_path):
+def test_merged_batch_views_are_part_of_the_block(where, target, tmp_path):
     torch.manual_seed(0)
     keep = torch.rand(B, 1, L, L) > 0.3
     keep[..., 0] = True
     inputs = [torch.randn(B * H, L, D) for _ in range(3)] + [keep]
-    _rewritten(MergedProducts(where), inputs, tmp_path, rewrites=1)
+    _rewritten(MergedProducts(where), inputs, tmp_path, rewrites=1, target=target)
 
 
 @pytest.mark.parametrize("bias_shape", [(B * H, L, L), (B * H, 1, L), (1, L, L), (L,)])
@@ -50,8 +52,18 @@ def test_split_products_merged_around_a_bias(bias_shape, tmp_path):
     _rewritten(SplitProducts(), inputs, tmp_path, rewrites=1)
 
 
+class TwiceApplied(nn.Module):
+    """One bias added to the scores on (B·H) batches and again after their (B, H) view."""
+
+    def forward(self, q, k, v):
+        bias = torch.linspace(-1.0, 1.0, L)
+        scores = (q @ k.transpose(-1, -2)).reshape(B * H, L, L) + bias
+        return torch.softmax(scores.view(B, H, L, L) + bias, -1) @ v
+
+
 @pytest.mark.parametrize("module, reason", [(Regrouped(), "more than the batch and head axes"),
-                                            (RowMoving(), "moves scores between query rows or keys")])
+                                            (RowMoving(), "moves scores between query rows or keys"),
+                                            (TwiceApplied(), "both before and after a batch view")])
 def test_views_that_move_scores_are_left_alone(module, reason, tmp_path):
     torch.manual_seed(2)
     inputs = [torch.randn(B, H, L, D) for _ in range(3)]
