@@ -6,7 +6,11 @@ both files are compared on ONNX Runtime at more than one input value.
 
 from __future__ import annotations
 
+import functools
+import os
+
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -14,6 +18,7 @@ import torch
 import rewriter
 from test_fx_batch_views import BloomHidden, _bloom
 from test_fx_exactness import InputScale, Temperature
+from test_onnx_score_programs import _square_values
 
 
 def _run(model, feeds):
@@ -49,17 +54,34 @@ def test_parameter_scale_is_an_initializer_in_an_onnx_file(tmp_path):
     np.testing.assert_allclose(_run(optimized.SerializeToString(), feeds), _run(path, feeds), atol=1e-5)
 
 
-@pytest.mark.parametrize("padded", [False, True])
-def test_bloom_onnx_export_stays_exact(padded, tmp_path):
-    """The exporter folds P·V to a 4-D MatMul and keeps one Reshape on the scores: the ONNX
-    detector does not walk through it yet, so the block is left alone with a reason."""
+@functools.cache
+def _bloom_export(directory: str) -> tuple[str, onnx.ModelProto]:
+    """HF BLOOM exported with a dynamic batch and length, and its optimised graph."""
     model = _bloom()
-    mask = torch.ones(2, 9, dtype=torch.long)
-    if padded:
-        mask[1, :3] = 0
     embeds = model.word_embeddings(torch.randint(0, 64, (2, 9))).detach()
-    path = _export(BloomHidden(model), (embeds, mask), tmp_path)
+    path = os.path.join(directory, "bloom.onnx")
+    batch, length = torch.export.Dim("batch"), torch.export.Dim("length")
+    torch.onnx.export(BloomHidden(model), (embeds, torch.ones(2, 9, dtype=torch.long)), path, dynamo=True,
+                      verbose=False, dynamic_shapes=({0: batch, 1: length}, {0: batch, 1: length}))
     optimized, report = rewriter.optimize_onnx(path)
-    assert all(match.reason for match in report.matches if not match.rewritten)
-    feeds = [embeds.numpy(), mask.numpy()]
-    np.testing.assert_allclose(_run(optimized.SerializeToString(), feeds), _run(path, feeds), atol=1e-5)
+    assert report.rewritten_count == 2, report.summary()
+    return path, optimized
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_bloom_onnx_blocks_are_rewritten_exactly(padded, tmp_path_factory):
+    """BLOOM's scores on (B·H) batches, viewed to (B, H, L, L) around the mask and softmax and back
+    for P·V: both blocks are rewritten, ALiBi and the causal+padding mask become score programs (no
+    value with two sequence axes is left), and ORT gives the original's outputs at two lengths,
+    rows of left padding included."""
+    path, optimized = _bloom_export(str(tmp_path_factory.getbasetemp()))
+    assert _square_values(optimized) == [] and _square_values(onnx.load(path, load_external_data=False))
+    model = _bloom()
+    for length in (9, 14):
+        mask = torch.ones(3, length, dtype=torch.long)
+        if padded:
+            mask[1, : length // 3] = 0
+        embeds = model.word_embeddings(torch.randint(0, 64, (3, length))).detach()
+        feeds = [embeds.numpy(), mask.numpy()]
+        np.testing.assert_allclose(_run(optimized.SerializeToString(), feeds), _run(path, feeds),
+                                   rtol=1e-4, atol=1e-5)

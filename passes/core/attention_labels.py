@@ -13,11 +13,40 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["LabelError", "PvAxes", "QkAxes", "ScoreAxes", "prove_pv_axes", "prove_qk_axes"]
+__all__ = ["FINE", "MERGED", "compact_labels", "expand", "LabelError", "PvAxes", "QkAxes", "ScoreAxes", "prove_pv_axes", "prove_qk_axes"]
+
+
+# A (batch·heads) axis that views split or merge (BLOOM's scores on B·H batches): its label in
+# operand labels, and the labels of its (batch, heads) axes once split; never einsum letters.
+FINE = "01"
+MERGED = "*"
+
+
+def expand(labels: str) -> str:
+    """Labels with the merged axis written as its two split labels."""
+    return labels.replace(MERGED, FINE)
 
 
 class LabelError(Exception):
     """The labels do not prove attention; the text says why."""
+
+
+def compact_labels(product, split: bool):
+    """With batch views (`split`), a labelled product's batch labels renamed: one merged axis
+    `MERGED`, two `FINE`. `product` is either IR's record with `left_labels`, `right_labels` and
+    `out_labels` (batch labels first in `out_labels`); raises LabelError for other batch counts."""
+    if not split:
+        return product
+    batch = product.out_labels[:-2]
+    if len(batch) not in (1, 2):
+        raise LabelError(f"a product with {len(batch)} batch axes in a block with batch views")
+    names = dict(zip(batch, MERGED if len(batch) == 1 else FINE))
+
+    def rename(labels: str) -> str:
+        return "".join(names.get(label, label) for label in labels)
+
+    return dataclasses.replace(product, left_labels=rename(product.left_labels),
+                               right_labels=rename(product.right_labels), out_labels=rename(product.out_labels))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,14 +21,12 @@ import math
 import sympy
 from torch.fx import Node
 
+from passes.core.attention_labels import FINE, MERGED, expand
 from passes.fx import aten_vocabulary as ops
 
 __all__ = ["FINE", "MERGED", "BatchSplit", "batch_split", "expand", "is_batch_view", "split_shape", "unflatten_sizes"]
 
 logger = logging.getLogger(__name__)
-
-FINE = "01"  # labels of the (batch, heads) axes in the split form; never einsum letters
-MERGED = "*"  # the label of a merged (batch·heads) axis in operand labels
 
 
 class BatchViewError(ValueError):
@@ -92,11 +90,6 @@ def batch_split(shapes: list[tuple]) -> BatchSplit | None:
             "views between the products and softmax reshape more than the batch and head axes "
             f"(batch axes {sorted(prefixes)})")
     return BatchSplit(split[0])
-
-
-def expand(labels: str) -> str:
-    """Labels with the merged axis written as its two split labels."""
-    return labels.replace(MERGED, FINE)
 
 
 def split_shape(shape: tuple, position: int, split: BatchSplit) -> tuple:

@@ -23,14 +23,14 @@ import numpy as np
 import torch
 from torch.fx import GraphModule, Node
 
-from passes.core.attention_labels import LabelError, ScoreAxes, prove_pv_axes, prove_qk_axes
+from passes.core.attention_labels import LabelError, ScoreAxes, compact_labels, prove_pv_axes, prove_qk_axes
 from passes.core.attention_spec import AttentionSpec, layout_name
 from passes.fx import aten_vocabulary as ops
 from passes.core.causal_proofs import causal_offset_of_bias, causal_offset_of_keep
 from passes.fx import batch_views
 from passes.fx.batch_views import FINE, MERGED, BatchSplit, BatchViewError, expand
 from passes.fx.constant_values import constant_value, scalar_constant
-from passes.fx.product_labels import LabeledProduct, label_product
+from passes.fx.product_labels import label_product
 from passes.fx.score_chain import ScoreChain, trace_score_chain
 from passes.core.mask_semantics import ScoreSemantics, fill_is_neg_inf, mask_kind, sort_score_terms
 from passes.core.score_algebra import ChainError, MaskStep
@@ -185,22 +185,6 @@ def _split_operand(operand: Operand, split: BatchSplit | None) -> Operand:
     return Operand(operand.node, expand(operand.labels), expand(operand.order), view)
 
 
-def _compact_labels(product: LabeledProduct, split: BatchSplit | None) -> LabeledProduct:
-    """With a split, the product's batch labels renamed: one merged axis `MERGED`, two `FINE`."""
-    if split is None:
-        return product
-    batch = product.out_labels[:-2]
-    if len(batch) not in (1, 2):
-        raise _Rejected(f"a product with {len(batch)} batch axes in a block with batch views")
-    names = dict(zip(batch, MERGED if len(batch) == 1 else FINE))
-
-    def rename(labels: str) -> str:
-        return "".join(names.get(label, label) for label in labels)
-
-    return dataclasses.replace(product, left_labels=rename(product.left_labels),
-                               right_labels=rename(product.right_labels), out_labels=rename(product.out_labels))
-
-
 def _static(size) -> int | None:
     return size if isinstance(size, int) else None
 
@@ -309,7 +293,7 @@ class _Builder:
         return scores[from_end]
 
     def _fill_from_products(self, match, chain: ScoreChain, softmax, probabilities, pv_node):
-        qk = _compact_labels(chain.product, self.split)
+        qk = compact_labels(chain.product, self.split is not None)
         scores = expand(qk.out_labels)
         axes = prove_qk_axes(scores, expand(qk.left_labels), expand(qk.right_labels), self._key_label(scores, softmax))
         if self.split is not None and {axes.query, axes.key} != set(scores[-2:]):
@@ -325,7 +309,7 @@ class _Builder:
         pv = label_product(pv_node)
         if pv.left is not probabilities and pv.right is not probabilities:
             raise _Rejected("probabilities are not an operand of the P·V product")
-        pv = _compact_labels(pv, self.split)
+        pv = compact_labels(pv, self.split is not None)
         p_node, p_labels = pv.operand(probabilities)
         value_node, value_labels = (pv.right, pv.right_labels) if p_node is pv.left else (pv.left, pv.left_labels)
         if pv.added is not None or pv.alpha != 1 or p_node is pv.right and pv_node.target is not ops.aten.einsum.default:

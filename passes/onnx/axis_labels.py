@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import onnx_ir as ir
 
+from passes.core.attention_labels import FINE, MERGED
 from passes.onnx.graph_values import attribute, is_op
 from passes.onnx.shape_facts import Dim, ShapeFacts
 
@@ -41,12 +42,15 @@ class Operand:
 
     `split_heads` > 0: the value's last axis packs (heads, dim) and is split before arranging;
     `labels` then name the axes after that split.
+    `merged`: the (batch, heads) sizes ((1, 1) where it broadcasts) that the value's axis at the
+    position of the labels `FINE` packs (`passes.onnx.batch_views`); `labels` name the split axes.
     """
 
     value: ir.Value
     labels: str
     order: str  # the labels in the order the kernel takes them (absent ones become size 1)
     split_heads: int = 0
+    merged: tuple | None = None
 
 
 def _matmul_labels(left_rank: int, right_rank: int) -> tuple[str, str, str] | None:
@@ -128,9 +132,11 @@ def walk_views(operand: Operand, facts: ShapeFacts, through_reshape: ReshapeRule
     """The earliest value up through Transposes and the Reshapes `through_reshape` can cross whose
     axes carry one label each, relabelled; `operand` itself when there is none."""
     dims = facts.dims(operand.value)
-    if dims is None or len(dims) != len(operand.labels):
+    packed = operand.labels.replace(FINE, MERGED) if operand.merged else operand.labels
+    if dims is None or len(dims) != len(packed):
         return operand
-    axes: list[Axis] = [((label, dim),) for label, dim in zip(operand.labels, dims)]
+    axes: list[Axis] = [((label, dim),) if label != MERGED else tuple(zip(FINE, operand.merged))
+                        for label, dim in zip(packed, dims)]
     value, best = operand.value, operand
     while True:
         node = value.producer()

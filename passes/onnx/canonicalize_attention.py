@@ -115,7 +115,7 @@ def _follow_replacements(match: OnnxAttentionMatch, replaced: dict[ir.Value, ir.
 def _absorb_output_transpose(match: OnnxAttentionMatch) -> None:
     """Replace the result of the block's only user when that user is a Transpose."""
     users = list(dict.fromkeys(match.output.consumers()))
-    if match.out_merged or match.output.is_graph_output() or len(users) != 1 or not is_op(users[0], "Transpose"):
+    if match.out_merged or match.out_merged_batch or match.output.is_graph_output() or len(users) != 1 or not is_op(users[0], "Transpose"):
         return
     if users[0].graph is not match.output.producer().graph:
         return  # a user inside a subgraph: the block would move into it

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 _NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
                      "Bernoulli"}
-_SYMBOLIC_OPS = {"Slice", "Gather", "Concat", "Squeeze", "Unsqueeze", "Identity", "Cast", "Reshape"}
+_SYMBOLIC_OPS = {"Slice", "Gather", "Concat", "Squeeze", "Unsqueeze", "Identity", "Cast", "Reshape", "Mul"}
 
 
 class _Symbol:
@@ -162,8 +162,24 @@ def _symbolic(node: ir.Node, inputs: list, value: ir.Value) -> np.ndarray | None
     return None if result is None else np.asarray(result, dtype=object)
 
 
+def _symbolic_product(left, right) -> np.ndarray:
+    """Elementwise products; one with an unknown factor is a symbol named by the product expression
+    (``(b)*(4)``: HF's ``batch_size * num_heads``), or unnamed when a factor has no name."""
+    left, right = np.broadcast_arrays(np.asarray(left, dtype=object), np.asarray(right, dtype=object))
+    products = []
+    for first, second in zip(left.flat, right.flat):
+        if isinstance(first, _Symbol) or isinstance(second, _Symbol):
+            names = [x.name if isinstance(x, _Symbol) else str(int(x)) for x in (first, second)]
+            products.append(_Symbol(None if None in names else f"({names[0]})*({names[1]})"))
+        else:
+            products.append(first * second)
+    return np.array(products, dtype=object).reshape(left.shape)
+
+
 def _symbolic_op(node: ir.Node, inputs: list):
     data, rest = inputs[0], inputs[1:]
+    if node.op_type == "Mul":
+        return _symbolic_product(data, rest[0])
     if any(arr is not None and _has_symbols(arr) for arr in rest) and node.op_type != "Concat":
         return None
     try:

@@ -21,9 +21,11 @@ import logging
 
 import onnx_ir as ir
 
-from passes.core.attention_labels import LabelError, QkAxes, ScoreAxes, prove_pv_axes, prove_qk_axes
+from passes.core.attention_labels import (MERGED, LabelError, QkAxes, ScoreAxes, compact_labels, expand,
+                                          prove_pv_axes, prove_qk_axes)
 from passes.core.attention_spec import AttentionSpec
 from passes.onnx.axis_labels import Operand, label_product, trace_to_source
+from passes.onnx.batch_views import BatchSplit, block_split, merged_operand, split_dims, view_reason
 from passes.onnx.graph_values import FLOAT_TYPES, attribute, const_array, is_op, value_consumers
 from passes.onnx.grouped_heads import repeat_interleave_source
 from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch, Rejected
@@ -38,7 +40,7 @@ __all__ = ["detect_softmax_attention", "anchor_softmax"]
 logger = logging.getLogger(__name__)
 
 # Ops between the probabilities and P·V that keep them a candidate (the walk then says what fails).
-_ELEMENTWISE = {"Cast", "Identity", "Dropout", "IsNaN", "Where", "Mul", "Div", "Add"}
+_ELEMENTWISE = {"Cast", "Identity", "Dropout", "IsNaN", "Where", "Mul", "Div", "Add", "Reshape"}
 
 
 def anchor_softmax(node: ir.Node) -> ir.Node | None:
@@ -80,6 +82,24 @@ def _is_nan_guard(value: ir.Value) -> ir.Node | None:
 class _Builder:
     def __init__(self, ctx: AnalysisContext):
         self.ctx = ctx
+        self.split: BatchSplit | None = None  # the current candidate's batch views, if any
+
+    def find_split(self, chain, probability_nodes: list) -> BatchSplit | None:
+        """The block's (batch·heads) split (`batch_views`), None without batch views."""
+        try:
+            return block_split(self.ctx.facts, self.ctx.folder, chain.product.node,
+                               chain.nodes[::-1] + probability_nodes)
+        except ValueError as error:
+            raise Rejected(str(error)) from None
+
+    def operand(self, value, labels: str, order: str) -> Operand:
+        """An operand of a product (labels in `compact_labels` form), its merged axis split."""
+        if MERGED not in labels:
+            return Operand(value, labels, order)
+        try:
+            return merged_operand(value, labels, order, self.split, self.ctx.facts.dims(value))
+        except (ValueError, TypeError) as error:
+            raise Rejected(str(error)) from None
 
     def follow_probabilities(self, anchor: ir.Node, nodes: list, match: OnnxAttentionMatch | None):
         """From Softmax down through casts/dropout/NaN guard to the P·V product: (P, product)."""
@@ -108,6 +128,10 @@ class _Builder:
             elif is_op(user, "Cast"):
                 if attribute(user, "to") not in FLOAT_TYPES:
                     raise Rejected(f"probabilities are cast to a non-float type ('{user.name}')")
+            elif is_op(user, "Reshape"):
+                reason = view_reason(user, self.ctx.facts, self.ctx.folder)
+                if reason:
+                    raise Rejected(reason)
             elif not is_op(user, "Identity"):
                 raise Rejected(f"probabilities feed '{user.op_type}' ('{user.name}'), not a product with V")
             nodes.append(user)
@@ -141,11 +165,13 @@ class _Builder:
         if not self.feeds_product(anchor):
             return None  # e.g. a classifier's softmax: no product reads its probabilities
         try:
-            if self.ctx.facts.rank(softmax.inputs[0]) != len(chain.product.out_labels):
-                raise Rejected("the scores change rank between the product and softmax")
             probabilities, pv = self.follow_probabilities(anchor, nodes, match)
+            self.split = self.find_split(chain, nodes)
+            if self.split is None and self.ctx.facts.rank(softmax.inputs[0]) != len(chain.product.out_labels):
+                raise Rejected("the scores change rank between the product and softmax")
+            axis -= self.ctx.facts.rank(softmax.inputs[0])  # counted from the end: views change the rank
             scores = self.fill_from_products(match, chain, axis, probabilities, pv)
-            fill_masks(self.ctx, match, scores, chain.biases, chain.masks)
+            fill_masks(self.ctx, match, scores, chain.biases, chain.masks, self.split)
             self.find_grouped_sources(match)
         except (Rejected, LabelError) as error:
             match.spec = match.spec.rejected(str(error))
@@ -175,17 +201,24 @@ class _Builder:
             operand = dataclasses.replace(operand, value=other)
 
     def fill_from_products(self, match, chain, axis: int, probabilities, pv) -> ScoreAxes:
-        facts, qk = self.ctx.facts, chain.product
-        scores = qk.out_labels
+        """`axis`: the one softmax normalises over, counted from the end."""
+        facts, qk = self.ctx.facts, compact_labels(chain.product, self.split is not None)
+        if self.split is not None and axis not in (-1, -2):
+            raise Rejected("softmax runs over a batch or head axis")
+        scores = expand(qk.out_labels)
         scores_dims = facts.dims(qk.node.outputs[0])
-        if scores_dims is None or len(scores_dims) != len(scores):
+        if scores_dims is None or len(scores_dims) != len(qk.out_labels):
             raise Rejected("the shape of the scores is unknown")
-        axes = prove_qk_axes(scores, qk.left_labels, qk.right_labels, scores[axis])
+        if MERGED in qk.out_labels:
+            scores_dims = split_dims(self.operand(qk.node.outputs[0], qk.out_labels, scores), scores_dims)
+        axes = prove_qk_axes(scores, expand(qk.left_labels), expand(qk.right_labels), scores[axis])
+        if self.split is not None and {axes.query, axes.key} != set(scores[-2:]):
+            raise Rejected("batch views in a block whose query and key axes are not the last two")
         key_value, key_labels = (qk.left, qk.left_labels) if axes.key_on_left else (qk.right, qk.right_labels)
         query_value, query_labels = (qk.right, qk.right_labels) if axes.key_on_left else (qk.left, qk.left_labels)
         key_label, query_label, batch = axes.key, axes.query, axes.batch
-        query = Operand(query_value, query_labels, axes.query_order)
-        key = Operand(key_value, key_labels, axes.key_order)
+        query = self.operand(query_value, query_labels, axes.query_order)
+        key = self.operand(key_value, key_labels, axes.key_order)
         self.check_broadcast(query, key, scores, scores_dims, batch)
         match.query, query_scale = self.peel(query)
         match.key, key_scale = self.peel(key)
@@ -208,17 +241,20 @@ class _Builder:
         if pv.left is not probabilities and not (is_op(pv.node, "Einsum") and pv.right is probabilities):
             raise Rejected("probabilities are not the left operand of the P·V product")
         on_left = pv.left is probabilities
+        pv = compact_labels(pv, self.split is not None)
         p_labels = pv.left_labels if on_left else pv.right_labels
         value_value, value_labels = (pv.right, pv.right_labels) if on_left else (pv.left, pv.left_labels)
-        pv_axes = prove_pv_axes(axes, scores, p_labels, value_labels, pv.out_labels)
+        pv_axes = prove_pv_axes(axes, scores, expand(p_labels), expand(value_labels), expand(pv.out_labels))
         pv_batch, batch = pv_axes.value_order[:-2], axes.batch
-        value = Operand(value_value, value_labels, pv_axes.value_order)
+        value = self.operand(value_value, value_labels, pv_axes.value_order)
         for label, scores_label in zip(pv_batch, batch):
             dim, full = self.ctx.dim_of(value, label), scores_dims[scores.index(scores_label)]
             if not ShapeFacts.same(dim, full) and not (len(batch) == 2 and label == pv_batch[1] and dim == 1):
                 raise Rejected("cannot prove that V is not broadcast over a batch axis")
         match.value = trace_to_source(value, self.ctx.facts)
-        match.output, match.out_canonical, match.out_labels = pv.node.outputs[0], pv_axes.out_canonical, pv.out_labels
+        match.output, match.out_canonical, match.out_labels = pv.node.outputs[0], pv_axes.out_canonical, expand(
+            pv.out_labels)
+        match.out_merged_batch = MERGED in pv.out_labels
 
     def find_grouped_sources(self, match: OnnxAttentionMatch) -> None:
         """K and V from before a repeat-interleave over heads; both, or neither."""

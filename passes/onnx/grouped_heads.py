@@ -55,7 +55,7 @@ def _reshaped_dims(reshape: ir.Node, facts: ShapeFacts, folder: ShapeOnlyFolder)
 def repeat_interleave_source(operand: Operand, heads_label: str, facts: ShapeFacts,
                              folder: ShapeOnlyFolder) -> tuple[Operand, int] | None:
     """(K or V before the repeat, its head count) when `operand` is a proven repeat-interleave."""
-    if heads_label not in operand.labels:
+    if heads_label not in operand.labels or operand.merged:
         return None
     axis = operand.labels.index(heads_label)
     reshape = producer_op(operand.value, "Reshape")

@@ -16,6 +16,7 @@ import onnx_ir as ir
 from passes.core.attention_spec import AttentionSpec
 from passes.core.mask_semantics import ScoreSemantics
 from passes.onnx.axis_labels import Operand
+from passes.onnx.batch_views import split_dims
 from passes.onnx.constant_folding import ShapeOnlyFolder
 from passes.onnx.shape_facts import ShapeFacts
 from rewriter.kernels.score_program import Program
@@ -46,6 +47,7 @@ class OnnxAttentionMatch(ScoreSemantics):
     out_canonical: str = ""  # labels of the attention result: batch…, query, value-dim
     out_labels: str = ""  # labels of `output`
     out_merged: bool = False  # `output` packs its last two labelled axes into one
+    out_merged_batch: bool = False  # `output` packs its (batch, heads) axes, labelled `FINE`, into one
     num_heads: int | None = None
     num_kv_heads: int | None = None  # of key_source / value_source
     nodes: list[ir.Node] = dataclasses.field(default_factory=list)  # dead once `output` is replaced
@@ -75,8 +77,10 @@ class AnalysisContext:
             self.assignments = assignments + ([distinct] if len(symbols) > 1 else [])
 
     def operand_dims(self, operand: Operand) -> tuple | None:
-        """Dims of the operand's labelled axes (after splitting packed heads)."""
+        """Dims of the operand's labelled axes (after splitting packed heads, or packed batch and heads)."""
         dims = self.facts.dims(operand.value)
+        if dims is not None and operand.merged:
+            return split_dims(operand, dims)
         if dims is None or not operand.split_heads:
             return dims
         packed = dims[-1]

@@ -7,9 +7,12 @@ and die with the matched nodes. From there it is arranged with at most one ``Tra
 the order a kernel asks for (`BNSH` = (batch, heads, rows, cols) or another order of those four
 axes); `copies` says whether that order needs the transpose::
 
-    Q ─(Reshape heads)─(Transpose)─(Unsqueeze)─┐
-    K, V, bias, mask likewise ─────────────────┼─ attention ─ (Squeeze)─(Transpose)─(merge heads)─(Cast)─ users
-                                               ┘
+    Q ─(Reshape heads | split batch·heads)─(Transpose)─(Unsqueeze)─┐
+    K, V, bias, mask likewise ─────────────────────────────────────┼─ attention ─ (Squeeze)─(Transpose)
+                                                                   ┘    ─(merge heads | batch·heads)─(Cast)─ users
+
+An operand whose axis packs (batch·heads) (`Operand.merged`, `passes.onnx.batch_views`) is read
+from the split value it is a view of where there is one, else split by a Reshape.
 
 New nodes go on an `Emitter`'s tape (names under one unique prefix).
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from passes.core.attention_labels import FINE
 from passes.onnx.axis_labels import Operand, regroup_axes, walk_views
 from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch
 from passes.onnx.shape_facts import ShapeFacts
@@ -102,6 +106,21 @@ def copies(ctx: AnalysisContext, operand: Operand, order=BNSH) -> bool:
     return perm != sorted(perm)
 
 
+def _split_batch(w: Emitter, value: ir.Value, operand: Operand) -> ir.Value:
+    """The value with its packed (batch·heads) axis viewed as (batch, heads) (a dynamic size as −1)."""
+    position = operand.labels.index(FINE[0])
+    sizes = w.const([size if isinstance(size, int) else -1 for size in operand.merged])
+    parts = ([w.shape(value, end=position)] if position else []) + [sizes, w.shape(value, start=position + 1)]
+    return w.op("Reshape", value, w.op("Concat", *parts, axis=0))
+
+
+def _merge_batch(w: Emitter, value: ir.Value, labels: str) -> ir.Value:
+    """The value with its (batch, heads) axes, labelled `FINE` in `labels`, merged into one."""
+    position = labels.index(FINE[0])
+    parts = ([w.shape(value, end=position)] if position else []) + [w.const([-1]), w.shape(value, start=position + 2)]
+    return w.op("Reshape", value, w.op("Concat", *parts, axis=0))
+
+
 def arrange(w: Emitter, ctx: AnalysisContext, operand: Operand, dtype=None, order=BNSH) -> ir.Value:
     """`operand` as a 4-D value with its (batch, heads, rows, cols) axes in `order`; absent labels
     become size-1 axes, inserted with Unsqueeze rather than moved by a transpose."""
@@ -109,6 +128,8 @@ def arrange(w: Emitter, ctx: AnalysisContext, operand: Operand, dtype=None, orde
     value = source.value
     if source.split_heads:
         value = w.op("Reshape", value, w.const([0, 0, source.split_heads, -1]))
+    if source.merged:
+        value = _split_batch(w, value, source)
     if perm != sorted(perm):
         value = w.op("Transpose", value, perm=perm)
     if inserted:
@@ -141,6 +162,8 @@ def restore_layout(w: Emitter, value: ir.Value, match: OnnxAttentionMatch, dtype
         value = w.op("Transpose", value, perm=perm)
     if match.out_merged:
         value = w.op("Reshape", value, w.const([0, 0, -1]))
+    if match.out_merged_batch:
+        value = _merge_batch(w, value, match.out_labels)
     if out_dtype is not None and dtype is not None and out_dtype != dtype:
         value = w.op("Cast", value, to=out_dtype)
     return value

@@ -22,7 +22,9 @@ from passes.core.attention_labels import ScoreAxes
 from passes.core.mask_semantics import fill_is_neg_inf
 from passes.core.score_algebra import MaskStep
 from passes.core.score_programs import ProgramBuilder, ProgramError, causal_split, fill_mask
+from passes.core.attention_labels import MERGED
 from passes.onnx.axis_labels import Operand
+from passes.onnx.batch_views import packed_labels
 from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch
 from passes.onnx.score_program_recovery import ProgramTranslator
 from rewriter.kernels.score_program import Program
@@ -118,9 +120,18 @@ class ProgramTerms:
 
 
 def _spans_both(ctx: AnalysisContext, operand: Operand, scores: ScoreAxes) -> bool:
-    dims = ctx.facts.dims(operand.value) or ()
+    dims = ctx.operand_dims(operand) or ()
     wide = {label for label, dim in zip(operand.labels, dims) if dim != 1}
     return {scores.query, scores.key} <= wide
+
+
+def _merged_position(builder: ProgramBuilder, operand: Operand) -> int:
+    """``batch · H + head``: the position of a packed (batch·heads) axis (BLOOM's ALiBi on (B·H, 1, Lk))."""
+    heads = operand.merged[1]
+    if not isinstance(heads, int):
+        raise ProgramError(f"'{operand.value.name}' packs batch with a dynamic number of heads")
+    batch = builder.add("mul", (builder.index("batch"), builder.const(heads, "int64")), None, "int64")
+    return builder.add("add", (batch, builder.index("head")), None, "int64")
 
 
 def recover_programs(ctx: AnalysisContext, match: OnnxAttentionMatch, scores: ScoreAxes,
@@ -138,13 +149,15 @@ def recover_programs(ctx: AnalysisContext, match: OnnxAttentionMatch, scores: Sc
         for operand in operands:
             if operand.split_heads:
                 raise ProgramError(f"'{operand.value.name}' packs heads with another axis")
-            dims = ctx.facts.dims(operand.value)
-            if dims is None or len(dims) != len(operand.labels):
+            dims, labels = ctx.facts.dims(operand.value), packed_labels(operand)
+            if dims is None or len(dims) != len(labels):
                 raise ProgramError(f"the shape of '{operand.value.name}' is unknown")
             positions = []
-            for label, dim in zip(operand.labels, dims):
+            for label, dim in zip(labels, dims):
                 if dim == 1:
                     positions.append(-1)
+                elif label == MERGED:
+                    positions.append(_merged_position(builder, operand))
                 elif names.get(label) is None:
                     raise ProgramError(f"'{operand.value.name}' varies along an axis packing batch and heads")
                 else:

@@ -6,6 +6,9 @@ Accepted between the product and Softmax (in any order the algebra allows)::
            ──(Where(cond, scores, fill) | Where(cond, fill, scores))──(c·Tanh(scores/c))──
            ──(Cast between float types, Identity, inference Dropout)── Softmax
 
+and, anywhere between, Reshapes that only split or merge the leading batch and head axes
+(`batch_views`; the detector proves the block's split from them).
+
 A scalar is any one-element value that depends on no input except through static shapes (the
 TorchScript exporter computes ``1/sqrt(head_dim)`` from ``Shape``). The ops are reduced to the
 kernel's order ``scale → softcap → +bias → mask``; rewrites that would change a result are
@@ -20,6 +23,7 @@ import dataclasses
 import onnx_ir as ir
 
 from passes.onnx.axis_labels import LabeledProduct, label_product
+from passes.onnx.batch_views import view_reason
 from passes.onnx.constant_folding import ShapeOnlyFolder
 from passes.onnx.graph_values import FLOAT_TYPES, attribute, const_array, value_consumers
 from passes.core.score_algebra import ChainError, MaskStep, reduce_score_steps, scores_side_of_sum
@@ -92,7 +96,12 @@ class _Walker:
         if op == "Tanh":
             steps.append(("tanh", None))
             return self.walk_to(node.inputs[0], node, steps, nodes)
-        if op in ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Expand"):
+        if op == "Reshape":
+            reason = view_reason(node, self.facts, self.folder)
+            if reason:
+                raise ChainError(reason)
+            return self.walk_to(node.inputs[0], node, steps, nodes)  # a batch view (`batch_views`)
+        if op in ("Transpose", "Squeeze", "Unsqueeze", "Expand"):
             raise ChainError(f"scores are reshaped between the product and softmax ('{node.name}')")
         raise ChainError(f"unsupported op '{op}' between the product and softmax ('{node.name}')")
 

@@ -14,29 +14,41 @@ from __future__ import annotations
 import dataclasses
 import numpy as np
 
+from passes.core.attention_labels import FINE, MERGED
 from passes.onnx.axis_labels import Operand
+from passes.onnx.batch_views import BatchSplit, merged_operand, same_size
 from passes.core.causal_proofs import causal_offset_of_bias, causal_offset_of_keep
 from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch, Rejected
 from passes.onnx.program_operands import recover_programs
 from passes.core.attention_labels import ScoreAxes
 from passes.core.mask_semantics import fill_is_neg_inf, sort_score_terms
 from passes.core.score_algebra import ChainError, MaskStep
-from passes.onnx.shape_facts import ShapeFacts
 
 __all__ = ["fill_masks"]
 
 
-def _aligned(ctx: AnalysisContext, value, scores: ScoreAxes, what: str) -> Operand:
+def _aligned(ctx: AnalysisContext, value, scores: ScoreAxes, what: str, split: BatchSplit | None) -> Operand:
+    """A bias or mask, its axes aligned from the right with the scores' axes where the model applies
+    it: with the merged (batch·heads) scores when it meets them before a batch view (`batch_views`)."""
     dims = ctx.facts.dims(value)
     if dims is None:
         raise Rejected(f"the shape of {what} '{value.name}' is unknown")
-    if len(dims) > len(scores.labels):
+    labels, full_dims = scores.labels, tuple(scores.dims)
+    merged = split is not None and value in split.merged_values
+    if merged:
+        position = labels.index(FINE[0])
+        labels = labels.replace(FINE, MERGED)
+        full_dims = full_dims[:position] + (full_dims[position:position + 2],) + full_dims[position + 2:]
+    if len(dims) > len(labels):
         raise Rejected(f"{what} '{value.name}' has more axes than the scores")
-    for dim, full in zip(dims, scores.dims[len(scores.dims) - len(dims):]):
-        if dim != 1 and not ShapeFacts.same(dim, full):
+    for dim, full in zip(dims, full_dims[len(full_dims) - len(dims):]):
+        if dim != 1 and not same_size(dim, full):
             raise Rejected(f"cannot prove that {what} '{value.name}' of shape {list(dims)} does not enlarge "
                            f"the scores {list(scores.dims)}")
-    return Operand(value, scores.labels[len(scores.labels) - len(dims):], scores.canonical)
+    labels = labels[len(labels) - len(dims):]
+    if MERGED in labels:
+        return merged_operand(value, labels, scores.canonical, split, dims)
+    return Operand(value, labels, scores.canonical)
 
 
 def _canonical_array(array: np.ndarray, operand: Operand) -> np.ndarray:
@@ -49,7 +61,7 @@ def _canonical_array(array: np.ndarray, operand: Operand) -> np.ndarray:
 
 def _proven_offset(ctx: AnalysisContext, operand: Operand, scores: ScoreAxes, prove) -> int | None:
     """The causal offset `prove(array, lq, lk)` finds at every evaluated shape, if they all agree."""
-    if not ctx.folder.depends_only_on_shapes(operand.value):
+    if operand.merged or not ctx.folder.depends_only_on_shapes(operand.value):
         return None
     found = set()
     for index, assignment in enumerate(ctx.assignments):
@@ -68,9 +80,10 @@ def _proven_offset(ctx: AnalysisContext, operand: Operand, scores: ScoreAxes, pr
 
 
 def fill_masks(ctx: AnalysisContext, match: OnnxAttentionMatch, scores: ScoreAxes,
-               biases: list[tuple[object, float]], masks: list[MaskStep]) -> None:
+               biases: list[tuple[object, float]], masks: list[MaskStep], split: BatchSplit | None = None) -> None:
     """Sort biases and masks into the match: causal flag, remaining biases, at most one mask
-    (`mask_semantics.sort_score_terms`, with offsets proven on shape-only evaluations)."""
+    (`mask_semantics.sort_score_terms`, with offsets proven on shape-only evaluations). `split`:
+    the block's batch views, which say where each operand meets the scores."""
     def bias_offset(operand, factor, only_masking):
         def prove(array, lq, lk):
             found = causal_offset_of_bias(array, lq, lk) if factor > 0 else None
@@ -87,9 +100,12 @@ def fill_masks(ctx: AnalysisContext, match: OnnxAttentionMatch, scores: ScoreAxe
             return offset if offset is not None and fill_is_neg_inf(step.fill, offset, only_masking) else None
         return _proven_offset(ctx, operand, scores, prove)
 
-    aligned_biases = [(_aligned(ctx, value, scores, "bias"), factor) for value, factor in biases]
-    aligned_masks = [dataclasses.replace(step, condition=_aligned(ctx, step.condition, scores, "mask"))
-                     for step in masks]
+    try:
+        aligned_biases = [(_aligned(ctx, value, scores, "bias", split), factor) for value, factor in biases]
+        aligned_masks = [dataclasses.replace(step, condition=_aligned(ctx, step.condition, scores, "mask", split))
+                         for step in masks]
+    except ValueError as error:
+        raise Rejected(str(error)) from None
     # Operands recovered as score programs are proven on the programs, never evaluated.
     programs = recover_programs(ctx, match, scores, aligned_biases, aligned_masks)
     if programs is not None:

@@ -10,8 +10,10 @@ from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch
 __all__ = ["spec_fields"]
 
 
-def _layout(operand: Operand) -> str:
-    return layout_name(operand.labels, operand.order)
+def _layout(operand: Operand, packed: bool = False) -> str:
+    """The operand's layout; `packed` (or `operand.merged`): its (batch, heads) axes are one axis."""
+    name = layout_name(operand.labels, operand.order)
+    return name.replace("BH", "(BH)", 1) if packed or operand.merged else name
 
 
 def spec_fields(ctx: AnalysisContext, match: OnnxAttentionMatch) -> dict:
@@ -25,7 +27,7 @@ def spec_fields(ctx: AnalysisContext, match: OnnxAttentionMatch) -> dict:
         "mask_kind": mask_kind(match.mask is not None or match.mask_program is not None,
                                bool(match.biases) or match.bias_program is not None),
         "q_layout": _layout(query), "k_layout": _layout(key), "v_layout": _layout(value),
-        "out_layout": _layout(Operand(match.output, match.out_labels, match.out_canonical)),
+        "out_layout": _layout(Operand(match.output, match.out_labels, match.out_canonical), match.out_merged_batch),
         "seq_len_q": ctx.static_dim(query, q_seq), "seq_len_k": ctx.static_dim(key, key.order[-2]),
         "head_dim": ctx.static_dim(query, head_dim), "value_head_dim": ctx.static_dim(value, value.order[-1]),
         "batch_size": ctx.static_dim(query, batch[0]) if batch else 1,
