@@ -29,13 +29,15 @@ import math
 import torch
 
 from rewriter.kernels.chunked_attention import BlockTerms, ScoreOptions, ScoreTerms
-from rewriter.kernels.program_proofs import EFFECTIVELY_NEG_INF, filled_bias_bounds, key_bounds
+from rewriter.kernels.program_proofs import (EFFECTIVELY_NEG_INF, added_fill, filled_bias_bounds, key_bounds,
+                                             relative_steps)
 
 __all__ = ["FusedRows", "MASK_BYTES"]
 
 MASK_BYTES = 32 << 20  # the additive mask of one chunk of rows, at most
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MIN_ROW_BIAS = -64.0
+_MAX_RUNS = 8  # runs of kept keys a chunk is split into for a bias x + where(keep, 0, f); more: the bias is built whole
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
@@ -85,9 +87,20 @@ class FusedRows:
         self.upper, self.lower = upper, lower
         self.terms = BlockTerms(terms, q, kv_heads=q.size(1))  # one "group" per head: 4-D blocks
         self.inner_terms = BlockTerms(inner, q, kv_heads=q.size(1))
+        self.added = None  # (x and keep as block terms, f) for a bias x + where(keep, 0, f) (T5 with padding)
+        found = added_fill(terms.bias_program) if inner is terms and terms.bias_program is not None else None
+        if found is not None and terms.mask is None and terms.mask_program is None:
+            x, keep, fill = found
+            self.added = BlockTerms(dataclasses.replace(terms, bias_program=x, mask_program=keep), q,
+                                    kv_heads=q.size(1)), fill
         per_row = q.size(0) * q.size(1) * k.size(-2) * q.element_size()
         self.rows = max(1, MASK_BYTES // per_row)
+        self.reverse = _reads_differences(terms)
         self.dk = self.dv = None
+
+    def _oriented(self, rows: torch.Tensor, axis: int = -2) -> torch.Tensor:
+        """Rows of a chunk in the order its masks are built (last first where `reverse`), and back."""
+        return rows.flip(axis) if self.reverse else rows
 
     def _chunks(self, q0: int, q1: int):
         for start in range(q0, q1, self.rows):
@@ -108,30 +121,57 @@ class FusedRows:
         """The part's mask, or None where the kernel is not exact for it."""
         opts, device, dtype = self.opts, self.q.device, self.q.dtype
         terms = self.inner_terms if inner else self.terms
-        keep = _four_d(terms.keep_block(q0, q1, k0, k1))
+        keep = _four_d(terms.keep_block(q0, q1, k0, k1, self.reverse))
         if not inner and opts.causal:
-            rows = torch.arange(q0, q1, device=device).unsqueeze(1) + opts.causal_offset
+            rows = self._oriented(torch.arange(q0, q1, device=device), 0).unsqueeze(1) + opts.causal_offset
             below = torch.arange(k0, k1, device=device).unsqueeze(0) <= rows
             keep = below if keep is None else keep & below
-        bias = _four_d(terms.bias_block(q0, q1, k0, k1))
+        bias = _four_d(terms.bias_block(q0, q1, k0, k1, self.reverse))
         if bias is not None and bias.dtype != dtype:
             return None
         if keep is None:
-            return _Part(k0, k1, None if bias is None else bias.contiguous(), None)
+            return _Part(k0, k1, None if bias is None else _kernel_layout(bias), None)
         if opts.mask_fill != -math.inf and opts.mask_fill > EFFECTIVELY_NEG_INF:
             return None
         fill = torch.tensor(opts.mask_fill, dtype=dtype, device=device)
         additive = torch.where(keep, torch.tensor(0, dtype=dtype, device=device) if bias is None else bias, fill)
-        return _Part(k0, k1, additive.contiguous(), keep.any(-1))
+        return _Part(k0, k1, _kernel_layout(additive), keep.any(-1))
+
+    def _added_parts(self, q0: int, q1: int, k0: int, k1: int) -> list[_Part] | None:
+        """Keys k0:k1 of rows q0:q1 for a bias ``x + where(keep, 0, f)`` whose keep-mask reads the key only:
+        one part per run of kept keys with x alone as its mask (for T5's buckets a strided view: nothing
+        rows × keys is written), the hidden keys left out. Exact where every hidden key's x + f is at or
+        below `EFFECTIVELY_NEG_INF` (checked; its weight is then exactly 0 in a row that keeps a key, as
+        `_parts` requires). None where that fails, keep reads more than the key, or there are more than
+        `_MAX_RUNS` runs: the caller then builds the whole bias."""
+        terms, fill = self.added
+        keep = _four_d(terms.keep_block(q0, q1, k0, k1, self.reverse))
+        if keep.shape[:-1] != (1, 1, 1):
+            return None
+        bias = _four_d(terms.bias_block(q0, q1, k0, k1, self.reverse))
+        runs = _runs(keep.reshape(-1), k1 - k0)
+        if bias.dtype != self.q.dtype or sum(kept for *_, kept in runs) > _MAX_RUNS:
+            return None
+        parts = []
+        for start, stop, kept in runs:
+            block = bias if bias.size(-1) == 1 else bias[..., start:stop]
+            if kept:
+                parts.append(_Part(k0 + start, k0 + stop, _kernel_layout(block), None))
+            elif not float(block.amax() + fill) <= EFFECTIVELY_NEG_INF:  # NaN fails too
+                return None
+        return parts
 
     def _parts(self, q0: int, q1: int) -> list[_Part] | None:
         """The chunk's parts, or None where the fused kernel is not exact for these rows."""
         parts = []
         for k0, k1, inner in self._key_ranges(q0, q1):
-            part = self._part(q0, q1, k0, k1, inner)
-            if part is None:
-                return None
-            parts.append(part)
+            found = self._added_parts(q0, q1, k0, k1) if inner and self.added is not None else None
+            if found is None:
+                part = self._part(q0, q1, k0, k1, inner)
+                if part is None:
+                    return None
+                found = [part]
+            parts.extend(found)
         if not parts or not bool(_any_row(parts).all()):
             return None
         if self.terms.bias is not None or self.terms.terms.bias_program is not None:
@@ -150,12 +190,12 @@ class FusedRows:
             parts = self._parts(start, stop)
             if parts is None:
                 return None
-            results = [_FLASH(self.q[..., start:stop, :], self.k[..., part.k0:part.k1, :],
-                              self.v[..., part.k0:part.k1, :], 0.0, False, attn_mask=part.additive,
-                              scale=self.opts.scale) for part in parts]
+            q_rows = self._oriented(self.q[..., start:stop, :])
+            results = [_FLASH(q_rows, self.k[..., part.k0:part.k1, :], self.v[..., part.k0:part.k1, :], 0.0, False,
+                              attn_mask=part.additive, scale=self.opts.scale) for part in parts]
             out, lse = _merge(parts, results)
-            outs.append(out)
-            lses.append(lse)
+            outs.append(self._oriented(out))
+            lses.append(self._oriented(lse, -1))
         return torch.cat(outs, -2), torch.cat(lses, -1)
 
     def backward(self, q0: int, q1: int, grad_out, out, lse) -> torch.Tensor | None:
@@ -169,18 +209,20 @@ class FusedRows:
         grads = []
         for start, stop, parts in chunks:
             rows = slice(start - q0, stop - q0)
-            grad_rows, out_rows = grad_out[..., rows, :].contiguous(), out[..., rows, :].contiguous()
-            lse_rows = lse[..., rows].contiguous()
+            grad_rows = self._oriented(grad_out[..., rows, :]).contiguous()
+            out_rows = self._oriented(out[..., rows, :]).contiguous()
+            lse_rows = self._oriented(lse[..., rows], -1).contiguous()
+            q_rows = self._oriented(self.q[..., start:stop, :])
             dq_rows = None
             for part in parts:
                 dq, dk, dv = _FLASH_BACKWARD(
-                    grad_rows, self.q[..., start:stop, :], self.k[..., part.k0:part.k1, :],
+                    grad_rows, q_rows, self.k[..., part.k0:part.k1, :],
                     self.v[..., part.k0:part.k1, :], out_rows, lse_rows, 0.0, False, attn_mask=part.additive,
                     scale=self.opts.scale)
                 self.dk[..., part.k0:part.k1, :] += dk
                 self.dv[..., part.k0:part.k1, :] += dv
                 dq_rows = dq if dq_rows is None else dq_rows + dq
-            grads.append(dq_rows)
+            grads.append(self._oriented(dq_rows))
         return torch.cat(grads, -2)
 
     def key_grads(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -218,6 +260,29 @@ def _merge(parts: list[_Part], results) -> tuple[torch.Tensor, torch.Tensor]:
     total = sum(weights)
     out = sum(w.unsqueeze(-1) * o.float() for w, (o, _) in zip(weights, results)) / total.unsqueeze(-1)
     return out.to(results[0][0].dtype), top + torch.log(total)
+
+
+def _reads_differences(terms: ScoreTerms) -> bool:
+    """Whether a program of the call has steps that read positions only through ``key − query`` (T5's
+    buckets, ALiBi): their blocks are strided views, with no copy, when a chunk's rows are taken last first."""
+    return any(program is not None and bool(relative_steps(program)[1])
+               for program in (terms.bias_program, terms.mask_program))
+
+
+def _runs(keep: torch.Tensor, count: int) -> list[tuple[int, int, bool]]:
+    """(start, stop, kept) for each maximal run of equal entries of a (count,) boolean row, or of one
+    entry standing for all `count`."""
+    if keep.numel() == 1:
+        return [(0, count, bool(keep))]
+    edges = (torch.nonzero(keep[1:] != keep[:-1]).flatten() + 1).tolist()
+    starts = [0] + edges
+    return list(zip(starts, edges + [count], keep[starts].tolist()))
+
+
+def _kernel_layout(mask: torch.Tensor) -> torch.Tensor:
+    """The additive mask as the fused kernel reads it: any strides on the other axes (a Toeplitz view of a
+    bias's differences has row stride 1), but consecutive keys adjacent."""
+    return mask if mask.size(-1) == 1 or mask.stride(-1) == 1 else mask.contiguous()
 
 
 def _four_d(block: torch.Tensor | None) -> torch.Tensor | None:
