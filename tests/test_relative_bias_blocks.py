@@ -19,7 +19,7 @@ import rewriter.kernels.attention_op  # noqa: F401
 from passes.core.score_programs import ProgramBuilder
 from rewriter.kernels import fused_rows
 from rewriter.kernels.program_proofs import added_fill
-from rewriter.kernels.score_program_torch import evaluate
+from rewriter.kernels.score_program_torch import evaluate, relative_view
 
 B, H, D, BUCKETS, MAX_DISTANCE = 2, 3, 8, 32, 20
 FILL = torch.finfo(torch.float32).min
@@ -219,3 +219,25 @@ def test_cases_that_need_the_whole_bias_stay_exact(monkeypatch, case):
         got = _attention(q, k, v, None, leaves, program.to_json(), 8, zero_rows=zero_rows)
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, equal_nan=True)
     assert counts["whole"] > 0 or case == "a row with no key"  # there: no part at all, so blockwise
+
+
+def test_relative_view_serves_every_block():
+    """`relative_view` is evaluated once; its rows Lq − q1 : Lq − q0 are the reversed block of rows q0:q1."""
+    table, length, keys = torch.randn(BUCKETS, H), 23, 31
+    program, leaves = _t5(table, None, causal=True)
+    view = relative_view(program, leaves, 1, H, length, keys, torch.device("cpu"))
+    assert view.untyped_storage().nbytes() == H * (length + keys - 1) * 4
+    for q0, q1, k0, k1 in [(0, 23, 0, 31), (4, 9, 2, 30), (22, 23, 0, 1)]:
+        block = evaluate(program, leaves, 1, H, (q0, q1), (k0, k1), torch.device("cpu"), reverse_rows=True)
+        assert torch.equal(view[..., length - q1:length - q0, k0:k1], block)
+    padded, _ = _t5(table, torch.ones(1, keys, dtype=torch.int64))
+    assert relative_view(padded, leaves, 1, H, length, keys, torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("rows, keys", [(5, 9), (2, 2), (7, 7), (6, 40), (9, 4), (1, 8)])
+def test_row_max_of_a_toeplitz_view_equals_amax(rows, keys):
+    differences = torch.randn(2, H, 1, rows + keys + 2)
+    view = differences.unfold(-1, keys, 1).squeeze(-3)[..., 1:1 + rows, :]
+    assert torch.equal(fused_rows._row_max(view), view.amax(-1))
+    differences[0, 1, 0, 3] = math.nan
+    torch.testing.assert_close(fused_rows._row_max(view), view.amax(-1), rtol=0, atol=0, equal_nan=True)

@@ -31,6 +31,7 @@ import torch
 from rewriter.kernels.chunked_attention import BlockTerms, ScoreOptions, ScoreTerms
 from rewriter.kernels.program_proofs import (EFFECTIVELY_NEG_INF, added_fill, filled_bias_bounds, key_bounds,
                                              relative_steps)
+from rewriter.kernels.score_program_torch import relative_view
 
 __all__ = ["FusedRows", "MASK_BYTES"]
 
@@ -88,11 +89,14 @@ class FusedRows:
         self.terms = BlockTerms(terms, q, kv_heads=q.size(1))  # one "group" per head: 4-D blocks
         self.inner_terms = BlockTerms(inner, q, kv_heads=q.size(1))
         self.added = None  # (x and keep as block terms, f) for a bias x + where(keep, 0, f) (T5 with padding)
+        self.added_view = None  # x for all rows and keys where it reads positions through key − query only
         found = added_fill(terms.bias_program) if inner is terms and terms.bias_program is not None else None
         if found is not None and terms.mask is None and terms.mask_program is None:
             x, keep, fill = found
             self.added = BlockTerms(dataclasses.replace(terms, bias_program=x, mask_program=keep), q,
                                     kv_heads=q.size(1)), fill
+            self.added_view = relative_view(x, list(terms.leaves), q.size(0), q.size(1), q.size(-2), k.size(-2),
+                                            q.device)
         per_row = q.size(0) * q.size(1) * k.size(-2) * q.element_size()
         self.rows = max(1, MASK_BYTES // per_row)
         self.reverse = _reads_differences(terms)
@@ -148,7 +152,12 @@ class FusedRows:
         keep = _four_d(terms.keep_block(q0, q1, k0, k1, self.reverse))
         if keep.shape[:-1] != (1, 1, 1):
             return None
-        bias = _four_d(terms.bias_block(q0, q1, k0, k1, self.reverse))
+        if self.added_view is not None:  # rows last first, as `self.reverse` (x reads key − query) has them
+            view, length = self.added_view, self.q.size(-2)
+            bias = view[..., length - q1:length - q0, :] if view.size(-2) > 1 else view
+            bias = bias[..., k0:k1] if view.size(-1) > 1 else bias
+        else:
+            bias = _four_d(terms.bias_block(q0, q1, k0, k1, self.reverse))
         runs = _runs(keep.reshape(-1), k1 - k0)
         if bias.dtype != self.q.dtype or sum(kept for *_, kept in runs) > _MAX_RUNS:
             return None
@@ -177,7 +186,7 @@ class FusedRows:
         if self.terms.bias is not None or self.terms.terms.bias_program is not None:
             largest = None
             for part in parts:
-                row_max = part.additive.amax(-1)
+                row_max = _row_max(part.additive)
                 largest = row_max if largest is None else torch.maximum(largest, row_max)
             if not bool((largest >= _MIN_ROW_BIAS).all()):
                 return None
@@ -277,6 +286,25 @@ def _runs(keep: torch.Tensor, count: int) -> list[tuple[int, int, bool]]:
     edges = (torch.nonzero(keep[1:] != keep[:-1]).flatten() + 1).tolist()
     starts = [0] + edges
     return list(zip(starts, edges + [count], keep[starts].tolist()))
+
+
+def _row_max(mask: torch.Tensor) -> torch.Tensor:
+    """Each row's largest entry of a (·, ·, rows, keys) mask. A Toeplitz view (strides 1, 1 on rows and
+    keys: `relative_view`'s blocks) is read through its rows + keys − 1 differences d: row r holds
+    d[r : r + keys] = d[r : rows − 1] ∪ d[rows − 1 : keys] ∪ d[keys : keys + r], so a max over the
+    shared middle and running maxima over the two ends give every row without reading rows × keys."""
+    rows, keys = mask.shape[-2:]
+    if rows < 2 or keys < rows or mask.stride()[-2:] != (1, 1):
+        return mask.amax(-1)
+    differences = mask.as_strided(mask.shape[:-2] + (rows + keys - 1,), mask.stride()[:-2] + (1,))
+    if bool(differences.isnan().any()):  # NaN propagates through amax; keep that without relying on cummax
+        return mask.amax(-1)
+    largest = differences[..., rows - 1:keys].amax(-1, keepdim=True).expand(mask.shape[:-1]).clone()
+    first = differences[..., :rows - 1].flip(-1).cummax(-1).values.flip(-1)  # max d[r : rows − 1], r < rows − 1
+    last = differences[..., keys:].cummax(-1).values  # max d[keys : keys + r], r ≥ 1
+    largest[..., :rows - 1] = torch.maximum(largest[..., :rows - 1], first)
+    largest[..., 1:] = torch.maximum(largest[..., 1:], last)
+    return largest
 
 
 def _kernel_layout(mask: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from rewriter.kernels.program_proofs import relative_steps
 from rewriter.kernels.score_program import AXES, Program
 
-__all__ = ["evaluate", "leaf_gradients", "trace"]
+__all__ = ["evaluate", "leaf_gradients", "relative_view", "trace"]
 
 _TORCH_OPS = {
     "add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": torch.true_divide,
@@ -142,6 +142,18 @@ def evaluate(program: Program, leaves: list[torch.Tensor], batch: int, heads: in
     a strided view of those differences (the result may be such a view: its last axis has stride 1).
     """
     return _run(program, leaves, batch, heads, rows, cols, device, keep=False, reverse_rows=reverse_rows)[-1]
+
+
+def relative_view(program: Program, leaves: list[torch.Tensor], batch: int, heads: int, query_len: int,
+                  key_len: int, device: torch.device) -> torch.Tensor | None:
+    """All of a program whose value depends on the positions only through ``key − query`` (T5's bucket
+    bias, ALiBi's distances), rows last first: a 4-D view broadcastable to (batch, heads, query_len,
+    key_len) over its query_len + key_len − 1 differences, of which rows q0:q1 are rows
+    query_len − q1 : query_len − q0. None for other programs. Evaluated once, it serves every block."""
+    if len(program.steps) - 1 not in relative_steps(program)[1]:
+        return None
+    value = evaluate(program, leaves, batch, heads, (0, query_len), (0, key_len), device, reverse_rows=True)
+    return value.reshape((1,) * (4 - value.dim()) + tuple(value.shape))
 
 
 def trace(program: Program, leaves: list[torch.Tensor], batch: int, heads: int,
