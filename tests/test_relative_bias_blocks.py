@@ -19,7 +19,7 @@ import rewriter.kernels.attention_op  # noqa: F401
 from passes.core.score_programs import ProgramBuilder
 from rewriter.kernels import fused_rows
 from rewriter.kernels.program_proofs import added_fill
-from rewriter.kernels.score_program_torch import evaluate, relative_view
+from rewriter.kernels.score_program_torch import evaluate, evaluate_within, relative_view
 
 B, H, D, BUCKETS, MAX_DISTANCE = 2, 3, 8, 32, 20
 FILL = torch.finfo(torch.float32).min
@@ -218,7 +218,10 @@ def test_cases_that_need_the_whole_bias_stay_exact(monkeypatch, case):
         want = _attention(q, k, v, _dense(table, pad, length, fill=fill), [], "", 8, zero_rows=zero_rows)
         got = _attention(q, k, v, None, leaves, program.to_json(), 8, zero_rows=zero_rows)
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5, equal_nan=True)
-    assert counts["whole"] > 0 or case == "a row with no key"  # there: no part at all, so blockwise
+    if case == "keys per batch row":  # keep reads the batch too: the whole bias from the start
+        assert counts == {"split": 0, "whole": 0}
+    elif case != "a row with no key":  # there: no part at all, so blockwise
+        assert counts["whole"] > 0
 
 
 def test_relative_view_serves_every_block():
@@ -241,3 +244,18 @@ def test_row_max_of_a_toeplitz_view_equals_amax(rows, keys):
     assert torch.equal(fused_rows._row_max(view), view.amax(-1))
     differences[0, 1, 0, 3] = math.nan
     torch.testing.assert_close(fused_rows._row_max(view), view.amax(-1), rtol=0, atol=0, equal_nan=True)
+
+
+def test_evaluate_within_stops_before_a_large_step():
+    """A keep-mask reading the key only is one row over all rows at once; one comparing key and query
+    is refused before its rows × keys step runs."""
+    pad = torch.ones(1, 50, dtype=torch.int64)
+    pad[0, 44:] = 0
+    program, leaves = _t5(torch.zeros(BUCKETS, H), pad)
+    _, keep, _ = added_fill(program)
+    row = evaluate_within(keep, leaves, 1, H, (0, 40), (0, 50), torch.device("cpu"), 90)
+    assert row.shape == (1, 1, 1, 50) and torch.equal(row.reshape(-1), pad[0].bool())
+    builder = ProgramBuilder()
+    causal = builder.program(builder.add("le", (builder.index("key"), builder.index("query")), dtype="bool"))
+    assert evaluate_within(causal, [], 1, H, (0, 40), (0, 50), torch.device("cpu"), 90) is None
+    assert evaluate_within(causal, [], 1, H, (0, 40), (0, 50), torch.device("cpu"), 2000).shape == (1, 1, 40, 50)

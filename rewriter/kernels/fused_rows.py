@@ -29,9 +29,10 @@ import math
 import torch
 
 from rewriter.kernels.chunked_attention import BlockTerms, ScoreOptions, ScoreTerms
+from rewriter.kernels.score_program import Program
 from rewriter.kernels.program_proofs import (EFFECTIVELY_NEG_INF, added_fill, filled_bias_bounds, key_bounds,
                                              relative_steps)
-from rewriter.kernels.score_program_torch import relative_view
+from rewriter.kernels.score_program_torch import evaluate_within, relative_view
 
 __all__ = ["FusedRows", "MASK_BYTES"]
 
@@ -88,15 +89,17 @@ class FusedRows:
         self.upper, self.lower = upper, lower
         self.terms = BlockTerms(terms, q, kv_heads=q.size(1))  # one "group" per head: 4-D blocks
         self.inner_terms = BlockTerms(inner, q, kv_heads=q.size(1))
-        self.added = None  # (x and keep as block terms, f) for a bias x + where(keep, 0, f) (T5 with padding)
+        self.added = None  # (x as block terms, f, runs of keep) for a bias x + where(keep[key], 0, f) (T5 + padding)
         self.added_view = None  # x for all rows and keys where it reads positions through key − query only
         found = added_fill(terms.bias_program) if inner is terms and terms.bias_program is not None else None
         if found is not None and terms.mask is None and terms.mask_program is None:
             x, keep, fill = found
-            self.added = BlockTerms(dataclasses.replace(terms, bias_program=x, mask_program=keep), q,
-                                    kv_heads=q.size(1)), fill
-            self.added_view = relative_view(x, list(terms.leaves), q.size(0), q.size(1), q.size(-2), k.size(-2),
-                                            q.device)
+            keys = _key_row(keep, list(terms.leaves), q, k.size(-2))
+            if keys is not None:
+                self.added = (BlockTerms(dataclasses.replace(terms, bias_program=x), q, kv_heads=q.size(1)), fill,
+                              _runs(keys, k.size(-2)))
+                self.added_view = relative_view(x, list(terms.leaves), q.size(0), q.size(1), q.size(-2),
+                                                k.size(-2), q.device)
         per_row = q.size(0) * q.size(1) * k.size(-2) * q.element_size()
         self.rows = max(1, MASK_BYTES // per_row)
         self.reverse = _reads_differences(terms)
@@ -142,31 +145,28 @@ class FusedRows:
         return _Part(k0, k1, _kernel_layout(additive), keep.any(-1))
 
     def _added_parts(self, q0: int, q1: int, k0: int, k1: int) -> list[_Part] | None:
-        """Keys k0:k1 of rows q0:q1 for a bias ``x + where(keep, 0, f)`` whose keep-mask reads the key only:
-        one part per run of kept keys with x alone as its mask (for T5's buckets a strided view: nothing
-        rows × keys is written), the hidden keys left out. Exact where every hidden key's x + f is at or
-        below `EFFECTIVELY_NEG_INF` (checked; its weight is then exactly 0 in a row that keeps a key, as
-        `_parts` requires). None where that fails, keep reads more than the key, or there are more than
-        `_MAX_RUNS` runs: the caller then builds the whole bias."""
-        terms, fill = self.added
-        keep = _four_d(terms.keep_block(q0, q1, k0, k1, self.reverse))
-        if keep.shape[:-1] != (1, 1, 1):
-            return None
+        """Keys k0:k1 of rows q0:q1 for a bias ``x + where(keep, 0, f)`` whose keep-mask reads the key only
+        (evaluated once per call): one part per run of kept keys with x alone as its mask (for T5's
+        buckets a strided view: nothing rows × keys is written), the hidden keys left out. Exact where
+        every hidden key's x + f is at or below `EFFECTIVELY_NEG_INF` (checked; its weight is then
+        exactly 0 in a row that keeps a key, as `_parts` requires). None where that fails or there are
+        more than `_MAX_RUNS` runs: the caller then builds the whole bias."""
+        terms, fill, runs = self.added
         if self.added_view is not None:  # rows last first, as `self.reverse` (x reads key − query) has them
             view, length = self.added_view, self.q.size(-2)
             bias = view[..., length - q1:length - q0, :] if view.size(-2) > 1 else view
             bias = bias[..., k0:k1] if view.size(-1) > 1 else bias
         else:
             bias = _four_d(terms.bias_block(q0, q1, k0, k1, self.reverse))
-        runs = _runs(keep.reshape(-1), k1 - k0)
+        runs = [(max(start, k0), min(stop, k1), kept) for start, stop, kept in runs if start < k1 and stop > k0]
         if bias.dtype != self.q.dtype or sum(kept for *_, kept in runs) > _MAX_RUNS:
             return None
         parts = []
         for start, stop, kept in runs:
-            block = bias if bias.size(-1) == 1 else bias[..., start:stop]
+            block = bias if bias.size(-1) == 1 else bias[..., start - k0:stop - k0]
             if kept:
-                parts.append(_Part(k0 + start, k0 + stop, _kernel_layout(block), None))
-            elif not float(block.amax() + fill) <= EFFECTIVELY_NEG_INF:  # NaN fails too
+                parts.append(_Part(start, stop, _kernel_layout(block), None))
+            elif not float(_row_max(block).amax() + fill) <= EFFECTIVELY_NEG_INF:  # NaN fails too
                 return None
         return parts
 
@@ -276,6 +276,16 @@ def _reads_differences(terms: ScoreTerms) -> bool:
     buckets, ALiBi): their blocks are strided views, with no copy, when a chunk's rows are taken last first."""
     return any(program is not None and bool(relative_steps(program)[1])
                for program in (terms.bias_program, terms.mask_program))
+
+
+def _key_row(keep: Program, leaves: list[torch.Tensor], q: torch.Tensor, keys: int) -> torch.Tensor | None:
+    """The keep-mask over all rows as one (keys,) row (or one entry for all), where it reads only the key
+    (``query ≥ 0 ∧ pad[0, key]``); None otherwise, having made nothing larger than (rows + keys) · B · H."""
+    batch, heads, rows = q.size(0), q.size(1), q.size(-2)
+    value = evaluate_within(keep, leaves, batch, heads, (0, rows), (0, keys), q.device, batch * heads * (rows + keys))
+    if value is None or any(size != 1 for size in value.shape[:-1]):
+        return None
+    return value.reshape(-1)
 
 
 def _runs(keep: torch.Tensor, count: int) -> list[tuple[int, int, bool]]:

@@ -3,6 +3,7 @@ gradients with respect to their floating-point leaves."""
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 from rewriter.kernels.program_proofs import relative_steps
 from rewriter.kernels.score_program import AXES, Program
 
-__all__ = ["evaluate", "leaf_gradients", "relative_view", "trace"]
+__all__ = ["evaluate", "evaluate_within", "leaf_gradients", "relative_view", "trace"]
 
 _TORCH_OPS = {
     "add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": torch.true_divide,
@@ -86,12 +87,16 @@ def _collapsed(value, rows, cols):
     return first.view((1,) * value.dim())
 
 
+class _TooLarge(Exception):
+    """A step of `evaluate_within` would hold more entries than its limit."""
+
+
 def _run(program: Program, leaves, batch: int, heads: int, rows, cols, device, keep: bool,
-         reverse_rows: bool = False) -> list:
+         reverse_rows: bool = False, limit: int | None = None) -> list:
     sizes = {"batch": (0, batch), "head": (0, heads), "query": rows, "key": cols}
     values: list[Any] = [None] * len(program.steps)
     last_use = program.last_use
-    roots, relative = ({}, frozenset()) if keep else relative_steps(program)
+    roots, relative = ({}, frozenset()) if keep or limit is not None else relative_steps(program)
     differences = _Differences(rows, cols, device, reverse_rows) if relative else None
     spread: set[int] = set()
     for position, step in enumerate(program.steps):
@@ -101,6 +106,10 @@ def _run(program: Program, leaves, batch: int, heads: int, rows, cols, device, k
                     values[arg] = differences.spread(values[arg], view=False)
                     spread.add(arg)
         args = [values[arg] for arg in step.args if arg >= 0]
+        if limit is not None:
+            shapes = [arg.shape for arg in args if isinstance(arg, torch.Tensor)]
+            if shapes and math.prod(torch.broadcast_shapes(*shapes)) > limit:
+                raise _TooLarge
         if position in roots:  # key − query + c, over the block's differences only
             value = (differences.values + roots[position]).to(_dtype(step.dtype))
         elif step.op == "index":
@@ -142,6 +151,18 @@ def evaluate(program: Program, leaves: list[torch.Tensor], batch: int, heads: in
     a strided view of those differences (the result may be such a view: its last axis has stride 1).
     """
     return _run(program, leaves, batch, heads, rows, cols, device, keep=False, reverse_rows=reverse_rows)[-1]
+
+
+def evaluate_within(program: Program, leaves: list[torch.Tensor], batch: int, heads: int,
+                    rows: tuple[int, int], cols: tuple[int, int], device: torch.device,
+                    limit: int) -> torch.Tensor | None:
+    """`evaluate`'s result, or None where a step would hold more than `limit` entries (checked before the
+    step runs, so nothing larger is made). All-equal small values collapse as in `evaluate`, so a mask
+    such as ``query ≥ 0 ∧ pad[key]`` evaluated over all rows at once is one row of keys."""
+    try:
+        return _run(program, leaves, batch, heads, rows, cols, device, keep=False, limit=limit)[-1]
+    except _TooLarge:
+        return None
 
 
 def relative_view(program: Program, leaves: list[torch.Tensor], batch: int, heads: int, query_len: int,
