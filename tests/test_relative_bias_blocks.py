@@ -2,7 +2,7 @@
 
 `score_program_torch.evaluate` spreads the values that depend on positions only through
 ``key − query`` as a strided `unfold` view (rows last first) or its flipped copy, and collapses
-small all-equal integer/boolean values (``query ≥ 0``); `fused_rows.FusedRows` feeds a bias
+small all-equal integer/boolean values (``query ≥ 0``); `key_run_bias.KeyRunBias` feeds a bias
 ``x + where(keep, 0, f)`` whose keep-mask reads only the key to the fused kernel as x alone on
 each run of kept keys (`program_proofs.added_fill`). Checked here against the same functions
 computed densely with torch, forward (NaN pattern included) and backward (the bucket table's
@@ -17,7 +17,7 @@ import torch
 
 import rewriter.kernels.attention_op  # noqa: F401
 from passes.core.score_programs import ProgramBuilder
-from rewriter.kernels import fused_rows
+from rewriter.kernels import key_run_bias
 from rewriter.kernels.program_proofs import added_fill
 from rewriter.kernels.score_program_torch import evaluate, evaluate_within, relative_view
 
@@ -142,16 +142,16 @@ def test_added_fill_reads_t5_with_padding():
 
 
 def _spy(monkeypatch):
-    """Counts of the chunk key ranges `_added_parts` split into runs and of those it left to the whole bias."""
+    """Counts of the chunk key ranges `KeyRunBias.parts` split into runs and of those it left to the whole bias."""
     counts = {"split": 0, "whole": 0}
-    original = fused_rows.FusedRows._added_parts
+    original = key_run_bias.KeyRunBias.parts
 
     def spied(self, *args):
         parts = original(self, *args)
         counts["whole" if parts is None else "split"] += 1
         return parts
 
-    monkeypatch.setattr(fused_rows.FusedRows, "_added_parts", spied)
+    monkeypatch.setattr(key_run_bias.KeyRunBias, "parts", spied)
     return counts
 
 
@@ -241,9 +241,9 @@ def test_relative_view_serves_every_block():
 def test_row_max_of_a_toeplitz_view_equals_amax(rows, keys):
     differences = torch.randn(2, H, 1, rows + keys + 2)
     view = differences.unfold(-1, keys, 1).squeeze(-3)[..., 1:1 + rows, :]
-    assert torch.equal(fused_rows._row_max(view), view.amax(-1))
+    assert torch.equal(key_run_bias.row_max(view), view.amax(-1))
     differences[0, 1, 0, 3] = math.nan
-    torch.testing.assert_close(fused_rows._row_max(view), view.amax(-1), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(key_run_bias.row_max(view), view.amax(-1), rtol=0, atol=0, equal_nan=True)
 
 
 def test_evaluate_within_stops_before_a_large_step():

@@ -9,7 +9,11 @@ all; the keys every row of the chunk sees on the causal/window side get a mask f
 conjuncts alone (for a padding mask, one row broadcast over the chunk); only the diagonal bands
 (at most rows × rows keys) get the full mask. The parts' results are merged by their log-sum-exp
 (as in split-KV flash decoding); the backward runs each part against the merged output and
-log-sum-exp. Nothing Lq × Lk is held, and no mask wider than `MASK_BYTES` is built.
+log-sum-exp. Nothing Lq × Lk is held, and no mask wider than `MASK_BYTES` is built. A bias
+``x + where(keep[key], 0, f)`` (T5's buckets plus padding) passes x alone on each run of kept keys
+(`rewriter.kernels.key_run_bias`). Where a program reads positions through ``key − query`` (T5,
+ALiBi), a chunk's rows are taken last first: its values are then a strided view of the differences,
+which the kernel reads as they are (it needs only the keys adjacent), so the view is not copied.
 
 A chunk goes to the fused kernel only where that is exact, checked on the chunk's own mask:
 every row keeps at least one key (the kernel gives 0, not the op's NaN, for a row with none, and
@@ -29,17 +33,14 @@ import math
 import torch
 
 from rewriter.kernels.chunked_attention import BlockTerms, ScoreOptions, ScoreTerms
-from rewriter.kernels.score_program import Program
-from rewriter.kernels.program_proofs import (EFFECTIVELY_NEG_INF, added_fill, filled_bias_bounds, key_bounds,
-                                             relative_steps)
-from rewriter.kernels.score_program_torch import evaluate_within, relative_view
+from rewriter.kernels.key_run_bias import KeyRunBias, kernel_layout, row_max
+from rewriter.kernels.program_proofs import EFFECTIVELY_NEG_INF, filled_bias_bounds, key_bounds, relative_steps
 
 __all__ = ["FusedRows", "MASK_BYTES"]
 
 MASK_BYTES = 32 << 20  # the additive mask of one chunk of rows, at most
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MIN_ROW_BIAS = -64.0
-_MAX_RUNS = 8  # runs of kept keys a chunk is split into for a bias x + where(keep, 0, f); more: the bias is built whole
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
@@ -89,17 +90,8 @@ class FusedRows:
         self.upper, self.lower = upper, lower
         self.terms = BlockTerms(terms, q, kv_heads=q.size(1))  # one "group" per head: 4-D blocks
         self.inner_terms = BlockTerms(inner, q, kv_heads=q.size(1))
-        self.added = None  # (x as block terms, f, runs of keep) for a bias x + where(keep[key], 0, f) (T5 + padding)
-        self.added_view = None  # x for all rows and keys where it reads positions through key − query only
-        found = added_fill(terms.bias_program) if inner is terms and terms.bias_program is not None else None
-        if found is not None and terms.mask is None and terms.mask_program is None:
-            x, keep, fill = found
-            keys = _key_row(keep, list(terms.leaves), q, k.size(-2))
-            if keys is not None:
-                self.added = (BlockTerms(dataclasses.replace(terms, bias_program=x), q, kv_heads=q.size(1)), fill,
-                              _runs(keys, k.size(-2)))
-                self.added_view = relative_view(x, list(terms.leaves), q.size(0), q.size(1), q.size(-2),
-                                                k.size(-2), q.device)
+        # T5's bias plus padding, x + where(keep[key], 0, f): x alone on runs of kept keys, where no bound split it
+        self.key_runs = KeyRunBias.applies(terms, q, k.size(-2)) if inner is terms else None
         per_row = q.size(0) * q.size(1) * k.size(-2) * q.element_size()
         self.rows = max(1, MASK_BYTES // per_row)
         self.reverse = _reads_differences(terms)
@@ -137,44 +129,21 @@ class FusedRows:
         if bias is not None and bias.dtype != dtype:
             return None
         if keep is None:
-            return _Part(k0, k1, None if bias is None else _kernel_layout(bias), None)
+            return _Part(k0, k1, None if bias is None else kernel_layout(bias), None)
         if opts.mask_fill != -math.inf and opts.mask_fill > EFFECTIVELY_NEG_INF:
             return None
         fill = torch.tensor(opts.mask_fill, dtype=dtype, device=device)
         additive = torch.where(keep, torch.tensor(0, dtype=dtype, device=device) if bias is None else bias, fill)
-        return _Part(k0, k1, _kernel_layout(additive), keep.any(-1))
-
-    def _added_parts(self, q0: int, q1: int, k0: int, k1: int) -> list[_Part] | None:
-        """Keys k0:k1 of rows q0:q1 for a bias ``x + where(keep, 0, f)`` whose keep-mask reads the key only
-        (evaluated once per call): one part per run of kept keys with x alone as its mask (for T5's
-        buckets a strided view: nothing rows × keys is written), the hidden keys left out. Exact where
-        every hidden key's x + f is at or below `EFFECTIVELY_NEG_INF` (checked; its weight is then
-        exactly 0 in a row that keeps a key, as `_parts` requires). None where that fails or there are
-        more than `_MAX_RUNS` runs: the caller then builds the whole bias."""
-        terms, fill, runs = self.added
-        if self.added_view is not None:  # rows last first, as `self.reverse` (x reads key − query) has them
-            view, length = self.added_view, self.q.size(-2)
-            bias = view[..., length - q1:length - q0, :] if view.size(-2) > 1 else view
-            bias = bias[..., k0:k1] if view.size(-1) > 1 else bias
-        else:
-            bias = _four_d(terms.bias_block(q0, q1, k0, k1, self.reverse))
-        runs = [(max(start, k0), min(stop, k1), kept) for start, stop, kept in runs if start < k1 and stop > k0]
-        if bias.dtype != self.q.dtype or sum(kept for *_, kept in runs) > _MAX_RUNS:
-            return None
-        parts = []
-        for start, stop, kept in runs:
-            block = bias if bias.size(-1) == 1 else bias[..., start - k0:stop - k0]
-            if kept:
-                parts.append(_Part(start, stop, _kernel_layout(block), None))
-            elif not float(_row_max(block).amax() + fill) <= EFFECTIVELY_NEG_INF:  # NaN fails too
-                return None
-        return parts
+        return _Part(k0, k1, kernel_layout(additive), keep.any(-1))
 
     def _parts(self, q0: int, q1: int) -> list[_Part] | None:
         """The chunk's parts, or None where the fused kernel is not exact for these rows."""
         parts = []
         for k0, k1, inner in self._key_ranges(q0, q1):
-            found = self._added_parts(q0, q1, k0, k1) if inner and self.added is not None else None
+            found = None
+            if inner and self.key_runs is not None:
+                found = self.key_runs.parts(q0, q1, k0, k1, self.reverse)
+                found = None if found is None else [_Part(start, stop, mask, None) for start, stop, mask in found]
             if found is None:
                 part = self._part(q0, q1, k0, k1, inner)
                 if part is None:
@@ -186,8 +155,8 @@ class FusedRows:
         if self.terms.bias is not None or self.terms.terms.bias_program is not None:
             largest = None
             for part in parts:
-                row_max = _row_max(part.additive)
-                largest = row_max if largest is None else torch.maximum(largest, row_max)
+                most = row_max(part.additive)
+                largest = most if largest is None else torch.maximum(largest, most)
             if not bool((largest >= _MIN_ROW_BIAS).all()):
                 return None
         return parts
@@ -276,51 +245,6 @@ def _reads_differences(terms: ScoreTerms) -> bool:
     buckets, ALiBi): their blocks are strided views, with no copy, when a chunk's rows are taken last first."""
     return any(program is not None and bool(relative_steps(program)[1])
                for program in (terms.bias_program, terms.mask_program))
-
-
-def _key_row(keep: Program, leaves: list[torch.Tensor], q: torch.Tensor, keys: int) -> torch.Tensor | None:
-    """The keep-mask over all rows as one (keys,) row (or one entry for all), where it reads only the key
-    (``query ≥ 0 ∧ pad[0, key]``); None otherwise, having made nothing larger than (rows + keys) · B · H."""
-    batch, heads, rows = q.size(0), q.size(1), q.size(-2)
-    value = evaluate_within(keep, leaves, batch, heads, (0, rows), (0, keys), q.device, batch * heads * (rows + keys))
-    if value is None or any(size != 1 for size in value.shape[:-1]):
-        return None
-    return value.reshape(-1)
-
-
-def _runs(keep: torch.Tensor, count: int) -> list[tuple[int, int, bool]]:
-    """(start, stop, kept) for each maximal run of equal entries of a (count,) boolean row, or of one
-    entry standing for all `count`."""
-    if keep.numel() == 1:
-        return [(0, count, bool(keep))]
-    edges = (torch.nonzero(keep[1:] != keep[:-1]).flatten() + 1).tolist()
-    starts = [0] + edges
-    return list(zip(starts, edges + [count], keep[starts].tolist()))
-
-
-def _row_max(mask: torch.Tensor) -> torch.Tensor:
-    """Each row's largest entry of a (·, ·, rows, keys) mask. A Toeplitz view (strides 1, 1 on rows and
-    keys: `relative_view`'s blocks) is read through its rows + keys − 1 differences d: row r holds
-    d[r : r + keys] = d[r : rows − 1] ∪ d[rows − 1 : keys] ∪ d[keys : keys + r], so a max over the
-    shared middle and running maxima over the two ends give every row without reading rows × keys."""
-    rows, keys = mask.shape[-2:]
-    if rows < 2 or keys < rows or mask.stride()[-2:] != (1, 1):
-        return mask.amax(-1)
-    differences = mask.as_strided(mask.shape[:-2] + (rows + keys - 1,), mask.stride()[:-2] + (1,))
-    if bool(differences.isnan().any()):  # NaN propagates through amax; keep that without relying on cummax
-        return mask.amax(-1)
-    largest = differences[..., rows - 1:keys].amax(-1, keepdim=True).expand(mask.shape[:-1]).clone()
-    first = differences[..., :rows - 1].flip(-1).cummax(-1).values.flip(-1)  # max d[r : rows − 1], r < rows − 1
-    last = differences[..., keys:].cummax(-1).values  # max d[keys : keys + r], r ≥ 1
-    largest[..., :rows - 1] = torch.maximum(largest[..., :rows - 1], first)
-    largest[..., 1:] = torch.maximum(largest[..., 1:], last)
-    return largest
-
-
-def _kernel_layout(mask: torch.Tensor) -> torch.Tensor:
-    """The additive mask as the fused kernel reads it: any strides on the other axes (a Toeplitz view of a
-    bias's differences has row stride 1), but consecutive keys adjacent."""
-    return mask if mask.size(-1) == 1 or mask.stride(-1) == 1 else mask.contiguous()
 
 
 def _four_d(block: torch.Tensor | None) -> torch.Tensor | None:
