@@ -86,22 +86,26 @@ class BlockTerms:
     def _sizes(self, q0, q1, k0, k1):
         return self.batch, self.heads, (q0, q1), (k0, k1), self.device
 
-    def bias_block(self, q0, q1, k0, k1) -> torch.Tensor | None:
+    def bias_block(self, q0, q1, k0, k1, reverse_rows: bool = False) -> torch.Tensor | None:
+        """The bias of rows q0:q1 and keys k0:k1 (rows last first with `reverse_rows`), or None."""
         if self.terms.bias_program is not None:
-            values = evaluate(self.terms.bias_program, list(self.terms.leaves), *self._sizes(q0, q1, k0, k1))
+            values = evaluate(self.terms.bias_program, list(self.terms.leaves), *self._sizes(q0, q1, k0, k1),
+                              reverse_rows)
             return _grouped(values, self.kv_heads)
-        return _block(self.bias, q0, q1, k0, k1)
+        return _block(self.bias, q0, q1, k0, k1, reverse_rows)
 
     def traced_bias_block(self, q0, q1, k0, k1) -> tuple[torch.Tensor, list]:
         """The bias program's block, grouped, and every step's value for `leaf_gradients`."""
         values = trace(self.terms.bias_program, list(self.terms.leaves), *self._sizes(q0, q1, k0, k1))
         return _grouped(values[-1], self.kv_heads), values
 
-    def keep_block(self, q0, q1, k0, k1) -> torch.Tensor | None:
+    def keep_block(self, q0, q1, k0, k1, reverse_rows: bool = False) -> torch.Tensor | None:
+        """The keep-mask of rows q0:q1 and keys k0:k1 (rows last first with `reverse_rows`), or None."""
         if self.terms.mask_program is not None:
-            keep = evaluate(self.terms.mask_program, list(self.terms.leaves), *self._sizes(q0, q1, k0, k1))
+            keep = evaluate(self.terms.mask_program, list(self.terms.leaves), *self._sizes(q0, q1, k0, k1),
+                            reverse_rows)
             return _grouped(keep, self.kv_heads)
-        return _block(self.keep, q0, q1, k0, k1)
+        return _block(self.keep, q0, q1, k0, k1, reverse_rows)
 
     def hidden_block(self, q0, q1, k0, k1) -> torch.Tensor | None:
         keep = self.keep_block(q0, q1, k0, k1)
@@ -138,13 +142,15 @@ def _grouped(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return t.unflatten(1, (kv_heads, t.size(1) // kv_heads))
 
 
-def _block(t: torch.Tensor | None, q0: int, q1: int, k0: int, k1: int) -> torch.Tensor | None:
-    """Rows q0:q1 and columns k0:k1 of a broadcastable (.., Lq|1, Lk|1) tensor."""
+def _block(t: torch.Tensor | None, q0: int, q1: int, k0: int, k1: int,
+           reverse_rows: bool = False) -> torch.Tensor | None:
+    """Rows q0:q1 (last first with `reverse_rows`) and columns k0:k1 of a broadcastable (.., Lq|1, Lk|1) tensor."""
     if t is None:
         return None
     rows = slice(q0, q1) if t.size(-2) > 1 else slice(None)
     cols = slice(k0, k1) if t.size(-1) > 1 else slice(None)
-    return t[..., rows, cols]
+    block = t[..., rows, cols]
+    return block.flip(-2) if reverse_rows and t.size(-2) > 1 else block
 
 
 def _key_stop(opts: ScoreOptions, q1: int, key_len: int) -> int:

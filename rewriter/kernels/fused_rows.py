@@ -9,7 +9,11 @@ all; the keys every row of the chunk sees on the causal/window side get a mask f
 conjuncts alone (for a padding mask, one row broadcast over the chunk); only the diagonal bands
 (at most rows × rows keys) get the full mask. The parts' results are merged by their log-sum-exp
 (as in split-KV flash decoding); the backward runs each part against the merged output and
-log-sum-exp. Nothing Lq × Lk is held, and no mask wider than `MASK_BYTES` is built.
+log-sum-exp. Nothing Lq × Lk is held, and no mask wider than `MASK_BYTES` is built. A bias
+``x + where(keep[key], 0, f)`` (T5's buckets plus padding) passes x alone on each run of kept keys
+(`rewriter.kernels.key_run_bias`). Where a program reads positions through ``key − query`` (T5,
+ALiBi), a chunk's rows are taken last first: its values are then a strided view of the differences,
+which the kernel reads as they are (it needs only the keys adjacent), so the view is not copied.
 
 A chunk goes to the fused kernel only where that is exact, checked on the chunk's own mask:
 every row keeps at least one key (the kernel gives 0, not the op's NaN, for a row with none, and
@@ -29,7 +33,8 @@ import math
 import torch
 
 from rewriter.kernels.chunked_attention import BlockTerms, ScoreOptions, ScoreTerms
-from rewriter.kernels.program_proofs import EFFECTIVELY_NEG_INF, filled_bias_bounds, key_bounds
+from rewriter.kernels.key_run_bias import KeyRunBias, kernel_layout, row_max
+from rewriter.kernels.program_proofs import EFFECTIVELY_NEG_INF, filled_bias_bounds, key_bounds, relative_steps
 
 __all__ = ["FusedRows", "MASK_BYTES"]
 
@@ -85,9 +90,16 @@ class FusedRows:
         self.upper, self.lower = upper, lower
         self.terms = BlockTerms(terms, q, kv_heads=q.size(1))  # one "group" per head: 4-D blocks
         self.inner_terms = BlockTerms(inner, q, kv_heads=q.size(1))
+        # T5's bias plus padding, x + where(keep[key], 0, f): x alone on runs of kept keys, where no bound split it
+        self.key_runs = KeyRunBias.applies(terms, q, k.size(-2)) if inner is terms else None
         per_row = q.size(0) * q.size(1) * k.size(-2) * q.element_size()
         self.rows = max(1, MASK_BYTES // per_row)
+        self.reverse = _reads_differences(terms)
         self.dk = self.dv = None
+
+    def _oriented(self, rows: torch.Tensor, axis: int = -2) -> torch.Tensor:
+        """Rows of a chunk in the order its masks are built (last first where `reverse`), and back."""
+        return rows.flip(axis) if self.reverse else rows
 
     def _chunks(self, q0: int, q1: int):
         for start in range(q0, q1, self.rows):
@@ -108,37 +120,43 @@ class FusedRows:
         """The part's mask, or None where the kernel is not exact for it."""
         opts, device, dtype = self.opts, self.q.device, self.q.dtype
         terms = self.inner_terms if inner else self.terms
-        keep = _four_d(terms.keep_block(q0, q1, k0, k1))
+        keep = _four_d(terms.keep_block(q0, q1, k0, k1, self.reverse))
         if not inner and opts.causal:
-            rows = torch.arange(q0, q1, device=device).unsqueeze(1) + opts.causal_offset
+            rows = self._oriented(torch.arange(q0, q1, device=device), 0).unsqueeze(1) + opts.causal_offset
             below = torch.arange(k0, k1, device=device).unsqueeze(0) <= rows
             keep = below if keep is None else keep & below
-        bias = _four_d(terms.bias_block(q0, q1, k0, k1))
+        bias = _four_d(terms.bias_block(q0, q1, k0, k1, self.reverse))
         if bias is not None and bias.dtype != dtype:
             return None
         if keep is None:
-            return _Part(k0, k1, None if bias is None else bias.contiguous(), None)
+            return _Part(k0, k1, None if bias is None else kernel_layout(bias), None)
         if opts.mask_fill != -math.inf and opts.mask_fill > EFFECTIVELY_NEG_INF:
             return None
         fill = torch.tensor(opts.mask_fill, dtype=dtype, device=device)
         additive = torch.where(keep, torch.tensor(0, dtype=dtype, device=device) if bias is None else bias, fill)
-        return _Part(k0, k1, additive.contiguous(), keep.any(-1))
+        return _Part(k0, k1, kernel_layout(additive), keep.any(-1))
 
     def _parts(self, q0: int, q1: int) -> list[_Part] | None:
         """The chunk's parts, or None where the fused kernel is not exact for these rows."""
         parts = []
         for k0, k1, inner in self._key_ranges(q0, q1):
-            part = self._part(q0, q1, k0, k1, inner)
-            if part is None:
-                return None
-            parts.append(part)
+            found = None
+            if inner and self.key_runs is not None:
+                found = self.key_runs.parts(q0, q1, k0, k1, self.reverse)
+                found = None if found is None else [_Part(start, stop, mask, None) for start, stop, mask in found]
+            if found is None:
+                part = self._part(q0, q1, k0, k1, inner)
+                if part is None:
+                    return None
+                found = [part]
+            parts.extend(found)
         if not parts or not bool(_any_row(parts).all()):
             return None
         if self.terms.bias is not None or self.terms.terms.bias_program is not None:
             largest = None
             for part in parts:
-                row_max = part.additive.amax(-1)
-                largest = row_max if largest is None else torch.maximum(largest, row_max)
+                most = row_max(part.additive)
+                largest = most if largest is None else torch.maximum(largest, most)
             if not bool((largest >= _MIN_ROW_BIAS).all()):
                 return None
         return parts
@@ -150,12 +168,12 @@ class FusedRows:
             parts = self._parts(start, stop)
             if parts is None:
                 return None
-            results = [_FLASH(self.q[..., start:stop, :], self.k[..., part.k0:part.k1, :],
-                              self.v[..., part.k0:part.k1, :], 0.0, False, attn_mask=part.additive,
-                              scale=self.opts.scale) for part in parts]
+            q_rows = self._oriented(self.q[..., start:stop, :])
+            results = [_FLASH(q_rows, self.k[..., part.k0:part.k1, :], self.v[..., part.k0:part.k1, :], 0.0, False,
+                              attn_mask=part.additive, scale=self.opts.scale) for part in parts]
             out, lse = _merge(parts, results)
-            outs.append(out)
-            lses.append(lse)
+            outs.append(self._oriented(out))
+            lses.append(self._oriented(lse, -1))
         return torch.cat(outs, -2), torch.cat(lses, -1)
 
     def backward(self, q0: int, q1: int, grad_out, out, lse) -> torch.Tensor | None:
@@ -169,18 +187,20 @@ class FusedRows:
         grads = []
         for start, stop, parts in chunks:
             rows = slice(start - q0, stop - q0)
-            grad_rows, out_rows = grad_out[..., rows, :].contiguous(), out[..., rows, :].contiguous()
-            lse_rows = lse[..., rows].contiguous()
+            grad_rows = self._oriented(grad_out[..., rows, :]).contiguous()
+            out_rows = self._oriented(out[..., rows, :]).contiguous()
+            lse_rows = self._oriented(lse[..., rows], -1).contiguous()
+            q_rows = self._oriented(self.q[..., start:stop, :])
             dq_rows = None
             for part in parts:
                 dq, dk, dv = _FLASH_BACKWARD(
-                    grad_rows, self.q[..., start:stop, :], self.k[..., part.k0:part.k1, :],
+                    grad_rows, q_rows, self.k[..., part.k0:part.k1, :],
                     self.v[..., part.k0:part.k1, :], out_rows, lse_rows, 0.0, False, attn_mask=part.additive,
                     scale=self.opts.scale)
                 self.dk[..., part.k0:part.k1, :] += dk
                 self.dv[..., part.k0:part.k1, :] += dv
                 dq_rows = dq if dq_rows is None else dq_rows + dq
-            grads.append(dq_rows)
+            grads.append(self._oriented(dq_rows))
         return torch.cat(grads, -2)
 
     def key_grads(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -218,6 +238,13 @@ def _merge(parts: list[_Part], results) -> tuple[torch.Tensor, torch.Tensor]:
     total = sum(weights)
     out = sum(w.unsqueeze(-1) * o.float() for w, (o, _) in zip(weights, results)) / total.unsqueeze(-1)
     return out.to(results[0][0].dtype), top + torch.log(total)
+
+
+def _reads_differences(terms: ScoreTerms) -> bool:
+    """Whether a program of the call has steps that read positions only through ``key − query`` (T5's
+    buckets, ALiBi): their blocks are strided views, with no copy, when a chunk's rows are taken last first."""
+    return any(program is not None and bool(relative_steps(program)[1])
+               for program in (terms.bias_program, terms.mask_program))
 
 
 def _four_d(block: torch.Tensor | None) -> torch.Tensor | None:

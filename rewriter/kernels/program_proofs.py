@@ -19,8 +19,8 @@ from rewriter.kernels.score_program import Program, Step
 # underflows to exactly 0 in every float type for scores of any realistic magnitude (< 1e29).
 EFFECTIVELY_NEG_INF = -1e30
 
-__all__ = ["EFFECTIVELY_NEG_INF", "Affine", "affine", "bias_fill", "causal_split", "fill_mask", "filled_bias_bounds",
-           "key_bounds", "reachable", "relative_steps"]
+__all__ = ["EFFECTIVELY_NEG_INF", "Affine", "added_fill", "affine", "bias_fill", "causal_split", "fill_mask",
+           "filled_bias_bounds", "key_bounds", "reachable", "relative_steps"]
 
 
 def reachable(steps, output: int) -> Program:
@@ -186,6 +186,22 @@ def fill_mask(program: Program) -> tuple[Program, float] | None:
     if steps[kept].op != "const" or steps[kept].attr != 0:
         return None
     return reachable(steps, keep), fill
+
+
+def added_fill(program: Program) -> tuple[Program, Program, float] | None:
+    """(x, keep-mask program, f) when the bias `program` is ``x + where(keep, 0, f)`` (either operand
+    order; the fill term as `fill_mask` reads it, f ≤ −1e30) with x, the fill term and the sum of one
+    dtype: HF T5's bucket bias plus its padding mask. The bias is x where `keep` holds (x + 0 is x,
+    up to the sign of a zero, which no score sees) and x + f elsewhere; else None."""
+    steps = program.steps
+    last = steps[-1]
+    if last.op != "add":
+        return None
+    for fill_term, x in ((last.args[1], last.args[0]), (last.args[0], last.args[1])):
+        found = fill_mask(reachable(steps, fill_term))
+        if found is not None and steps[fill_term].dtype == steps[x].dtype == last.dtype:
+            return reachable(steps, x), found[0], found[1]
+    return None
 
 
 def filled_bias_bounds(program: Program) -> tuple[int | None, int | None, Program | None] | None:

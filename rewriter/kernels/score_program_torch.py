@@ -3,6 +3,7 @@ gradients with respect to their floating-point leaves."""
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 from rewriter.kernels.program_proofs import relative_steps
 from rewriter.kernels.score_program import AXES, Program
 
-__all__ = ["evaluate", "leaf_gradients", "trace"]
+__all__ = ["evaluate", "evaluate_within", "leaf_gradients", "relative_view", "trace"]
 
 _TORCH_OPS = {
     "add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": torch.true_divide,
@@ -34,48 +35,85 @@ def _as_tensor(value, dtype: str, device) -> torch.Tensor:
     return value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=_dtype(dtype), device=device)
 
 
-def _index(axis: str, sizes: dict[str, tuple[int, int]], device) -> torch.Tensor:
+def _index(axis: str, sizes: dict[str, tuple[int, int]], device, reverse_rows: bool) -> torch.Tensor:
     start, stop = sizes[axis]
     shape = [1, 1, 1, 1]
     shape[AXES.index(axis)] = stop - start
+    if axis == "query" and reverse_rows:
+        return torch.arange(stop - 1, start - 1, -1, device=device).view(shape)
     return torch.arange(start, stop, device=device).view(shape)
 
 
 class _Differences:
-    """The ``key − query`` values a block spans, and how to spread a value over them onto the block."""
+    """The ``key − query`` values a block spans, and how to spread a value over them onto the block.
 
-    def __init__(self, rows, cols, device):
+    Difference number d of the block is ``key − query = low + d``; entry (r, c) of the block (rows
+    in reverse order: r counts up from the last query) has d = r + c, so the block is
+    ``value.unfold(-1, cols, 1)``, a view with strides (1, 1) over the differences that copies nothing.
+    In query order it is that view with its rows flipped (a copy, still cheaper than a gather).
+    Element-wise ops on such a view lay their results out rows-innermost (torch breaks the stride tie
+    towards the shorter axis), which kernels reading keys contiguously would have to transpose; so a
+    view that further steps combine is first copied row by row, which is fast.
+    """
+
+    def __init__(self, rows, cols, device, reverse_rows: bool):
         self.low = cols[0] - (rows[1] - 1)
-        count = (cols[1] - cols[0]) + (rows[1] - rows[0]) - 1
+        self.cols, self.reverse_rows = cols[1] - cols[0], reverse_rows
+        count = self.cols + (rows[1] - rows[0]) - 1
         self.values = torch.arange(self.low, self.low + count, device=device).view(1, 1, 1, count)
-        self.index = (torch.arange(*cols, device=device).unsqueeze(0)
-                      - torch.arange(*rows, device=device).unsqueeze(1) - self.low)
 
-    def spread(self, value):
-        """A (·, ·, 1, differences) value as its (·, ·, rows, cols) block."""
+    def spread(self, value, view: bool):
+        """A (·, ·, 1, differences) value as its (·, ·, rows, cols) block; with rows reversed, the strided
+        view where `view`, else a row-major copy."""
         if not isinstance(value, torch.Tensor) or value.size(-1) == 1:
             return value
-        return value[..., self.index].squeeze(-3)
+        block = value.unfold(-1, self.cols, 1).squeeze(-3)
+        if not self.reverse_rows:
+            return block.flip(-2)
+        return block if view else block.contiguous()
 
 
-def _run(program: Program, leaves, batch: int, heads: int, rows, cols, device, keep: bool) -> list:
+def _collapsed(value, rows, cols):
+    """A small integer or boolean tensor whose entries are all equal (``query ≥ 0`` over a block's rows) as
+    one entry, keeping its number of dimensions (so broadcasting and type promotion are unchanged): the
+    steps that combine it with a key-only value then make a row of the block, not the whole block.
+    Floating-point values are left alone (0.0 and −0.0 compare equal)."""
+    if (not isinstance(value, torch.Tensor) or value.is_floating_point() or value.is_complex()
+            or not 1 < value.numel() <= (rows[1] - rows[0]) + (cols[1] - cols[0])):
+        return value
+    first = value.reshape(-1)[:1]
+    if not bool((value == first).all()):
+        return value
+    return first.view((1,) * value.dim())
+
+
+class _TooLarge(Exception):
+    """A step of `evaluate_within` would hold more entries than its limit."""
+
+
+def _run(program: Program, leaves, batch: int, heads: int, rows, cols, device, keep: bool,
+         reverse_rows: bool = False, limit: int | None = None) -> list:
     sizes = {"batch": (0, batch), "head": (0, heads), "query": rows, "key": cols}
     values: list[Any] = [None] * len(program.steps)
     last_use = program.last_use
-    roots, relative = ({}, frozenset()) if keep else relative_steps(program)
-    differences = _Differences(rows, cols, device) if relative else None
+    roots, relative = ({}, frozenset()) if keep or limit is not None else relative_steps(program)
+    differences = _Differences(rows, cols, device, reverse_rows) if relative else None
     spread: set[int] = set()
     for position, step in enumerate(program.steps):
         if relative and position not in relative:
             for arg in step.args:
                 if arg in relative and arg not in spread:
-                    values[arg] = differences.spread(values[arg])
+                    values[arg] = differences.spread(values[arg], view=False)
                     spread.add(arg)
         args = [values[arg] for arg in step.args if arg >= 0]
+        if limit is not None:
+            shapes = [arg.shape for arg in args if isinstance(arg, torch.Tensor)]
+            if shapes and math.prod(torch.broadcast_shapes(*shapes)) > limit:
+                raise _TooLarge
         if position in roots:  # key − query + c, over the block's differences only
             value = (differences.values + roots[position]).to(_dtype(step.dtype))
         elif step.op == "index":
-            value = _index(step.attr, sizes, device)
+            value = _index(step.attr, sizes, device, reverse_rows)
         elif step.op == "const":
             value = step.attr  # a Python scalar: torch's scalar promotion, as in the model's own code
         elif step.op == "load":
@@ -88,28 +126,55 @@ def _run(program: Program, leaves, batch: int, heads: int, rows, cols, device, k
             value = _TORCH_OPS[step.op](*args)
             if value.dtype != _dtype(step.dtype):
                 value = value.to(_dtype(step.dtype))
-        values[position] = value
+        values[position] = _collapsed(value, rows, cols)
         if not keep:
             for arg in step.args:
                 if arg >= 0 and last_use[arg] == position:
                     values[arg] = None
     last = len(values) - 1
     if last in relative and last not in spread:
-        values[last] = differences.spread(values[last])
+        values[last] = differences.spread(values[last], view=True)
     values[-1] = _as_tensor(values[-1], program.dtype, device)
     return values
 
 
 def evaluate(program: Program, leaves: list[torch.Tensor], batch: int, heads: int,
-             rows: tuple[int, int], cols: tuple[int, int], device: torch.device) -> torch.Tensor:
+             rows: tuple[int, int], cols: tuple[int, int], device: torch.device,
+             reverse_rows: bool = False) -> torch.Tensor:
     """The program's values for queries rows[0]:rows[1] and keys cols[0]:cols[1].
 
     Returns a tensor broadcastable to (batch, heads, rows[1] − rows[0], cols[1] − cols[0]) in the
-    program's dtype. Each step's value is dropped after its last use, so the peak is a few
-    block-sized temporaries; the steps that depend on positions only through ``key − query`` are
-    computed once per difference the block spans (`program_proofs.relative_steps`), not per entry.
+    program's dtype, its rows in reverse order (last query first) with `reverse_rows`. Each step's
+    value is dropped after its last use, so the peak is a few block-sized temporaries; the steps that
+    depend on positions only through ``key − query`` are computed once per difference the block
+    spans (`program_proofs.relative_steps`), not per entry, and with `reverse_rows` reach the block as
+    a strided view of those differences (the result may be such a view: its last axis has stride 1).
     """
-    return _run(program, leaves, batch, heads, rows, cols, device, keep=False)[-1]
+    return _run(program, leaves, batch, heads, rows, cols, device, keep=False, reverse_rows=reverse_rows)[-1]
+
+
+def evaluate_within(program: Program, leaves: list[torch.Tensor], batch: int, heads: int,
+                    rows: tuple[int, int], cols: tuple[int, int], device: torch.device,
+                    limit: int) -> torch.Tensor | None:
+    """`evaluate`'s result, or None where a step would hold more than `limit` entries (checked before the
+    step runs, so nothing larger is made). All-equal small values collapse as in `evaluate`, so a mask
+    such as ``query ≥ 0 ∧ pad[key]`` evaluated over all rows at once is one row of keys."""
+    try:
+        return _run(program, leaves, batch, heads, rows, cols, device, keep=False, limit=limit)[-1]
+    except _TooLarge:
+        return None
+
+
+def relative_view(program: Program, leaves: list[torch.Tensor], batch: int, heads: int, query_len: int,
+                  key_len: int, device: torch.device) -> torch.Tensor | None:
+    """All of a program whose value depends on the positions only through ``key − query`` (T5's bucket
+    bias, ALiBi's distances), rows last first: a 4-D view broadcastable to (batch, heads, query_len,
+    key_len) over its query_len + key_len − 1 differences, of which rows q0:q1 are rows
+    query_len − q1 : query_len − q0. None for other programs. Evaluated once, it serves every block."""
+    if len(program.steps) - 1 not in relative_steps(program)[1]:
+        return None
+    value = evaluate(program, leaves, batch, heads, (0, query_len), (0, key_len), device, reverse_rows=True)
+    return value.reshape((1,) * (4 - value.dim()) + tuple(value.shape))
 
 
 def trace(program: Program, leaves: list[torch.Tensor], batch: int, heads: int,
