@@ -2,8 +2,10 @@
 floor of any ONNX tool, `python -c "import onnx"`.
 
 Each command runs in a fresh process `--repeats` times (default 5) after one untimed warm-up run
-(which fills the OS file cache); the table gives the median and the fastest wall-clock time, and the
-median minus the `import onnx` median ("beyond Python + onnx"). The model inspected is a small
+(which fills the OS file cache and, as an installed package has it, the bytecode cache: the children
+run without PYTHONDONTWRITEBYTECODE); the table gives the median and the fastest wall-clock time, the
+median CPU time (user + system, of the child), and the medians minus the `import onnx` medians
+("beyond Python + onnx"). On a loaded machine the CPU figures are the steadier ones. The model inspected is a small
 attention model built with `tests/onnx_builders.attention_model` (2 heads, head dim 8, symbolic
 sequence length), written to a temporary directory. Each row also says whether the command imported
 torch (read from `sys.modules` in a run of the same command in-process), since importing torch is
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -44,14 +47,22 @@ print("TORCH", "torch" in sys.modules)
 """
 
 
-def _time(argv: list[str], repeats: int) -> list[float]:
-    subprocess.run(argv, capture_output=True, check=True)  # warm-up
-    times = []
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _time(argv: list[str], repeats: int) -> tuple[list[float], list[float]]:
+    """Wall-clock and CPU seconds of `repeats` runs of `argv`, after a warm-up run."""
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run(argv, capture_output=True, check=True, env=env)  # warm-up
+    walls, cpus = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        subprocess.run(argv, capture_output=True, check=True)
-        times.append(time.perf_counter() - start)
-    return times
+        start, cpu_start = time.perf_counter(), _children_cpu()
+        subprocess.run(argv, capture_output=True, check=True, env=env)
+        walls.append(time.perf_counter() - start)
+        cpus.append(_children_cpu() - cpu_start)
+    return walls, cpus
 
 
 def _imports_torch(cli_args: list[str]) -> bool:
@@ -75,15 +86,19 @@ def main() -> int:
         }
         rows = {}
         for name, (argv, cli_args) in commands.items():
-            times = _time(argv, args.repeats)
-            rows[name] = {"median_s": statistics.median(times), "min_s": min(times),
+            walls, cpus = _time(argv, args.repeats)
+            rows[name] = {"median_s": statistics.median(walls), "min_s": min(walls),
+                          "cpu_median_s": statistics.median(cpus),
                           "imports_torch": None if cli_args is None else _imports_torch(cli_args)}
-    floor = rows['python -c "import onnx"']["median_s"]
-    print(f"{'command':30} {'median':>8} {'fastest':>8} {'beyond onnx':>12}  imports torch")
+    floor = rows['python -c "import onnx"']
+    print(f"{'command':30} {'median':>8} {'fastest':>8} {'beyond onnx':>12} {'cpu':>8} {'cpu beyond':>11}"
+          "  imports torch")
     for name, row in rows.items():
-        row["beyond_onnx_s"] = row["median_s"] - floor
+        row["beyond_onnx_s"] = row["median_s"] - floor["median_s"]
+        row["cpu_beyond_onnx_s"] = row["cpu_median_s"] - floor["cpu_median_s"]
         torch_text = "" if row["imports_torch"] is None else ("yes" if row["imports_torch"] else "no")
-        print(f"{name:30} {row['median_s']:>7.3f}s {row['min_s']:>7.3f}s {row['beyond_onnx_s']:>+11.3f}s  {torch_text}")
+        print(f"{name:30} {row['median_s']:>7.3f}s {row['min_s']:>7.3f}s {row['beyond_onnx_s']:>+11.3f}s "
+              f"{row['cpu_median_s']:>7.3f}s {row['cpu_beyond_onnx_s']:>+10.3f}s  {torch_text}")
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"repeats": args.repeats, "rows": rows}, out, indent=2)
