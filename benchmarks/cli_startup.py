@@ -1,15 +1,17 @@
 """How long the CLI takes to start: `rewriter --help` and `rewriter inspect model.onnx` against the
-floor of any ONNX tool, `python -c "import onnx"`.
+floor of any ONNX tool, `python -c "import onnx"`, and against `python -c "import onnx_ir"`, the floor
+of `inspect` (its detection runs on onnx-ir, whose `_core` imports sympy at its top).
 
-Each command runs in a fresh process `--repeats` times (default 5) after one untimed warm-up run
-(which fills the OS file cache and, as an installed package has it, the bytecode cache: the children
-run without PYTHONDONTWRITEBYTECODE); the table gives the median and the fastest wall-clock time, the
-median CPU time (user + system, of the child), and the medians minus the `import onnx` medians
-("beyond Python + onnx"). On a loaded machine the CPU figures are the steadier ones. The model inspected is a small
-attention model built with `tests/onnx_builders.attention_model` (2 heads, head dim 8, symbolic
-sequence length), written to a temporary directory. Each row also says whether the command imported
-torch (read from `sys.modules` in a run of the same command in-process), since importing torch is
-what made every command take seconds before.
+Each command runs in a fresh process `--repeats` times (default 5; the commands take turns, so that a
+change in the machine's load reaches all of them alike) after one untimed warm-up run each, which
+fills the OS file cache and, as an installed package has it, the bytecode cache (the children run
+without PYTHONDONTWRITEBYTECODE). The table gives the median and the fastest wall-clock time, the
+median CPU time of the child (user + system), and the medians minus the `import onnx` medians
+("beyond Python + onnx"); on a loaded machine the CPU figures are the steadier ones. The model
+inspected is a small attention model built with `tests/onnx_builders.attention_model` (2 heads, head
+dim 8, symbolic sequence length), written to a temporary directory. Each row also says whether the
+command imported torch (read from `sys.modules` in a run of the same command in-process), since
+importing torch is what made every command take seconds before.
 
     PYTHONPATH=. python benchmarks/cli_startup.py               # ~30 s
     PYTHONPATH=. python benchmarks/cli_startup.py --repeats 11 --json out.json
@@ -52,17 +54,20 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _time(argv: list[str], repeats: int) -> tuple[list[float], list[float]]:
-    """Wall-clock and CPU seconds of `repeats` runs of `argv`, after a warm-up run."""
+def _time(commands: dict[str, list[str]], repeats: int) -> dict[str, tuple[list[float], list[float]]]:
+    """Wall-clock and CPU seconds of `repeats` runs of each command, after a warm-up run of each; the
+    commands take turns, so that a change in the machine's load reaches all of them alike."""
     env = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
-    subprocess.run(argv, capture_output=True, check=True, env=env)  # warm-up
-    walls, cpus = [], []
+    for argv in commands.values():
+        subprocess.run(argv, capture_output=True, check=True, env=env)  # warm-up
+    times = {name: ([], []) for name in commands}
     for _ in range(repeats):
-        start, cpu_start = time.perf_counter(), _children_cpu()
-        subprocess.run(argv, capture_output=True, check=True, env=env)
-        walls.append(time.perf_counter() - start)
-        cpus.append(_children_cpu() - cpu_start)
-    return walls, cpus
+        for name, argv in commands.items():
+            start, cpu_start = time.perf_counter(), _children_cpu()
+            subprocess.run(argv, capture_output=True, check=True, env=env)
+            times[name][0].append(time.perf_counter() - start)
+            times[name][1].append(_children_cpu() - cpu_start)
+    return times
 
 
 def _imports_torch(cli_args: list[str]) -> bool:
@@ -81,12 +86,15 @@ def main() -> int:
         onnx.save(attention_model(heads=2, head_dim=8), model)
         commands = {
             'python -c "import onnx"': ([sys.executable, "-c", "import onnx"], None),
+            # the floor of `inspect`: detection runs on onnx-ir, whose core imports sympy
+            'python -c "import onnx_ir"': ([sys.executable, "-c", "import onnx_ir"], None),
             "rewriter --help": ([sys.executable, "-m", "rewriter", "--help"], ["--help"]),
             "rewriter inspect model.onnx": ([sys.executable, "-m", "rewriter", "inspect", model], ["inspect", model]),
         }
         rows = {}
+        times = _time({name: argv for name, (argv, _) in commands.items()}, args.repeats)
         for name, (argv, cli_args) in commands.items():
-            walls, cpus = _time(argv, args.repeats)
+            walls, cpus = times[name]
             rows[name] = {"median_s": statistics.median(walls), "min_s": min(walls),
                           "cpu_median_s": statistics.median(cpus),
                           "imports_torch": None if cli_args is None else _imports_torch(cli_args)}
