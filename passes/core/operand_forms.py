@@ -14,10 +14,14 @@ leaves (no n×n tensor exists); one that stays a tensor operand is passed as the
 
 from __future__ import annotations
 
+import logging
+
 from rewriter.kernels.program_proofs import key_bounds, reachable
 from rewriter.kernels.score_program import Program, Step
 
 __all__ = ["operand_fields", "describe_operands"]
+
+logger = logging.getLogger(__name__)
 
 
 def _keep_of_bias(program: Program) -> Program | None:
