@@ -58,11 +58,16 @@ def cache_off_kwargs(module: torch.nn.Module, args: tuple, kwargs: dict | None) 
     """`kwargs` with ``use_cache=False`` added, or None to leave them as they are.
 
     Added for a `transformers` model that would return its key/value cache: `module.config.use_cache`
-    is true (the default of most decoder configs), `forward` takes `use_cache`, and the caller passed
-    none. A `DynamicCache` output cannot be captured (torch.export has no pytree for it), and without
-    the cache the other outputs are the same.
+    is true (the default of most configs), the model is a decoder, `forward` takes `use_cache`, and the
+    caller passed none. A `DynamicCache` output cannot be captured (torch.export has no pytree for it),
+    and without the cache the other outputs are the same. A config that says ``is_decoder=False`` and
+    is not encoder-decoder (BERT-style encoders: their `forward` takes `use_cache` but sets it False
+    unless the config is a decoder's) returns no cache, so nothing is added.
     """
-    if not getattr(getattr(module, "config", None), "use_cache", False) or (kwargs and "use_cache" in kwargs):
+    config = getattr(module, "config", None)
+    if not getattr(config, "use_cache", False) or (kwargs and "use_cache" in kwargs):
+        return None
+    if not (getattr(config, "is_decoder", True) or getattr(config, "is_encoder_decoder", False)):
         return None
     try:
         names = list(inspect.signature(module.forward).parameters)

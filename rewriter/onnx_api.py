@@ -113,6 +113,8 @@ def _choose(ctx: AnalysisContext, match: OnnxAttentionMatch, target: str, provid
         if is_op(match.fused, "Attention") and target == ONNX_ATTENTION:
             return None, "already an Attention-23 node"
         reason = refusal(facts, target)
+        if reason is not None and refusal(facts, CHUNKED) is None:  # a named target leaves the block alone
+            reason += "; target auto or chunked (--target auto) rewrites it as the chunked loop"
         return (target, None) if reason is None else (None, reason)
     fused_mha = is_op(match.fused, "MultiHeadAttention", domain="com.microsoft")
     mha_reason = "already com.microsoft.MultiHeadAttention" if fused_mha else refusal(facts, ORT)

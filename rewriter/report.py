@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from passes.core.attention_spec import AttentionSpec
+from passes.core.operand_forms import describe_operands
 
 __all__ = ["MatchReport", "MemoryComparison", "Report"]
 
@@ -125,6 +126,8 @@ class Report:
                 traits.append(f"softcap {spec.softcap:g}")
             if spec.num_kv_heads and spec.num_heads and spec.num_kv_heads != spec.num_heads:
                 traits.append(f"{spec.num_heads}/{spec.num_kv_heads} heads")
+            if spec.accepted:
+                traits += describe_operands(spec)
             if match.rewritten:
                 outcome = f"-> {match.target}"
             elif spec.accepted:

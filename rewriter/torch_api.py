@@ -21,6 +21,7 @@ from rewriter.dynamic_capture import (
     pass_cache_off,
 )
 from rewriter.module_paths import annotate_modules, fx_node_scopes
+from rewriter.operand_dtypes import check_operand_dtypes
 from passes.core.planner import plan_chunk_sizes
 from rewriter.report import MatchReport, Report
 
@@ -135,8 +136,10 @@ def optimize_module(
     example's shapes only; a torch.export `dynamic_shapes` spec chooses the axes. A call at shapes
     the graph cannot take raises `rewriter.dynamic_capture.InputShapeError`. Masks and biases the
     model builds from O(n) pieces reach the op as score programs (`score_programs=False`: as tensors).
+    A call whose mask or bias input has another dtype than the example's raises
+    `rewriter.operand_dtypes.OperandDtypeError`.
     """
     gm = capture(module, example_inputs, example_kwargs, dynamic_shapes)
     report = rewrite_graph_module(gm, memory_budget, chunk_size, type(module).__name__, score_programs)
     logger.info(report.summary())
-    return gm, report
+    return check_operand_dtypes(gm), report

@@ -68,6 +68,23 @@ class _Config:
     use_cache = True
 
 
+def test_an_encoder_is_optimised_without_use_cache_or_a_warning(caplog):
+    """BERT's config asks for a cache, but an encoder never returns one: nothing to turn off or warn about."""
+    config = transformers.BertConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+                                     intermediate_size=128, vocab_size=100)
+    assert config.use_cache and not config.is_decoder
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).eval()
+    with caplog.at_level(logging.WARNING):
+        gm, report = optimize_module(model, (_ids(2, 32), torch.ones(2, 32, dtype=torch.long)))
+    assert report.rewritten_count == 2
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    ids, mask = _ids(3, 40), torch.ones(3, 40, dtype=torch.long)
+    with torch.no_grad():
+        expected = model(ids, mask).last_hidden_state
+        np.testing.assert_allclose(gm(ids, mask).last_hidden_state.numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_only_a_config_asking_for_a_cache_adds_use_cache():
     module, x = _TakesUseCache(), torch.ones(2, 3)
     assert cache_off_kwargs(module, (x,), None) is None  # no config: its own default stays
@@ -75,6 +92,10 @@ def test_only_a_config_asking_for_a_cache_adds_use_cache():
     assert cache_off_kwargs(module, (x,), {"other": 1}) == {"other": 1, "use_cache": False}
     assert cache_off_kwargs(module, (x, True), None) is None  # passed positionally
     assert cache_off_kwargs(module, (x,), {"use_cache": True}) is None  # passed by name
+    module.config.is_decoder = False  # an encoder's config
+    assert cache_off_kwargs(module, (x,), None) is None
+    module.config.is_encoder_decoder = True  # whose decoder returns a cache
+    assert cache_off_kwargs(module, (x,), None) == {"use_cache": False}
     module.config.use_cache = False
     assert cache_off_kwargs(module, (x,), None) is None
 

@@ -92,6 +92,8 @@ def test_rows_whose_every_key_holds_a_finite_fill_average_v(target):
     feeds["keep"][0] = False  # batch 0: every key masked
     optimized, report = onnx_api.optimize_onnx(model, target=target, chunk_size=(2, 3))
     assert report.matches[0].rewritten == (target != "onnx-attention"), report.summary()
+    if target == "onnx-attention":  # left alone, with what would rewrite it
+        assert report.matches[0].reason.endswith("(--target auto) rewrites it as the chunked loop")
     assert_close(run(optimized, feeds), run(model, feeds))
 
 

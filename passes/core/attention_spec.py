@@ -47,6 +47,13 @@ class AttentionSpec:
     head_dim: int | None = None
     value_head_dim: int | None = None
     feature_map: str | None = None
+    # What the mask and bias became (`passes.core.operand_forms`): "program" (generated per block from
+    # `program_leaves`), "tensor" (the `dense_operands`, passed as the model builds them) or None.
+    mask_source: str | None = None
+    bias_source: str | None = None
+    dense_operands: tuple[str, ...] = ()
+    program_leaves: tuple[str, ...] = ()
+    causal_in_program: bool = False  # a program holds a causal part the causal flag does not carry
 
     @property
     def accepted(self) -> bool:
@@ -62,7 +69,8 @@ class AttentionSpec:
 
     def to_dict(self) -> dict:
         fields = dataclasses.asdict(self)
-        fields["nodes"] = list(self.nodes)
+        for key in ("nodes", "dense_operands", "program_leaves"):
+            fields[key] = list(fields[key])
         for key in ("mask_fill", "scale", "softcap"):
             value = fields[key]
             if isinstance(value, float) and not math.isfinite(value):

@@ -34,7 +34,14 @@ from passes.fx.product_labels import label_product
 from passes.fx.score_chain import ScoreChain, trace_score_chain
 from passes.core.mask_semantics import ScoreSemantics, fill_is_neg_inf, mask_kind, sort_score_terms
 from passes.core.score_algebra import ChainError, MaskStep
-from passes.core.program_terms import ProgramTerm, program_bias_offset, program_mask_offset, recover_terms
+from passes.core.operand_forms import operand_fields
+from passes.core.program_terms import (
+    ProgramTerm,
+    combined_bias,
+    program_bias_offset,
+    program_mask_offset,
+    recover_terms,
+)
 from passes.core.score_programs import ProgramBuilder
 from passes.fx.score_program_recovery import FxProgramTranslator
 
@@ -454,9 +461,27 @@ class _Builder:
             fields.update(
                 causal=match.causal, causal_offset=match.causal_offset, scale=match.scale,
                 softcap=match.softcap or None, mask_kind=mask_kind(match.mask is not None, bool(match.biases)),
-                mask_fill=match.mask_fill,
+                mask_fill=match.mask_fill, **_operand_fields(match),
             )
         return dataclasses.replace(match.spec, **fields)
+
+
+def _operand_fields(match: FxAttentionMatch) -> dict:
+    """What the mask and bias become in the rewrite (`rewrite_attention._score_terms` takes a bias
+    program only where every bias term has one)."""
+    terms = [operand for operand, _ in match.biases]
+    programs = terms and all(isinstance(term, ProgramTerm) for term in terms)
+    bias_program = terms[0].builder.program(combined_bias(match.biases)) if programs else None
+    mask_program = match.mask.program if isinstance(match.mask, ProgramTerm) else None
+    builder = next((term.builder for term in (match.mask, *terms) if isinstance(term, ProgramTerm)), None)
+    loaded = sorted({step.attr for program in (mask_program, bias_program) if program is not None
+                     for step in program.steps if step.op == "load"})
+    return operand_fields(
+        mask_program=mask_program, bias_program=bias_program,
+        dense_mask=None if match.mask is None or mask_program is not None else match.mask.node.name,
+        dense_biases=[] if programs else [(term.dense if isinstance(term, ProgramTerm) else term).node.name
+                                          for term in terms],
+        leaves=[builder.leaves[index].name for index in loaded], causal=match.causal)
 
 
 def _layout_fields(match: FxAttentionMatch) -> dict:

@@ -20,7 +20,7 @@ from onnx.reference import ReferenceEvaluator
 from passes.onnx.graph_values import attribute, const_array
 from passes.onnx.shape_facts import ShapeFacts
 
-__all__ = ["ShapeOnlyFolder"]
+__all__ = ["ShapeOnlyFolder", "run_node"]
 
 logger = logging.getLogger(__name__)
 
@@ -143,15 +143,21 @@ class ShapeOnlyFolder:
                          for x, n in zip(chosen, names)], dtype=object)
 
     def _run(self, node: ir.Node, inputs: list, value: ir.Value) -> np.ndarray | None:
-        proto = ir.serde.serialize_node(node)
-        feeds = {name: arr for name, arr in zip(proto.input, inputs) if name}
-        try:
-            evaluator = ReferenceEvaluator(proto, opsets=self.opsets)
-            outputs = evaluator.run(None, feeds)
-        except Exception as error:  # noqa: BLE001 - an op we cannot evaluate leaves the value unknown
-            logger.debug("cannot evaluate %s (%s): %s", node.name, node.op_type, error)
-            return None
-        return np.asarray(outputs[list(node.outputs).index(value)])
+        outputs = run_node(node, inputs, self.opsets)
+        return None if outputs is None else outputs[list(node.outputs).index(value)]
+
+
+def run_node(node: ir.Node, inputs: list, opsets: dict[str, int]) -> list[np.ndarray] | None:
+    """`node`'s outputs on ONNX's reference evaluator from `inputs` (arrays, None for an absent input),
+    or None when the evaluator cannot run it."""
+    proto = ir.serde.serialize_node(node)
+    feeds = {name: arr for name, arr in zip(proto.input, inputs) if name}
+    try:
+        outputs = ReferenceEvaluator(proto, opsets=opsets).run(None, feeds)
+    except Exception as error:  # noqa: BLE001 - an op we cannot evaluate leaves the value unknown
+        logger.debug("cannot evaluate %s (%s): %s", node.name, node.op_type, error)
+        return None
+    return [np.asarray(output) for output in outputs]
 
 
 def _symbolic(node: ir.Node, inputs: list, value: ir.Value) -> np.ndarray | None:

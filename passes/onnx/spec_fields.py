@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from passes.core.attention_spec import layout_name
 from passes.core.mask_semantics import mask_kind
+from passes.core.operand_forms import operand_fields
 from passes.onnx.axis_labels import Operand
 from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch
 
@@ -32,5 +33,9 @@ def spec_fields(ctx: AnalysisContext, match: OnnxAttentionMatch) -> dict:
         "head_dim": ctx.static_dim(query, head_dim), "value_head_dim": ctx.static_dim(value, value.order[-1]),
         "batch_size": ctx.static_dim(query, batch[0]) if batch else 1,
         "num_heads": match.num_heads, "num_kv_heads": match.num_kv_heads,
+        **operand_fields(mask_program=match.mask_program, bias_program=match.bias_program,
+                         dense_mask=match.mask.value.name if match.mask is not None else None,
+                         dense_biases=[operand.value.name for operand, _ in match.biases],
+                         leaves=[leaf.name for leaf in match.leaves], causal=match.causal),
     }
     return fields

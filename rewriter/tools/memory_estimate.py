@@ -1,8 +1,8 @@
 """Static estimate of an ONNX model's peak live activation bytes at chosen dimension sizes.
 
 Symbolic input dims are bound to sizes; shapes are then inferred with ONNX shape inference (with
-data propagation) and onnxscript's constant folding of integer shape arithmetic, so intermediate
-shapes become concrete. A liveness sweep over the nodes in topological order (onnx-ir's stable sort) sums the
+data propagation) and, node by node, with integer shape arithmetic folded (`shape_arithmetic`), so
+intermediate shapes become concrete. A liveness sweep over the nodes in topological order (onnx-ir's stable sort) sums the
 bytes alive at each node: a value lives from its producer to its last consumer, a graph output to
 the end. Only activations count: graph inputs, initializers and Constant outputs do not.
 
@@ -28,12 +28,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from passes.onnx.graph_values import const_array
+from rewriter.tools.shape_arithmetic import fold_shape_arithmetic
+
 __all__ = ["MemoryEstimate", "estimate_peak_activation_bytes", "format_bytes", "sequence_dims", "symbolic_input_dims"]
 
 logger = logging.getLogger(__name__)
 
 _SEQUENCE_WORDS = ("seq", "len", "tokens")  # "sequence", "q_len", "kv_length", "num_tokens", ...
-_INDEX_TYPES = frozenset({ir.DataType.INT64, ir.DataType.INT32})
 _MAX_ROUNDS = 8  # a round sizes one more step into nested loops (chunked attention needs 4)
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
@@ -94,10 +96,8 @@ def estimate_peak_activation_bytes(
     _bind_inputs(work.graph, dims or {}, default_dim)
     _pin_first_iteration(work.graph)
     work = _infer_shapes(work)
-    import onnxscript.optimizer  # here, not at the top: importing it costs a quarter of a second
-
     for _ in range(_MAX_ROUNDS):
-        onnxscript.optimizer.fold_constants(work, onnx_shape_inference=True, should_fold=_is_shape_arithmetic)
+        fold_shape_arithmetic(work)
         if not _seed_loop_shapes(work.graph):
             break
     unknown: set[ir.Value] = set()
@@ -139,11 +139,6 @@ def _infer_shapes(model: ir.Model) -> ir.Model:
         return model
 
 
-def _is_shape_arithmetic(node: ir.Node) -> bool | None:
-    """Fold integer tensors only: folding activations would turn them into initializers."""
-    return None if node.outputs and all(v.dtype in _INDEX_TYPES for v in node.outputs) else False
-
-
 def _seed_loop_shapes(graph: ir.Graph) -> bool:
     """Give Loop bodies and outputs their first iteration's shapes, If outputs their branches' shape.
 
@@ -174,8 +169,8 @@ def _exact_trip_count(loop: ir.Node) -> int | None:
     """The constant trip count M of a Loop without a condition input (else it may stop early)."""
     if len(loop.inputs) < 2 or loop.inputs[0] is None or loop.inputs[1] is not None:
         return None
-    trips = loop.inputs[0].const_value
-    return None if trips is None or trips.size != 1 else int(trips.numpy().reshape(-1)[0])
+    trips = const_array(loop.inputs[0])
+    return None if trips is None or trips.size != 1 else int(trips.reshape(-1)[0])
 
 
 def _adopt_shape(value: ir.Value, shape: ir.Shape | None) -> bool:
