@@ -218,6 +218,26 @@ def test_normaliser_of_other_features_is_left_alone():
 
 
 @pytest.mark.parametrize("causal", [False, True])
+def test_normaliser_of_the_keys_is_left_alone(causal):
+    """Z = 1/(φ(k)·Σφ(k) + ε): same roles as φ(q)·Σφ(k), but not the output product's queries."""
+
+    class KeyNormaliser(nn.Module):
+        def forward(self, queries, keys, values):
+            Q, K = elu_feature_map(queries), elu_feature_map(keys)
+            if causal:
+                Z = 1 / (torch.einsum("nlhi,nlhi->nlh", K, K.cumsum(1)) + 1e-6)
+                return causal_linear(Q, K, values) * Z[:, :, :, None]
+            KV = torch.einsum("nshd,nshm->nhmd", K, values)
+            Z = 1 / (torch.einsum("nlhd,nhd->nlh", K, K.sum(dim=1)) + 1e-6)
+            return torch.einsum("nlhd,nhmd,nlh->nlhm", Q, KV, Z)
+
+    gm, report, found = _rewrite(KeyNormaliser().eval(), _nlhd(9))
+    assert found and not any(match.rewritten for match in found), report.summary()
+    assert any("φ(q)" in (match.reason or "") for match in found), report.summary()
+    assert not _op_calls(gm)
+
+
+@pytest.mark.parametrize("causal", [False, True])
 def test_export_onnx(tmp_path, causal):
     """`export_onnx` writes the rewritten layer (the op's sliced ONNX form); on ONNX Runtime equal to eager."""
     import onnxruntime as ort

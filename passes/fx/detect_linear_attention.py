@@ -13,7 +13,9 @@ chunked causal form, whose chunks continue the previous chunk's prefix sums (`la
 paths add to the prefix-summed keys (`k_cumsum + eps`) becomes the op's `key_sum_epsilon`. A
 one-input `cat` (performer-pytorch's `SelfAttention` joins its global heads to its absent local
 heads so) is an identity and transparent: its one piece is the candidate. φ(q) and φ(k) are then proven by
-`performer_feature_maps`. Every axis is proven from product labels and reduction dims, and every
+`performer_feature_maps`. An output product in another layout (fast-transformers' (N, L, H, D)), and
+the causal `num * Z[..., None]` of that package, go to `sequence_major_linear`. Every axis is proven
+from product labels and reduction dims, and every
 intermediate may have no user outside the block. Anything else becomes a rejected
 `AttentionSpec` whose reason says what failed.
 """

@@ -89,7 +89,7 @@ def _product_roles(node: Node, roles: dict[Node, list[str]], nodes: list[Node]) 
     return [known[label] for label in parsed[2]]
 
 
-def _normaliser(gm, node: Node, key_reduce, roles, nodes) -> tuple[list[str], float]:
+def _normaliser(gm, node: Node, phi_q: Node, key_reduce, roles, nodes) -> tuple[list[str], float]:
     """(roles, ε) of `1/(einsum(φq, reduce(φk, s)) + ε)`, reduce a sum (keys dropped) or a cumsum."""
     inner, factor = split_scale(gm, node)
     if factor != 1.0 or not ops.is_call(inner, {aten.reciprocal.default}):
@@ -106,6 +106,8 @@ def _normaliser(gm, node: Node, key_reduce, roles, nodes) -> tuple[list[str], fl
     if parsed is None or len(parsed[0]) != 2:
         raise NotProven("the normaliser is not an einsum of φ(q) and Σφ(k)")
     key_sum = parsed[0][1]
+    if _unview(parsed[0][0], [])[0] is not phi_q:
+        raise NotProven("the normaliser does not use the output product's φ(q)")
     if not ops.is_call(key_sum, {key_reduce}):
         raise NotProven("the normaliser's keys are not summed (or prefix-summed)")
     phi_k = key_sum.args[0]
@@ -171,9 +173,11 @@ def match_sequence_major(gm: GraphModule, anchor: Node, finish):
     inner[keys.pop()] = "s"
     if any(lab not in inner for lab in k_lab + v_lab):
         raise NotProven("the context has an axis the output product does not name")
+    if len({phi_q, phi_k, v}) != 3:
+        raise NotProven("φ(q), φ(k) and v are not three different tensors")
     roles[phi_k], roles[v] = [inner[lab] for lab in k_lab], [inner[lab] for lab in v_lab]
     nodes.append(context)
-    z_roles, epsilon = _normaliser(gm, z, aten.sum.dim_IntList, roles, nodes)
+    z_roles, epsilon = _normaliser(gm, z, phi_q, aten.sum.dim_IntList, roles, nodes)
     if z_roles != [role[lab] for lab in z_lab]:
         raise NotProven("the normaliser's axes are not the output product's")
     return _finish(gm, finish, anchor, nodes, False, (phi_q, phi_k, v), roles, epsilon, [role[lab] for lab in out])
@@ -222,7 +226,7 @@ def _match_causal(gm, anchor: Node, finish):
             roles[root][axis] = local[lab]
         sources.append(root)
     nodes.append(summed.args[0])
-    z_roles, epsilon = _normaliser(gm, z_root, aten.cumsum.default, roles, nodes)
+    z_roles, epsilon = _normaliser(gm, z_root, sources[0], aten.cumsum.default, roles, nodes)
     out_roles = [role[lab] for lab in out]
     num_roles = [None if a is None else out_roles[a] for a in num_axes]
     z_view = [None if a is None else z_roles[a] for a in z_axes]
