@@ -131,12 +131,33 @@ def test_near_misses_are_left_alone_with_a_reason(near_miss, reason):
     _assert_parity(model, gm, inputs)
 
 
-def test_projection_passed_as_input_is_not_constant():
-    model = FastAttention(8, nb_features=12).eval()
+@pytest.mark.parametrize("causal", [False, True])
+def test_projection_passed_as_input_is_an_operand(causal):
+    """Ω as a graph input (as torch.compile lifts the module's buffer) is the op's operand; its gradient flows."""
+    model = FastAttention(8, nb_features=12, causal=causal, chunk_size=3).eval()
     inputs = _qkv(10) + (torch.randn(12, 8),)
-    gm = capture(model, inputs, dynamic_shapes=None)  # the reason at fixed shapes (a dynamic M is refused earlier)
+    gm, report = optimize_module(model, inputs, dynamic_shapes=None)  # a dynamic M is refused earlier
+    [match] = _rewritten(report)
+    [call] = [node for node in gm.graph.nodes if node.target is torch.ops.rewriter.linear_attention.default]
+    assert call.args[3].op == "placeholder"
+    _assert_parity(model, gm, inputs)
+
+
+class _TwoProjections(nn.Module):
+    """q and k projected by different inputs: not one feature map."""
+
+    def forward(self, q, k, v, omega_q, omega_k):
+        from tests.performer_models import linear_attention, softmax_kernel
+
+        return linear_attention(softmax_kernel(q, projection_matrix=omega_q, is_query=True),
+                                softmax_kernel(k, projection_matrix=omega_k, is_query=False), v)
+
+
+def test_projections_of_q_and_k_from_different_inputs_are_left_alone():
+    inputs = _qkv(10) + (torch.randn(12, 8), torch.randn(12, 8))
+    gm = capture(_TwoProjections(), inputs, dynamic_shapes=None)
     [match] = detect_linear_attention(gm)
-    assert not match.spec.accepted and "not a constant buffer or parameter" in match.spec.reason
+    assert not match.spec.accepted and "different feature maps" in match.spec.reason
 
 
 # --------------------------------------------------------------------------- chunked causal form

@@ -162,6 +162,30 @@ def test_projection_is_an_operand(causal):
     torch.testing.assert_close(gm(x), model(x), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_compile_backend(causal):
+    """Under torch.compile the projection buffer is a graph input: still the op's operand, block rewritten.
+
+    After `redraw_projection_matrix` the compiled model reads the new buffer (it is an input, not a constant)."""
+    torch.manual_seed(9)
+    model = _quiet(performer_pytorch.SelfAttention, dim=32, heads=2, dim_head=16, causal=causal, nb_features=24).eval()
+    compiled = torch.compile(model, backend="rewriter", options={"compiler": "eager"}, dynamic=False)
+    rewriter.compile_reports(clear=True)
+    x = torch.randn(2, 37, 32)
+    eager_x, compiled_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expected, got = model(eager_x), compiled(compiled_x)
+    [report] = rewriter.compile_reports()
+    found = _performer_matches(report)
+    assert len(found) == 1 and found[0].rewritten, report.summary()
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    got.backward(grad)
+    torch.testing.assert_close(compiled_x.grad, eager_x.grad, atol=1e-3, rtol=1e-4)
+    model.fast_attention.redraw_projection_matrix(x.device)
+    torch.testing.assert_close(compiled(x), model(x), atol=1e-4, rtol=1e-4)
+
+
 # --------------------------------------------------------------------------- ONNX
 
 EXPORTERS = {"dynamo18": {"dynamo": True, "opset_version": 18}, "dynamo23": {"dynamo": True, "opset_version": 23},

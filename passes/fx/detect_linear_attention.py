@@ -13,7 +13,9 @@ chunked causal form, whose chunks continue the previous chunk's prefix sums (`la
 paths add to the prefix-summed keys (`k_cumsum + eps`) becomes the op's `key_sum_epsilon`. A
 one-input `cat` (performer-pytorch's `SelfAttention` joins its global heads to its absent local
 heads so) is an identity and transparent: its one piece is the candidate. φ(q) and φ(k) are then proven by
-`performer_feature_maps`. Every axis is proven from product labels and reduction dims, and every
+`performer_feature_maps`. An output product in another layout (fast-transformers' (N, L, H, D)), and
+the causal `num * Z[..., None]` of that package, go to `sequence_major_linear`. Every axis is proven
+from product labels and reduction dims, and every
 intermediate may have no user outside the block. Anything else becomes a rejected
 `AttentionSpec` whose reason says what failed.
 """
@@ -42,11 +44,15 @@ from passes.fx.performer_feature_maps import (
     split_scale as _split_scale,
 )
 from passes.fx.product_labels import label_product
+from passes.fx.sequence_major_linear import is_causal_product_anchor, match_sequence_major
 
 __all__ = ["FxLinearAttentionMatch", "detect_linear_attention"]
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
+
+_LAYOUT_REJECTION = "output product is not over (φ(q), D⁻¹) rows"
+
 
 @dataclasses.dataclass
 class FxLinearAttentionMatch:
@@ -58,6 +64,9 @@ class FxLinearAttentionMatch:
     causal: bool = False
     replaced: list[Node] = dataclasses.field(default_factory=list)
     key_sum_epsilon: float = 0.0
+    normalizer_epsilon: float = 0.0
+    # (q, k, v to (B, H, L, D), out from it) for blocks written in another layout; None: (B, H, L, D)
+    permutations: tuple[tuple[int, ...], ...] | None = None
 
 
 def _reciprocal(gm, node: Node, nodes: list[Node]) -> Node:
@@ -100,7 +109,7 @@ def _match(gm, anchor: Node) -> FxLinearAttentionMatch:
     n, e = out[-2], out[-1]
     d = q_lab[-1]
     if q_lab != batch + n + d or n_lab != batch + n:
-        raise _Rejected("output product is not over (φ(q), D⁻¹) rows")
+        raise _Rejected(_LAYOUT_REJECTION)
     if c_lab == batch + d + e:
         causal = False
     elif c_lab == batch + n + d + e:
@@ -153,7 +162,8 @@ def _match(gm, anchor: Node) -> FxLinearAttentionMatch:
 
 
 def _finish(gm, output: Node, nodes: list[Node], causal: bool, phi_q: Node, phi_k: Node, value: Node,
-            key_sum_epsilon: float = 0.0) -> FxLinearAttentionMatch:
+            key_sum_epsilon: float = 0.0, normalizer_epsilon: float = 0.0,
+            permutations: tuple[tuple[int, ...], ...] | None = None) -> FxLinearAttentionMatch:
     """Check that the block is closed (no outside users), prove both feature maps, build the match."""
     for node in nodes[1:]:
         for user in ops.value_users(node):
@@ -167,12 +177,14 @@ def _finish(gm, output: Node, nodes: list[Node], causal: bool, phi_q: Node, phi_
     if (query.kind, query.projection, query.data_scale, query.epsilon) != \
             (key.kind, key.projection, key.data_scale, key.epsilon):
         raise _Rejected("φ(q) and φ(k) are different feature maps")
+    if permutations is not None and (query.projection is not None or query.kind == "favor_softmax"):
+        raise _Rejected("a projected feature map outside the (batch, heads, length, dim) layout")
     for x in (query.source, key.source, value):
         if ops.tensor_meta(x).dim() != 4:
             raise _Rejected("q, k, v are not 4-D (batch, heads, length, dim)")
     block = nodes + list(query.nodes) + list(key.nodes)
-    return FxLinearAttentionMatch(_spec(block, causal, query, value), output, query, key, value, causal, block,
-                                  key_sum_epsilon)
+    return FxLinearAttentionMatch(_spec(block, causal, query, value, permutations), output, query, key, value, causal,
+                                  block, key_sum_epsilon, normalizer_epsilon, permutations)
 
 
 @dataclasses.dataclass
@@ -374,13 +386,33 @@ def _match_matmul(gm, anchor: Node) -> FxLinearAttentionMatch:
     return _finish(gm, anchor, list(dict.fromkeys(nodes)), False, phi_q, phi_k, value)
 
 
-def _spec(nodes, causal, fmap: FeatureMapMatch, value) -> AttentionSpec:
-    q = ops.tensor_meta(fmap.source)
+def _match_any_layout(gm, anchor: Node) -> FxLinearAttentionMatch:
+    """performer-pytorch's (B, H, L, D) output product, else fast-transformers' (N, L, H, D) one."""
+    try:
+        return _match(gm, anchor)
+    except _Rejected as rejection:
+        if not str(rejection).startswith(_LAYOUT_REJECTION):
+            raise
+        return _match_sequence_major(gm, anchor)
+
+
+def _match_sequence_major(gm, anchor: Node) -> FxLinearAttentionMatch:
+    return match_sequence_major(gm, anchor, _finish)
+
+
+def _spec(nodes, causal, fmap: FeatureMapMatch, value, permutations=None) -> AttentionSpec:
+    """The spec; `permutations` (q, k, v to (B, H, L, D), out from it) give the model's layouts."""
+    q_perm, k_perm, v_perm, out_perm = permutations or ((0, 1, 2, 3),) * 4
+
+    def layout(to_bhld):  # model axis to_bhld[i] holds "BHLD"[i]
+        return "".join("BHLD"[to_bhld.index(axis)] for axis in range(4))
+
+    q = [ops.tensor_meta(fmap.source).shape[axis] for axis in q_perm]
     return AttentionSpec(
         "performer", tuple(n.name for n in nodes), causal=causal, feature_map=fmap.kind,
-        batch_size=q.shape[0], num_heads=q.shape[1], seq_len_q=q.shape[2], head_dim=q.shape[3],
-        value_head_dim=ops.tensor_meta(value).shape[-1], q_layout="BHLD", k_layout="BHLD", v_layout="BHLD",
-        out_layout="BHLD", scale=fmap.data_scale,
+        batch_size=q[0], num_heads=q[1], seq_len_q=q[2], head_dim=q[3],
+        value_head_dim=ops.tensor_meta(value).shape[v_perm[3]], q_layout=layout(q_perm), k_layout=layout(k_perm),
+        v_layout=layout(v_perm), out_layout="".join("BHLD"[axis] for axis in out_perm), scale=fmap.data_scale,
     )
 
 
@@ -426,9 +458,11 @@ def detect_linear_attention(gm: GraphModule) -> list[FxLinearAttentionMatch]:
         if _is_chunked_anchor(node):
             attempt = _match_chunked
         elif _is_anchor(node) and node not in covered:
-            attempt = _match
+            attempt = _match_any_layout
         elif _is_matmul_anchor(node):
             attempt = _match_matmul
+        elif is_causal_product_anchor(node):
+            attempt = _match_sequence_major
         else:
             continue
         try:

@@ -6,7 +6,9 @@
     relu           relu(c·x·Ωᵀ) + ε   or relu(c·x) + ε   (`generalized_kernel`)
     elu_plus_one   elu(c·x·Ωᵀ) + 1 (+ ε)                  (Katharopoulos et al.)
 
-Ω must be a buffer or parameter (a `get_attr`), c and ε scalar constants, and every intermediate
+Ω must be a buffer or parameter (a `get_attr`) or a graph input (`torch.compile` lifts the
+module's buffers to inputs): the op takes Ω as an operand, so its value need not be known, only
+that q and k read the same (M, D) tensor; c and ε scalar constants, and every intermediate
 may be used only inside φ. performer-pytorch broadcasts Ω to (B, H, M, D) first (`repeat(Ω,
 'j d -> b h j d')`: unsqueezes, an expand and a `type_as`) and casts φ back with `type_as`; both are
 identities here (the cast only when it keeps the dtype) and belong to φ. `NotProven` carries the reason when any of that fails.
@@ -152,8 +154,8 @@ def _projected(gm, node: Node, nodes: list[Node]) -> tuple[Node, Node | None, fl
     proj_labels = proj_labels[added:]
     if len(proj_labels) != 2 or data_labels[:-1] + proj_labels[0] != out or proj_labels[1] != data_labels[-1]:
         raise NotProven(f"{node.name} is not x·Ωᵀ over the head dim")
-    if projection.op != "get_attr":
-        raise NotProven(f"the projection of {node.name} is not a constant buffer or parameter")
+    if projection.op not in ("get_attr", "placeholder"):
+        raise NotProven(f"the projection of {node.name} is not a buffer, parameter or graph input")
     nodes.append(node)
     x, c = split_scale(gm, scaled)
     if x is not scaled:

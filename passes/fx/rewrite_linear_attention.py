@@ -7,7 +7,10 @@ projection, so gradients still reach the projection and nothing of size L × M i
     k ─┼─ rewriter::linear_attention(q, k, v, Ω, feature_map, causal, c, ε, 0, stabilizer_grad, slice, ε_Σk)[0] ─ users
     v ─┘
 
-A one-input `cat` right after the block (a copy) is dropped as well.
+A one-input `cat` right after the block (a copy) is dropped as well. Blocks written in another
+layout (fast-transformers' (N, L, H, D)) get q, k, v permuted to (B, H, L, D) before the op and its
+output permuted back and made contiguous (as the block's own output was); their ε after φ(q)·Σφ(k)
+is the op's `normalizer_epsilon`.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from passes.core.planner import default_slice_size
 __all__ = ["RewriteLinearAttention"]
 
 logger = logging.getLogger(__name__)
+aten = torch.ops.aten
 
 def _drop_copying_cats(graph, out) -> None:
     """A one-input `cat` of the op's output (performer-pytorch's `SelfAttention` so joins its global
@@ -38,6 +42,15 @@ def _drop_copying_cats(graph, out) -> None:
         if ops.is_call(user, {torch.ops.aten.cat.default}) and len(user.args[0]) == 1 and len(out.users) == 1:
             user.replace_all_uses_with(out)
             graph.erase_node(user)
+
+
+def _to_heads_first(graph, match: FxLinearAttentionMatch):
+    """q, k, v as the op takes them: permuted to (B, H, L, D) where the block is written otherwise."""
+    sources = (match.query.source, match.key.source, match.value)
+    if match.permutations is None:
+        return sources
+    return tuple(graph.call_function(aten.permute.default, (x, list(perm)))
+                 for x, perm in zip(sources, match.permutations[:3]))
 
 
 class RewriteLinearAttention(onnx_ir.passes.InPlacePass):
@@ -53,13 +66,16 @@ class RewriteLinearAttention(onnx_ir.passes.InPlacePass):
         for match in self.matches:
             fmap = match.query
             with graph.inserting_before(match.output):
+                q, k, v = _to_heads_first(graph, match)
                 call = graph.call_function(
                     torch.ops.rewriter.linear_attention.default,
-                    (fmap.source, match.key.source, match.value, fmap.projection, fmap.kind, match.causal,
-                     fmap.data_scale, fmap.epsilon, 0.0, fmap.stabilizer_grad, self.plan(match.spec),
-                     match.key_sum_epsilon),
+                    (q, k, v, fmap.projection, fmap.kind, match.causal, fmap.data_scale, fmap.epsilon,
+                     match.normalizer_epsilon, fmap.stabilizer_grad, self.plan(match.spec), match.key_sum_epsilon),
                 )
                 out = graph.call_function(operator.getitem, (call, 0))
+                if match.permutations is not None:
+                    out = graph.call_function(aten.permute.default, (out, list(match.permutations[3])))
+                    out = graph.call_function(aten.clone.default, (out,), {"memory_format": torch.contiguous_format})
             match.output.replace_all_uses_with(out)
             _drop_copying_cats(graph, out)
             # Erase explicitly, users first: dead-code elimination keeps ops it deems impure.
