@@ -108,7 +108,7 @@ def recover_terms(builder: ProgramBuilder, biases: list[tuple[Any, float]], mask
     recovered_masks = []
     for step in masks:
         term = _term(builder, step.condition, translate, negated=not step.keep_when_true)
-        recovered_masks.append(step if term is None else MaskStep(term, True, step.fill))
+        recovered_masks.append(step if term is None else dataclasses.replace(step, condition=term, keep_when_true=True))
     recovered_biases = []
     for operand, factor in biases:
         term = _term(builder, operand, translate)

@@ -114,10 +114,10 @@ def _with_query_factors(graph: Graph, query: Node, match: FxAttentionMatch) -> N
 
 
 def _score_terms(graph: Graph, match: FxAttentionMatch, replaced: dict[Node, Node]) -> tuple:
-    """(bias, mask, leaves, bias program, mask program): recovered programs where every term of a kind
-    has one (a bias program and a dense bias are not mixed), else the dense operands."""
+    """(bias, mask, leaves, bias program, mask program, fill program): recovered programs where every
+    term of a kind has one (a bias program and a dense bias are not mixed), else the dense operands."""
     biases = match.biases
-    programs = [None, None]
+    programs = [None, None, None if match.fill_program is None else match.fill_program.program]
     if biases and all(isinstance(operand, ProgramTerm) for operand, _ in biases):
         programs[0], biases = biases[0][0].builder.program(combined_bias(biases)), []
     biases = [(_current(operand.dense, replaced) if isinstance(operand, ProgramTerm) else operand, factor)
@@ -129,9 +129,10 @@ def _score_terms(graph: Graph, match: FxAttentionMatch, replaced: dict[Node, Nod
         mask = _arrange(graph, match.mask)
         if not match.mask_keep_when_true:
             mask = graph.call_function(aten.logical_not.default, (mask,))
-    terms = [term for term in [match.mask, *(operand for operand, _ in match.biases)] if isinstance(term, ProgramTerm)]
+    terms = [term for term in [match.mask, match.fill_program, *(operand for operand, _ in match.biases)]
+             if isinstance(term, ProgramTerm)]
     if not terms:
-        return bias, mask, [], "", ""
+        return bias, mask, [], "", "", ""
     programs, leaves = compact_leaves(programs, terms[0].builder.leaves)
     leaves = [replaced.get(leaf, leaf) for leaf in leaves]
     return bias, mask, leaves, *(program.to_json() if program is not None else "" for program in programs)
@@ -140,12 +141,12 @@ def _score_terms(graph: Graph, match: FxAttentionMatch, replaced: dict[Node, Nod
 def _emit(graph: Graph, match: FxAttentionMatch, chunks: ChunkSizes, replaced: dict[Node, Node]) -> Node:
     query, key, value = (_arrange(graph, operand) for operand in (match.query, match.key, match.value))
     query = _with_query_factors(graph, query, match)
-    bias, mask, leaves, bias_program, mask_program = _score_terms(graph, match, replaced)
+    bias, mask, leaves, bias_program, mask_program, fill_program = _score_terms(graph, match, replaced)
     attention = graph.call_function(
         torch.ops.rewriter.attention.default,
         (query, key, value, bias, mask, leaves, match.scale, match.softcap, match.mask_fill,
          match.causal, match.causal_offset, chunks.query, chunks.key, match.zero_masked_rows,
-         bias_program, mask_program),
+         bias_program, mask_program, fill_program),
     )
     out = graph.call_function(operator.getitem, (attention, 0))
     return _restore_layout(graph, out, match)

@@ -81,7 +81,8 @@ def _keep_mask(w: Emitter, ctx: AnalysisContext, match: OnnxAttentionMatch) -> i
 def _attributes(match: OnnxAttentionMatch, chunks: ChunkSizes | None) -> AttentionAttributes:
     sizes = {"q_chunk": chunks.query, "k_chunk": chunks.key} if chunks else {}
     programs = {role: program.to_json() for role, program in (("bias_program", match.bias_program),
-                                                              ("mask_program", match.mask_program)) if program}
+                                                              ("mask_program", match.mask_program),
+                                                              ("fill_program", match.fill_program)) if program}
     return AttentionAttributes(scale=float(match.scale), softcap=float(match.softcap), mask_fill=float(match.mask_fill),
                                causal=match.causal, causal_offset=match.causal_offset,
                                zero_masked_rows=match.zero_masked_rows, **sizes, **programs)

@@ -20,7 +20,8 @@ from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch, Rejected
 from passes.onnx.program_operands import recover_programs
 from passes.core.attention_labels import ScoreAxes
 from passes.core.mask_semantics import fill_is_neg_inf, sort_score_terms
-from passes.core.score_algebra import ChainError, MaskStep
+from passes.core.fill_programs import aligned_fill_terms
+from passes.core.score_algebra import ChainError, ConstantBias, MaskStep
 from passes.onnx.shape_facts import ShapeFacts
 
 __all__ = ["fill_masks"]
@@ -87,11 +88,16 @@ def fill_masks(ctx: AnalysisContext, match: OnnxAttentionMatch, scores: ScoreAxe
             return offset if offset is not None and fill_is_neg_inf(step.fill, offset, only_masking) else None
         return _proven_offset(ctx, operand, scores, prove)
 
-    aligned_biases = [(_aligned(ctx, value, scores, "bias"), factor) for value, factor in biases]
-    aligned_masks = [dataclasses.replace(step, condition=_aligned(ctx, step.condition, scores, "mask"))
-                     for step in masks]
+    def term(value, what):
+        return value if isinstance(value, ConstantBias) else _aligned(ctx, value, scores, what)
+
+    aligned_biases = [(term(value, "bias"), factor) for value, factor in biases]
+    aligned_masks = [aligned_fill_terms(dataclasses.replace(step, condition=_aligned(ctx, step.condition, scores, "mask")),
+                                        lambda value: _aligned(ctx, value, scores, "bias")) for step in masks]
+    # A constant bias and a per-entry fill exist only as programs.
+    required = any(isinstance(value, ConstantBias) for value, _ in biases) or any(step.fill_terms for step in masks)
     # Operands recovered as score programs are proven on the programs, never evaluated.
-    programs = recover_programs(ctx, match, scores, aligned_biases, aligned_masks)
+    programs = recover_programs(ctx, match, scores, aligned_biases, aligned_masks, required)
     if programs is not None:
         bias_offset, mask_offset = programs.bias_offset, programs.mask_offset
     try:
