@@ -11,8 +11,8 @@ A score-chain walker (one per IR) records what it passes, in graph order, as ste
 `reduce_score_steps` folds them into the kernels' order ``scale → softcap → +bias → mask``, or
 raises ChainError when that would change a result: a non-positive scale, soft-capping after a
 bias, mask or shift. The model's order is kept where it matters through the IEEE identity
-``where(c, s, F) + B == where(c, s + B, F + B)`` (elementwise): a bias added after a mask with a
-finite fill F is applied before the mask, and the mask fills with ``F + B`` per entry, computed in
+``where(c, s, F) + B == where(c, s + B, F + B)`` (elementwise): a bias added after a mask with
+fill F is applied before the mask, and the mask fills with ``F + B`` per entry, computed in
 the model's order and dtype (`MaskStep.fill_terms`, built into a fill program by
 `passes.core.fill_programs`). A shift before a finite-fill mask is the constant bias it is
 (`ConstantBias`: ``where(c, s + C, F)`` is the kernels' ``+bias → mask``); elsewhere a shift moves
@@ -83,10 +83,11 @@ def reduce_score_steps(steps_top_down: list[tuple[str, Any]]) -> ReducedScores:
             capped = True
         elif kind == "bias":
             value, factor, *dtype = payload
-            # where(c, s, F) + B == where(c, s + B, F + B): the bias moves before the mask, its fill follows it
+            # where(c, s, F) + B == where(c, s + B, F + B): the bias moves before the mask, its fill follows
+            # it. For F = −∞ too: the values stay −∞, but on a row whose every key is masked (NaN) the
+            # model's bias gets NaN gradients through the masked entries.
             reduced.masks = [dataclasses.replace(m, fill_terms=m.fill_terms + (
-                ("bias", value, factor, dtype[0] if dtype else m.dtype),)) if math.isfinite(m.fill) else m
-                for m in reduced.masks]
+                ("bias", value, factor, dtype[0] if dtype else m.dtype),)) for m in reduced.masks]
             reduced.biases.append((value, factor))
         elif kind == "mask":
             if math.isfinite(payload.fill):

@@ -54,9 +54,15 @@ def _padding_axis(canonical: str) -> int:
 
 
 def _combined_bias(graph: Graph, biases: list[tuple[Operand, float]]) -> Node | None:
+    """Σ factor · bias, 4-D; several half-precision terms are summed in fp32, as the op adds each to
+    fp32 scores (`passes.core.program_terms.sum_steps`)."""
     total = None
+    half = len(biases) > 1 and any(ops.tensor_meta(operand.node).dtype in (torch.float16, torch.bfloat16)
+                                   for operand, _ in biases)
     for operand, factor in biases:
         term = _arrange(graph, operand)
+        if half:
+            term = graph.call_function(aten._to_copy.default, (term,), {"dtype": torch.float32})
         if factor != 1.0:
             term = graph.call_function(aten.mul.Tensor, (term, factor))
         total = term if total is None else graph.call_function(aten.add.Tensor, (total, term))

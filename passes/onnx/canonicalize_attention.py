@@ -48,9 +48,12 @@ def _broadcast(dims_list: list[list]) -> list:
 
 
 def _combined_bias(w: Emitter, ctx: AnalysisContext, match: OnnxAttentionMatch, dtype) -> ir.Value | None:
-    """The sum of the match's bias terms (each times its factor), 4-D, in `dtype` when they differ."""
+    """The sum of the match's bias terms (each times its factor), 4-D, in `dtype` when they differ;
+    several half-precision terms are summed in fp32 (as the kernels add each to fp32 scores)."""
     terms, dims = [], []
     dtypes = {ctx.facts.dtype(operand.value) for operand, _ in match.biases}
+    if len(match.biases) > 1 and dtypes & {ir.DataType.FLOAT16, ir.DataType.BFLOAT16}:
+        dtypes, dtype = dtypes | {ir.DataType.FLOAT}, ir.DataType.FLOAT
     for operand, factor in match.biases:
         term = arrange(w, ctx, operand)
         term_dtype = ctx.facts.dtype(operand.value)

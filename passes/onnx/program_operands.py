@@ -22,6 +22,7 @@ import math
 from passes.core.attention_labels import ScoreAxes
 from passes.core.mask_semantics import fill_is_neg_inf
 from passes.core.fill_programs import fill_program_step, term_step
+from passes.core.program_terms import sum_steps
 from passes.core.score_algebra import ConstantBias, MaskStep
 from passes.core.score_programs import ProgramBuilder, ProgramError, causal_split, fill_mask
 from passes.onnx.axis_labels import Operand
@@ -90,13 +91,7 @@ class ProgramTerms:
         leaves; a program that only reads a leaf as it is gives that leaf back as the operand."""
         builder, bias, mask = self.builder, None, None
         if match.biases:
-            dtypes = {builder.steps[self.outputs[operand]].dtype for operand, _ in match.biases}
-            dtype = dtypes.pop() if len(dtypes) == 1 else "float32"
-            for operand, factor in match.biases:
-                term = self.outputs[operand]
-                if factor != 1.0:
-                    term = builder.add("mul", (term, builder.const(float(factor), dtype)), dtype=dtype)
-                bias = term if bias is None else builder.add("add", (bias, term), dtype=dtype)
+            bias = sum_steps(builder, [(self.outputs[operand], factor) for operand, factor in match.biases])
         if match.mask is not None:
             mask = self._program(match.mask, match.mask_keep_when_true)
             if match.mask_fill == -math.inf:
