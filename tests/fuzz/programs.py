@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -108,7 +109,10 @@ class AttentionProgram(nn.Module):
 
     def _bias(self, padding=None, dtype=torch.float32):
         if self.case.bias == "padding":  # GPT-2 (transformers 4.x): (1 − m)[:, None, None, :] · finfo.min
-            return (1.0 - padding[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+            # the case's finite fill (finfo.min or −1e4), the same in its fp32 reference
+            # (`check._farther_from_fp32_than_eager`); −1e4 where the fill is −∞ ((1 − m)·−∞ is NaN)
+            fill = self.case.fill if math.isfinite(self.case.fill) else -1e4
+            return (1.0 - padding[:, None, None, :].to(dtype)) * fill
         return {"per_head": self.per_head, "relative": self.relative, "alibi": self.alibi}.get(self.case.bias)
 
     def _apply_mask(self, scores, keep):
