@@ -28,6 +28,7 @@ from passes.core.score_programs import ProgramBuilder, ProgramError, causal_spli
 from passes.onnx.axis_labels import Operand
 from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch, Rejected
 from passes.onnx.score_program_recovery import ProgramTranslator
+from passes.onnx.shape_facts import ShapeFacts
 from rewriter.kernels.score_program import Program
 
 __all__ = ["ProgramTerms", "recover_programs"]
@@ -49,6 +50,7 @@ class ProgramTerms:
     builder: ProgramBuilder
     outputs: dict[Operand, int]
     scores: ScoreAxes
+    facts: ShapeFacts | None = None  # the leaves' shapes
 
     def _program(self, operand: Operand, keep_when_true: bool = True) -> Program:
         step = self.outputs[operand]
@@ -72,17 +74,23 @@ class ProgramTerms:
             step.fill, offset, only_masking) else None
 
     def _as_operand(self, program: Program | None, dtypes: tuple[str, ...]) -> Operand | None:
-        """The leaf `program` reads as it is, aligned with the scores (a tensor every target takes
-        directly, costing nothing more), or None."""
+        """The leaf `program` reads as it is, aligned with the scores and of their sizes (a tensor
+        every target takes directly, costing nothing more), or None (a larger buffer read at the
+        positions, such as GPT-2's (1, 1, 1024, 1024) causal ``bias``, stays a program)."""
         load = program.steps[-1] if program is not None else None
         canonical = self.scores.canonical
         if load is None or load.op != "load" or load.dtype not in dtypes or len(load.args) > len(canonical):
             return None
         axes = canonical[len(canonical) - len(load.args):]
         names = _axis_names(self.scores)
-        for label, arg in zip(axes, load.args):
+        dims = self.facts.dims(self.builder.leaves[load.attr]) if self.facts is not None else None
+        if dims is None or len(dims) != len(load.args):
+            return None
+        for label, arg, dim in zip(axes, load.args, dims):
             read = program.steps[arg] if arg >= 0 else None
             if read is not None and (read.op != "index" or read.attr != names.get(label)):
+                return None
+            if read is not None and not ShapeFacts.same(dim, self.scores.dims[self.scores.labels.index(label)]):
                 return None
         return Operand(self.builder.leaves[load.attr], axes, canonical)
 
@@ -171,4 +179,4 @@ def recover_programs(ctx: AnalysisContext, match: OnnxAttentionMatch, scores: Sc
                            f"score program ({error}): the kernels cannot compute it per block") from error
         logger.debug("score operands of %s stay tensors: %s", match.spec.nodes[-1:] or "a block", error)
         return None
-    return ProgramTerms(builder, outputs, scores)
+    return ProgramTerms(builder, outputs, scores, ctx.facts)
