@@ -9,10 +9,12 @@ Elementwise and exactly in IEEE arithmetic ``where(c, s, F) + B == where(c, s + 
 kernels' order (``+bias → mask``) computes the same scores when the mask fills with ``F + B`` per
 entry instead of the constant F. `score_algebra.reduce_score_steps` records what follows the mask in
 `MaskStep.fill_terms`; `fill_program_step` writes it as a program in the model's order and dtype
-(``finfo(bf16).min + finfo(bf16).min`` is −∞ in bf16 but finite in fp32; the program rounds as the
+(``finfo(fp16).min + finfo(fp16).min`` is −∞ in fp16 but −131008 in fp32; the program rounds as the
 model does). Kernels replace masked entries by the program's values, which decide the rows whose
-every key is masked (a uniform row, −∞ entries, or NaN, as in the model). A bias operand that does
-not translate into a program leaves the fill unexpressible: `ProgramError`, and the block is refused.
+every key is masked (a uniform row, −∞ entries, or NaN, as in the model). For F = −∞ the values stay
+−∞, but the gradients of B on a row of NaN are NaN in the model, and are through the fill program.
+A bias operand that does not translate into a program leaves the fill unexpressible
+(`fill_program_term` raises ChainError with the reason), and the block is left alone.
 
 A constant added before such a mask (`score_algebra.ConstantBias`) is a bias, written as a
 constant step by `term_step`.
@@ -100,5 +102,5 @@ def fill_program_term(builder: ProgramBuilder, step: MaskStep, translate: Callab
     try:
         return ProgramTerm(builder, fill_program_step(builder, step, translate))
     except ProgramError as error:
-        raise ChainError(f"a bias added after a mask with a finite fill is not a score program ({error}), "
-                         "so the masked entries' values cannot be computed per block") from error
+        raise ChainError(f"a bias added after a mask is not a score program ({error}), so the masked "
+                         "entries' values (fill + bias) cannot be computed per block") from error
