@@ -6,7 +6,8 @@ mask and fills each masked entry with ``F + B`` (a fill program, `passes.core.fi
 - GPT-2 as transformers 4.x wrote it (`_LegacyGpt2`: ``where(tril slice, s, finfo.min)`` then
   ``+ (1 − m)·finfo.min``) with right, left and full padding (rows whose every key is masked, which the
   fills decide): rewritten in FX (forward with NaN pattern, gradients, nothing n×n) and in ONNX (ORT
-  on the exported original vs the optimised file, at two lengths; ORT's own kernels refuse the block);
+  on the exported original vs the optimised file, at two lengths; ORT's own kernels refuse the block;
+  `export_onnx` keeps the fill program, verified against eager);
 - HF GPT-2 of the installed transformers (eager) with the same padding, in FX and ONNX;
 - the op with a fill program against the dense formula, forward and gradients (a float leaf of the
   fill program included), blockwise and through the fused rows;
@@ -149,6 +150,14 @@ def test_gpt2_with_padding_in_onnx(family):
         _, report = rewriter.optimize_onnx(onnx.load_from_string(original), target="ort")
         assert not any(match.rewritten for match in report.matches)
         assert all("per entry" in match.reason for match in report.matches), report.summary()
+
+
+def test_legacy_gpt2_export_keeps_the_fill_program(tmp_path):
+    """`export_onnx` translates the op with its fill program; its verification compares ORT with eager."""
+    path = tmp_path / "gpt2.onnx"
+    report = rewriter.export_onnx(_LegacyGpt2().eval(), (_ids(LENGTH), _padding(LENGTH)), str(path))
+    assert report.rewritten_count == 2, report.summary()
+    assert report.verification, "ORT was not compared with eager"
 
 
 def _programs(fill: float, offset: int):
