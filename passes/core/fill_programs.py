@@ -84,12 +84,11 @@ def aligned_fill_terms(step: MaskStep, align: Callable[[Any], Any]) -> MaskStep:
 
 
 def unexpressible(biases: list[tuple[Any, float]], is_program: Callable[[Any], bool]) -> str | None:
-    """Why the kernels cannot take these biases, where a constant one (`ConstantBias`) must become a
-    program and another stays a tensor (the op takes a bias tensor or a bias program); else None."""
-    constant = any(isinstance(getattr(operand, "dense", operand), ConstantBias) for operand, _ in biases)
-    if constant and not all(is_program(operand) for operand, _ in biases):
-        return ("a constant is added to the scores before a mask with a finite fill, next to a bias that "
-                "stays a tensor: the kernels take one bias, a tensor or a program")
+    """Why the kernels cannot take these biases: every one is a constant (`ConstantBias`) that did
+    not become a program (score programs off), so no tensor carries it; else None."""
+    if biases and all(isinstance(operand, ConstantBias) and not is_program(operand) for operand, _ in biases):
+        return ("a constant is added to the scores before a mask with a finite fill: a bias that needs "
+                "score programs")
     return None
 
 

@@ -360,6 +360,8 @@ class _Builder:
             return dataclasses.replace(self._score_operand(node, scores_info, what), order=canonical)
 
         def bias_offset(operand, factor, only_masking):  # a recovered program is never evaluated densely
+            if isinstance(operand, ConstantBias):
+                return None
             if isinstance(operand, ProgramTerm):
                 return program_bias_offset(operand, factor, only_masking)
             return self._causal_from_bias(operand, factor, query_len, key_len, only_masking)

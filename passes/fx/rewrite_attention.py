@@ -21,6 +21,7 @@ from torch.fx import Graph, GraphModule, Node
 
 import rewriter.kernels.attention_op  # noqa: F401  (registers torch.ops.rewriter.attention)
 from passes.core.attention_spec import ChunkSizes
+from passes.core.score_algebra import ConstantBias
 from passes.core.program_terms import ProgramTerm, combined_bias, compact_leaves
 from passes.fx import aten_vocabulary as ops
 from passes.fx.detect_softmax_attention import FxAttentionMatch, Operand
@@ -53,19 +54,24 @@ def _padding_axis(canonical: str) -> int:
     return 1 if len(canonical) == 3 else 0
 
 
-def _combined_bias(graph: Graph, biases: list[tuple[Operand, float]]) -> Node | None:
+def _combined_bias(graph: Graph, biases: list[tuple[Operand | ConstantBias, float]]) -> Node | None:
     """Σ factor · bias, 4-D; several half-precision terms are summed in fp32, as the op adds each to
-    fp32 scores (`passes.core.program_terms.sum_steps`)."""
+    fp32 scores (`passes.core.program_terms.sum_steps`). A `ConstantBias` (a constant added before a
+    finite-fill mask) is added to the tensor terms, of which there is at least one."""
+    constants = [(operand, factor) for operand, factor in biases if isinstance(operand, ConstantBias)]
+    tensors = [(operand, factor) for operand, factor in biases if not isinstance(operand, ConstantBias)]
     total = None
     half = len(biases) > 1 and any(ops.tensor_meta(operand.node).dtype in (torch.float16, torch.bfloat16)
-                                   for operand, _ in biases)
-    for operand, factor in biases:
+                                   for operand, _ in tensors)
+    for operand, factor in tensors:
         term = _arrange(graph, operand)
         if half:
             term = graph.call_function(aten._to_copy.default, (term,), {"dtype": torch.float32})
         if factor != 1.0:
             term = graph.call_function(aten.mul.Tensor, (term, factor))
         total = term if total is None else graph.call_function(aten.add.Tensor, (total, term))
+    for constant, factor in constants:
+        total = graph.call_function(aten.add.Tensor, (total, constant.value * factor))
     return total
 
 
@@ -159,7 +165,7 @@ def _emit(graph: Graph, match: FxAttentionMatch, chunks: ChunkSizes, replaced: d
 
 
 def _current(operand: Operand | None, replaced: dict[Node, Node]) -> Operand | None:
-    if operand is None or operand.node not in replaced:
+    if operand is None or isinstance(operand, ConstantBias) or operand.node not in replaced:
         return operand
     return dataclasses.replace(operand, node=replaced[operand.node])
 
