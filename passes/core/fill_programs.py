@@ -97,7 +97,7 @@ def fill_program_term(builder: ProgramBuilder, step: MaskStep, translate: Callab
     """The fill of `step` (a mask with fill terms) as a `ProgramTerm` of `builder`; ChainError with
     the reason where it is no program (score programs off, or a bias that does not translate)."""
     if not programs:
-        raise ChainError("a bias is added after a mask with a finite fill, whose per-entry fill needs score programs")
+        raise ChainError("a bias is added after a mask, whose per-entry fill (fill + bias) needs score programs")
     try:
         return ProgramTerm(builder, fill_program_step(builder, step, translate))
     except ProgramError as error:
