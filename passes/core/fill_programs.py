@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -93,9 +94,15 @@ def unexpressible(biases: list[tuple[Any, float]], is_program: Callable[[Any], b
 
 
 def fill_program_term(builder: ProgramBuilder, step: MaskStep, translate: Callable[[Any], int],
-                      programs: bool = True) -> ProgramTerm:
+                      programs: bool = True) -> ProgramTerm | None:
     """The fill of `step` (a mask with fill terms) as a `ProgramTerm` of `builder`; ChainError with
-    the reason where it is no program (score programs off, or a bias that does not translate)."""
+    the reason where it is no program (score programs off, or a bias that does not translate).
+
+    With score programs off, a −∞ fill stays the constant −∞ (None): the values are the same, only
+    the bias's gradients on rows whose every key is masked (NaN in the model) are 0 instead."""
+    if not programs and step.fill == -math.inf:
+        logger.info("score programs off: a bias after a −∞ mask keeps the constant fill")
+        return None
     if not programs:
         raise ChainError("a bias is added after a mask, whose per-entry fill (fill + bias) needs score programs")
     try:
