@@ -47,13 +47,13 @@ class ExportVerificationError(ValueError):
 
 def _translate_attention(q, k, v, bias=None, mask=None, leaves=(), scale=1.0, softcap=0.0, mask_fill=-math.inf,
                          causal=False, causal_offset=0, q_chunk=1024, k_chunk=4096, zero_masked_rows=False,
-                         bias_program="", mask_program=""):
+                         bias_program="", mask_program="", fill_program=""):
     """torch.ops.rewriter.attention → one ai.rewriter::Attention node (traced by onnxscript)."""
     import onnxscript  # only when exporting: importing it costs about a second
 
     attributes = AttentionAttributes(float(scale), float(softcap), float(mask_fill), bool(causal), int(causal_offset),
                                      bool(zero_masked_rows), int(q_chunk), int(k_chunk), str(bias_program),
-                                     str(mask_program))
+                                     str(mask_program), str(fill_program))
     # The leaves go by keyword: torch's exporter (2.13) binds a variadic input given positionally to
     # every positional argument, q included.
     return onnxscript.values.Opset(REWRITER_DOMAIN, 1).Attention(q, k, v, bias, mask, leaves=list(leaves),

@@ -35,7 +35,7 @@ def naive_attention(q, k, v, bias, mask, opts: ScoreOptions):
 def run_op(q, k, v, bias, mask, opts: ScoreOptions):
     out, _ = torch.ops.rewriter.attention(
         q, k, v, bias, mask, [], opts.scale, opts.softcap, opts.mask_fill, opts.causal, opts.causal_offset,
-        opts.q_chunk, opts.k_chunk, opts.zero_masked_rows, "", "",
+        opts.q_chunk, opts.k_chunk, opts.zero_masked_rows, "", "", "",
     )
     return out
 
@@ -123,7 +123,7 @@ def test_opcheck(with_bias):
     q, k, v, bias, mask = _tensors(1, 2, 2, 9, 11, 8, (1, 1, 9, 11) if with_bias else None, (1, 1, 1, 11), seed=2)
     for t in (q, k, v) + ((bias,) if with_bias else ()):
         t.requires_grad_()
-    args = (q, k, v, bias, mask, [], 0.3, 2.0 if with_bias else 0.0, -math.inf, True, 0, 4, 5, False, "", "")
+    args = (q, k, v, bias, mask, [], 0.3, 2.0 if with_bias else 0.0, -math.inf, True, 0, 4, 5, False, "", "", "")
     torch.library.opcheck(torch.ops.rewriter.attention.default, args)
 
 
@@ -131,7 +131,7 @@ def test_opcheck(with_bias):
 def test_opcheck_on_transposed_inputs(fused):
     """Sequence-first projections arrive as non-contiguous views: fake strides must still match."""
     q, k, v = (torch.randn(2, 9, 4, 8).transpose(1, 2).requires_grad_() for _ in range(3))
-    args = (q, k, v, None, None, [], 0.3, 0.0 if fused else 2.0, -math.inf, False, 0, 4, 5, False, "", "")
+    args = (q, k, v, None, None, [], 0.3, 0.0 if fused else 2.0, -math.inf, False, 0, 4, 5, False, "", "", "")
     torch.library.opcheck(torch.ops.rewriter.attention.default, args)
 
 
@@ -166,7 +166,7 @@ def test_rows_whose_every_key_has_a_finfo_min_bias_keep_exact_gradients():
     grad = torch.randn(1, 2, 6, 8)
     eager = torch.softmax(q @ k.transpose(-1, -2) * 0.3 + bias, -1) @ v
     want = torch.autograd.grad(eager, (q, k, v), grad)
-    out, _ = torch.ops.rewriter.attention(q, k, v, bias, None, [], 0.3, 0.0, float("-inf"), False, 0, 1024, 4096, False, "", "")
+    out, _ = torch.ops.rewriter.attention(q, k, v, bias, None, [], 0.3, 0.0, float("-inf"), False, 0, 1024, 4096, False, "", "", "")
     got = torch.autograd.grad(out, (q, k, v), grad)
     torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-4)
     for g, w in zip(got, want):

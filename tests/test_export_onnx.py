@@ -116,7 +116,7 @@ def test_lowering_pass_matches_the_torch_op(target, causal, with_mask):
     inputs = (q, k, v, mask) if with_mask else (q, k, v)
     (actual,) = _ort_outputs(proto.SerializeToString(), inputs)
     expected, _ = torch.ops.rewriter.attention(q, k, v, None, mask if with_mask else None, [], 0.3, 0.0,
-                                               float("-inf"), bool(causal), 0, 3, 2, False, "", "")
+                                               float("-inf"), bool(causal), 0, 3, 2, False, "", "", "")
     np.testing.assert_allclose(actual, expected.numpy(), atol=1e-5, rtol=1e-4)
 
 
@@ -131,7 +131,7 @@ def test_rows_every_key_masked_give_zero_on_every_target_when_the_node_says_so(t
     mask[:, :, 2] = False  # row 2 hides every key
     q, k, v = torch.randn(2, 4, 7, 8), torch.randn(2, 2, 7, 8), torch.randn(2, 2, 7, 8)
     (actual,) = _ort_outputs(ir.serde.serialize_model(model).SerializeToString(), (q, k, v, mask))
-    expected, _ = torch.ops.rewriter.attention(q, k, v, None, mask, [], 0.3, 0.0, float("-inf"), False, 0, 3, 2, False, "", "")
+    expected, _ = torch.ops.rewriter.attention(q, k, v, None, mask, [], 0.3, 0.0, float("-inf"), False, 0, 3, 2, False, "", "", "")
     assert np.isnan(expected.numpy()[:, :, 2]).all() and (actual[:, :, 2] == 0).all()
     np.testing.assert_allclose(np.delete(actual, 2, axis=2), np.delete(expected.numpy(), 2, axis=2), atol=1e-5,
                                rtol=1e-4)

@@ -40,6 +40,11 @@ STYLES = {
     "relative_bias": lambda m, q, k, v, bias: F.softmax(q @ k.transpose(-1, -2) + bias, -1) @ v,
     "masked_fill": lambda m, q, k, v, pad: F.softmax(
         (q @ k.transpose(-1, -2) / 4.0).masked_fill(~pad[:, None, None, :], float("-inf")), -1) @ v,
+    # once near-misses (issue 10 item 5): the bias moves before the mask, the mask fills with -1e9 + bias
+    "where_finite_then_bias": lambda m, q, k, v, pad: F.softmax(
+        torch.where(pad[:, None, None, :], q @ k.transpose(-1, -2), -1e9) + m.slopes.view(1, H, 1, 1), -1) @ v,
+    "shift_then_masked_fill": lambda m, q, k, v, pad: F.softmax(
+        (q @ k.transpose(-1, -2) + 3.0).masked_fill(~pad[:, None, None, :], -5.0), -1) @ v,
     "where_finite": lambda m, q, k, v, pad: F.softmax(
         torch.where(pad[:, None, None, :], q @ k.transpose(-1, -2), torch.finfo(torch.float32).min), -1) @ v,
     "causal_buffer": lambda m, q, k, v: F.softmax(
@@ -167,12 +172,6 @@ NEAR_MISSES = {
     "tensor scale after a bias": (
         lambda m, q, k, v: F.softmax((q @ k.transpose(-1, -2) + m.tri[:, :, :L, :L]) * m.slopes.view(1, H, 1, 1), -1) @ v,
         "scaled by the tensor"),
-    "bias after finite mask": (
-        lambda m, q, k, v, pad: F.softmax(torch.where(pad[:, None, None, :], q @ k.transpose(-1, -2), -1e9)
-                                          + m.slopes.view(1, H, 1, 1), -1) @ v, "finite fill"),
-    "shift before a finite-fill mask": (
-        lambda m, q, k, v, pad: F.softmax((q @ k.transpose(-1, -2) + 3.0).masked_fill(~pad[:, None, None, :], -5.0),
-                                          -1) @ v, "constant is added"),
     "value contracted on the wrong axis": (
         lambda m, q, k, v: torch.einsum("bhqk,bhqd->bhkd", F.softmax(q @ k.transpose(-1, -2), -1), v),
         "the axis P·V contracts"),

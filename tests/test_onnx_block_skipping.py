@@ -209,16 +209,18 @@ def test_finite_fill_visits_the_skipped_keys_only_for_chunks_with_a_row_keeping_
     np.testing.assert_allclose(got[0, :, 0], np.repeat(feeds["v"], 2, 1)[0].mean(1), rtol=1e-5)
 
 
-@pytest.mark.parametrize("program_kind, mask_fill, dense_mask, want", [
-    ("mask", -math.inf, False, KeyRange(upper=0, lower=-2)),
-    ("mask", FINFO_MIN, False, KeyRange(upper=0, lower=-2, fill=FINFO_MIN)),
-    ("bias", -math.inf, False, KeyRange(upper=0, lower=-2, fill=FINFO_MIN)),
-    ("bias", -math.inf, True, KeyRange()),  # a dense mask's fill, not the bias's, holds outside the bounds
+@pytest.mark.parametrize("program_kind, mask_fill, dense_mask, per_entry_fill, want", [
+    ("mask", -math.inf, False, False, KeyRange(upper=0, lower=-2)),
+    ("mask", FINFO_MIN, False, False, KeyRange(upper=0, lower=-2, fill=FINFO_MIN)),
+    ("bias", -math.inf, False, False, KeyRange(upper=0, lower=-2, fill=FINFO_MIN)),
+    ("bias", -math.inf, True, False, KeyRange()),  # a dense mask's fill, not the bias's, holds outside the bounds
+    ("mask", -math.inf, False, True, KeyRange()),  # a fill program's values, not −∞, hold outside the bounds
 ])
-def test_key_range_reads_the_programs(program_kind, mask_fill, dense_mask, want):
+def test_key_range_reads_the_programs(program_kind, mask_fill, dense_mask, per_entry_fill, want):
     bias, mask = _programs(0, 3, True, as_bias=program_kind == "bias")
     got = key_range(mask_program=parse(mask) if mask else None, bias_program=parse(bias) if bias else None,
-                    dense_mask=dense_mask, mask_fill=mask_fill, causal=False, causal_offset=0)
+                    dense_mask=dense_mask, mask_fill=mask_fill, per_entry_fill=per_entry_fill, causal=False,
+                    causal_offset=0)
     assert got == want
     assert KeyRange(upper=0, lower=-2).span(4, 8, 20) == (2, 8)
 
@@ -226,5 +228,5 @@ def test_key_range_reads_the_programs(program_kind, mask_fill, dense_mask, want)
 def test_a_causal_flag_tighter_than_the_program_needs_no_second_visit():
     _, mask = _programs(2, None, True, as_bias=False)
     got = key_range(mask_program=parse(mask), bias_program=None, dense_mask=False, mask_fill=FINFO_MIN,
-                    causal=True, causal_offset=0)
+                    per_entry_fill=False, causal=True, causal_offset=0)
     assert got == KeyRange(upper=0)  # the flag's −∞ hides what the program would: skipping is exact

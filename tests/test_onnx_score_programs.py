@@ -78,7 +78,7 @@ def _op(q, k, v, pad, table, bias_program, mask_program, chunks=(3, 5), zero_row
     groups = H // HKV
     out, _ = torch.ops.rewriter.attention(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), None,
                                           None, [pad, table], 0.3, 0.0, -math.inf, False, 0, *chunks, zero_rows,
-                                          bias_program, mask_program)
+                                          bias_program, mask_program, "")
     return out
 
 

@@ -49,7 +49,7 @@ def _inputs(seed=0):
 
 def _run(q, k, v, bias, mask, leaves, chunks, bias_program="", mask_program="", zero_rows=True):
     out, _ = torch.ops.rewriter.attention(q, k, v, bias, mask, leaves, 0.3, 0.0, -math.inf, False, 0, *chunks,
-                                          zero_rows, bias_program, mask_program)
+                                          zero_rows, bias_program, mask_program, "")
     return out
 
 
@@ -77,9 +77,9 @@ def test_skipped_blocks_leave_finite_fills_exact():
     _, mask_program, leaves = _programs(pad, table)
     _, keep = _dense(pad, table)
     for fill in (-1e9, torch.finfo(torch.float32).min):
-        want, _ = torch.ops.rewriter.attention(q, k, v, None, keep, [], 0.3, 0.0, fill, False, 0, 4, 4, False, "", "")
+        want, _ = torch.ops.rewriter.attention(q, k, v, None, keep, [], 0.3, 0.0, fill, False, 0, 4, 4, False, "", "", "")
         got, _ = torch.ops.rewriter.attention(q, k, v, None, None, leaves, 0.3, 0.0, fill, False, 0, 4, 4, False, "",
-                                              mask_program.to_json())
+                                              mask_program.to_json(), "")
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
@@ -87,7 +87,7 @@ def test_opcheck_with_programs():
     q, k, v, pad, table = _inputs(2)
     bias_program, mask_program, leaves = _programs(pad, table)
     args = (q, k, v, None, None, leaves, 0.3, 0.0, -math.inf, False, 0, 8, 16, True, bias_program.to_json(),
-            mask_program.to_json())
+            mask_program.to_json(), "")
     torch.library.opcheck(torch.ops.rewriter.attention.default, args)
 
 

@@ -42,7 +42,7 @@ def fill_is_neg_inf(fill: float, offset: int, only_masking: bool) -> bool:
 class ScoreSemantics:
     """What one block does to its scores, in the kernels' order: ``scale`` → soft-cap
     (``softcap·tanh(s/softcap)`` folded as in `score_algebra`) → ``+ Σ factor·bias`` → where the
-    mask hides a key, ``mask_fill`` → causal (``key ≤ query + causal_offset``, else −∞); rows whose
+    mask hides a key, ``mask_fill`` (or the value of ``fill_program`` there) → causal (``key ≤ query + causal_offset``, else −∞); rows whose
     every key ends up hidden give NaN, or 0 with ``zero_masked_rows``. Operands are the IR's values.
 
     Both IRs' match records extend it, so each field means the same everywhere.
@@ -54,6 +54,8 @@ class ScoreSemantics:
     mask: Any = None
     mask_keep_when_true: bool = True
     mask_fill: float = -math.inf
+    fill_step: Any = None  # the mask's `MaskStep` when the model adds to its fill (`MaskStep.fill_terms`)
+    fill_program: Any = None  # the masked entries' values as a program (`passes.core.fill_programs`)
     causal: bool = False
     causal_offset: int = 0
     zero_masked_rows: bool = False
@@ -80,7 +82,8 @@ def sort_score_terms(semantics: ScoreSemantics, biases: list[tuple[Any, float]],
             offsets.append(proven)
     remaining = []
     for step in masks:
-        proven = mask_offset(step.condition, step, only_masking)
+        # A per-entry fill is no causal flag: the fill decides the rows whose every key is masked.
+        proven = None if step.fill_terms else mask_offset(step.condition, step, only_masking)
         if isinstance(proven, tuple):
             proven, rest = proven
             remaining.append(dataclasses.replace(step, condition=rest))
@@ -102,6 +105,7 @@ def sort_score_terms(semantics: ScoreSemantics, biases: list[tuple[Any, float]],
         step = remaining[0]
         semantics.mask, semantics.mask_keep_when_true, semantics.mask_fill = (
             step.condition, step.keep_when_true, step.fill)
+        semantics.fill_step = step if step.fill_terms else None
 
 
 def mask_kind(has_mask: bool, has_bias: bool) -> str:

@@ -31,7 +31,7 @@ from passes.core.score_programs import ProgramBuilder, ProgramError, causal_spli
 from rewriter.kernels.score_program import Program
 
 __all__ = ["ProgramTerm", "absorb", "combined_bias", "compact_leaves", "negate", "program_bias_offset",
-           "program_mask_offset", "recover_terms"]
+           "program_mask_offset", "recover_terms", "sum_steps"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def recover_terms(builder: ProgramBuilder, biases: list[tuple[Any, float]], mask
     recovered_masks = []
     for step in masks:
         term = _term(builder, step.condition, translate, negated=not step.keep_when_true)
-        recovered_masks.append(step if term is None else MaskStep(term, True, step.fill))
+        recovered_masks.append(step if term is None else dataclasses.replace(step, condition=term, keep_when_true=True))
     recovered_biases = []
     for operand, factor in biases:
         term = _term(builder, operand, translate)
@@ -147,14 +147,31 @@ def program_mask_offset(term: ProgramTerm, step: MaskStep, only_masking: bool) -
 
 
 def combined_bias(biases: list[tuple[ProgramTerm, float]]) -> int:
-    """The step of ``Σ factor · bias`` over program biases that share one builder."""
-    builder, total = biases[0][0].builder, None
-    for term, factor in biases:
-        step = term.step
+    """The step of ``Σ factor · bias`` over program biases that share one builder (`sum_steps`)."""
+    return sum_steps(biases[0][0].builder, [(term.step, factor) for term, factor in biases])
+
+
+_HALF = ("float16", "bfloat16")
+
+
+def sum_steps(builder: ProgramBuilder, terms: list[tuple[int, float]]) -> int:
+    """The step of ``Σ factor · step``. Several half-precision terms are summed in fp32, as the kernels
+    add each to fp32 scores: a half-precision sum would round ``alibi + (−10000)`` to the fill's ulp
+    (8 in fp16), a rounding the model, which adds each bias to the scores, does not make."""
+    total = None
+    for step, factor in terms:
+        dtype = builder.steps[step].dtype
+        if len(terms) > 1 and dtype in _HALF:
+            step, dtype = builder.add("cast", (step,), None, "float32"), "float32"
         if factor != 1.0:
-            step = builder.add("mul", (step, builder.const(factor, "float32")), None, builder.steps[step].dtype)
-        total = step if total is None else builder.add("add", (total, step), None, builder.steps[step].dtype)
+            step = builder.add("mul", (step, builder.const(float(factor), dtype)), None, dtype)
+        total = step if total is None else builder.add("add", (total, step), None, _wider(builder, total, step))
     return total
+
+
+def _wider(builder: ProgramBuilder, first: int, second: int) -> str:
+    dtypes = {builder.steps[first].dtype, builder.steps[second].dtype}
+    return dtypes.pop() if len(dtypes) == 1 else "float64" if "float64" in dtypes else "float32"
 
 
 def compact_leaves(programs: list[Program | None], leaves: list) -> tuple[list[Program | None], list]:

@@ -2,16 +2,21 @@
 
 A score-chain walker (one per IR) records what it passes, in graph order, as steps:
 
-    ("scale", c)            scores · c (c a scalar constant)
-    ("tanh", None)          tanh(scores)
-    ("bias", (value, f))    scores + f · value
-    ("mask", MaskStep)      where(keep, scores, fill)
-    ("shift", None)         scores + constant
+    ("scale", c)                   scores · c (c a scalar constant)
+    ("tanh", None)                 tanh(scores)
+    ("bias", (value, f[, dtype]))  scores + f · value (dtype: the sum's, where a finite fill may precede it)
+    ("mask", MaskStep)             where(keep, scores, fill)
+    ("shift", (c, dtype))          scores + c (c a scalar constant; dtype: the scores')
 
 `reduce_score_steps` folds them into the kernels' order ``scale → softcap → +bias → mask``, or
 raises ChainError when that would change a result: a non-positive scale, soft-capping after a
-bias, mask or shift, a bias after a finite-fill mask (the masked entries would differ), a shift
-before a finite-fill mask (the kept scores move, the fill does not).
+bias, mask or shift. The model's order is kept where it matters through the IEEE identity
+``where(c, s, F) + B == where(c, s + B, F + B)`` (elementwise): a bias added after a mask with
+fill F is applied before the mask, and the mask fills with ``F + B`` per entry, computed in
+the model's order and dtype (`MaskStep.fill_terms`, built into a fill program by
+`passes.core.fill_programs`). A shift before a finite-fill mask is the constant bias it is
+(`ConstantBias`: ``where(c, s + C, F)`` is the kernels' ``+bias → mask``); elsewhere a shift moves
+a whole row and is dropped (softmax is invariant to it).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["ChainError", "MaskStep", "ReducedScores", "reduce_score_steps", "scores_side_of_sum"]
+__all__ = ["ChainError", "ConstantBias", "MaskStep", "ReducedScores", "reduce_score_steps", "scores_side_of_sum"]
 
 
 class ChainError(Exception):
@@ -33,6 +38,18 @@ class MaskStep:
     condition: Any  # the IR's boolean value
     keep_when_true: bool
     fill: float
+    dtype: str | None = None  # the scores' dtype where the mask applies ("float32", …), when known
+    # What the model does to the masked entries after the mask, in its order: ("bias", value, factor,
+    # dtype of the sum) and ("scale", c). Empty: the fill is the constant `fill`.
+    fill_terms: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class ConstantBias:
+    """A scalar constant added to the scores before a finite-fill mask: a bias, not a shift."""
+
+    value: float
+    dtype: str = "float32"
 
 
 @dataclasses.dataclass
@@ -47,6 +64,7 @@ def reduce_score_steps(steps_top_down: list[tuple[str, Any]]) -> ReducedScores:
     """Fold the steps, in graph order, into scale / softcap / biases / masks."""
     reduced = ReducedScores()
     pre_tanh_scale, post_tanh_scale, capped, shifted = 1.0, 1.0, False, False
+    shifts: list[tuple[ConstantBias, float]] = []  # constants added since the last finite-fill mask
     for kind, payload in steps_top_down:
         if kind == "scale":
             if not payload > 0:
@@ -56,21 +74,30 @@ def reduce_score_steps(steps_top_down: list[tuple[str, Any]]) -> ReducedScores:
             else:
                 pre_tanh_scale *= payload
             reduced.biases = [(bias, factor * payload) for bias, factor in reduced.biases]
-            reduced.masks = [dataclasses.replace(m, fill=m.fill * payload) for m in reduced.masks]
+            shifts = [(bias, factor * payload) for bias, factor in shifts]
+            reduced.masks = [dataclasses.replace(m, fill_terms=m.fill_terms + (("scale", payload),)) if m.fill_terms
+                             else dataclasses.replace(m, fill=m.fill * payload) for m in reduced.masks]
         elif kind == "tanh":
             if capped or reduced.biases or reduced.masks or shifted:
                 raise ChainError("soft-capping after a bias, a mask, a shift or another tanh")
             capped = True
         elif kind == "bias":
-            if any(math.isfinite(m.fill) for m in reduced.masks):
-                raise ChainError("a bias is added after a mask with a finite fill value")
-            reduced.biases.append(payload)
+            value, factor, *dtype = payload
+            # where(c, s, F) + B == where(c, s + B, F + B): the bias moves before the mask, its fill follows
+            # it. For F = −∞ too: the values stay −∞, but on a row whose every key is masked (NaN) the
+            # model's bias gets NaN gradients through the masked entries.
+            reduced.masks = [dataclasses.replace(m, fill_terms=m.fill_terms + (
+                ("bias", value, factor, dtype[0] if dtype else m.dtype),)) for m in reduced.masks]
+            reduced.biases.append((value, factor))
         elif kind == "mask":
-            if shifted and math.isfinite(payload.fill):
-                raise ChainError("a constant is added to the scores before a mask with a finite fill value")
+            if math.isfinite(payload.fill):
+                reduced.biases.extend(shifts)  # where(c, s + C, F): the kernels' +bias → mask
+                shifts = []
             reduced.masks.append(payload)
         elif kind == "shift":
             shifted = True
+            if not any(math.isfinite(m.fill) for m in reduced.masks):  # after one, it moves the whole row
+                shifts.append((ConstantBias(*payload), 1.0))  # payload: (value, dtype)
         else:
             raise ValueError(f"unknown score step {kind!r}")
     reduced.softcap = post_tanh_scale if capped else 0.0

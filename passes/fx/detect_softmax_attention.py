@@ -33,7 +33,8 @@ from passes.fx.constant_values import constant_value, scalar_constant
 from passes.fx.product_labels import label_product
 from passes.fx.score_chain import ScoreChain, trace_score_chain
 from passes.core.mask_semantics import ScoreSemantics, fill_is_neg_inf, mask_kind, sort_score_terms
-from passes.core.score_algebra import ChainError, MaskStep
+from passes.core.score_algebra import ChainError, ConstantBias, MaskStep
+from passes.core.fill_programs import aligned_fill_terms, fill_program_term, term_step, unexpressible
 from passes.core.operand_forms import operand_fields
 from passes.core.program_terms import (
     ProgramTerm,
@@ -351,6 +352,8 @@ class _Builder:
             return dataclasses.replace(self._score_operand(node, scores_info, what), order=canonical)
 
         def bias_offset(operand, factor, only_masking):  # a recovered program is never evaluated densely
+            if isinstance(operand, ConstantBias):
+                return None
             if isinstance(operand, ProgramTerm):
                 return program_bias_offset(operand, factor, only_masking)
             return self._causal_from_bias(operand, factor, query_len, key_len, only_masking)
@@ -360,15 +363,28 @@ class _Builder:
                 return program_mask_offset(operand, step, only_masking)
             return self._causal_from_mask(operand, step, query_len, key_len, only_masking)
 
-        aligned_biases = [(aligned(node, "bias"), factor) for node, factor in biases]
-        aligned_masks = [dataclasses.replace(step, condition=aligned(step.condition, "mask")) for step in masks]
+        def term(node, what):
+            return node if isinstance(node, ConstantBias) else aligned(node, what)
+
+        aligned_biases = [(term(node, "bias"), factor) for node, factor in biases]
+        aligned_masks = [aligned_fill_terms(dataclasses.replace(step, condition=aligned(step.condition, "mask")),
+                                            lambda node: aligned(node, "bias")) for step in masks]
+        builder = ProgramBuilder()
+        translator = FxProgramTranslator(self.gm, builder)
+
+        def translate(operand):
+            return term_step(builder, operand, translator.operand)
+
         if self.score_programs:
-            builder = ProgramBuilder()
-            translator = FxProgramTranslator(self.gm, builder)
-            aligned_biases, aligned_masks = recover_terms(builder, aligned_biases, aligned_masks, translator.operand,
+            aligned_biases, aligned_masks = recover_terms(builder, aligned_biases, aligned_masks, translate,
                                                           match.zero_masked_rows)
+        reason = unexpressible(aligned_biases, lambda operand: isinstance(operand, ProgramTerm))
+        if reason is not None:
+            raise _Rejected(reason)
         try:
             sort_score_terms(match, aligned_biases, aligned_masks, bias_offset, mask_offset)
+            if match.fill_step is not None:
+                match.fill_program = fill_program_term(builder, match.fill_step, translate, self.score_programs)
         except ChainError as error:
             raise _Rejected(str(error)) from error
 

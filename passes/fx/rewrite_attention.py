@@ -21,6 +21,7 @@ from torch.fx import Graph, GraphModule, Node
 
 import rewriter.kernels.attention_op  # noqa: F401  (registers torch.ops.rewriter.attention)
 from passes.core.attention_spec import ChunkSizes
+from passes.core.score_algebra import ConstantBias
 from passes.core.program_terms import ProgramTerm, combined_bias, compact_leaves
 from passes.fx import aten_vocabulary as ops
 from passes.fx.batch_views import FINE, unflatten_sizes
@@ -56,13 +57,24 @@ def _padding_axis(canonical: str) -> int:
     return 1 if len(canonical) == 3 else 0
 
 
-def _combined_bias(graph: Graph, biases: list[tuple[Operand, float]]) -> Node | None:
+def _combined_bias(graph: Graph, biases: list[tuple[Operand | ConstantBias, float]]) -> Node | None:
+    """Σ factor · bias, 4-D; several half-precision terms are summed in fp32, as the op adds each to
+    fp32 scores (`passes.core.program_terms.sum_steps`). A `ConstantBias` (a constant added before a
+    finite-fill mask) is added to the tensor terms, of which there is at least one."""
+    constants = [(operand, factor) for operand, factor in biases if isinstance(operand, ConstantBias)]
+    tensors = [(operand, factor) for operand, factor in biases if not isinstance(operand, ConstantBias)]
     total = None
-    for operand, factor in biases:
+    half = len(biases) > 1 and any(ops.tensor_meta(operand.node).dtype in (torch.float16, torch.bfloat16)
+                                   for operand, _ in tensors)
+    for operand, factor in tensors:
         term = _arrange(graph, operand)
+        if half:
+            term = graph.call_function(aten._to_copy.default, (term,), {"dtype": torch.float32})
         if factor != 1.0:
             term = graph.call_function(aten.mul.Tensor, (term, factor))
         total = term if total is None else graph.call_function(aten.add.Tensor, (total, term))
+    for constant, factor in constants:
+        total = graph.call_function(aten.add.Tensor, (total, constant.value * factor))
     return total
 
 
@@ -130,10 +142,10 @@ def _with_query_factors(graph: Graph, query: Node, key: Node, value: Node,
 
 
 def _score_terms(graph: Graph, match: FxAttentionMatch, replaced: dict[Node, Node]) -> tuple:
-    """(bias, mask, leaves, bias program, mask program): recovered programs where every term of a kind
-    has one (a bias program and a dense bias are not mixed), else the dense operands."""
+    """(bias, mask, leaves, bias program, mask program, fill program): recovered programs where every
+    term of a kind has one (a bias program and a dense bias are not mixed), else the dense operands."""
     biases = match.biases
-    programs = [None, None]
+    programs = [None, None, None if match.fill_program is None else match.fill_program.program]
     if biases and all(isinstance(operand, ProgramTerm) for operand, _ in biases):
         programs[0], biases = biases[0][0].builder.program(combined_bias(biases)), []
     biases = [(_current(operand.dense, replaced) if isinstance(operand, ProgramTerm) else operand, factor)
@@ -145,9 +157,10 @@ def _score_terms(graph: Graph, match: FxAttentionMatch, replaced: dict[Node, Nod
         mask = _arrange(graph, match.mask)
         if not match.mask_keep_when_true:
             mask = graph.call_function(aten.logical_not.default, (mask,))
-    terms = [term for term in [match.mask, *(operand for operand, _ in match.biases)] if isinstance(term, ProgramTerm)]
+    terms = [term for term in [match.mask, match.fill_program, *(operand for operand, _ in match.biases)]
+             if isinstance(term, ProgramTerm)]
     if not terms:
-        return bias, mask, [], "", ""
+        return bias, mask, [], "", "", ""
     programs, leaves = compact_leaves(programs, terms[0].builder.leaves)
     leaves = [replaced.get(leaf, leaf) for leaf in leaves]
     return bias, mask, leaves, *(program.to_json() if program is not None else "" for program in programs)
@@ -156,12 +169,12 @@ def _score_terms(graph: Graph, match: FxAttentionMatch, replaced: dict[Node, Nod
 def _emit(graph: Graph, match: FxAttentionMatch, chunks: ChunkSizes, replaced: dict[Node, Node]) -> Node:
     query, key, value = (_arrange(graph, operand) for operand in (match.query, match.key, match.value))
     query, key, value, cast_back = _with_query_factors(graph, query, key, value, match)
-    bias, mask, leaves, bias_program, mask_program = _score_terms(graph, match, replaced)
+    bias, mask, leaves, bias_program, mask_program, fill_program = _score_terms(graph, match, replaced)
     attention = graph.call_function(
         torch.ops.rewriter.attention.default,
         (query, key, value, bias, mask, leaves, match.scale, match.softcap, match.mask_fill,
          match.causal, match.causal_offset, chunks.query, chunks.key, match.zero_masked_rows,
-         bias_program, mask_program),
+         bias_program, mask_program, fill_program),
     )
     out = graph.call_function(operator.getitem, (attention, 0))
     if cast_back is not None:
@@ -170,7 +183,7 @@ def _emit(graph: Graph, match: FxAttentionMatch, chunks: ChunkSizes, replaced: d
 
 
 def _current(operand: Operand | None, replaced: dict[Node, Node]) -> Operand | None:
-    if operand is None or operand.node not in replaced:
+    if operand is None or isinstance(operand, ConstantBias) or operand.node not in replaced:
         return operand
     return dataclasses.replace(operand, node=replaced[operand.node])
 

@@ -45,6 +45,12 @@ class ScoreChain:
     query_factors: list[tuple[Node, bool]] = dataclasses.field(default_factory=list)  # (tensor, divides)
 
 
+def _dtype(node: Node) -> str | None:
+    """The node's dtype as score programs spell it ("float32", …), None when not recorded."""
+    meta = ops.tensor_meta(node)
+    return None if meta is None else str(meta.dtype).removeprefix("torch.")
+
+
 def _single_user(node: Node, user: Node) -> None:
     users = ops.value_users(node)
     if users != [user]:
@@ -92,7 +98,7 @@ def _walk(gm: GraphModule, node: Node, steps: list, nodes: list[Node]):
         fill = scalar_constant(gm, node.args[2])
         if fill is None:
             raise ChainError(f"'{node.name}' fills masked scores with a non-constant value")
-        steps.append(("mask", MaskStep(node.args[1], keep_when_true=False, fill=fill)))
+        steps.append(("mask", MaskStep(node.args[1], keep_when_true=False, fill=fill, dtype=_dtype(node))))
         return _walk_to(gm, node.args[0], node, steps, nodes)
     if target in ops.WHERE:
         return _walk_where(gm, node, steps, nodes)
@@ -137,14 +143,16 @@ def _walk_sum(gm, node: Node, steps, nodes):
         raise ChainError(f"'{node.name}' adds with a non-constant alpha")
     for scores, other in ((left, right), (right, left)):
         scores_kept = scores is left or not (subtract or alpha != 1)
-        if scalar_constant(gm, other) is not None and isinstance(scores, Node) and scores_kept:
-            steps.append(("shift", None))  # softmax is invariant to adding a constant
+        constant = scalar_constant(gm, other)
+        if constant is not None and isinstance(scores, Node) and scores_kept:
+            shift = constant * alpha if scores is left else constant
+            steps.append(("shift", (-shift if subtract else shift, _dtype(node) or "float32")))
             return _walk_to(gm, scores, node, steps, nodes)
     scores, bias, found, branch_steps, branch_nodes = scores_side_of_sum(
         node.name, left, right, lambda operand, *path: _walk_to(gm, operand, node, *path))
     if scores is right and (subtract or alpha != 1):
         raise ChainError(f"'{node.name}' negates or rescales the scores")
-    steps.append(("bias", (bias, -alpha if subtract else alpha)))
+    steps.append(("bias", (bias, -alpha if subtract else alpha, _dtype(node))))
     steps.extend(branch_steps)
     nodes.extend(branch_nodes)
     return found
@@ -185,10 +193,10 @@ def _walk_where(gm, node: Node, steps, nodes):
     condition, if_true, if_false = node.args[0], node.args[1], node.args[2]
     true_fill, false_fill = scalar_constant(gm, if_true), scalar_constant(gm, if_false)
     if false_fill is not None and isinstance(if_true, Node):
-        steps.append(("mask", MaskStep(condition, keep_when_true=True, fill=false_fill)))
+        steps.append(("mask", MaskStep(condition, keep_when_true=True, fill=false_fill, dtype=_dtype(node))))
         return _walk_to(gm, if_true, node, steps, nodes)
     if true_fill is not None and isinstance(if_false, Node):
-        steps.append(("mask", MaskStep(condition, keep_when_true=False, fill=true_fill)))
+        steps.append(("mask", MaskStep(condition, keep_when_true=False, fill=true_fill, dtype=_dtype(node))))
         return _walk_to(gm, if_false, node, steps, nodes)
     raise ChainError(f"'{node.name}' selects between two tensors, not scores and a constant fill")
 

@@ -8,12 +8,15 @@ turns it into the chosen target; it never reaches a saved file::
     q (B, H, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv),
     [bias (B|1, H|1, Lq|1, Lk), float], [mask (B|1, H|1, Lq|1, Lk), bool, true = keep], leaves…
       ─ ai.rewriter::Attention(scale, softcap, mask_fill, causal, causal_offset,
-                               zero_masked_rows, q_chunk, k_chunk, bias_program, mask_program)
+                               zero_masked_rows, q_chunk, k_chunk, bias_program, mask_program,
+                               fill_program)
       ─ out (B, H, Lq, Dv), row_stats
 
 ``bias_program`` / ``mask_program`` (JSON of `rewriter.kernels.score_program`, empty when absent)
 give the bias or keep-mask as a function of (batch, head, query, key) over the trailing ``leaves``
 inputs (any types and shapes); a program replaces the tensor of the same role, which is then absent.
+``fill_program`` (with a mask only) gives each masked entry's value in place of ``mask_fill``
+(`passes.core.fill_programs`: a model's bias added after a finite-fill mask).
 
 Semantics are those of `rewriter.kernels.chunked_attention` (scale → soft-cap → +bias → keep-mask
 → causal); a row whose every key is masked gives NaN, or 0 with ``zero_masked_rows``. ``row_stats``
@@ -49,6 +52,7 @@ class AttentionAttributes:
     k_chunk: int = 4096
     bias_program: str = ""
     mask_program: str = ""
+    fill_program: str = ""
 
     def as_onnx(self) -> dict:
         """The attributes as an ONNX node takes them (floats and ints)."""

@@ -48,9 +48,12 @@ def _broadcast(dims_list: list[list]) -> list:
 
 
 def _combined_bias(w: Emitter, ctx: AnalysisContext, match: OnnxAttentionMatch, dtype) -> ir.Value | None:
-    """The sum of the match's bias terms (each times its factor), 4-D, in `dtype` when they differ."""
+    """The sum of the match's bias terms (each times its factor), 4-D, in `dtype` when they differ;
+    several half-precision terms are summed in fp32 (as the kernels add each to fp32 scores)."""
     terms, dims = [], []
     dtypes = {ctx.facts.dtype(operand.value) for operand, _ in match.biases}
+    if len(match.biases) > 1 and dtypes & {ir.DataType.FLOAT16, ir.DataType.BFLOAT16}:
+        dtypes, dtype = dtypes | {ir.DataType.FLOAT}, ir.DataType.FLOAT
     for operand, factor in match.biases:
         term = arrange(w, ctx, operand)
         term_dtype = ctx.facts.dtype(operand.value)
@@ -81,7 +84,8 @@ def _keep_mask(w: Emitter, ctx: AnalysisContext, match: OnnxAttentionMatch) -> i
 def _attributes(match: OnnxAttentionMatch, chunks: ChunkSizes | None) -> AttentionAttributes:
     sizes = {"q_chunk": chunks.query, "k_chunk": chunks.key} if chunks else {}
     programs = {role: program.to_json() for role, program in (("bias_program", match.bias_program),
-                                                              ("mask_program", match.mask_program)) if program}
+                                                              ("mask_program", match.mask_program),
+                                                              ("fill_program", match.fill_program)) if program}
     return AttentionAttributes(scale=float(match.scale), softcap=float(match.softcap), mask_fill=float(match.mask_fill),
                                causal=match.causal, causal_offset=match.causal_offset,
                                zero_masked_rows=match.zero_masked_rows, **sizes, **programs)

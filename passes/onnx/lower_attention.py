@@ -70,8 +70,8 @@ class BlockFacts:
 
     @property
     def has_program(self) -> bool:
-        """The bias or mask is a score program, computed block by block from its leaves."""
-        return bool(self.attributes.bias_program or self.attributes.mask_program)
+        """The bias, mask or fill is a score program, computed block by block from its leaves."""
+        return bool(self.attributes.bias_program or self.attributes.mask_program or self.attributes.fill_program)
 
     @property
     def flash_eligible(self) -> bool:
@@ -113,6 +113,9 @@ def refusal(facts: BlockFacts, target: str) -> str | None:
         return f"{TARGET_OPS[target]} needs static head counts (got {facts.heads}/{facts.kv_heads})"
     if target == CHUNKED:
         return None
+    if a.fill_program:
+        return (f"{TARGET_OPS[target]} fills masked scores with one constant, not per entry (a bias follows a "
+                "mask with a finite fill)")
     if facts.has_program:
         # Their masks are dense (.., Lq, Lk) tensors: a score program would be built at full size.
         return f"{TARGET_OPS[target]} takes the mask or bias only as an Lq × Lk tensor, not as a score program"
@@ -176,7 +179,8 @@ def _chunked(w: Emitter, node: ir.Node, facts: BlockFacts, out_layout: str) -> i
         mask=_input(node, 4), softcap=a.softcap, mask_fill=a.mask_fill, causal=a.causal,
         causal_offset=a.causal_offset, q_chunk=a.q_chunk, k_chunk=a.k_chunk, q_layout=q_layout, k_layout=k_layout,
         v_layout=v_layout, out_layout=out_layout, name=f"{w.prefix}/chunked", opset=w.opset,
-        bias_program=a.bias_program, mask_program=a.mask_program, leaves=program_leaves(node))
+        bias_program=a.bias_program, mask_program=a.mask_program, leaves=program_leaves(node),
+        fill_program=a.fill_program)
 
 
 def _additive_mask(w: Emitter, node: ir.Node, facts: BlockFacts, keep_bool: bool) -> ir.Value | None:

@@ -8,6 +8,7 @@ tensor is evaluated) and `ProgramTerms.apply` moves what is left into the match 
 
     bias terms Σ factor · bias_i       → bias_program
     mask (kept where true, fill −∞)    → causal flag (key ≤ query + o, when a conjunct says so) + mask_program
+    biases after a finite-fill mask    → fill_program (each masked entry's value, `core.fill_programs`)
 
 Otherwise the operands stay dense tensors, as before (still exact).
 """
@@ -20,13 +21,16 @@ import math
 
 from passes.core.attention_labels import ScoreAxes
 from passes.core.mask_semantics import fill_is_neg_inf
-from passes.core.score_algebra import MaskStep
+from passes.core.fill_programs import fill_program_step, term_step
+from passes.core.program_terms import sum_steps
+from passes.core.score_algebra import ConstantBias, MaskStep
 from passes.core.score_programs import ProgramBuilder, ProgramError, causal_split, fill_mask
 from passes.core.attention_labels import MERGED
 from passes.onnx.axis_labels import Operand
 from passes.onnx.batch_views import packed_labels
-from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch
+from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch, Rejected
 from passes.onnx.score_program_recovery import ProgramTranslator
+from passes.onnx.shape_facts import ShapeFacts
 from rewriter.kernels.score_program import Program
 
 __all__ = ["ProgramTerms", "recover_programs"]
@@ -48,6 +52,7 @@ class ProgramTerms:
     builder: ProgramBuilder
     outputs: dict[Operand, int]
     scores: ScoreAxes
+    facts: ShapeFacts | None = None  # the leaves' shapes
 
     def _program(self, operand: Operand, keep_when_true: bool = True) -> Program:
         step = self.outputs[operand]
@@ -71,17 +76,23 @@ class ProgramTerms:
             step.fill, offset, only_masking) else None
 
     def _as_operand(self, program: Program | None, dtypes: tuple[str, ...]) -> Operand | None:
-        """The leaf `program` reads as it is, aligned with the scores (a tensor every target takes
-        directly, costing nothing more), or None."""
+        """The leaf `program` reads as it is, aligned with the scores and of their sizes (a tensor
+        every target takes directly, costing nothing more), or None (a larger buffer read at the
+        positions, such as GPT-2's (1, 1, 1024, 1024) causal ``bias``, stays a program)."""
         load = program.steps[-1] if program is not None else None
         canonical = self.scores.canonical
         if load is None or load.op != "load" or load.dtype not in dtypes or len(load.args) > len(canonical):
             return None
         axes = canonical[len(canonical) - len(load.args):]
         names = _axis_names(self.scores)
-        for label, arg in zip(axes, load.args):
+        dims = self.facts.dims(self.builder.leaves[load.attr]) if self.facts is not None else None
+        if dims is None or len(dims) != len(load.args):
+            return None
+        for label, arg, dim in zip(axes, load.args, dims):
             read = program.steps[arg] if arg >= 0 else None
             if read is not None and (read.op != "index" or read.attr != names.get(label)):
+                return None
+            if read is not None and not ShapeFacts.same(dim, self.scores.dims[self.scores.labels.index(label)]):
                 return None
         return Operand(self.builder.leaves[load.attr], axes, canonical)
 
@@ -90,13 +101,7 @@ class ProgramTerms:
         leaves; a program that only reads a leaf as it is gives that leaf back as the operand."""
         builder, bias, mask = self.builder, None, None
         if match.biases:
-            dtypes = {builder.steps[self.outputs[operand]].dtype for operand, _ in match.biases}
-            dtype = dtypes.pop() if len(dtypes) == 1 else "float32"
-            for operand, factor in match.biases:
-                term = self.outputs[operand]
-                if factor != 1.0:
-                    term = builder.add("mul", (term, builder.const(float(factor), dtype)), dtype=dtype)
-                bias = term if bias is None else builder.add("add", (bias, term), dtype=dtype)
+            bias = sum_steps(builder, [(self.outputs[operand], factor) for operand, factor in match.biases])
         if match.mask is not None:
             mask = self._program(match.mask, match.mask_keep_when_true)
             if match.mask_fill == -math.inf:
@@ -107,10 +112,13 @@ class ProgramTerms:
         bias = builder.program(bias) if bias is not None else None
         dense_bias = self._as_operand(bias, ("float32", "float16", "bfloat16", "float64"))
         dense_mask = self._as_operand(mask, ("bool",))
-        programs = [None if dense_bias else bias, None if dense_mask else mask]
+        fill = None
+        if match.fill_step is not None:  # the masked entries' values: `passes.core.fill_programs`
+            fill = builder.program(fill_program_step(builder, match.fill_step, self.outputs.__getitem__))
+        programs = [None if dense_bias else bias, None if dense_mask else mask, fill]
         used = sorted({step.attr for program in programs if program for step in program.steps if step.op == "load"})
         renumber = {old: new for new, old in enumerate(used)}
-        match.bias_program, match.mask_program = (
+        match.bias_program, match.mask_program, match.fill_program = (
             None if program is None else Program(tuple(
                 dataclasses.replace(step, attr=renumber[step.attr]) if step.op == "load" else step
                 for step in program.steps)) for program in programs)
@@ -135,38 +143,53 @@ def _merged_position(builder: ProgramBuilder, operand: Operand) -> int:
 
 
 def recover_programs(ctx: AnalysisContext, match: OnnxAttentionMatch, scores: ScoreAxes,
-                     biases: list[tuple[Operand, float]], masks: list[MaskStep]) -> ProgramTerms | None:
-    """The programs of every bias and mask operand (aligned with `scores`), or None when one does
-    not translate, none of them would be n×n or a leaf is read along both sequence axes (nothing to
-    gain: the tensor exists anyway)."""
-    operands = [operand for operand, _ in biases] + [step.condition for step in masks]
-    if not any(_spans_both(ctx, operand, scores) for operand in operands):
+                     biases: list[tuple[Operand, float]], masks: list[MaskStep],
+                     required: bool = False) -> ProgramTerms | None:
+    """The programs of every bias and mask operand (aligned with `scores`), and of the operands of
+    the masks' fill terms, or None when one does not translate, none of them would be n×n or a leaf
+    is read along both sequence axes (nothing to gain: the tensor exists anyway).
+
+    With `required` (a constant bias or a per-entry fill, which exist only as programs), raises
+    Rejected instead of returning None where an operand does not translate, and always translates.
+    """
+    operands = [operand for operand, _ in biases] + [step.condition for step in masks] + [
+        term[1] for step in masks for term in step.fill_terms if term[0] == "bias"]
+    tensors = [operand for operand in operands if not isinstance(operand, ConstantBias)]
+    if not required and not any(_spans_both(ctx, operand, scores) for operand in tensors):
         return None
     builder = ProgramBuilder()
     translator = ProgramTranslator(ctx.facts, builder, match.graph)
     names, outputs = _axis_names(scores), {}
+
+    def translate(operand: Operand) -> int:
+        if operand.split_heads:
+            raise ProgramError(f"'{operand.value.name}' packs heads with another axis")
+        dims, labels = ctx.facts.dims(operand.value), packed_labels(operand)
+        if dims is None or len(dims) != len(labels):
+            raise ProgramError(f"the shape of '{operand.value.name}' is unknown")
+        positions = []
+        for label, dim in zip(labels, dims):
+            if dim == 1:
+                positions.append(-1)
+            elif label == MERGED:
+                positions.append(_merged_position(builder, operand))
+            elif names.get(label) is None:
+                raise ProgramError(f"'{operand.value.name}' varies along an axis packing batch and heads")
+            else:
+                positions.append(builder.index(names[label]))
+        return translator.translate(operand.value, positions)
+
     try:
         for operand in operands:
-            if operand.split_heads:
-                raise ProgramError(f"'{operand.value.name}' packs heads with another axis")
-            dims, labels = ctx.facts.dims(operand.value), packed_labels(operand)
-            if dims is None or len(dims) != len(labels):
-                raise ProgramError(f"the shape of '{operand.value.name}' is unknown")
-            positions = []
-            for label, dim in zip(labels, dims):
-                if dim == 1:
-                    positions.append(-1)
-                elif label == MERGED:
-                    positions.append(_merged_position(builder, operand))
-                elif names.get(label) is None:
-                    raise ProgramError(f"'{operand.value.name}' varies along an axis packing batch and heads")
-                else:
-                    positions.append(builder.index(names[label]))
-            outputs[operand] = translator.translate(operand.value, positions)
+            if operand not in outputs:
+                outputs[operand] = term_step(builder, operand, translate)
         for step in builder.steps:
-            if step.op == "load" and translator.spans_both(list(step.args)):
+            if step.op == "load" and translator.spans_both(list(step.args)) and not required:
                 raise ProgramError(f"'{builder.leaves[step.attr].name}' is read along both sequence axes")
     except ProgramError as error:
+        if required:
+            raise Rejected(f"a constant added before a finite-fill mask, or a bias added after one, is not a "
+                           f"score program ({error}): the kernels cannot compute it per block") from error
         logger.debug("score operands of %s stay tensors: %s", match.spec.nodes[-1:] or "a block", error)
         return None
-    return ProgramTerms(builder, outputs, scores)
+    return ProgramTerms(builder, outputs, scores, ctx.facts)

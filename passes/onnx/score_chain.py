@@ -11,9 +11,9 @@ and, anywhere between, Reshapes that only split or merge the leading batch and h
 
 A scalar is any one-element value that depends on no input except through static shapes (the
 TorchScript exporter computes ``1/sqrt(head_dim)`` from ``Shape``). The ops are reduced to the
-kernel's order ``scale → softcap → +bias → mask``; rewrites that would change a result are
-refused with the reason (a bias added after a finite-fill mask, a bias before soft-capping, a
-non-positive scale, scores negated).
+kernel's order ``scale → softcap → +bias → mask`` (a bias after a finite-fill mask gives the mask a
+per-entry fill, `passes.core.fill_programs`); rewrites that would change a result are refused with
+the reason (a bias before soft-capping, a non-positive scale, scores negated).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from passes.onnx.batch_views import view_reason
 from passes.onnx.constant_folding import ShapeOnlyFolder
 from passes.onnx.graph_values import FLOAT_TYPES, attribute, const_array, value_consumers
 from passes.core.score_algebra import ChainError, MaskStep, reduce_score_steps, scores_side_of_sum
+from rewriter.kernels.onnx_score_program import program_type
 
 __all__ = ["ScoreChain", "trace_score_chain", "check_inference_dropout"]
 
@@ -50,6 +51,11 @@ def check_inference_dropout(node: ir.Node) -> str | None:
     if len(node.outputs) > 1 and value_consumers(node.outputs[1]):
         return f"the dropout mask of '{node.name}' is used"
     return None
+
+
+def _dtype(value: ir.Value) -> str | None:
+    """The value's element type as score programs spell it ("float32", …), None when unknown."""
+    return program_type(value.dtype) if value.dtype is not None else None
 
 
 class _Walker:
@@ -121,14 +127,15 @@ class _Walker:
         left, right = node.inputs[0], node.inputs[1]
         subtract = node.op_type == "Sub"
         for scores, other in ((left, right), (right, left)):
-            if self.folder.scalar(other) is not None and (scores is left or not subtract):
-                steps.append(("shift", None))  # softmax is invariant to adding a constant
+            constant = self.folder.scalar(other)
+            if constant is not None and (scores is left or not subtract):
+                steps.append(("shift", (-constant if subtract else constant, _dtype(node.outputs[0]) or "float32")))
                 return self.walk_to(scores, node, steps, nodes)
         scores, bias, found, branch_steps, branch_nodes = scores_side_of_sum(
             node.name, left, right, lambda operand, *path: self.walk_to(operand, node, *path))
         if scores is right and subtract:
             raise ChainError(f"'{node.name}' negates the scores")
-        steps.append(("bias", (bias, -1.0 if subtract else 1.0)))
+        steps.append(("bias", (bias, -1.0 if subtract else 1.0, _dtype(node.outputs[0]))))
         steps.extend(branch_steps)
         nodes.extend(branch_nodes)
         return found
@@ -137,10 +144,12 @@ class _Walker:
         condition, if_true, if_false = node.inputs
         true_fill, false_fill = self.folder.scalar(if_true), self.folder.scalar(if_false)
         if false_fill is not None and true_fill is None:
-            steps.append(("mask", MaskStep(condition, keep_when_true=True, fill=false_fill)))
+            steps.append(("mask", MaskStep(condition, keep_when_true=True, fill=false_fill,
+                                           dtype=_dtype(node.outputs[0]))))
             return self.walk_to(if_true, node, steps, nodes)
         if true_fill is not None and false_fill is None:
-            steps.append(("mask", MaskStep(condition, keep_when_true=False, fill=true_fill)))
+            steps.append(("mask", MaskStep(condition, keep_when_true=False, fill=true_fill,
+                                           dtype=_dtype(node.outputs[0]))))
             return self.walk_to(if_false, node, steps, nodes)
         raise ChainError(f"'{node.name}' selects between two tensors, not scores and a constant fill")
 

@@ -22,7 +22,8 @@ from passes.onnx.onnx_match import AnalysisContext, OnnxAttentionMatch, Rejected
 from passes.onnx.program_operands import recover_programs
 from passes.core.attention_labels import ScoreAxes
 from passes.core.mask_semantics import fill_is_neg_inf, sort_score_terms
-from passes.core.score_algebra import ChainError, MaskStep
+from passes.core.fill_programs import aligned_fill_terms
+from passes.core.score_algebra import ChainError, ConstantBias, MaskStep
 
 __all__ = ["fill_masks"]
 
@@ -100,14 +101,20 @@ def fill_masks(ctx: AnalysisContext, match: OnnxAttentionMatch, scores: ScoreAxe
             return offset if offset is not None and fill_is_neg_inf(step.fill, offset, only_masking) else None
         return _proven_offset(ctx, operand, scores, prove)
 
+    def term(value, what):
+        return value if isinstance(value, ConstantBias) else _aligned(ctx, value, scores, what, split)
+
     try:
-        aligned_biases = [(_aligned(ctx, value, scores, "bias", split), factor) for value, factor in biases]
-        aligned_masks = [dataclasses.replace(step, condition=_aligned(ctx, step.condition, scores, "mask", split))
-                         for step in masks]
+        aligned_biases = [(term(value, "bias"), factor) for value, factor in biases]
+        aligned_masks = [aligned_fill_terms(
+            dataclasses.replace(step, condition=_aligned(ctx, step.condition, scores, "mask", split)),
+            lambda value: _aligned(ctx, value, scores, "bias", split)) for step in masks]
     except ValueError as error:
         raise Rejected(str(error)) from None
+    # A constant bias and a per-entry fill exist only as programs.
+    required = any(isinstance(value, ConstantBias) for value, _ in biases) or any(step.fill_terms for step in masks)
     # Operands recovered as score programs are proven on the programs, never evaluated.
-    programs = recover_programs(ctx, match, scores, aligned_biases, aligned_masks)
+    programs = recover_programs(ctx, match, scores, aligned_biases, aligned_masks, required)
     if programs is not None:
         bias_offset, mask_offset = programs.bias_offset, programs.mask_offset
     try:

@@ -2,11 +2,12 @@
 
     out, row_stats = torch.ops.rewriter.attention(q, k, v, bias, mask, leaves, scale, softcap, mask_fill,
                                                   causal, causal_offset, q_chunk, k_chunk, zero_masked_rows,
-                                                  bias_program, mask_program)
+                                                  bias_program, mask_program, fill_program)
 
 Semantics are those of `chunked_attention` (scale → soft-cap → +bias → keep-mask → causal); a
 non-empty `bias_program` / `mask_program` (JSON, `rewriter.kernels.score_program`) over the tensors
-in `leaves` takes the place of the `bias` / `mask` tensor, evaluated block by block. A row
+in `leaves` takes the place of the `bias` / `mask` tensor, evaluated block by block; a non-empty
+`fill_program` gives the value of each masked entry in place of `mask_fill` (it needs a mask). A row
 whose every key is masked gives NaN as a hand-written softmax does, or 0 with `zero_masked_rows`
 (default False) as SDPA and `aten._safe_softmax` do, gradients included.
 Where PyTorch's fused CPU flash kernel computes exactly the same thing, forward and backward call
@@ -44,7 +45,8 @@ def uses_fused_kernel(q, k, v, terms: ScoreTerms, opts: ScoreOptions, bias_grad:
     """Whether one call of PyTorch's CPU flash kernel computes this whole call: no bias or mask, and
     causality (if any) top-left aligned, as its ``is_causal`` is. Calls with a bias or mask use it
     chunk by chunk where exact (`rewriter.kernels.fused_rows`)."""
-    no_terms = terms.bias is None and terms.mask is None and terms.bias_program is None and terms.mask_program is None
+    no_terms = (terms.bias is None and terms.mask is None and terms.bias_program is None and terms.mask_program is None
+                and terms.fill_program is None)
     return (FusedRows.applies(q, k, v, opts, bias_grad) and no_terms
             and (not opts.causal or opts.causal_offset == 0))
 
@@ -62,12 +64,16 @@ def _fused_rows(q, k, v, terms: ScoreTerms, opts: ScoreOptions, bias_grad: bool 
     return FusedRows(q, k, v, terms, opts) if FusedRows.applies(q, k, v, opts, bias_grad) else None
 
 
-def _terms(bias, mask, leaves, bias_program: str, mask_program: str) -> ScoreTerms:
-    """The call's bias and mask; raises ValueError when a program and a tensor give the same term."""
+def _terms(bias, mask, leaves, bias_program: str, mask_program: str, fill_program: str) -> ScoreTerms:
+    """The call's bias, mask and fill; raises ValueError when a program and a tensor give the same
+    term, or a fill program comes without a mask."""
     if (bias_program and bias is not None) or (mask_program and mask is not None):
         raise ValueError("rewriter::attention takes a bias (mask) tensor or a bias (mask) program, not both")
+    if fill_program and mask is None and not mask_program:
+        raise ValueError("rewriter::attention: a fill program needs a mask")
     return ScoreTerms(bias, mask, parse(bias_program) if bias_program else None,
-                      parse(mask_program) if mask_program else None, tuple(leaves))
+                      parse(mask_program) if mask_program else None, tuple(leaves),
+                      parse(fill_program) if fill_program else None)
 
 
 def _check_shapes(q, k, v) -> None:
@@ -84,11 +90,11 @@ def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     bias: torch.Tensor | None, mask: torch.Tensor | None, leaves: list[torch.Tensor],
     scale: float, softcap: float, mask_fill: float, causal: bool, causal_offset: int,
-    q_chunk: int, k_chunk: int, zero_masked_rows: bool, bias_program: str, mask_program: str,
+    q_chunk: int, k_chunk: int, zero_masked_rows: bool, bias_program: str, mask_program: str, fill_program: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_shapes(q, k, v)
     opts = _options(scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk, zero_masked_rows)
-    terms = _terms(bias, mask, leaves, bias_program, mask_program)
+    terms = _terms(bias, mask, leaves, bias_program, mask_program, fill_program)
     if uses_fused_kernel(q, k, v, terms, opts):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             *_fused_inputs(q, k, v), 0.0, causal, scale=scale)
@@ -98,7 +104,7 @@ def attention(
 
 @attention.register_fake
 def _(q, k, v, bias, mask, leaves, scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk,
-      zero_masked_rows, bias_program, mask_program):
+      zero_masked_rows, bias_program, mask_program, fill_program):
     _check_shapes(q, k, v)
     out = q.new_empty(q.shape[:-1] + (v.size(-1),))
     return out, q.new_empty(q.shape[:-1] + (2,), dtype=torch.float32)
@@ -110,13 +116,13 @@ def attention_backward(
     bias: torch.Tensor | None, mask: torch.Tensor | None, leaves: list[torch.Tensor],
     out: torch.Tensor, row_stats: torch.Tensor,
     scale: float, softcap: float, mask_fill: float, causal: bool, causal_offset: int,
-    q_chunk: int, k_chunk: int, zero_masked_rows: bool, bias_program: str, mask_program: str, bias_grad: bool,
-    leaf_grads: list[bool],
+    q_chunk: int, k_chunk: int, zero_masked_rows: bool, bias_program: str, mask_program: str, fill_program: str,
+    bias_grad: bool, leaf_grads: list[bool],
 ) -> list[torch.Tensor]:
     """[dq, dk, dv, dbias, *dleaves]; dbias, and the gradient of a leaf `leaf_grads` does not ask for, are
-    empty tensors. Leaf gradients come from a bias program (floating-point leaves only)."""
+    empty tensors. Leaf gradients come from the bias and fill programs (floating-point leaves only)."""
     opts = _options(scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk, zero_masked_rows)
-    terms = _terms(bias, mask, leaves, bias_program, mask_program)
+    terms = _terms(bias, mask, leaves, bias_program, mask_program, fill_program)
     no_bias_grad = q.new_empty(0)
     no_leaf_grads = [q.new_empty(0) for _ in leaves]
     if uses_fused_kernel(q, k, v, terms, opts, bias_grad):
@@ -136,23 +142,23 @@ def attention_backward(
 
 @attention_backward.register_fake
 def _(grad_out, q, k, v, bias, mask, leaves, out, row_stats, scale, softcap, mask_fill, causal, causal_offset,
-      q_chunk, k_chunk, zero_masked_rows, bias_program, mask_program, bias_grad, leaf_grads):
+      q_chunk, k_chunk, zero_masked_rows, bias_program, mask_program, fill_program, bias_grad, leaf_grads):
     dbias = bias.new_empty(bias.shape) if bias_grad and bias is not None else q.new_empty(0)
     dleaves = [leaf.new_empty(leaf.shape) if flag else q.new_empty(0) for leaf, flag in zip(leaves, leaf_grads)]
     return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias, *dleaves]
 
 
 _SCALAR_ARGS = ("scale", "softcap", "mask_fill", "causal", "causal_offset", "q_chunk", "k_chunk", "zero_masked_rows",
-                "bias_program", "mask_program")
+                "bias_program", "mask_program", "fill_program")
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, bias, mask, leaves, *scalars = inputs
     out, row_stats = output
     ctx.scalars = scalars
-    bias_program = bool(scalars[_SCALAR_ARGS.index("bias_program")])
+    programs = any(scalars[_SCALAR_ARGS.index(name)] for name in ("bias_program", "fill_program"))
     needs = ctx.needs_input_grad[5:5 + len(leaves)]  # flattened: one flag per leaf
-    ctx.leaf_grads = [bias_program and bool(wanted) and leaf.is_floating_point() for leaf, wanted in zip(leaves, needs)]
+    ctx.leaf_grads = [programs and bool(wanted) and leaf.is_floating_point() for leaf, wanted in zip(leaves, needs)]
     ctx.bias_grad = (bias is not None and ctx.needs_input_grad[3]) or any(ctx.leaf_grads)
     ctx.save_for_backward(q, k, v, bias, mask, out, row_stats, *leaves)
 

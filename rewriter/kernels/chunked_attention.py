@@ -5,7 +5,8 @@ Scores are formed per block in fp32, in the order the `rewriter::attention` op d
     S = scale · Q·Kᵀ
     S = softcap · tanh(S / softcap)              (when softcap > 0)
     S = S + bias                                 (when a bias is given)
-    S = where(mask, S, mask_fill)                (when a boolean keep-mask is given)
+    S = where(mask, S, mask_fill)                (when a boolean keep-mask is given; with a fill
+                                                  program, its value per entry instead of mask_fill)
     S = where(key ≤ query + causal_offset, S, −∞) (when causal)
     out = softmax(S) · V
 
@@ -22,11 +23,13 @@ over the broadcast axes, so each has its operand's own shape.
 
 The bias and the mask may instead be score programs (`rewriter.kernels.score_program`) over the
 tensors in `leaves`, evaluated block by block, so no Lq × Lk tensor exists; gradients reach the
-leaves that require them (a T5 bucket table) through each block's evaluation.
+leaves that require them (a T5 bucket table) through each block's evaluation. A fill program gives
+the masked entries' values (a model's ``where(keep, s, F) + B`` is ``where(keep, s + B, F + B)``);
+its leaves get the gradients of the masked entries, the bias's those of the kept ones.
 
 A block whose every key is hidden by the mask is skipped, forward and backward, where that is exact:
 the fill is −∞, or every row of the block already has a score more than `_UNDERFLOW` above the fill
-(exp of the fill's difference is then exactly 0 in fp32).
+(above each entry's fill, with a fill program; exp of the fill's difference is then exactly 0 in fp32).
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class ScoreTerms:
     bias_program: Program | None = None
     mask_program: Program | None = None
     leaves: tuple[torch.Tensor, ...] = ()
+    fill_program: Program | None = None  # the masked entries' values (None: the constant mask_fill)
 
 
 class BlockTerms:
@@ -94,10 +98,19 @@ class BlockTerms:
             return _grouped(values, self.kv_heads)
         return _block(self.bias, q0, q1, k0, k1, reverse_rows)
 
-    def traced_bias_block(self, q0, q1, k0, k1) -> tuple[torch.Tensor, list]:
-        """The bias program's block, grouped, and every step's value for `leaf_gradients`."""
-        values = trace(self.terms.bias_program, list(self.terms.leaves), *self._sizes(q0, q1, k0, k1))
+    def traced_block(self, program: Program, q0, q1, k0, k1) -> tuple[torch.Tensor, list]:
+        """A program's block, grouped, and every step's value for `leaf_gradients`."""
+        values = trace(program, list(self.terms.leaves), *self._sizes(q0, q1, k0, k1))
         return _grouped(values[-1], self.kv_heads), values
+
+    def fill_block(self, q0, q1, k0, k1, reverse_rows: bool = False) -> torch.Tensor | None:
+        """The fill program's block of rows q0:q1 and keys k0:k1 (rows last first with `reverse_rows`),
+        grouped (None without one: the fill is the constant mask_fill)."""
+        if self.terms.fill_program is None:
+            return None
+        values = evaluate(self.terms.fill_program, list(self.terms.leaves), *self._sizes(q0, q1, k0, k1),
+                          reverse_rows)
+        return _grouped(values, self.kv_heads)
 
     def keep_block(self, q0, q1, k0, k1, reverse_rows: bool = False) -> torch.Tensor | None:
         """The keep-mask of rows q0:q1 and keys k0:k1 (rows last first with `reverse_rows`), or None."""
@@ -112,15 +125,18 @@ class BlockTerms:
         return None if keep is None else keep.logical_not()
 
 
-def _skippable(hidden_b: torch.Tensor | None, row_max: torch.Tensor, opts: ScoreOptions, final: bool) -> bool:
+def _skippable(hidden_b: torch.Tensor | None, row_max: torch.Tensor, opts: ScoreOptions, final: bool,
+               fill_b: torch.Tensor | None = None) -> bool:
     """Whether a block whose hidden keys are `hidden_b` adds exactly nothing to rows with maxima `row_max`
-    (running maxima in the forward, `final` ones in the backward).
+    (running maxima in the forward, `final` ones in the backward); `fill_b` holds a fill program's values.
 
     A row with no key at all is NaN without `zero_masked_rows`, and so are the gradients its blocks
     pass on: the backward computes its blocks (the forward's output is NaN there either way).
     """
     if hidden_b is None or not bool(hidden_b.all()):
         return False
+    if fill_b is not None:  # NaN (a row of −∞ minus a −∞ fill) is not above: such blocks are computed
+        return bool((row_max.unsqueeze(-1) - fill_b > _UNDERFLOW).all())
     if opts.mask_fill == -math.inf:
         return opts.zero_masked_rows or not final or not bool(torch.isneginf(row_max).any())
     return bool((row_max - opts.mask_fill > _UNDERFLOW).all())
@@ -160,11 +176,13 @@ def _key_stop(opts: ScoreOptions, q1: int, key_len: int) -> int:
     return max(0, min(key_len, q1 + opts.causal_offset))
 
 
-def _block_scores(qb, kb, bias_b, hidden_b, opts: ScoreOptions, q0: int, k0: int, keep_tanh: bool = False):
+def _block_scores(qb, kb, bias_b, hidden_b, opts: ScoreOptions, q0: int, k0: int, keep_tanh: bool = False,
+                  fill_b=None):
     """Final scores of one block, and with soft-capping and `keep_tanh` the tanh values too.
 
     `qb` arrives already multiplied by `_query_factor(opts)`; `hidden_b` is True where the mask
-    hides a key. Works in place: a block costs one fp32 buffer (two when the tanh is kept).
+    hides a key, `fill_b` (when given) what those entries become. Works in place: a block costs one
+    fp32 buffer (two when the tanh is kept; one more for a fill program's values).
     """
     scores = torch.matmul(qb, kb.transpose(-1, -2))
     capped = None
@@ -174,7 +192,9 @@ def _block_scores(qb, kb, bias_b, hidden_b, opts: ScoreOptions, q0: int, k0: int
         scores.mul_(opts.softcap)
     if bias_b is not None:
         scores.add_(bias_b)
-    if hidden_b is not None:
+    if hidden_b is not None and fill_b is not None:
+        scores = torch.where(hidden_b, fill_b.float(), scores)
+    elif hidden_b is not None:
         scores.masked_fill_(hidden_b, opts.mask_fill)
     query_rows, key_cols = qb.size(-2), kb.size(-2)
     if opts.causal and k0 + key_cols - 1 > q0 + opts.causal_offset:
@@ -222,10 +242,11 @@ def chunked_attention_forward(q, k, v, terms: ScoreTerms, opts: ScoreOptions, fu
         for k0 in range(0, _key_stop(opts, q1, key_len), opts.k_chunk):
             k1 = min(k0 + opts.k_chunk, key_len)
             hidden_b = block_terms.hidden_block(q0, q1, k0, k1)
-            if _skippable(hidden_b, row_max, opts, final=False):
+            fill_b = None if hidden_b is None else block_terms.fill_block(q0, q1, k0, k1)
+            if _skippable(hidden_b, row_max, opts, False, fill_b):
                 continue
             scores, _ = _block_scores(
-                qb, kg[..., k0:k1, :], block_terms.bias_block(q0, q1, k0, k1), hidden_b, opts, q0, k0)
+                qb, kg[..., k0:k1, :], block_terms.bias_block(q0, q1, k0, k1), hidden_b, opts, q0, k0, fill_b=fill_b)
             new_max = torch.maximum(row_max, scores.amax(-1))
             reference = _finite_reference(new_max)
             probs = scores.sub_(reference.unsqueeze(-1)).exp_()
@@ -275,7 +296,7 @@ def chunked_attention_backward(grad_out, q, k, v, terms: ScoreTerms, out, stats,
     if bias_grad and bias is not None:
         bias4 = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
         dbias = torch.zeros(bias4.shape, dtype=torch.float32, device=q.device)
-    if terms.bias_program is not None and any(wanted_leaves or ()):
+    if (terms.bias_program is not None or terms.fill_program is not None) and any(wanted_leaves or ()):
         leaf_grads = _LeafGradients(terms, wanted_leaves)
     for q0 in range(0, query_len, opts.q_chunk):
         q1 = min(q0 + opts.q_chunk, query_len)
@@ -290,29 +311,35 @@ def chunked_attention_backward(grad_out, q, k, v, terms: ScoreTerms, out, stats,
             k1 = min(k0 + opts.k_chunk, key_len)
             kb, vb = kg[..., k0:k1, :], vg[..., k0:k1, :]
             hidden_b = block_terms.hidden_block(q0, q1, k0, k1)
-            if _skippable(hidden_b, stats_g[..., q0:q1, 0], opts, final=True):
+            fill_b, fill_traced = None, None
+            if hidden_b is not None and terms.fill_program is not None:
+                fill_b, fill_traced = (block_terms.traced_block(terms.fill_program, q0, q1, k0, k1)
+                                       if leaf_grads is not None else (block_terms.fill_block(q0, q1, k0, k1), None))
+            if _skippable(hidden_b, stats_g[..., q0:q1, 0], opts, True, fill_b):
                 continue
-            if leaf_grads is not None:
-                bias_b, traced = block_terms.traced_bias_block(q0, q1, k0, k1)
+            if leaf_grads is not None and terms.bias_program is not None:
+                bias_b, traced = block_terms.traced_block(terms.bias_program, q0, q1, k0, k1)
             else:
                 bias_b, traced = block_terms.bias_block(q0, q1, k0, k1), None
-            scores, capped = _block_scores(qb_scaled, kb, bias_b, hidden_b, opts, q0, k0, keep_tanh=True)
+            scores, capped = _block_scores(qb_scaled, kb, bias_b, hidden_b, opts, q0, k0, True, fill_b)
             probs = scores.sub_(row_reference[..., q0:q1, :]).exp_().div_(row_sum[..., q0:q1, :])
             dv[..., k0:k1, :] += _reduce_to(torch.matmul(probs.transpose(-1, -2), dob).sum(2), dv.shape)
             grad_probs = torch.matmul(dob, vb.transpose(-1, -2)).sub_(delta[..., q0:q1].unsqueeze(-1))
             grad_scores = probs.mul_(grad_probs)
-            if hidden_b is not None:  # entries replaced by a constant fill pass no gradient on
+            if fill_traced is not None:  # the masked entries' gradients reach the fill program's leaves
+                leaf_grads.accumulate(terms.fill_program, fill_traced, torch.where(hidden_b, grad_scores, 0.0))
+            if hidden_b is not None:  # masked entries pass no gradient on to the scores and the bias
                 grad_scores.masked_fill_(hidden_b, 0.0)
             if dbias is not None:
                 _accumulate_bias_grad(dbias, grad_scores, q0, q1, k0, k1)
-            if leaf_grads is not None:
-                leaf_grads.accumulate(traced, grad_scores)
+            if traced is not None:
+                leaf_grads.accumulate(terms.bias_program, traced, grad_scores)
             if capped is not None:  # d(c·tanh(x/c))/dx = 1 − tanh²
                 grad_scores.mul_(capped.square_().neg_().add_(1))
             dq[..., q0:q1, :] += torch.matmul(grad_scores, kb).mul_(opts.scale)
             dk[..., k0:k1, :] += _reduce_to(torch.matmul(grad_scores.transpose(-1, -2), qb).sum(2), dk.shape).mul_(
                 opts.scale)
-            del scores, capped, probs, grad_probs, grad_scores, bias_b, traced  # free this block before the next
+            del scores, capped, probs, grad_probs, grad_scores, bias_b, traced, fill_b, fill_traced  # free this block before the next
     key_grads = None if fused is None else fused.key_grads()
     if key_grads is not None:
         dk += key_grads[0]
@@ -323,16 +350,16 @@ def chunked_attention_backward(grad_out, q, k, v, terms: ScoreTerms, out, stats,
 
 
 class _LeafGradients:
-    """Gradients of a bias program's floating-point leaves that require one, summed over the blocks."""
+    """Gradients of the bias and fill programs' floating-point leaves that require one, summed over the blocks."""
 
     def __init__(self, terms: ScoreTerms, wanted: list[bool]):
-        self.program, self.leaves, self.wanted = terms.bias_program, list(terms.leaves), list(wanted)
+        self.leaves, self.wanted = list(terms.leaves), list(wanted)
         self.sums: list[torch.Tensor | None] = [None] * len(self.leaves)
 
-    def accumulate(self, traced: list, grad_scores: torch.Tensor) -> None:
-        """Add the block's share; `grad_scores` is the grouped (B, Hkv, G, rows, cols) score gradient."""
-        grad = grad_scores.flatten(1, 2)
-        for position, grad_leaf in enumerate(leaf_gradients(self.program, traced, self.leaves, self.wanted, grad)):
+    def accumulate(self, program: Program, traced: list, grad_values: torch.Tensor) -> None:
+        """Add the block's share; `grad_values` is the grouped (B, Hkv, G, rows, cols) gradient of `program`'s values."""
+        grad = grad_values.flatten(1, 2)
+        for position, grad_leaf in enumerate(leaf_gradients(program, traced, self.leaves, self.wanted, grad)):
             if grad_leaf is not None:
                 self.sums[position] = grad_leaf if self.sums[position] is None else self.sums[position] + grad_leaf
 

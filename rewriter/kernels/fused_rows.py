@@ -17,7 +17,8 @@ which the kernel reads as they are (it needs only the keys adjacent), so the vie
 
 A chunk goes to the fused kernel only where that is exact, checked on the chunk's own mask:
 every row keeps at least one key (the kernel gives 0, not the op's NaN, for a row with none, and
-its backward would divide by a zero sum; skipped keys are then exactly 0 too), a finite fill is at
+its backward would divide by a zero sum; skipped keys are then exactly 0 too), a finite fill (each
+masked entry's value, with a fill program, whose calls pass every key) is at
 or below `EFFECTIVELY_NEG_INF` (``s + fill`` is then exactly ``fill``, and exp() of it is exactly 0),
 a bias has the query's dtype, and every row's largest additive term is at least `_MIN_ROW_BIAS`
 (below it the kernel's log-sum-exp keeps log(sum) too coarsely for the backward). Otherwise the
@@ -77,7 +78,9 @@ class FusedRows:
         self.k = (k.repeat_interleave(groups, dim=1) if groups > 1 else k).contiguous()
         self.v = (v.repeat_interleave(groups, dim=1) if groups > 1 else v).contiguous()
         upper, lower, inner = None, None, terms
-        if terms.mask_program is not None:
+        if terms.fill_program is not None:
+            pass  # keys outside a bound would hold the fill program's values: every key is passed
+        elif terms.mask_program is not None:
             upper, lower, rest = key_bounds(terms.mask_program)
             inner = dataclasses.replace(terms, mask_program=rest)
         elif terms.bias_program is not None and terms.mask is None:  # HF eager: where(keep, 0, finfo.min)
@@ -130,9 +133,15 @@ class FusedRows:
             return None
         if keep is None:
             return _Part(k0, k1, None if bias is None else kernel_layout(bias), None)
-        if opts.mask_fill != -math.inf and opts.mask_fill > EFFECTIVELY_NEG_INF:
+        if terms.terms.fill_program is not None:  # each masked entry's own fill, all ≤ −1e30 or blockwise
+            fill = _four_d(terms.fill_block(q0, q1, k0, k1, self.reverse)).float()
+            if not bool((torch.where(keep, -math.inf, fill) <= EFFECTIVELY_NEG_INF).all()):
+                return None
+            fill = fill.to(dtype)
+        elif opts.mask_fill != -math.inf and opts.mask_fill > EFFECTIVELY_NEG_INF:
             return None
-        fill = torch.tensor(opts.mask_fill, dtype=dtype, device=device)
+        else:
+            fill = torch.tensor(opts.mask_fill, dtype=dtype, device=device)
         additive = torch.where(keep, torch.tensor(0, dtype=dtype, device=device) if bias is None else bias, fill)
         return _Part(k0, k1, kernel_layout(additive), keep.any(-1))
 

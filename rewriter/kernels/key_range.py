@@ -54,13 +54,17 @@ class KeyRange:
 
 
 def key_range(*, mask_program: Program | None, bias_program: Program | None, dense_mask: bool,
-              mask_fill: float, causal: bool, causal_offset: int) -> KeyRange:
+              mask_fill: float, per_entry_fill: bool, causal: bool, causal_offset: int) -> KeyRange:
     """The bounds the causal flag and the programs prove for one call of the attention op.
 
     `dense_mask`: a mask tensor is given (its hidden keys take `mask_fill`, whatever a bias
-    program's fill says, so a bias program's bounds are not used then).
+    program's fill says, so a bias program's bounds are not used then). `per_entry_fill`: a fill
+    program gives each hidden key its own value, so only the causal flag (−∞ whatever the fill)
+    bounds the keys.
     """
     upper = causal_offset if causal else None
+    if per_entry_fill:
+        return KeyRange(upper=upper)
     if mask_program is not None:
         program_upper, lower, _ = key_bounds(mask_program)
         fill = mask_fill

@@ -288,6 +288,8 @@ class _Builder:
                 continue
             if role == "bias":
                 terms.append(("Add", self._as_float(b, block)))
+            elif "fill" in blocks:  # each masked entry's value from the fill program
+                terms.append(("Fill", block))
             elif self.mask_fill == -math.inf:
                 terms.append(("Add", _neg_inf_where_false(b, block)))
             else:
@@ -298,7 +300,11 @@ class _Builder:
         if self.softcap > 0:
             s = b("Mul", b("Tanh", s), self.e.const(self.softcap, np.float32))
         for op, term in terms:
-            s = b("Add", s, term) if op == "Add" else b("Where", term, s, self.e.const(self.mask_fill, np.float32))
+            if op == "Add":
+                s = b("Add", s, term)
+            else:
+                fill = self._as_float(b, blocks["fill"]) if op == "Fill" else self.e.const(self.mask_fill, np.float32)
+                s = b("Where", term, s, fill)
         m_new = b("Max", m, b.reduce_max(s, [-1], self.axis(-1)))
         ref = b("Max", m_new, self.neg_max)
         p = b("Exp", b("Sub", s, ref))
@@ -356,6 +362,7 @@ def build_chunked_attention(
     bias_program: str = "",
     mask_program: str = "",
     leaves: Sequence[ir.Value] = (),
+    fill_program: str = "",
 ) -> ir.Value:
     """Append chunked attention over q (B,H,Lq,D), k (B,Hkv,Lk,D), v (B,Hkv,Lk,Dv) to `tape`.
 
@@ -371,10 +378,13 @@ def build_chunked_attention(
 
     `bias_program` / `mask_program` (JSON of `rewriter.kernels.score_program`) replace `bias` /
     `mask`: each block's values are computed in the loop from `leaves` (`onnx_score_program`), so
-    nothing Lq × Lk is read. Raises ValueError for a role given both ways or a malformed program.
+    nothing Lq × Lk is read. `fill_program` gives each masked entry's value in place of `mask_fill`.
+    Raises ValueError for a role given both ways, a fill program without a mask, or a malformed program.
     """
     if (bias is not None and bias_program) or (mask is not None and mask_program):
         raise ValueError("a bias or mask is given both as a tensor and as a score program")
+    if fill_program and mask is None and not mask_program:
+        raise ValueError("a fill program needs a mask")
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
     layouts = {"q": q_layout, "k": k_layout, "v": v_layout, "out": out_layout}
@@ -391,10 +401,12 @@ def build_chunked_attention(
         raise ValueError(f"the chunked subgraph needs opset 13 or newer (got {opset})")
     keys = key_range(mask_program=parse(mask_program) if mask_program else None,
                      bias_program=parse(bias_program) if bias_program else None, dense_mask=mask is not None,
-                     mask_fill=mask_fill, causal=causal, causal_offset=causal_offset)
+                     mask_fill=mask_fill, per_entry_fill=bool(fill_program), causal=causal,
+                     causal_offset=causal_offset)
     builder = _Builder(Emitter(tape, name, opset=opset), num_heads, num_kv_heads, scale, softcap, mask_fill,
                        causal, causal_offset, q_chunk, k_chunk, layouts, keys)
-    out = builder.build(q, k, v, bias, mask, {"bias": bias_program, "mask": mask_program}, leaves)
+    out = builder.build(q, k, v, bias, mask, {"bias": bias_program, "mask": mask_program, "fill": fill_program},
+                        leaves)
     out.dtype = q.dtype
     if q.shape is not None and v.shape is not None:
         dims = {"B": q.shape[0], "H": num_heads, "L": q.shape[q_layout.index("L")], "D": v.shape[3]}

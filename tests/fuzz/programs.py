@@ -3,7 +3,8 @@
 A case fixes the product spelling (`@`, bmm, baddbmm, einsum, SDPA), where the scale sits (on the
 scores, on Q, split over Q and K, a learned or input tensor, a per-head vector), masks (boolean or
 additive key padding, causal with an offset, bands, rows with every key masked), biases (per head,
-relative, ALiBi-like), soft-capping, casts (bf16/fp16 scores with an fp32 softmax), layouts,
+relative, ALiBi-like, GPT-2's ``(1 − m)·finfo.min`` key padding from an integer input), the order of
+mask and bias (GPT-2 masks first), a constant added before the mask, soft-capping, casts (bf16/fp16 scores with an fp32 softmax), layouts,
 grouped K/V heads (interleaved or tiled), batch broadcast of K/V, batch/head views around the
 softmax, cross-attention and odd lengths. `AttentionProgram(case)` is the module; `case_inputs`
 its inputs. `cases()` is the hypothesis strategy.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +42,13 @@ class Case:
     value_dim: int = 8
     seq_first: bool = False  # inputs (B, L, H, D), transposed in the program
     scale: str = "scores_div"  # scores_mul | scores_div | query | split | none | parameter | input | per_head
-    bias: str = "none"  # none | per_head | relative | alibi
+    bias: str = "none"  # none | per_head | relative | alibi | padding ((1 − m)·finfo.min, m a (B, Lk) input)
     mask: str = "none"  # none | padding | causal | band | all_masked_row
     mask_form: str = "masked_fill"  # masked_fill | where | additive
     fill: float = float("-inf")
     causal_offset: int = 0
     mask_then_bias: bool = False
+    shift: float = 0.0  # a constant added to the scores just before the mask
     softcap: bool = False
     dtype: str = "float32"  # float32 | bfloat16 | float16 (scores in it, softmax in fp32)
     batch_view: bool = False  # bmm on (B·H) viewed as (B, H) around the mask and softmax
@@ -104,7 +107,12 @@ class AttentionProgram(nn.Module):
             "per_head": lambda s: s * self.head_scale,
         }.get(c.scale, lambda s: s)(scores)
 
-    def _bias(self):
+    def _bias(self, padding=None, dtype=torch.float32):
+        if self.case.bias == "padding":  # GPT-2 (transformers 4.x): (1 − m)[:, None, None, :] · finfo.min
+            # the case's finite fill (finfo.min or −1e4), the same in its fp32 reference
+            # (`check._farther_from_fp32_than_eager`); −1e4 where the fill is −∞ ((1 − m)·−∞ is NaN)
+            fill = self.case.fill if math.isfinite(self.case.fill) else -1e4
+            return (1.0 - padding[:, None, None, :].to(dtype)) * fill
         return {"per_head": self.per_head, "relative": self.relative, "alibi": self.alibi}.get(self.case.bias)
 
     def _apply_mask(self, scores, keep):
@@ -134,6 +142,7 @@ class AttentionProgram(nn.Module):
     def forward(self, q, k, v, *extras):
         c = self.case
         keep = extras[0] if c.mask != "none" else None
+        padding = extras[int(keep is not None)] if c.bias == "padding" else None
         extra_scale = extras[-1] if c.scale == "input" else None
         dtype = getattr(torch, c.dtype)
         if c.seq_first:
@@ -149,8 +158,8 @@ class AttentionProgram(nn.Module):
             k, v = k.expand(b, h, lk, -1), v.expand(b, h, lk, -1)
             q3, k3, v3 = q.reshape(b * h, lq, -1), k.reshape(b * h, lk, -1), v.reshape(b * h, lk, -1)
             if c.product == "baddbmm":
-                added = torch.zeros(b * h, 1, lk, dtype=dtype) if self._bias() is None else \
-                    self._bias().expand(b, h, lq, lk).reshape(b * h, lq, lk).to(dtype)
+                added = torch.zeros(b * h, 1, lk, dtype=dtype) if self._bias(padding, dtype) is None else \
+                    self._bias(padding, dtype).expand(b, h, lq, lk).reshape(b * h, lq, lk).to(dtype)
                 scores = torch.baddbmm(added, q3, k3.transpose(1, 2), beta=1.0, alpha=1.0)
             else:
                 scores = torch.bmm(q3, k3.transpose(1, 2))
@@ -166,15 +175,15 @@ class AttentionProgram(nn.Module):
         keep4 = None if keep is None else keep
         if scores.dim() == 3 and keep4 is not None:
             keep4 = keep4.expand(b, h, lq, lk).reshape(b * h, lq, lk)
-        bias = None if c.product == "baddbmm" else self._bias()
+        bias = None if c.product == "baddbmm" else self._bias(padding, scores.dtype)
         if bias is not None and scores.dim() == 3:
             bias = bias.expand(b, h, lq, lk).reshape(b * h, lq, lk)
         if c.mask_then_bias:
-            scores = self._apply_mask(scores, keep4)
+            scores = self._apply_mask(scores + c.shift if c.shift else scores, keep4)
             scores = scores if bias is None else scores + bias.to(scores.dtype)
         else:
             scores = scores if bias is None else scores + bias.to(scores.dtype)
-            scores = self._apply_mask(scores, keep4)
+            scores = self._apply_mask(scores + c.shift if c.shift else scores, keep4)
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
         if merged:
             out = torch.bmm(probs.reshape(b * h, lq, lk), v3).view(b, h, lq, -1)
@@ -209,6 +218,12 @@ def case_inputs(case: Case) -> list:
     keep = _keep_mask(case, generator)
     if keep is not None:
         inputs.append(keep)
+    if case.bias == "padding":  # 0/1 per key, left or right padded, batch row 0 fully padded at times
+        lengths = torch.randint(0, case.key_len + 1, (case.batch,), generator=generator)
+        positions = torch.arange(case.key_len)[None, :]
+        left = bool(torch.randint(0, 2, (), generator=generator))
+        kept = positions >= case.key_len - lengths[:, None] if left else positions < lengths[:, None]
+        inputs.append(kept.long())
     if case.scale == "input":
         inputs.append(torch.tensor(0.3))
     return inputs
@@ -238,10 +253,11 @@ def cases(draw) -> Case:
         query_len=query_len, key_len=key_len, head_dim=draw(st.sampled_from([4, 8])),
         value_dim=draw(st.sampled_from([4, 8, 6])), seq_first=draw(st.booleans()),
         scale=draw(st.sampled_from(scale_choices)),
-        bias="none" if product == "sdpa" else draw(st.sampled_from(["none", "per_head", "relative", "alibi"])),
+        bias="none" if product == "sdpa" else draw(st.sampled_from(["none", "per_head", "relative", "alibi", "padding"])),
         mask=mask, mask_form=draw(st.sampled_from(["masked_fill", "where", "additive"])),
         fill=draw(st.sampled_from(fills)), causal_offset=draw(st.integers(-1, 2)),
-        mask_then_bias=draw(st.booleans()), softcap=product != "sdpa" and draw(st.booleans()),
+        mask_then_bias=draw(st.booleans()), shift=0.0 if product == "sdpa" else draw(st.sampled_from([0.0, 0.0, 3.0, -2.5])),
+        softcap=product != "sdpa" and draw(st.booleans()),
         dtype=dtype, batch_view=product in ("bmm", "baddbmm") and draw(st.booleans()),
         chunks=(draw(st.sampled_from([1, 2, 3, 4, 16])), draw(st.sampled_from([1, 2, 3, 5, 16]))),
         seed=draw(st.integers(0, 2**16)),
