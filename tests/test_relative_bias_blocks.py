@@ -86,7 +86,7 @@ def _dense(table, pad, length, causal=False, fill=FILL):
 
 def _attention(q, k, v, bias, leaves, program, q_chunk, causal=False, zero_rows=False):
     out, _ = torch.ops.rewriter.attention(q, k, v, bias, None, leaves, 0.35, 0.0, -math.inf, causal, 0, q_chunk, 16,
-                                          zero_rows, program, "")
+                                          zero_rows, program, "", "")
     return out
 
 

@@ -482,6 +482,13 @@ class _Builder:
         return dataclasses.replace(match.spec, **fields)
 
 
+def _operand_name(term) -> str:
+    """A dense bias term's name in the report: its node's, or the constant it adds."""
+    if isinstance(term, ConstantBias):
+        return f"the constant {term.value:g}"
+    return (term.dense if isinstance(term, ProgramTerm) else term).node.name
+
+
 def _operand_fields(match: FxAttentionMatch) -> dict:
     """What the mask and bias become in the rewrite (`rewrite_attention._score_terms` takes a bias
     program only where every bias term has one)."""
@@ -495,8 +502,7 @@ def _operand_fields(match: FxAttentionMatch) -> dict:
     return operand_fields(
         mask_program=mask_program, bias_program=bias_program,
         dense_mask=None if match.mask is None or mask_program is not None else match.mask.node.name,
-        dense_biases=[] if programs else [(term.dense if isinstance(term, ProgramTerm) else term).node.name
-                                          for term in terms],
+        dense_biases=[] if programs else [_operand_name(term) for term in terms],
         leaves=[builder.leaves[index].name for index in loaded], causal=match.causal)
 
 
