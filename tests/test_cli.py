@@ -6,7 +6,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -28,12 +27,9 @@ def test_demo_rewrites_verifies_and_measures():
     assert onnx["exported"]["seconds"] > 0 and onnx["optimized"]["seconds"] > 0
 
 
-def test_default_demo_runs_in_under_a_minute():
-    start = time.perf_counter()
+def test_default_demo_checks_both_halves_and_saves_memory():
     result = rewriter_cli("demo")
-    elapsed = time.perf_counter() - start
     assert result.returncode == 0, result.stderr
-    assert elapsed < 60, f"rewriter demo took {elapsed:.0f} s"
     lines = result.stdout.splitlines()
     assert "outputs equal" in result.stdout and "max |rewritten - eager|" in result.stdout
     for runtime, original in (("PyTorch", "eager"), ("ONNX Runtime", "as exported")):
