@@ -36,7 +36,7 @@ def main(argv=None) -> int:
         run_campaign(args.cases, args.seed, args.onnx_every, report, counts)
     except KeyboardInterrupt:  # stopped early: report what ran
         print("interrupted", flush=True)
-    fx = {kind: counts[kind] for kind in ("rewritten", "left_alone", "wrong", "crashed", "known", "invalid")}
+    fx = {kind: counts[kind] for kind in ("rewritten", "left_alone", "wrong", "crashed", "eager_inexact", "invalid")}
     onnx = {kind: counts["onnx_" + kind] for kind in fx}
     print(f"{sum(fx.values())} cases in {time.monotonic() - started:.0f} s (seed {args.seed})")
     print("fx:   " + ", ".join(f"{kind.replace('_', ' ')} {n}" for kind, n in fx.items()))

@@ -2,8 +2,7 @@
 
 Outcomes: ``rewritten`` (every rewritten block agrees), ``left_alone`` (nothing rewritten, results
 agree), ``wrong`` (a forward output, a gradient or the NaN pattern differs), ``crashed`` (the
-rewrite or the rewritten program raised), ``known`` (wrong or crashed, but listed by
-`known_failure`), ``invalid`` (eager PyTorch itself cannot run the program), ``eager_inexact``
+rewrite or the rewritten program raised), ``invalid`` (eager PyTorch itself cannot run the program), ``eager_inexact``
 (an fp32 rewrite that differs from eager but equals `_exact_reference`, which eager does not).
 """
 
@@ -22,7 +21,7 @@ import rewriter
 
 from .programs import AttentionProgram, Case, case_inputs
 
-__all__ = ["Outcome", "known_failure", "run_case", "run_onnx_case"]
+__all__ = ["Outcome", "run_case", "run_onnx_case"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,17 +33,6 @@ _TOLERANCES = {"float32": (1e-4, 1e-3), "bfloat16": (5e-2, 5e-2), "float16": (1e
 class Outcome:
     kind: str
     detail: str = ""
-
-
-def known_failure(case: Case) -> str | None:
-    """The issue item that a case exercises when that item is being fixed elsewhere, else None.
-
-    Re-enable an item by deleting its line once its fix is merged. None is listed now: issue 10
-    item 5 (a bias after a mask, GPT-2 with padding; a shift before a finite-fill mask) and half
-    precision fills on rows whose every key is masked are checked like every other case.
-    """
-    del case
-    return None
 
 
 def _run(fn, inputs, parameters):
@@ -114,11 +102,8 @@ def _farther_from_reference_than_eager(case: Case, inputs, expected, actual) -> 
     return None
 
 
-def run_case(case: Case, excuse_known: bool = True) -> Outcome:
-    """Eager vs `optimize_module` forward and backward, with the case's small chunk sizes.
-
-    With `excuse_known`, a wrong result or crash that `known_failure` lists is ``known``.
-    """
+def run_case(case: Case) -> Outcome:
+    """Eager vs `optimize_module` forward and backward, with the case's small chunk sizes."""
     torch.manual_seed(case.seed)
     module = AttentionProgram(case).eval()
     inputs = case_inputs(case)
@@ -127,18 +112,17 @@ def run_case(case: Case, excuse_known: bool = True) -> Outcome:
         expected = _run(module, inputs, parameters)
     except RuntimeError as error:
         return Outcome("invalid", str(error).splitlines()[0])
-    known = known_failure(case) if excuse_known else None
     try:
         gm, report = rewriter.optimize_module(module, tuple(inputs), chunk_size=case.chunks)
         actual = _run(gm, inputs, parameters)
     except Exception as error:  # noqa: BLE001 - a crash is an outcome to report, not to propagate
         logger.debug("crash", exc_info=True)
-        return Outcome("known" if known else "crashed", f"{type(error).__name__}: {error}")
+        return Outcome("crashed", f"{type(error).__name__}: {error}")
     problem = _mismatch(expected, actual, case.dtype)
     if problem is not None:
         exact = _farther_from_reference_than_eager(case, inputs, expected, actual)
         if exact is not None:
-            return Outcome("known" if known else "wrong", f"{problem}; {exact}")
+            return Outcome("wrong", f"{problem}; {exact}")
         if case.dtype == "float32":
             return Outcome("eager_inexact", problem)
     if report.rewritten_count:
@@ -158,11 +142,10 @@ def run_onnx_case(case: Case) -> Outcome:
             torch.onnx.export(module, tuple(inputs), str(path), dynamo=True, verbose=False)
         except Exception as error:  # noqa: BLE001 - an exporter failure is not the product's
             return Outcome("invalid", f"export: {type(error).__name__}")
-        known = known_failure(case)
         try:
             optimized, report = rewriter.optimize_onnx(str(path))
         except Exception as error:  # noqa: BLE001
-            return Outcome("known" if known else "crashed", f"{type(error).__name__}: {error}")
+            return Outcome("crashed", f"{type(error).__name__}: {error}")
         feeds = [x.numpy() for x in inputs]
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
@@ -179,9 +162,9 @@ def run_onnx_case(case: Case) -> Outcome:
         try:
             results.append(run(optimized.SerializeToString()))
         except Exception as error:  # noqa: BLE001
-            return Outcome("known" if known else "crashed", f"ort on the optimized file: {error}")
+            return Outcome("crashed", f"ort on the optimized file: {error}")
     problem = _mismatch([torch.from_numpy(np.asarray(results[0]))], [torch.from_numpy(np.asarray(results[1]))],
                         "float32" if case.dtype == "float32" else case.dtype)
     if problem is not None:
-        return Outcome("known" if known else "wrong", "onnx " + problem)
+        return Outcome("wrong", "onnx " + problem)
     return Outcome("rewritten" if report.rewritten_count else "left_alone")

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from .campaign import run_campaign
-from .check import known_failure, run_case
+from .check import run_case
 from .programs import Case
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,14 +70,12 @@ def test_once_known_failures_are_exact(case):
     """Issue 10 item 5 (a bias after a mask is applied before it, the mask filling each entry with
     fill + bias) and the half-precision fills on rows whose every key is masked (biases summed in
     fp32, as the op adds them to fp32 scores), once listed as known."""
-    assert known_failure(case) is None
     assert run_case(case).kind == "rewritten"
 
 
 def test_sdpa_rows_whose_every_key_is_masked_are_exact():
     """Issue 10 item 2, once a known failure: SDPA gives 0 on such rows and so does the rewrite."""
     case = Case(product="sdpa", mask="all_masked_row", scale="none", kv_order="sdpa")
-    assert known_failure(case) is None
     assert run_case(case).kind == "rewritten"
 
 
@@ -86,7 +84,6 @@ def test_half_precision_is_judged_against_fp32(case):
     """Found as "wrong" against eager half precision alone: eager rounds scores at a −10000 (bf16
     ulp 64) or −65504 (fp16) fill and sums a temperature gradient of B·H·Lq·Lk bf16 terms, and is
     itself far from fp32; the rewrite is no further from the fp32 program than eager is."""
-    assert known_failure(case) is None
     assert run_case(case).kind == "rewritten"
 
 
@@ -101,7 +98,6 @@ def test_eager_sdpa_gradients_on_finite_fill_rows_are_judged_against_the_math_ba
     forms log-sum-exp as finfo.min + log(17), which rounds to finfo.min, so its backward scales the
     row's gradients by 17. The rewrite equals SDPA's math backend (and float64) there; the outcome
     says so instead of counting it as wrong or as agreeing with eager."""
-    assert known_failure(SDPA_FINITE_FILL_ROW) is None
     assert run_case(SDPA_FINITE_FILL_ROW).kind == "eager_inexact"
     assert run_case(dataclasses.replace(SDPA_FINITE_FILL_ROW, fill=float("-inf"))).kind == "rewritten"
 
@@ -115,5 +111,4 @@ FP16_TEMPERATURE_GRADIENT = Case(
 def test_half_precision_temperature_gradient_is_formed_in_fp32():
     """Found as "wrong" (seed 101): Q·τ rounded to fp16 before the op left dQ·Q, summed into τ's
     gradient, 6.5% off fp32 (eager 0.6%); Q, K and V now reach the op in fp32 when a tensor scales Q."""
-    assert known_failure(FP16_TEMPERATURE_GRADIENT) is None
     assert run_case(FP16_TEMPERATURE_GRADIENT).kind == "rewritten"
