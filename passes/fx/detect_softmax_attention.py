@@ -484,9 +484,10 @@ class _Builder:
 
 def _operand_name(term) -> str:
     """A dense bias term's name in the report: its node's, or the constant it adds."""
-    if isinstance(term, ConstantBias):
-        return f"the constant {term.value:g}"
-    return (term.dense if isinstance(term, ProgramTerm) else term).node.name
+    dense = term.dense if isinstance(term, ProgramTerm) else term
+    if isinstance(dense, ConstantBias):
+        return f"the constant {dense.value:g}"
+    return dense.node.name
 
 
 def _operand_fields(match: FxAttentionMatch) -> dict:
