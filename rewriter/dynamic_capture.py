@@ -41,9 +41,25 @@ def _tensor_spec(value):
     return axes or None
 
 
+def _grouped_by_parameter(module: torch.nn.Module, specs: list) -> list:
+    """The positional inputs' specs as `forward`'s parameters take them: those a ``*args`` parameter
+    collects become one tuple (torch.export matches `dynamic_shapes` to parameters, and sees such a
+    forward's inputs as ``(x, (a, b))``; performer-pytorch's `SelfAttention.forward(self, *args, …)`)."""
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):  # a forward without a Python signature
+        return specs
+    for position, parameter in enumerate(parameters):
+        if parameter.kind is parameter.VAR_POSITIONAL:
+            return specs[:position] + [tuple(specs[position:])]
+        if parameter.kind not in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+            break
+    return specs
+
+
 def auto_dynamic_shapes(module: torch.nn.Module, args: tuple, kwargs: dict | None):
     """`dynamic_shapes` for torch.export marking the axes described above `Dim.AUTO`; None if none are."""
-    specs = [pytree.tree_map(_tensor_spec, arg) for arg in args]
+    specs = _grouped_by_parameter(module, [pytree.tree_map(_tensor_spec, arg) for arg in args])
     if kwargs:
         names = list(inspect.signature(module.forward).bind(*args, **kwargs).arguments)
         by_name = dict(zip(names, specs))

@@ -33,7 +33,7 @@ def load_model(path: str) -> onnx.ModelProto:
     if os.path.isdir(path):
         raise ModelFileError(f"{path}: is a directory, not an ONNX file")
     if not os.path.isfile(path):
-        raise ModelFileError(f"{path}: no such file")
+        raise ModelFileError(f"{path}: not a regular file" if os.path.exists(path) else f"{path}: no such file")
     try:
         model = onnx.load(path, load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as error:

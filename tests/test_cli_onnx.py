@@ -97,7 +97,7 @@ def _without_its_data(tmp_path) -> str:
 @pytest.mark.parametrize("case", ["truncated", "not onnx", "missing file", "future opset", "missing directory",
                                   "output is input", "bad chunk size", "bad budget", "missing external data",
                                   "directory as model", "unknown option", "checker rejects", "directory as output",
-                                  "output under a file", "zero seq len"])
+                                  "output under a file", "zero seq len", "device as model"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, gpt2_onnx, tmp_path):
     output = str(tmp_path / "out.onnx")
     model = gpt2_onnx
@@ -122,6 +122,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, gpt2_onnx, tmp_pa
         model = _without_its_data(tmp_path)
     elif case == "directory as model":
         model = str(tmp_path)
+    elif case == "device as model":
+        model = os.devnull
     elif case == "unknown option":
         extra = ["--chunk-sise", "64"]
     elif case == "directory as output":
@@ -144,7 +146,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, gpt2_onnx, tmp_pa
     expected = {"missing external data": os.path.join("copied", "model.onnx.data"),
                 "directory as model": "is a directory", "unknown option": "unrecognized arguments: --chunk-sise",
                 "checker rejects": "invalid ONNX model", "directory as output": "is a directory",
-                "output under a file": "is not a directory", "zero seq len": "expected a positive integer"}
+                "output under a file": "is not a directory", "zero seq len": "expected a positive integer",
+                "device as model": "not a regular file"}
     assert expected.get(case, "") in result.stderr and "internal error" not in result.stderr, result.stderr
 
 

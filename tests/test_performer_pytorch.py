@@ -73,6 +73,19 @@ def test_self_attention(kernel, causal, length):
     assert assert_module_parity(model, gm, (x,), atol=1e-4, grad_atol=1e-3) > 0
 
 
+def test_self_attention_takes_other_lengths_by_default():
+    """`SelfAttention.forward(self, *args, …)` collects its input in ``*args``: the default dynamic
+    capture gives that parameter one tuple of specs (it fell back to the example's length)."""
+    torch.manual_seed(0)
+    model = _quiet(performer_pytorch.SelfAttention, dim=32, heads=2, dim_head=16, nb_features=24).eval()
+    gm, report = optimize_module(model, (torch.randn(2, 64, 32),))
+    _assert_all_rewritten(report, gm, 1)
+    for length in (100, 37):
+        x = torch.randn(3, length, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x), model(x), atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("kernel", sorted(KERNELS))
 @pytest.mark.parametrize("causal", [False, True])
 def test_fast_attention(kernel, causal):
