@@ -115,3 +115,13 @@ def test_bloom_attention_is_rewritten_exactly(padded):
         mask[1, :3] = 0
     embeds = model.word_embeddings(torch.randint(0, 64, (2, 9))).detach()
     assert_parity(BloomHidden(model), [embeds, mask], rewrites=2, chunk_size=(4, 4), atol=1e-4, grad_atol=1e-3)
+
+
+def test_views_of_dynamic_sizes_that_regroup_more_than_batch_and_heads_say_so():
+    """Found by the fuzzer (seed 404): the refusal's message sorted sympy sizes, which raised TypeError."""
+    import sympy
+
+    from passes.fx.batch_views import BatchViewError, batch_split
+    b, n = sympy.symbols("b n", positive=True, integer=True)
+    with pytest.raises(BatchViewError, match="reshape more than the batch and head axes"):
+        batch_split([(4 * b, n, n), (b, 2, n, n), (b * n, 3, n, n)])

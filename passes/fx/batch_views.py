@@ -88,7 +88,7 @@ def batch_split(shapes: list[tuple]) -> BatchSplit | None:
             not _same(prefix[0], math.prod(split[0])) for prefix in merged):
         raise BatchViewError(
             "views between the products and softmax reshape more than the batch and head axes "
-            f"(batch axes {sorted(prefixes)})")
+            f"(batch axes {sorted(prefixes, key=str)})")
     return BatchSplit(split[0])
 
 
