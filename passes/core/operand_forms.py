@@ -16,31 +16,16 @@ from __future__ import annotations
 
 import logging
 
-from rewriter.kernels.program_proofs import key_bounds, reachable
-from rewriter.kernels.score_program import Program, Step
+from rewriter.kernels.program_proofs import filled_keep, key_bounds
+from rewriter.kernels.score_program import Program
 
 __all__ = ["operand_fields", "describe_operands"]
 
 logger = logging.getLogger(__name__)
 
 
-def _keep_of_bias(program: Program) -> Program | None:
-    """The keep-mask of a bias ``where(keep, x, c)`` / ``where(hide, c, x)`` with a constant c (any value)."""
-    steps = list(program.steps)
-    last = steps[-1]
-    if last.op != "where" or steps[last.args[0]].dtype != "bool":
-        return None
-    condition, first, second = last.args
-    if steps[second].op == "const":
-        return reachable(steps, condition)
-    if steps[first].op == "const":
-        steps.append(Step("logical_not", (condition,), None, "bool"))
-        return reachable(steps, len(steps) - 1)
-    return None
-
-
 def _has_causal_bound(mask_program: Program | None, bias_program: Program | None) -> bool:
-    keeps = [mask_program, _keep_of_bias(bias_program) if bias_program is not None else None]
+    keeps = [mask_program, filled_keep(bias_program) if bias_program is not None else None]
     return any(keep is not None and key_bounds(keep)[0] is not None for keep in keeps)
 
 

@@ -21,10 +21,9 @@ import math
 import sympy
 from torch.fx import Node
 
-from passes.core.attention_labels import FINE, MERGED, expand
 from passes.fx import aten_vocabulary as ops
 
-__all__ = ["FINE", "MERGED", "BatchSplit", "batch_split", "expand", "is_batch_view", "split_shape", "unflatten_sizes"]
+__all__ = ["BatchSplit", "BatchViewError", "batch_split", "is_batch_view", "sizes", "split_shape", "unflatten_sizes"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +32,9 @@ class BatchViewError(ValueError):
     """The shapes in a block are not views of one another's batch axes; the text says why."""
 
 
-def _sizes(node) -> tuple | None:
-    """Sizes of `node`: ints, or sympy expressions for dynamic sizes (compared without guards)."""
+def sizes(node) -> tuple | None:
+    """Sizes of `node`: ints, or sympy expressions for dynamic sizes (compared without guards); None
+    when export recorded none."""
     meta = ops.tensor_meta(node)
     return None if meta is None else tuple(size if isinstance(size, int) else size.node.expr for size in meta.shape)
 
@@ -52,7 +52,7 @@ def is_batch_view(node: Node) -> bool:
     """
     if not ops.is_call(node, ops.RESHAPE):
         return False
-    before, after = _sizes(node.args[0]), _sizes(node)
+    before, after = sizes(node.args[0]), sizes(node)
     if before is None or after is None or len(before) < 3 or len(after) < 3:
         return False
     return all(_same(a, b) for a, b in zip(before[-2:], after[-2:])) and _same(

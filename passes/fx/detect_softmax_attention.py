@@ -28,7 +28,8 @@ from passes.core.attention_spec import AttentionSpec, layout_name
 from passes.fx import aten_vocabulary as ops
 from passes.core.causal_proofs import causal_offset_of_bias, causal_offset_of_keep
 from passes.fx import batch_views
-from passes.fx.batch_views import FINE, MERGED, BatchSplit, BatchViewError, expand
+from passes.core.attention_labels import FINE, MERGED, expand
+from passes.fx.batch_views import BatchSplit, BatchViewError
 from passes.fx.constant_values import constant_value, scalar_constant
 from passes.fx.product_labels import label_product
 from passes.fx.score_chain import ScoreChain, trace_score_chain
@@ -169,11 +170,11 @@ def _unexpanded_key_value(key: Operand, value: Operand) -> tuple[Operand, Operan
 
 
 def _shape(node: Node) -> tuple:
-    """Sizes of `node`: ints, or sympy expressions for dynamic sizes (compared without guards)."""
-    meta = ops.tensor_meta(node)
-    if meta is None:
+    """Sizes of `node` (`batch_views.sizes`); rejected when none was recorded."""
+    shape = batch_views.sizes(node)
+    if shape is None:
         raise _Rejected(f"no shape recorded for '{node.name}'")
-    return tuple(size if isinstance(size, int) else size.node.expr for size in meta.shape)
+    return shape
 
 
 def _operand_shape(operand: Operand) -> tuple:

@@ -24,7 +24,8 @@ from passes.core.attention_spec import ChunkSizes
 from passes.core.score_algebra import ConstantBias
 from passes.core.program_terms import ProgramTerm, combined_bias, compact_leaves
 from passes.fx import aten_vocabulary as ops
-from passes.fx.batch_views import FINE, unflatten_sizes
+from passes.core.attention_labels import FINE
+from passes.fx.batch_views import unflatten_sizes
 from passes.fx.detect_softmax_attention import FxAttentionMatch, Operand
 
 __all__ = ["RewriteSoftmaxAttention"]

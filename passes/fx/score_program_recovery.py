@@ -30,7 +30,7 @@ from passes.core.causal_proofs import causal_offset_of_keep
 from passes.core.program_terms import negate
 from passes.core.score_programs import ProgramBuilder, ProgramError
 from passes.fx import aten_vocabulary as ops
-from passes.fx.batch_views import FINE, MERGED
+from passes.core.attention_labels import FINE, MERGED
 from passes.fx.index_views import constant_integer, dtype_name, is_one, shape_of, source_positions
 
 __all__ = ["FxProgramTranslator"]

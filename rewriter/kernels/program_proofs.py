@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 from rewriter.kernels.score_program import Program, Step
 
@@ -20,7 +21,7 @@ from rewriter.kernels.score_program import Program, Step
 EFFECTIVELY_NEG_INF = -1e30
 
 __all__ = ["EFFECTIVELY_NEG_INF", "Affine", "added_fill", "affine", "bias_fill", "causal_split", "fill_mask",
-           "filled_bias_bounds", "key_bounds", "reachable", "relative_steps"]
+           "filled_bias_bounds", "filled_keep", "key_bounds", "reachable", "relative_steps"]
 
 
 def reachable(steps, output: int) -> Program:
@@ -159,20 +160,27 @@ def key_bounds(program: Program) -> tuple[int | None, int | None, Program | None
     return bounds.get("upper"), bounds.get("lower"), None if rest is None else reachable(steps, rest)
 
 
-def _filled(steps: list[Step]) -> tuple[int, int, float] | None:
+def _filled(steps: list[Step], at_most: float = EFFECTIVELY_NEG_INF) -> tuple[int, int, float] | None:
     """(keep step, kept-value step, fill) when the last step is ``where(keep, x, f)`` or ``where(hide, f, x)``
-    with a constant f ≤ `EFFECTIVELY_NEG_INF` (a ``logical_not`` of `hide` is appended)."""
+    with a constant f ≤ `at_most` (a ``logical_not`` of `hide` is appended)."""
     last = steps[-1]
     if last.op != "where" or steps[last.args[0]].dtype != "bool":
         return None
     condition, first, second = last.args
     fills = [float(steps[arg].attr) if steps[arg].op == "const" else None for arg in (first, second)]
-    if fills[1] is not None and fills[1] <= EFFECTIVELY_NEG_INF:
+    if fills[1] is not None and fills[1] <= at_most:
         return condition, first, fills[1]
-    if fills[0] is not None and fills[0] <= EFFECTIVELY_NEG_INF:
+    if fills[0] is not None and fills[0] <= at_most:
         steps.append(Step("logical_not", (condition,), None, "bool"))
         return len(steps) - 1, second, fills[0]
     return None
+
+
+def filled_keep(program: Program) -> Program | None:
+    """The keep-mask of a bias ``where(keep, x, c)`` / ``where(hide, c, x)`` with a constant c of any value."""
+    steps = list(program.steps)
+    found = _filled(steps, at_most=math.inf)
+    return None if found is None else reachable(steps, found[0])
 
 
 def fill_mask(program: Program) -> tuple[Program, float] | None:
