@@ -12,8 +12,10 @@ whose every key is masked gives NaN as a hand-written softmax does, or 0 with `z
 (default False) as SDPA and `aten._safe_softmax` do, gradients included.
 Where PyTorch's fused CPU flash kernel computes exactly the same thing, forward and backward call
 it, for the whole call or chunk by chunk of query rows with each chunk's mask built for it alone
-(`rewriter.kernels.fused_rows`); otherwise both run the blockwise implementation. `row_stats` (B, H, Lq, 2) holds each query
-row's score max and sum of exp(score − max), what the backward needs; the fused kernel's
+(`rewriter.kernels.fused_rows`); on CUDA, a whole call without bias or mask goes to SDPA's
+memory-efficient kernel (`rewriter.kernels.efficient_attention`); otherwise both run the blockwise
+implementation. `row_stats` (B, H, Lq, 2) holds each query
+row's score max and sum of exp(score − max), what the backward needs; a fused kernel's
 log-sum-exp is stored as (lse, 1). The backward is its own custom op, so that
 compilers treat both directions as opaque and nothing n × n is saved between them.
 """
@@ -30,6 +32,7 @@ from rewriter.kernels.chunked_attention import (
     chunked_attention_backward,
     chunked_attention_forward,
 )
+from rewriter.kernels import efficient_attention
 from rewriter.kernels.fused_rows import FusedRows
 from rewriter.kernels.score_program import parse
 
@@ -42,12 +45,14 @@ def _options(scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk,
 
 
 def uses_fused_kernel(q, k, v, terms: ScoreTerms, opts: ScoreOptions, bias_grad: bool = False) -> bool:
-    """Whether one call of PyTorch's CPU flash kernel computes this whole call: no bias or mask, and
-    causality (if any) top-left aligned, as its ``is_causal`` is. Calls with a bias or mask use it
-    chunk by chunk where exact (`rewriter.kernels.fused_rows`)."""
+    """Whether one call of PyTorch's fused kernel for the device (CPU flash, CUDA memory-efficient)
+    computes this whole call: no bias or mask, and causality (if any) top-left aligned, as its
+    ``is_causal`` is. On CPU, calls with a bias or mask use it chunk by chunk where exact
+    (`rewriter.kernels.fused_rows`)."""
     no_terms = (terms.bias is None and terms.mask is None and terms.bias_program is None and terms.mask_program is None
                 and terms.fill_program is None)
-    return (FusedRows.applies(q, k, v, opts, bias_grad) and no_terms
+    device_ok = q.device.type == "cpu" or efficient_attention.takes(q, k, v)
+    return (device_ok and FusedRows.same_semantics(q, k, v, opts, bias_grad) and no_terms
             and (not opts.causal or opts.causal_offset == 0))
 
 
@@ -96,8 +101,11 @@ def attention(
     opts = _options(scale, softcap, mask_fill, causal, causal_offset, q_chunk, k_chunk, zero_masked_rows)
     terms = _terms(bias, mask, leaves, bias_program, mask_program, fill_program)
     if uses_fused_kernel(q, k, v, terms, opts):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            *_fused_inputs(q, k, v), 0.0, causal, scale=scale)
+        if q.device.type == "cuda":
+            out, lse = efficient_attention.forward(*_fused_inputs(q, k, v), causal, scale)
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                *_fused_inputs(q, k, v), 0.0, causal, scale=scale)
         return out, torch.stack([lse.float(), torch.ones_like(lse, dtype=torch.float32)], dim=-1)
     return chunked_attention_forward(q, k, v, terms, opts, _fused_rows(q, k, v, terms, opts))
 
@@ -127,8 +135,12 @@ def attention_backward(
     no_leaf_grads = [q.new_empty(0) for _ in leaves]
     if uses_fused_kernel(q, k, v, terms, opts, bias_grad):
         groups = q.size(1) // k.size(1)
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad_out.contiguous(), *_fused_inputs(q, k, v), out, row_stats[..., 0], 0.0, causal, scale=scale)
+        if q.device.type == "cuda":
+            dq, dk, dv = efficient_attention.backward(grad_out, *_fused_inputs(q, k, v), out, row_stats[..., 0],
+                                                      causal, scale)
+        else:
+            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad_out.contiguous(), *_fused_inputs(q, k, v), out, row_stats[..., 0], 0.0, causal, scale=scale)
         if groups > 1:
             dk, dv = (g.unflatten(1, (k.size(1), groups)).sum(2) for g in (dk, dv))
         return [dq.contiguous(), dk.contiguous(), dv.contiguous(), no_bias_grad, *no_leaf_grads]

@@ -67,7 +67,14 @@ class FusedRows:
     @staticmethod
     def applies(q, k, v, opts: ScoreOptions, bias_grad: bool) -> bool:
         """Whether the kernel computes this call's semantics at all (before looking at any mask)."""
-        return (q.device.type == "cpu" and q.dtype in _DTYPES and q.dtype == k.dtype == v.dtype
+        return q.device.type == "cpu" and FusedRows.same_semantics(q, k, v, opts, bias_grad)
+
+    @staticmethod
+    def same_semantics(q, k, v, opts: ScoreOptions, bias_grad: bool) -> bool:
+        """Whether SDPA's fused kernels (CPU flash, CUDA memory-efficient) compute this call's semantics
+        on any device: one float dtype, no soft-cap, no bias gradient, equal head dims of q and v, and
+        K/V with q's batch (the kernels do not broadcast it)."""
+        return (q.dtype in _DTYPES and q.dtype == k.dtype == v.dtype
                 and opts.softcap == 0 and not bias_grad and q.size(-1) == v.size(-1)
                 and q.size(0) == k.size(0) == v.size(0))
 
