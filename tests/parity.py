@@ -2,12 +2,41 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 import rewriter
 import rewriter.kernels.attention_op  # noqa: F401  (registers torch.ops.rewriter.attention; `import rewriter` is lazy)
 
 ATTENTION_OP = torch.ops.rewriter.attention.default
+
+
+def naive_attention(q, k, v, bias, mask, opts):
+    """softmax(scale · q kᵀ [soft-capped] + bias, masked, causal) v in fp32, on the inputs' device; `opts` a
+    `ScoreOptions`; K/V heads repeated to the query heads."""
+    groups = q.size(1) // k.size(1)
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = q.float() @ k.float().transpose(-1, -2) * opts.scale
+    if opts.softcap:
+        scores = torch.tanh(scores / opts.softcap) * opts.softcap
+    if bias is not None:
+        scores = scores + bias
+    if mask is not None:
+        scores = scores.masked_fill(~mask, opts.mask_fill)
+    if opts.causal:
+        keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril(opts.causal_offset)
+        scores = scores.masked_fill(~keep, -math.inf)
+    return (torch.softmax(scores, -1) @ v.float()).to(q.dtype)
+
+
+def run_op(q, k, v, bias, mask, opts, leaves=(), bias_program="", mask_program="", fill_program=""):
+    """`rewriter::attention`'s output for `opts` (a `ScoreOptions`) and the programs' JSON over `leaves`."""
+    out, _ = torch.ops.rewriter.attention(
+        q, k, v, bias, mask, list(leaves), opts.scale, opts.softcap, opts.mask_fill, opts.causal, opts.causal_offset,
+        opts.q_chunk, opts.k_chunk, opts.zero_masked_rows, bias_program, mask_program, fill_program,
+    )
+    return out
 
 
 def op_count(gm: torch.fx.GraphModule) -> int:

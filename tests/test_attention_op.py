@@ -12,32 +12,9 @@ from hypothesis import strategies as st
 import rewriter.kernels.attention_op as attention_op
 from rewriter.kernels.chunked_attention import ScoreOptions, ScoreTerms
 from rewriter.kernels.fused_rows import FusedRows
+from parity import naive_attention, run_op
 from passes.core.planner import parse_size, plan_chunk_sizes
 from passes.core.attention_spec import AttentionSpec
-
-
-def naive_attention(q, k, v, bias, mask, opts: ScoreOptions):
-    groups = q.size(1) // k.size(1)
-    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-    scores = q.float() @ k.float().transpose(-1, -2) * opts.scale
-    if opts.softcap:
-        scores = torch.tanh(scores / opts.softcap) * opts.softcap
-    if bias is not None:
-        scores = scores + bias
-    if mask is not None:
-        scores = scores.masked_fill(~mask, opts.mask_fill)
-    if opts.causal:
-        keep = torch.ones(scores.shape[-2:], dtype=torch.bool).tril(opts.causal_offset)
-        scores = scores.masked_fill(~keep, -math.inf)
-    return (torch.softmax(scores, -1) @ v.float()).to(q.dtype)
-
-
-def run_op(q, k, v, bias, mask, opts: ScoreOptions):
-    out, _ = torch.ops.rewriter.attention(
-        q, k, v, bias, mask, [], opts.scale, opts.softcap, opts.mask_fill, opts.causal, opts.causal_offset,
-        opts.q_chunk, opts.k_chunk, opts.zero_masked_rows, "", "", "",
-    )
-    return out
 
 
 @st.composite

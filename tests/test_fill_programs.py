@@ -175,8 +175,8 @@ def _programs(fill: float, offset: int):
 
 def _dense(q, k, v, extra, fill, offset):
     scores = q @ k.transpose(-1, -2) * 0.3
-    rows, cols = torch.arange(q.size(-2))[:, None], torch.arange(k.size(-2))[None, :]
-    scores = torch.where(cols <= rows + offset, scores, torch.full([], fill)) + extra[:, None, None, :]
+    rows, cols = torch.arange(q.size(-2), device=q.device)[:, None], torch.arange(k.size(-2), device=q.device)[None, :]
+    scores = torch.where(cols <= rows + offset, scores, torch.full([], fill, device=q.device)) + extra[:, None, None, :]
     return torch.softmax(scores, -1) @ v
 
 

@@ -32,7 +32,7 @@ def _programs(pad, table, offset=0):
 
 
 def _dense(pad, table, offset=0):
-    rows, cols = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    rows, cols = torch.arange(L, device=pad.device)[:, None], torch.arange(L, device=pad.device)[None, :]
     keep = (cols <= rows + offset)[None, None] & pad[:, None, None, :]
     bias = table[(cols - rows).abs().clamp(max=15)].permute(2, 0, 1)[None]
     return bias, keep
