@@ -77,7 +77,8 @@ def assert_parity(module, inputs, *, rewrites: int, atol=1e-5, rtol=1e-4, grad_a
         outs = _outputs(fn(*leaves))
         if not grads:
             return outs, []
-        weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=o.dtype) for i, o in enumerate(outs)]
+        weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=o.dtype).to(o.device)
+                   for i, o in enumerate(outs)]
         loss = sum((o * w).sum() for o, w in zip(outs, weights))
         differentiable = [x for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
         parameters = [p for _, p in sorted(fn.named_parameters()) if p.requires_grad]
