@@ -7,7 +7,7 @@ score matrix and returns each query row's log-sum-exp; its backward,
 log-sum-exp, as the op's own backward does. Both run with dropout 0, so the philox seed and offset
 they take are never read. Used only where its semantics are the op's (`takes` checks the tensors;
 `rewriter.kernels.attention_op.uses_fused_kernel` the call), fp32 included: on sm80+ the kernel's fp32
-products use 3×TF32, as accurate as fp32.
+products use CUTLASS's 3×TF32 (OpMultiplyAddFastF32), close to fp32 accuracy, not plain TF32.
 
 Layouts, from ATen's ``attention.cu`` / ``attention_backward.cu``: the kernel works in (B, L, H, D);
 its forward returns the output as a (B, H, L, D) view of a (B, L, H, D) buffer and the log-sum-exp
@@ -28,20 +28,21 @@ logger = logging.getLogger(__name__)
 
 _MAX_HEAD_DIM = 128
 _LSE_ROWS = 32  # the row padding of the kernel's log-sum-exp (kAlignLSE)
+_MAX_BATCH = 65535  # one CUDA grid dimension; ATen's backward splits larger batches, its forward may not
 
 
 def takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the CUDA kernel takes these tensors: q (B, H, Lq, D), k (B, H', Lk, D), v (B, H', Lk, D)
     of one floating dtype on a CUDA (not ROCm) device, 0 < D ≤ 128 aligned as SDPA's own checks ask
-    (a multiple of 8 for fp16/bf16, 4 for fp32), non-empty lengths, bf16 only on sm80+. The call's
-    semantics (no bias, mask or soft-cap) are the caller's to check."""
+    (a multiple of 8 for fp16/bf16, 4 for fp32), non-empty lengths, a batch of at most 65535, bf16
+    only on sm80+. The call's semantics (no bias, mask or soft-cap) are the caller's to check."""
     if q.device.type != "cuda" or torch.version.hip is not None:
         return False
     head_dim = q.size(-1)
     alignment = 4 if q.dtype == torch.float32 else 8
     if not (0 < head_dim <= _MAX_HEAD_DIM and head_dim % alignment == 0 and v.size(-1) == head_dim):
         return False
-    if q.size(-2) == 0 or k.size(-2) == 0 or q.numel() == 0:
+    if q.size(-2) == 0 or k.size(-2) == 0 or q.numel() == 0 or q.size(0) > _MAX_BATCH:
         return False
     return q.dtype != torch.bfloat16 or torch.cuda.get_device_capability(q.device) >= (8, 0)
 
