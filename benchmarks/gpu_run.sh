@@ -18,7 +18,7 @@ timeout 170 python -m pytest -q -rfEs -p no:cacheprovider tests/test_cuda.py --j
     > "$OUT/test_cuda.txt" 2>&1
 echo "test_cuda exit status: $?" >> "$OUT/test_cuda.txt"
 
-timeout 290 python benchmarks/cuda_attention.py --max-seconds 220 --json "$OUT/cuda_attention.json" \
+timeout 290 python benchmarks/cuda_attention.py --max-seconds 220 --repeats 2 --json "$OUT/cuda_attention.json" \
     > "$OUT/cuda_attention.md" 2> "$OUT/cuda_attention.log"
 echo "cuda_attention exit status: $?" >> "$OUT/cuda_attention.log"
 
