@@ -8,7 +8,7 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
-export PYTHONPATH=.
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
@@ -18,7 +18,7 @@ timeout 170 python -m pytest -q -rfEs -p no:cacheprovider tests/test_cuda.py --j
     > "$OUT/test_cuda.txt" 2>&1
 echo "test_cuda exit status: $?" >> "$OUT/test_cuda.txt"
 
-timeout 290 python benchmarks/cuda_attention.py --max-seconds 220 --repeats 2 --json "$OUT/cuda_attention.json" \
+timeout 230 python benchmarks/cuda_attention.py --max-seconds 170 --repeats 2 --json "$OUT/cuda_attention.json" \
     > "$OUT/cuda_attention.md" 2> "$OUT/cuda_attention.log"
 echo "cuda_attention exit status: $?" >> "$OUT/cuda_attention.log"
 
