@@ -148,3 +148,20 @@ def test_rows_whose_every_key_has_a_finfo_min_bias_keep_exact_gradients():
     torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-4)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_a_part_at_minus_infinity_on_a_whole_row_weighs_nothing():
+    """A bias at −∞ on every key of one part of a row (a sliding window given as an additive bias,
+    with the causal flag splitting off the keys left of the diagonal band) on the fused-rows path:
+    that part's rows weigh 0 in the merge, whatever log-sum-exp the kernel reports for them (it
+    reported 0, which weighed them in: outputs 0.13 off)."""
+    generator = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 96, 16, generator=generator).requires_grad_() for _ in range(3))
+    rows, cols = torch.arange(96)[:, None], torch.arange(96)[None, :]
+    bias = torch.where(cols > rows - 8, 0.0, -math.inf)[None, None]
+    opts = ScoreOptions(0.25, 0.0, -math.inf, True, 0, 32, 32)
+    got = run_op(q, k, v, bias, None, opts)
+    want = naive_attention(q, k, v, bias, None, opts)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for g, w in zip(torch.autograd.grad(got.sum(), (q, k, v)), torch.autograd.grad(want.sum(), (q, k, v))):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)

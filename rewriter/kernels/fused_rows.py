@@ -173,6 +173,8 @@ class FusedRows:
             for part in parts:
                 most = row_max(part.additive)
                 largest = most if largest is None else torch.maximum(largest, most)
+                # A row at −∞ on all of this part's keys weighs 0 in the merge (the kernel reports lse 0 there).
+                part.kept = most > -math.inf if part.kept is None else part.kept & (most > -math.inf)
             if not bool((largest >= _MIN_ROW_BIAS).all()):
                 return None
         return parts
