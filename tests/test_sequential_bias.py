@@ -39,6 +39,9 @@ SUMMED_FINITE_FILLS = Case(
     SUMMED_FINITE_FILLS,
     dataclasses.replace(SUMMED_FINITE_FILLS, fill=-1e9),
     dataclasses.replace(SUMMED_FINITE_FILLS, softcap=False, query_len=11, key_len=13, chunks=(4, 3)),
+    dataclasses.replace(SUMMED_FINITE_FILLS, mask_then_bias=True),  # the mask's term first, then the padding's
+    # where(keep, s, F) + B: the fill program folds F + B as the model does
+    dataclasses.replace(SUMMED_FINITE_FILLS, mask_then_bias=True, mask_form="where"),
     dataclasses.replace(SUMMED_FINITE_FILLS, dtype="bfloat16"),
     dataclasses.replace(SUMMED_FINITE_FILLS, dtype="float16", fill=-1000.0),
 ])
