@@ -168,8 +168,8 @@ def evaluate_addends(program: Program, leaves: list[torch.Tensor], batch: int, h
                      reverse_rows: bool = False) -> list[torch.Tensor]:
     """`evaluate` of each addend of `program` (its one value where it has one addend), in the order the
     model adds them to the scores."""
-    return [evaluate(part, leaves, batch, heads, rows, cols, device, reverse_rows)
-            for part in addend_programs(program)]
+    parts = (program,) if len(program.addends) == 1 else addend_programs(program)  # no hashing for one
+    return [evaluate(part, leaves, batch, heads, rows, cols, device, reverse_rows) for part in parts]
 
 
 def addend_values(program: Program, values: list, device: torch.device) -> list[torch.Tensor]:
