@@ -252,8 +252,11 @@ def test_a_constant_before_a_finite_fill_mask_is_a_bias(dense_bias):
     gm, report = rewriter.optimize_module(model, inputs, dynamic_shapes=None)
     assert report.rewritten_count == 1, report.summary()
     (call,) = [node for node in gm.graph.nodes if node.target is ATTENTION_OP]
-    if dense_bias:  # the (L, L) input stays the op's bias tensor, the constant added to it
-        assert call.args[3] is not None and call.args[14] == ""
+    if dense_bias:  # two addends, the constant then the (L, L) input (read as it is), added in that order
+        program = parse(call.args[14])
+        assert call.args[3] is None
+        assert [(program.steps[step].op, program.steps[step].attr) for step in program.addends] == [
+            ("const", 3.0), ("load", 0)], call.args[14]
     else:
         assert [(step.op, step.attr) for step in parse(call.args[14]).steps] == [("const", 3.0)], call.args[14]
     want, got = model(*inputs), gm(*inputs)

@@ -28,7 +28,7 @@ from typing import Any
 from passes.core.mask_semantics import fill_is_neg_inf
 from passes.core.score_algebra import MaskStep
 from passes.core.score_programs import ProgramBuilder, ProgramError, causal_split, fill_mask
-from rewriter.kernels.score_program import Program
+from rewriter.kernels.score_program import SCORE_ADD, Program
 
 __all__ = ["ProgramTerm", "absorb", "combined_bias", "compact_leaves", "negate", "program_bias_offset",
            "program_mask_offset", "recover_terms", "sum_steps"]
@@ -81,22 +81,36 @@ def _read_as_is(program: Program) -> bool:
 
 
 def _term(builder: ProgramBuilder, operand, translate: Callable[[Any], int],
-          negated: bool = False) -> ProgramTerm | None:
-    """The operand as a program (negated: its logical not), or None where it stays the tensor operand."""
+          negated: bool = False, leaf: Callable[[Any], int] | None = None) -> ProgramTerm | None:
+    """The operand as a program (negated: its logical not), or None where it stays the tensor operand.
+
+    With `leaf` (one of several biases, which the kernels add in turn only as program addends), an
+    operand read as it is stays a program, and one that does not translate is read as it is
+    (`leaf(operand)`, which may raise ProgramError too)."""
     try:
         step = translate(operand)
     except ProgramError as error:
-        logger.info("a mask or bias stays a tensor: %s", error)
-        return None
+        try:
+            step = leaf(operand) if leaf is not None else None
+        except ProgramError as leaf_error:
+            error = leaf_error
+        if step is None:
+            logger.info("a mask or bias stays a tensor: %s", error)
+            return None
     term = ProgramTerm(builder, negate(builder, step) if negated else step, operand)
-    if _read_as_is(term.program):
+    if leaf is None and _read_as_is(term.program):
         return None  # an input or buffer used as it is: the tensor operand is the same thing
     return term
 
 
 def recover_terms(builder: ProgramBuilder, biases: list[tuple[Any, float]], masks: list[MaskStep],
-                  translate: Callable[[Any], int], zero_masked_rows: bool) -> tuple[list[tuple[Any, float]], list[MaskStep]]:
+                  translate: Callable[[Any], int], zero_masked_rows: bool,
+                  leaf: Callable[[Any], int] | None = None) -> tuple[list[tuple[Any, float]], list[MaskStep]]:
     """`biases` ((operand, factor)) and `masks` with each translatable operand a `ProgramTerm`.
+
+    Several biases all become programs where they can (`leaf(operand)` reads one that does not
+    translate as it is): the kernels add a program's addends to the scores in turn, as the model
+    does, where a dense sum would round ``s + (B₁ + B₂)`` differently.
 
     A lone bias ``where(keep, 0, −∞)`` becomes a keep-mask only with `zero_masked_rows`: where a
     row whose every key it hides is NaN, the bias passes that NaN to the gradients of the scores,
@@ -110,8 +124,9 @@ def recover_terms(builder: ProgramBuilder, biases: list[tuple[Any, float]], mask
         term = _term(builder, step.condition, translate, negated=not step.keep_when_true)
         recovered_masks.append(step if term is None else dataclasses.replace(step, condition=term, keep_when_true=True))
     recovered_biases = []
+    several = len(biases) > 1
     for operand, factor in biases:
-        term = _term(builder, operand, translate)
+        term = _term(builder, operand, translate, leaf=leaf if several else None)
         convertible = term is not None and not recovered_masks and factor > 0 and zero_masked_rows
         found = fill_mask(term.program) if convertible else None
         if found is not None and found[1] * factor == -math.inf:
@@ -155,7 +170,8 @@ _HALF = ("float16", "bfloat16")
 
 
 def sum_steps(builder: ProgramBuilder, terms: list[tuple[int, float]]) -> int:
-    """The step of ``Σ factor · step``. Several half-precision terms are summed in fp32, as the kernels
+    """The step of ``Σ factor · step``, its additions marked as score-chain additions (`SCORE_ADD`):
+    the kernels add each term to the scores in turn, in `terms`' order (the model's). Several half-precision terms are summed in fp32, as the kernels
     add each to fp32 scores: a half-precision sum would round ``alibi + (−10000)`` to the fill's ulp
     (8 in fp16), a rounding the model, which adds each bias to the scores, does not make."""
     total = None
@@ -165,7 +181,7 @@ def sum_steps(builder: ProgramBuilder, terms: list[tuple[int, float]]) -> int:
             step, dtype = builder.add("cast", (step,), None, "float32"), "float32"
         if factor != 1.0:
             step = builder.add("mul", (step, builder.const(float(factor), dtype)), None, dtype)
-        total = step if total is None else builder.add("add", (total, step), None, _wider(builder, total, step))
+        total = step if total is None else builder.add("add", (total, step), SCORE_ADD, _wider(builder, total, step))
     return total
 
 

@@ -64,7 +64,8 @@ def reduce_score_steps(steps_top_down: list[tuple[str, Any]]) -> ReducedScores:
     """Fold the steps, in graph order, into scale / softcap / biases / masks."""
     reduced = ReducedScores()
     pre_tanh_scale, post_tanh_scale, capped, shifted = 1.0, 1.0, False, False
-    shifts: list[tuple[ConstantBias, float]] = []  # constants added since the last finite-fill mask
+    shifts: list[tuple[int, tuple[ConstantBias, float]]] = []  # constants added since the last finite-fill
+    # mask, each with the number of biases before it (the kernels add biases in the model's order)
     for kind, payload in steps_top_down:
         if kind == "scale":
             if not payload > 0:
@@ -74,7 +75,7 @@ def reduce_score_steps(steps_top_down: list[tuple[str, Any]]) -> ReducedScores:
             else:
                 pre_tanh_scale *= payload
             reduced.biases = [(bias, factor * payload) for bias, factor in reduced.biases]
-            shifts = [(bias, factor * payload) for bias, factor in shifts]
+            shifts = [(position, (bias, factor * payload)) for position, (bias, factor) in shifts]
             reduced.masks = [dataclasses.replace(m, fill_terms=m.fill_terms + (("scale", payload),)) if m.fill_terms
                              else dataclasses.replace(m, fill=m.fill * payload) for m in reduced.masks]
         elif kind == "tanh":
@@ -91,13 +92,14 @@ def reduce_score_steps(steps_top_down: list[tuple[str, Any]]) -> ReducedScores:
             reduced.biases.append((value, factor))
         elif kind == "mask":
             if math.isfinite(payload.fill):
-                reduced.biases.extend(shifts)  # where(c, s + C, F): the kernels' +bias → mask
+                for inserted, (position, shift) in enumerate(shifts):  # where(c, s + C, F): the kernels' +bias → mask
+                    reduced.biases.insert(position + inserted, shift)
                 shifts = []
             reduced.masks.append(payload)
         elif kind == "shift":
             shifted = True
             if not any(math.isfinite(m.fill) for m in reduced.masks):  # after one, it moves the whole row
-                shifts.append((ConstantBias(*payload), 1.0))  # payload: (value, dtype)
+                shifts.append((len(reduced.biases), (ConstantBias(*payload), 1.0)))  # payload: (value, dtype)
         else:
             raise ValueError(f"unknown score step {kind!r}")
     reduced.softcap = post_tanh_scale if capped else 0.0

@@ -356,7 +356,10 @@ class _Builder:
             if isinstance(operand, ConstantBias):
                 return None
             if isinstance(operand, ProgramTerm):
-                return program_bias_offset(operand, factor, only_masking)
+                found = program_bias_offset(operand, factor, only_masking)
+                if found is not None or isinstance(operand.dense, ConstantBias):
+                    return found
+                operand = operand.dense  # perhaps a tensor read as it is (one of several biases): proven on its value
             return self._causal_from_bias(operand, factor, query_len, key_len, only_masking)
 
         def mask_offset(operand, step, only_masking):
@@ -378,7 +381,7 @@ class _Builder:
 
         if self.score_programs:
             aligned_biases, aligned_masks = recover_terms(builder, aligned_biases, aligned_masks, translate,
-                                                          match.zero_masked_rows)
+                                                          match.zero_masked_rows, translator.leaf)
         reason = unexpressible(aligned_biases, lambda operand: isinstance(operand, ProgramTerm))
         if reason is not None:
             raise _Rejected(reason)

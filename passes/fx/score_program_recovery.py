@@ -132,6 +132,15 @@ class FxProgramTranslator:
         An operand viewed through a (batch·heads) split (`operand.view_shape`, BLOOM's ALiBi on
         (B·H, 1, Lk)) is read at ``batch · H + head`` on its merged axis, for a static head count H.
         """
+        return self.translate(operand.node, self._positions(operand))
+
+    def leaf(self, operand) -> int:
+        """The step reading a bias `Operand` as it is, at (batch, head, query, key), whatever computes it:
+        one of several terms added to the scores in turn, where its producer has no program."""
+        return self.builder.load(operand.node, self._positions(operand), dtype_name(operand.node))
+
+    def _positions(self, operand) -> list[int]:
+        """The index steps at which `operand` (see `operand`) is read, one per axis of its node."""
         roles = _ROLES[len(operand.order)]
 
         def index(label: str) -> int:
@@ -154,7 +163,7 @@ class FxProgramTranslator:
                 indices.append(self.builder.add("add", (batch, index(FINE[1])), None, "int64"))
             else:
                 indices.append(index(label))
-        return self.translate(operand.node, indices)
+        return indices
 
     # — the translation —
     def translate(self, node, indices: list[int]) -> int:

@@ -147,7 +147,10 @@ def recover_programs(ctx: AnalysisContext, match: OnnxAttentionMatch, scores: Sc
                      required: bool = False) -> ProgramTerms | None:
     """The programs of every bias and mask operand (aligned with `scores`), and of the operands of
     the masks' fill terms, or None when one does not translate, none of them would be n×n or a leaf
-    is read along both sequence axes (nothing to gain: the tensor exists anyway).
+    is read along both sequence axes (nothing to gain: the tensor exists anyway). Several biases are
+    translated whatever they read: the kernels add a program's addends in turn, as the model does,
+    where their dense sum would round ``s + (B₁ + B₂)`` differently (one that does not translate
+    leaves them a dense sum).
 
     With `required` (a constant bias or a per-entry fill, which exist only as programs), raises
     Rejected instead of returning None where an operand does not translate, and always translates.
@@ -155,7 +158,8 @@ def recover_programs(ctx: AnalysisContext, match: OnnxAttentionMatch, scores: Sc
     operands = [operand for operand, _ in biases] + [step.condition for step in masks] + [
         term[1] for step in masks for term in step.fill_terms if term[0] == "bias"]
     tensors = [operand for operand in operands if not isinstance(operand, ConstantBias)]
-    if not required and not any(_spans_both(ctx, operand, scores) for operand in tensors):
+    several = len(biases) > 1  # added to the scores in turn only as a program's addends: always translated
+    if not (required or several) and not any(_spans_both(ctx, operand, scores) for operand in tensors):
         return None
     builder = ProgramBuilder()
     translator = ProgramTranslator(ctx.facts, builder, match.graph)
@@ -184,7 +188,7 @@ def recover_programs(ctx: AnalysisContext, match: OnnxAttentionMatch, scores: Sc
             if operand not in outputs:
                 outputs[operand] = term_step(builder, operand, translate)
         for step in builder.steps:
-            if step.op == "load" and translator.spans_both(list(step.args)) and not required:
+            if step.op == "load" and translator.spans_both(list(step.args)) and not (required or several):
                 raise ProgramError(f"'{builder.leaves[step.attr].name}' is read along both sequence axes")
     except ProgramError as error:
         if required:

@@ -4,7 +4,8 @@ Scores are formed per block in fp32, in the order the `rewriter::attention` op d
 
     S = scale · Q·Kᵀ
     S = softcap · tanh(S / softcap)              (when softcap > 0)
-    S = S + bias                                 (when a bias is given)
+    S = S + bias                                 (when a bias is given; a program's addends one
+                                                  after another, in the model's order)
     S = where(mask, S, mask_fill)                (when a boolean keep-mask is given; with a fill
                                                   program, its value per entry instead of mask_fill)
     S = where(key ≤ query + causal_offset, S, −∞) (when causal)
@@ -41,7 +42,7 @@ import torch
 
 from rewriter.kernels.key_range import UNDERFLOW as _UNDERFLOW
 from rewriter.kernels.score_program import Program
-from rewriter.kernels.score_program_torch import evaluate, leaf_gradients, trace
+from rewriter.kernels.score_program_torch import addend_values, evaluate, evaluate_addends, leaf_gradients, trace
 
 __all__ = ["BlockTerms", "ScoreOptions", "ScoreTerms", "chunked_attention_forward",
            "chunked_attention_backward"]
@@ -98,10 +99,23 @@ class BlockTerms:
             return _grouped(values, self.kv_heads)
         return _block(self.bias, q0, q1, k0, k1, reverse_rows)
 
+    def bias_blocks(self, q0, q1, k0, k1, reverse_rows: bool = False) -> list[torch.Tensor]:
+        """The bias's addends of rows q0:q1 and keys k0:k1, grouped, in the order the model adds them to
+        the scores (`score_program.addend_steps`; one for a dense bias); [] without a bias."""
+        if self.terms.bias_program is not None:
+            return [_grouped(values, self.kv_heads) for values in evaluate_addends(
+                self.terms.bias_program, list(self.terms.leaves), *self._sizes(q0, q1, k0, k1), reverse_rows)]
+        block = _block(self.bias, q0, q1, k0, k1, reverse_rows)
+        return [] if block is None else [block]
+
     def traced_block(self, program: Program, q0, q1, k0, k1) -> tuple[torch.Tensor, list]:
         """A program's block, grouped, and every step's value for `leaf_gradients`."""
         values = trace(program, list(self.terms.leaves), *self._sizes(q0, q1, k0, k1))
         return _grouped(values[-1], self.kv_heads), values
+
+    def traced_addends(self, program: Program, traced: list) -> list[torch.Tensor]:
+        """A traced program's addends (`bias_blocks`' values), grouped."""
+        return [_grouped(values, self.kv_heads) for values in addend_values(program, traced, self.device)]
 
     def fill_block(self, q0, q1, k0, k1, reverse_rows: bool = False) -> torch.Tensor | None:
         """The fill program's block of rows q0:q1 and keys k0:k1 (rows last first with `reverse_rows`),
@@ -176,13 +190,14 @@ def _key_stop(opts: ScoreOptions, q1: int, key_len: int) -> int:
     return max(0, min(key_len, q1 + opts.causal_offset))
 
 
-def _block_scores(qb, kb, bias_b, hidden_b, opts: ScoreOptions, q0: int, k0: int, keep_tanh: bool = False,
+def _block_scores(qb, kb, bias_b: list, hidden_b, opts: ScoreOptions, q0: int, k0: int, keep_tanh: bool = False,
                   fill_b=None):
     """Final scores of one block, and with soft-capping and `keep_tanh` the tanh values too.
 
-    `qb` arrives already multiplied by `_query_factor(opts)`; `hidden_b` is True where the mask
-    hides a key, `fill_b` (when given) what those entries become. Works in place: a block costs one
-    fp32 buffer (two when the tanh is kept; one more for a fill program's values).
+    `qb` arrives already multiplied by `_query_factor(opts)`; `bias_b` holds the bias's addends, added
+    one after another as the model rounds them; `hidden_b` is True where the mask hides a key, `fill_b`
+    (when given) what those entries become. Works in place: a block costs one fp32 buffer (two when
+    the tanh is kept; one more for a fill program's values).
     """
     scores = torch.matmul(qb, kb.transpose(-1, -2))
     capped = None
@@ -190,8 +205,8 @@ def _block_scores(qb, kb, bias_b, hidden_b, opts: ScoreOptions, q0: int, k0: int
         scores.tanh_()
         capped = scores.clone() if keep_tanh else None
         scores.mul_(opts.softcap)
-    if bias_b is not None:
-        scores.add_(bias_b)
+    for addend in bias_b:
+        scores.add_(addend)
     if hidden_b is not None and fill_b is not None:
         scores = torch.where(hidden_b, fill_b.float(), scores)
     elif hidden_b is not None:
@@ -246,7 +261,7 @@ def chunked_attention_forward(q, k, v, terms: ScoreTerms, opts: ScoreOptions, fu
             if _skippable(hidden_b, row_max, opts, False, fill_b):
                 continue
             scores, _ = _block_scores(
-                qb, kg[..., k0:k1, :], block_terms.bias_block(q0, q1, k0, k1), hidden_b, opts, q0, k0, fill_b=fill_b)
+                qb, kg[..., k0:k1, :], block_terms.bias_blocks(q0, q1, k0, k1), hidden_b, opts, q0, k0, fill_b=fill_b)
             new_max = torch.maximum(row_max, scores.amax(-1))
             reference = _finite_reference(new_max)
             probs = scores.sub_(reference.unsqueeze(-1)).exp_()
@@ -318,9 +333,10 @@ def chunked_attention_backward(grad_out, q, k, v, terms: ScoreTerms, out, stats,
             if _skippable(hidden_b, stats_g[..., q0:q1, 0], opts, True, fill_b):
                 continue
             if leaf_grads is not None and terms.bias_program is not None:
-                bias_b, traced = block_terms.traced_block(terms.bias_program, q0, q1, k0, k1)
+                _, traced = block_terms.traced_block(terms.bias_program, q0, q1, k0, k1)
+                bias_b = block_terms.traced_addends(terms.bias_program, traced)
             else:
-                bias_b, traced = block_terms.bias_block(q0, q1, k0, k1), None
+                bias_b, traced = block_terms.bias_blocks(q0, q1, k0, k1), None
             scores, capped = _block_scores(qb_scaled, kb, bias_b, hidden_b, opts, q0, k0, True, fill_b)
             probs = scores.sub_(row_reference[..., q0:q1, :]).exp_().div_(row_sum[..., q0:q1, :])
             dv[..., k0:k1, :] += _reduce_to(torch.matmul(probs.transpose(-1, -2), dob).sum(2), dv.shape)

@@ -20,7 +20,7 @@ every row keeps at least one key (the kernel gives 0, not the op's NaN, for a ro
 its backward would divide by a zero sum; skipped keys are then exactly 0 too), a finite fill (each
 masked entry's value, with a fill program, whose calls pass every key) is at
 or below `EFFECTIVELY_NEG_INF` (``s + fill`` is then exactly ``fill``, and exp() of it is exactly 0),
-a bias has the query's dtype, and every row's largest additive term is at least `_MIN_ROW_BIAS`
+a bias has the query's dtype, its addends' order cannot change a probability (`_order_free`), and every row's largest additive term is at least `_MIN_ROW_BIAS`
 (below it the kernel's log-sum-exp keeps log(sum) too coarsely for the backward). Otherwise the
 caller computes those rows blockwise. The backward makes the same per-chunk decision, so it reads
 the statistics the forward stored.
@@ -136,7 +136,7 @@ class FusedRows:
             below = torch.arange(k0, k1, device=device).unsqueeze(0) <= rows
             keep = below if keep is None else keep & below
         bias = _four_d(terms.bias_block(q0, q1, k0, k1, self.reverse))
-        if bias is not None and bias.dtype != dtype:
+        if bias is not None and (bias.dtype != dtype or not _order_free(terms, q0, q1, k0, k1, self.reverse, keep)):
             return None
         if keep is None:
             return _Part(k0, k1, None if bias is None else kernel_layout(bias), None)
@@ -256,6 +256,25 @@ def _merge(parts: list[_Part], results) -> tuple[torch.Tensor, torch.Tensor]:
     total = sum(weights)
     out = sum(w.unsqueeze(-1) * o.float() for w, (o, _) in zip(weights, results)) / total.unsqueeze(-1)
     return out.to(results[0][0].dtype), top + torch.log(total)
+
+
+def _order_free(terms: BlockTerms, q0: int, q1: int, k0: int, k1: int, reverse: bool,
+                keep: torch.Tensor | None) -> bool:
+    """Whether the kernel, which adds the bias's addends to the scores as one sum, gives every kept entry
+    of the block the probability that adding them in turn (the model's rounding) gives: at each entry
+    at most one addend is nonzero (s + b + 0 is s + b), or none is positive and one is at or below
+    `EFFECTIVELY_NEG_INF` (both orders give a score whose exp() is exactly 0 in a row that keeps a key,
+    which `FusedRows._parts` checks on the row's largest bias). A bias of one addend always is."""
+    program = terms.terms.bias_program
+    if program is None or len(program.addends) == 1:
+        return True
+    addends = [_four_d(block) for block in terms.bias_blocks(q0, q1, k0, k1, reverse)]
+    nonzero = sum((addend != 0).to(torch.int8) for addend in addends)  # NaN counts as nonzero
+    lowest, highest = addends[0], addends[0]
+    for addend in addends[1:]:
+        lowest, highest = torch.minimum(lowest, addend), torch.maximum(highest, addend)
+    free = (nonzero <= 1) | ((highest <= 0) & (lowest <= EFFECTIVELY_NEG_INF))
+    return bool((free if keep is None else free | ~keep).all())
 
 
 def _reads_differences(terms: ScoreTerms) -> bool:

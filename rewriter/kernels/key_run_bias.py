@@ -50,6 +50,8 @@ class KeyRunBias:
         if found is None:
             return None
         x, keep, fill = found
+        if len(x.addends) > 1:  # x is fed as one sum; its addends' order is checked blockwise (`fused_rows`)
+            return None
         keys = _key_row(keep, list(terms.leaves), q, key_len)
         if keys is None:
             return None

@@ -19,6 +19,7 @@ applied to each query block; the output is written by the loop in (B, H, L, D) o
     │  Loop j < nk                             carries m = −∞, l = 0, acc = 0
     │  │  k0 = (f + j)·kc   k1 = min(k0 + kc, Lk)   S = qb · fp32(kg[k0:k1]) as (B,Hkv,1,D,keys)
     │  │  S = softcap·tanh(S) → S + bias[q0:q1, k0:k1] → where(mask[q0:q1, k0:k1], S, fill)
+    │  │      (a bias program's addends are added one after another, in the model's order)
     │  │      (a bias or mask given as a score program is computed here for rows q0:q1, keys
     │  │       k0:k1 from its leaves: `onnx_score_program`; nothing Lq × Lk exists)
     │  │  S + If(the causal diagonal crosses this block, (rows, keys) tile of 0 / −∞, zeros)
@@ -279,15 +280,16 @@ class _Builder:
         if emitters:
             key_positions = b("Range", b("Squeeze", k0), b("Squeeze", k1), self.e.const(1))
             positions = {**positions, "key": b("Reshape", key_positions, self.e.const([1, 1, 1, 1, -1]))}
-            for emitter, role in emitters:
-                blocks[role] = emitter.emit(b, positions, rank=5)
+            for emitter, role in emitters:  # a bias's addends, each added in turn (the model's rounding)
+                blocks[role] = (emitter.emit_addends(b, positions, rank=5) if role == "bias"
+                                else emitter.emit(b, positions, rank=5))
         terms = []  # in the kernels' order: + bias, mask, + causal
         for role in ("bias", "mask"):
             block = blocks.get(role)
             if block is None:
                 continue
             if role == "bias":
-                terms.append(("Add", self._as_float(b, block)))
+                terms.extend(("Add", self._as_float(b, addend)) for addend in (block if isinstance(block, list) else [block]))
             elif "fill" in blocks:  # each masked entry's value from the fill program
                 terms.append(("Fill", block))
             elif self.mask_fill == -math.inf:

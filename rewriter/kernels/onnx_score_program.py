@@ -26,6 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from rewriter.kernels.onnx_emitter import Emitter
+from rewriter.kernels.program_proofs import ancestors
 from rewriter.kernels.score_program import Program
 
 __all__ = ["ScoreProgramEmitter", "compute_type", "onnx_type", "program_type"]
@@ -97,10 +98,21 @@ class ScoreProgramEmitter:
     def emit(self, e: Emitter, index: dict[str, ir.Value], rank: int) -> ir.Value:
         """The program's value for the block whose position tensors are `index` (axis name → int64
         value broadcastable to the block), of rank `rank` (size-1 axes where it reads no index)."""
+        return self.emit_addends(e, index, rank, [len(self.program.steps) - 1])[0]
+
+    def emit_addends(self, e: Emitter, index: dict[str, ir.Value], rank: int,
+                     outputs: Sequence[int] | None = None) -> list[ir.Value]:
+        """`emit` for the values of the steps `outputs` (default: the addends the model adds to the
+        scores in turn, `score_program.addend_steps`), each of rank `rank` where it reads no index."""
         steps = self.program.steps
+        outputs = list(self.program.addends if outputs is None else outputs)
         values: list[ir.Value | None] = [None] * len(steps)
         types: list[str] = [""] * len(steps)
+        needed = [ancestors(steps, output) for output in outputs]
+        wanted = set().union(*needed)
         for position, step in enumerate(steps):
+            if position not in wanted:
+                continue
             if step.op == "index":
                 values[position], types[position] = index[step.attr], "int64"
                 continue
@@ -113,11 +125,14 @@ class ScoreProgramEmitter:
                 values[position], types[position] = self._elementwise(e, step, values, types, steps)
             if types[position] != step.dtype:
                 values[position], types[position] = e("Cast", values[position], to=_TYPES[step.dtype]), step.dtype
-        out = values[-1] if values[-1] is not None else _const(e, steps[-1].attr, steps[-1].dtype)
-        if not self.axes:
-            out = e("Reshape", out, e.const([1] * rank))
-        out.dtype = _TYPES[steps[-1].dtype]
-        return out
+        results = []
+        for output, read in zip(outputs, needed):
+            out = values[output] if values[output] is not None else _const(e, steps[output].attr, steps[output].dtype)
+            if not any(steps[position].op == "index" for position in read):
+                out = e("Reshape", out, e.const([1] * rank))
+            out.dtype = _TYPES[steps[output].dtype]
+            results.append(out)
+        return results
 
     def _load(self, e: Emitter, step, values, steps) -> ir.Value:
         flat, strides, sizes = self._leaves[step.attr]

@@ -20,19 +20,24 @@ from rewriter.kernels.score_program import Program, Step
 # underflows to exactly 0 in every float type for scores of any realistic magnitude (< 1e29).
 EFFECTIVELY_NEG_INF = -1e30
 
-__all__ = ["EFFECTIVELY_NEG_INF", "Affine", "added_fill", "affine", "bias_fill", "causal_split", "fill_mask",
+__all__ = ["EFFECTIVELY_NEG_INF", "Affine", "added_fill", "affine", "ancestors", "bias_fill", "causal_split", "fill_mask",
            "filled_bias_bounds", "filled_keep", "key_bounds", "reachable", "relative_steps"]
 
 
-def reachable(steps, output: int) -> Program:
-    """The steps `output` depends on, renumbered, with `output` last."""
+def ancestors(steps, output: int) -> set[int]:
+    """`output` and the steps it reads, directly or not."""
     needed, stack = set(), [output]
     while stack:
         position = stack.pop()
         if position >= 0 and position not in needed:
             needed.add(position)
             stack.extend(steps[position].args)
-    order = sorted(needed)
+    return needed
+
+
+def reachable(steps, output: int) -> Program:
+    """The steps `output` depends on, renumbered, with `output` last."""
+    order = sorted(ancestors(steps, output))
     renumber = {old: new for new, old in enumerate(order)}
     renumber[-1] = -1
     return Program(tuple(dataclasses.replace(steps[old], args=tuple(renumber[a] for a in steps[old].args))

@@ -16,6 +16,12 @@ result, and every value broadcasts against (B, H, Lq, Lk)::
                                             type promotion, its result in `dtype`
     ("cast", (a,), None, dtype)             a conversion (float → int truncates toward zero)
 
+A bias program whose model adds several terms to the scores one after another (``s + B₁ + B₂``)
+marks those additions: ``("add", (a, b), "scores", dtype)`` (`SCORE_ADD`). Evaluated densely the
+program is their sum; the kernels instead add each addend (`addend_steps`) to the scores in turn, as
+the model rounds them (fl(fl(s + B₁) + B₂) is not fl(s + fl(B₁ + B₂)) for mid-size finite fills).
+An add the model makes itself before adding the result to the scores (T5's bias + mask) is unmarked.
+
 Leaves are the op's tensor operands: inputs, parameters and buffers of any size (they exist
 already), and values the model computes that are O(n) or smaller. Programs travel as JSON text
 (the torch op's and the ONNX node's string attribute); `parse` caches the decoded form. This
@@ -30,7 +36,7 @@ import json
 from typing import Any
 
 
-__all__ = ["AXES", "OPS", "Program", "Step", "parse"]
+__all__ = ["AXES", "OPS", "SCORE_ADD", "Program", "Step", "addend_steps", "parse"]
 
 AXES = ("batch", "head", "query", "key")
 
@@ -39,6 +45,9 @@ OPS = frozenset({
     "minimum", "maximum", "lt", "le", "gt", "ge", "eq", "ne", "logical_and", "logical_or", "logical_xor",
     "logical_not", "where",
 })  # elementwise ops, with torch's semantics (`score_program_torch` evaluates them)
+
+
+SCORE_ADD = "scores"  # the attr of an `add` that adds a score-chain addend (see the module docstring)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +69,11 @@ class Program:
     @property
     def dtype(self) -> str:
         return self.steps[-1].dtype
+
+    @functools.cached_property
+    def addends(self) -> tuple[int, ...]:
+        """`addend_steps(self)`, computed once per program."""
+        return addend_steps(self)
 
     @functools.cached_property
     def last_use(self) -> tuple[int, ...]:
@@ -87,3 +101,15 @@ def parse(text: str) -> Program:
     if not steps:
         raise ValueError("empty score program")
     return Program(steps)
+
+
+def addend_steps(program: Program) -> tuple[int, ...]:
+    """The steps whose values the model adds to the scores, in its order: the operands of the chain of
+    `SCORE_ADD` additions that ends at the program's output (the output alone where it is no such add)."""
+    steps, chain = program.steps, []
+    position = len(steps) - 1
+    while steps[position].op == "add" and steps[position].attr == SCORE_ADD:
+        chain.append(steps[position].args[1])
+        position = steps[position].args[0]
+    chain.append(position)
+    return tuple(reversed(chain))

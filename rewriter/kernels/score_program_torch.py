@@ -3,16 +3,18 @@ gradients with respect to their floating-point leaves."""
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from typing import Any
 
 import torch
 
-from rewriter.kernels.program_proofs import relative_steps
+from rewriter.kernels.program_proofs import reachable, relative_steps
 from rewriter.kernels.score_program import AXES, Program
 
-__all__ = ["evaluate", "evaluate_within", "leaf_gradients", "relative_view", "trace"]
+__all__ = ["addend_programs", "addend_values", "evaluate", "evaluate_addends", "evaluate_within", "leaf_gradients",
+           "relative_view", "trace"]
 
 _TORCH_OPS = {
     "add": operator.add, "sub": operator.sub, "mul": operator.mul, "div": torch.true_divide,
@@ -151,6 +153,28 @@ def evaluate(program: Program, leaves: list[torch.Tensor], batch: int, heads: in
     a strided view of those differences (the result may be such a view: its last axis has stride 1).
     """
     return _run(program, leaves, batch, heads, rows, cols, device, keep=False, reverse_rows=reverse_rows)[-1]
+
+
+@functools.lru_cache(maxsize=64)
+def addend_programs(program: Program) -> tuple[Program, ...]:
+    """Each addend of `program` (`score_program.addend_steps`) as a program of its own, in the model's
+    order; `(program,)` where it has one."""
+    addends = program.addends
+    return (program,) if len(addends) == 1 else tuple(reachable(program.steps, step) for step in addends)
+
+
+def evaluate_addends(program: Program, leaves: list[torch.Tensor], batch: int, heads: int,
+                     rows: tuple[int, int], cols: tuple[int, int], device: torch.device,
+                     reverse_rows: bool = False) -> list[torch.Tensor]:
+    """`evaluate` of each addend of `program` (its one value where it has one addend), in the order the
+    model adds them to the scores."""
+    parts = (program,) if len(program.addends) == 1 else addend_programs(program)  # no hashing for one
+    return [evaluate(part, leaves, batch, heads, rows, cols, device, reverse_rows) for part in parts]
+
+
+def addend_values(program: Program, values: list, device: torch.device) -> list[torch.Tensor]:
+    """The addends' values among `trace`'s `values` of `program`, as tensors, in the model's order."""
+    return [_as_tensor(values[step], program.steps[step].dtype, device) for step in program.addends]
 
 
 def evaluate_within(program: Program, leaves: list[torch.Tensor], batch: int, heads: int,
