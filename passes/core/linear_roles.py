@@ -23,7 +23,7 @@ import dataclasses
 import logging
 from typing import Any, Protocol
 
-__all__ = ["LinearFormError", "LinearGraph", "LinearForm", "match_linear_form"]
+__all__ = ["LinearFormError", "LinearGraph", "LinearForm", "layout_name", "match_linear_form"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,9 @@ def _normaliser(graph: LinearGraph, z, form: LinearForm, roles: dict, nodes: lis
         raise LinearFormError("the normaliser's keys are not the context's φ(k)")
     key_roles = roles[source]
     if sorted(key_roles[a] for a in ({axes} if form.causal else axes)) != ["s"]:
-        raise LinearFormError("the normaliser sums φ(k) over an axis other than the keys")
+        raise LinearFormError("the normaliser prefix-sums φ(k) over another axis than the context prefix-sums "
+                              "φ(k) ⊗ v (the keys)" if form.causal else
+                              "the normaliser sums φ(k) over an axis other than the keys")
     nodes.append(graph.node(sides[1]))
     roles = dict(roles)
     roles[sides[1]] = key_roles if form.causal else [r for i, r in enumerate(key_roles) if i not in axes]
@@ -168,6 +170,11 @@ def _output_product(graph: LinearGraph, q_view, context, q_lab: str, c_lab: str,
         sources.append(root)
     form = LinearForm(causal, *sources, permutations=(), normalizer_epsilon=0.0, nodes=nodes)
     return form, roles, [role[lab] for lab in out]
+
+
+def layout_name(to_bhld: tuple[int, ...]) -> str:
+    """The model's layout as letters (e.g. "BLHD"), when its axis to_bhld[i] holds "BHLD"[i]."""
+    return "".join("BHLD"[to_bhld.index(axis)] for axis in range(4))
 
 
 def _layout(roles: list[str], last: str, what: str) -> tuple[int, ...]:
