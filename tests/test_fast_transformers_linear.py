@@ -119,6 +119,14 @@ class AllPrefixSumsNormaliser(PrefixSumCausal):
         return torch.einsum("nlhd,nlhdm->nlhm", Q, context) * Z[:, :, :, None]
 
 
+FORMS = {
+    "bidirectional": LinearAttention,
+    "causal": CausalLinearAttention,
+    "prefix_sum": PrefixSumCausal,
+    "prefix_sum_operand": lambda feature_map: PrefixSumCausal(feature_map, normaliser_operand=True),
+}
+
+
 class AttentionLayer(nn.Module):
     """fast-transformers' `AttentionLayer`: projections, (N, L, H, D) views, inner attention, output projection."""
 
@@ -170,16 +178,17 @@ def _rewrite(model, inputs):
 
 
 @pytest.mark.parametrize("feature_map", sorted(FEATURE_MAPS))
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("form", sorted(FORMS))
 @pytest.mark.parametrize("length", [1, 37, 300])
-def test_written_form_parity(feature_map, causal, length):
-    model = (CausalLinearAttention if causal else LinearAttention)(FEATURE_MAPS[feature_map]).eval()
+def test_written_form_parity(feature_map, form, length):
+    """Each written form (the package's two, and the causal product as einsum·cumsum, Z multiplied or an operand)."""
+    model = FORMS[form](FEATURE_MAPS[feature_map]).eval()
     inputs = _nlhd(length, value_dim=5)
     gm, report, found = _rewrite(model, inputs)
     assert len(found) == 1 and found[0].rewritten, report.summary()
     [call] = _op_calls(gm)
     assert call.args[4] == ("elu_plus_one" if feature_map == "elu" else "relu")
-    assert call.args[5] is causal and call.args[8] == 1e-6 and call.args[11] == 0.0  # ε after φ(q)·Σφ(k)
+    assert call.args[5] is (form != "bidirectional") and call.args[8] == 1e-6 and call.args[11] == 0.0  # ε after φ(q)·Σφ(k)
     assert found[0].spec.q_layout == "BLHD" and found[0].spec.out_layout == "BLHD"
     ops = {str(node.target) for node in gm.graph.nodes if node.op == "call_function"}
     assert not any("einsum" in op or "cumsum" in op for op in ops), ops
@@ -285,23 +294,6 @@ def test_export_onnx(tmp_path, causal):
     session = ort.InferenceSession(str(tmp_path / "layer.onnx"), providers=["CPUExecutionProvider"])
     [got] = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     np.testing.assert_allclose(got, model(x).detach().numpy(), atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize("feature_map", sorted(FEATURE_MAPS))
-@pytest.mark.parametrize("normaliser_operand", [False, True])
-@pytest.mark.parametrize("length", [1, 45])
-def test_prefix_sum_form_parity(feature_map, normaliser_operand, length):
-    """einsum("nlhd,nlhdm->nlhm", φQ, einsum("nlhd,nlhm->nlhdm", φK, V).cumsum(1)) with Z: causal linear attention."""
-    model = PrefixSumCausal(FEATURE_MAPS[feature_map], normaliser_operand=normaliser_operand).eval()
-    inputs = _nlhd(length, value_dim=6)
-    gm, report, found = _rewrite(model, inputs)
-    assert len(found) == 1 and found[0].rewritten, report.summary()
-    [call] = _op_calls(gm)
-    assert call.args[5] is True and call.args[8] == 1e-6 and call.args[11] == 0.0
-    assert found[0].spec.q_layout == "BLHD" and found[0].spec.out_layout == "BLHD"
-    ops = {str(node.target) for node in gm.graph.nodes if node.op == "call_function"}
-    assert not any("einsum" in op or "cumsum" in op for op in ops), ops
-    assert_module_parity(model, gm, inputs, atol=1e-4, grad_atol=1e-3)
 
 
 @pytest.mark.parametrize("normaliser_operand", [False, True])

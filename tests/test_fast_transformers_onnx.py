@@ -21,6 +21,7 @@ import torch
 import rewriter
 from tests.test_fast_transformers_linear import (
     FEATURE_MAPS,
+    FORMS,
     AllPrefixSumsNormaliser,
     AttentionLayer,
     CausalLinearAttention,
@@ -36,12 +37,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 EXPORTERS = {"dynamo18": {"dynamo": True, "opset_version": 18}, "dynamo23": {"dynamo": True, "opset_version": 23},
              "torchscript17": {"dynamo": False, "opset_version": 17}}
-FORMS = {
-    "bidirectional": lambda fmap: LinearAttention(fmap),
-    "causal": lambda fmap: CausalLinearAttention(fmap),
-    "prefix_sum": lambda fmap: PrefixSumCausal(fmap),
-    "prefix_sum_operand": lambda fmap: PrefixSumCausal(fmap, normaliser_operand=True),
-}
 
 
 def _export(model, inputs, exporter: str, dynamic: bool = False) -> onnx.ModelProto:
