@@ -92,13 +92,15 @@ class PrefixSumCausal(nn.Module):
     """The causal product written directly in (N, L, H, D), no permutes: einsum(φQ, cumsum(φK ⊗ V)) times Z.
 
     `normaliser_operand`: Z as the output product's third operand instead of a broadcast multiply;
+    `context_first`: the context as the product's first operand, Z multiplied on the left;
     `context_axis`: the axis the context is prefix-summed over (1 as written; 2, the heads, a near-miss).
     """
 
-    def __init__(self, feature_map=None, eps=1e-6, normaliser_operand=False, context_axis=1):
+    def __init__(self, feature_map=None, eps=1e-6, normaliser_operand=False, context_axis=1, context_first=False):
         super().__init__()
         self.feature_map = feature_map or elu_feature_map
         self.eps, self.normaliser_operand, self.context_axis = eps, normaliser_operand, context_axis
+        self.context_first = context_first
 
     def forward(self, queries, keys, values):
         Q, K = self.feature_map(queries), self.feature_map(keys)
@@ -106,6 +108,8 @@ class PrefixSumCausal(nn.Module):
         Z = 1 / (torch.einsum("nlhi,nlhi->nlh", Q, K.cumsum(1)) + self.eps)
         if self.normaliser_operand:
             return torch.einsum("nlhd,nlhdm,nlh->nlhm", Q, context, Z)
+        if self.context_first:
+            return Z.unsqueeze(-1) * torch.einsum("nlhdm,nlhd->nlhm", context, Q)
         return torch.einsum("nlhd,nlhdm->nlhm", Q, context) * Z[:, :, :, None]
 
 
@@ -124,6 +128,7 @@ FORMS = {
     "causal": CausalLinearAttention,
     "prefix_sum": PrefixSumCausal,
     "prefix_sum_operand": lambda feature_map: PrefixSumCausal(feature_map, normaliser_operand=True),
+    "prefix_sum_context_first": lambda feature_map: PrefixSumCausal(feature_map, context_first=True),
 }
 
 

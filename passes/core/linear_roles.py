@@ -222,13 +222,16 @@ def match_linear_form(graph: LinearGraph, anchor) -> LinearForm:
         for num, z in (pair, pair[::-1]):
             num_root, num_axes = graph.unview(num, [])
             product = graph.einsum(num_root)
-            if product is not None and len(product[0]) == 2 and graph.prefix_sum(product[0][1]) is not None:
+            summed = [] if product is None or len(product[0]) != 2 else \
+                [i for i in (1, 0) if graph.prefix_sum(product[0][i]) is not None]
+            if summed:
                 break
         else:
             raise LinearFormError("the numerator is not einsum(φ(q), prefix-summed φ(k) ⊗ v)")
         graph.unview(num, nodes)
         nodes.append(graph.node(num_root))
-        (q_view, context), (q_lab, c_lab), out = product
+        (q_view, context), (q_lab, c_lab) = ([x[1 - summed[0]], x[summed[0]]] for x in product[:2])
+        out = product[2]
         form, roles, product_roles = _output_product(graph, q_view, context, q_lab, c_lab, out, nodes)
         z_root, z_axes = graph.unview(z, nodes)
         z_roles = _normaliser(graph, z_root, form, roles, nodes)

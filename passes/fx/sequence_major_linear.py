@@ -132,13 +132,14 @@ def match_sequence_major(gm: GraphModule, anchor: Node, finish):
 
 
 def is_causal_product_anchor(node: Node) -> bool:
-    """`num * Z[..., None]` where num is (a view of) an einsum with a prefix-summed operand."""
+    """`num * Z[..., None]` where num is (a view of) a two-operand einsum with a prefix-summed operand."""
     if not ops.is_call(node, {aten.mul.Tensor}) or len(node.args) < 2:
         return False
     for side in node.args[:2]:
         while ops.is_call(side, _VIEWS):
             side = side.args[0]
         parsed = einsum_labels(side)
-        if parsed is not None and len(parsed[0]) == 2 and ops.is_call(parsed[0][1], {aten.cumsum.default}):
+        if parsed is not None and len(parsed[0]) == 2 and \
+                any(ops.is_call(operand, {aten.cumsum.default}) for operand in parsed[0]):
             return True
     return False

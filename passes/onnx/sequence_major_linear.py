@@ -120,6 +120,7 @@ def is_product_times_normaliser(ctx: AnalysisContext, node: ir.Node) -> bool:
         while (view := producer_op(side, *_VIEWS)) is not None:
             side = view.inputs[0]
         einsum = producer_op(side, "Einsum")
-        if einsum is not None and len(einsum.inputs) == 2 and producer_op(einsum.inputs[1], "CumSum") is not None:
+        if einsum is not None and len(einsum.inputs) == 2 and \
+                any(producer_op(operand, "CumSum") is not None for operand in einsum.inputs):
             return True
     return False
