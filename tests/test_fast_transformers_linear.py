@@ -193,7 +193,8 @@ def test_written_form_parity(feature_map, form, length):
     assert len(found) == 1 and found[0].rewritten, report.summary()
     [call] = _op_calls(gm)
     assert call.args[4] == ("elu_plus_one" if feature_map == "elu" else "relu")
-    assert call.args[5] is (form != "bidirectional") and call.args[8] == 1e-6 and call.args[11] == 0.0  # ε after φ(q)·Σφ(k)
+    # ε after φ(q)·Σφ(k): normalizer_epsilon, not key_sum_epsilon
+    assert call.args[5] is (form != "bidirectional") and call.args[8] == 1e-6 and call.args[11] == 0.0
     assert found[0].spec.q_layout == "BLHD" and found[0].spec.out_layout == "BLHD"
     ops = {str(node.target) for node in gm.graph.nodes if node.op == "call_function"}
     assert not any("einsum" in op or "cumsum" in op for op in ops), ops

@@ -48,7 +48,8 @@ def _export(model, inputs, exporter: str, dynamic: bool = False) -> onnx.ModelPr
         options["dynamic_shapes"] = tuple({1: length} for _ in inputs)
     elif dynamic:
         options["dynamic_axes"] = {name: {1: "length"} for name in names}
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
+    with warnings.catch_warnings(), quiet[0], quiet[1]:
         warnings.simplefilter("ignore")
         torch.onnx.export(model, inputs, buffer, input_names=names, **options)
     return onnx.load_from_string(buffer.getvalue())

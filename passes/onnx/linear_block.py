@@ -23,7 +23,8 @@ from passes.onnx.linear_feature_maps import OnnxFeatureMap, match_feature_map, r
 from passes.onnx.onnx_match import AnalysisContext, Rejected
 from passes.onnx.shape_facts import ShapeFacts
 
-__all__ = ["LAYOUT_REJECTION", "OnnxLinearAttentionMatch", "OutputProduct", "finish_block", "output_product", "key_sum_epsilon_of", "key_sum_of",
+__all__ = ["LAYOUT_REJECTION", "OnnxLinearAttentionMatch", "OutputProduct", "finish_block", "output_product",
+           "key_sum_epsilon_of", "key_sum_of",
            "prefix_sum_of", "reciprocal_of", "strip_casts",
            "two_operand_einsum"]
 

@@ -3,10 +3,12 @@
 fast-transformers (Katharopoulos et al., `LinearAttention`, `CausalLinearAttention`) works on
 (N, L, H, D) tensors, φ = elu + 1 or ReLU, ε added after φ(q)·Σφ(k)::
 
-    bidirectional   φK, V ─ Einsum("nshd,nshm->nhmd") ─ KV ─────────────────────────┐
-                    φK ─ ReduceSum(s) ─ Einsum("nlhd,nhd->nlh", φQ, ·) ─ Add ε ─ Reciprocal ─ Einsum("nlhd,nhmd,nlh->nlhm") ─ out
-    causal          φQ, φK, V ─ Transpose(0, 2, 1, 3) ─ Einsum("nhld,nhlm->nhldm") ─ CumSum(l) ─ Einsum(φQᵖ, ·) ─ Transpose ─┐
-                    φK ─ CumSum(l) ─ Einsum("nlhi,nlhi->nlh", φQ, ·) ─ Add ε ─ Reciprocal ─ Unsqueeze ────────────────── Mul ─ out
+    bidirectional
+        φK, V ─ Einsum("nshd,nshm->nhmd") ─ KV ───────────────────────────────┐
+        φK ─ ReduceSum(s) ─ Einsum("nlhd,nhd->nlh", φQ, ·) ─ Add ε ─ Reciprocal ─ Einsum("nlhd,nhmd,nlh->nlhm") ─ out
+    causal
+        φQ, φK, V ─ Transpose(0, 2, 1, 3) ─ Einsum("nhld,nhlm->nhldm") ─ CumSum(l) ─ Einsum(φQᵖ, ·) ─ Transpose ─┐
+        φK ─ CumSum(l) ─ Einsum("nlhi,nlhi->nlh", φQ, ·) ─ Add ε ─ Reciprocal ─ Unsqueeze ───────────── Mul ─ out
 
 (also the causal product written without permutes, `einsum("nlhd,nlhdm->nlhm", φQ, einsum("nlhd,nlhm->nlhdm",
 φK, V).cumsum(1))`, times Z or with Z as a third operand). The proof is `passes.core.linear_roles`, the
