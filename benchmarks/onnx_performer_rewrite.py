@@ -1,6 +1,6 @@
 """Rewriting an exported causal Performer LM: ONNX Runtime (CPU) peak memory and time, before and after.
 
-    python benchmarks/onnx_performer_rewrite.py [--lengths 1024,4096] [--threads 2]
+    python benchmarks/onnx_performer_rewrite.py [--lengths 1024,4096] [--threads 2] [--model performer|fast-transformers]
 
 The model is `tests/performer_models.PerformerLM` (vocab 50, dim 64, 4 heads of 16, 2 layers,
 FAVOR+ with 128 features, causal), exported with `torch.onnx.export(dynamo=True, opset_version=18)`
@@ -9,6 +9,10 @@ fresh process per point, the session warmed up at a short length, one `session.r
 (extra peak RSS, wall time). The export itself does not load in ONNX Runtime (its `…id,…jd->…ij`
 einsums have uneven ellipses), so "before" runs the same graph with those equations spelt out
 (`einsum_ellipsis.spelt_out`, as `bench` does); the two are compared at the first length first.
+
+`--model fast-transformers`: two fast-transformers causal layers instead (`tests/test_fast_transformers_linear`:
+`AttentionLayer(CausalLinearAttention())`, d_model 256, 4 heads of 64, elu + 1, the causal product as its
+pure-PyTorch prefix sum, which holds L × 64 × 64 per head), input (1, L, 256), same export and measurement.
 """
 
 from __future__ import annotations
@@ -38,10 +42,30 @@ def _export(path: str) -> None:
                           input_names=["tokens"], dynamic_shapes=({1: seq},), verbose=False)
 
 
+def _export_fast_transformers(path: str) -> None:
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from tests.test_fast_transformers_linear import AttentionLayer, CausalLinearAttention
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(AttentionLayer(CausalLinearAttention(), d_model=256, n_heads=4)
+                                  for _ in range(2))).eval()
+    seq = torch.export.Dim("seq", min=2, max=65536)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(1, 64, 256),), path, dynamo=True, opset_version=18,
+                          input_names=["x"], dynamic_shapes=({1: seq},), verbose=False)
+
+
+EXPORTS = {"performer": _export, "fast-transformers": _export_fast_transformers}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", default="1024,4096")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", choices=sorted(EXPORTS), default="performer")
     args = parser.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     logging.basicConfig(level=logging.WARNING)
@@ -52,8 +76,8 @@ def main() -> int:
     from rewriter.verify import verify_onnx
 
     with tempfile.TemporaryDirectory() as directory:
-        path = os.path.join(directory, "performer_lm.onnx")
-        _export(path)
+        path = os.path.join(directory, f"{args.model}.onnx")
+        EXPORTS[args.model](path)
         exported = onnx.load(path)
         optimized, report = rewriter.optimize_onnx(exported)
         print(report.summary())

@@ -5,9 +5,10 @@
 with their mask objects as plain tensors (`attn_mask` all ones, the key-length mask optional: a near-miss), on
 (N, L, H, D) tensors, feature map `elu(x) + 1` (theirs) or ReLU, ε = 1e-6 added to φ(q)·Σφ(k). The
 causal product there is a C++/CUDA extension (`causal_dot_product`); `causal_dot_product` here is its
-pure-PyTorch equivalent, the prefix sum of φ(k) ⊗ v. The package itself is not installed. Through
-`optimize_module` (outputs and gradients, fp32) and `export_onnx` (on ONNX Runtime); `optimize_onnx` of
-their ONNX exports does not find them yet (README, "Not yet").
+pure-PyTorch equivalent, the prefix sum of φ(k) ⊗ v. `PrefixSumCausal` writes that product directly in
+(N, L, H, D) without permutes. The package itself is not installed. Through `optimize_module` (outputs and
+gradients, fp32) and `export_onnx` (on ONNX Runtime); `optimize_onnx` of their ONNX exports is tested in
+`test_fast_transformers_onnx.py`.
 """
 
 from __future__ import annotations
@@ -87,6 +88,50 @@ class CausalLinearAttention(nn.Module):
         return V * Z[:, :, :, None]
 
 
+class PrefixSumCausal(nn.Module):
+    """The causal product written directly in (N, L, H, D), no permutes: einsum(φQ, cumsum(φK ⊗ V)) times Z.
+
+    `normaliser_operand`: Z as the output product's third operand instead of a broadcast multiply;
+    `context_first`: the context as the product's first operand, Z multiplied on the left;
+    `context_axis`: the axis the context is prefix-summed over (1 as written; 2, the heads, a near-miss).
+    """
+
+    def __init__(self, feature_map=None, eps=1e-6, normaliser_operand=False, context_axis=1, context_first=False):
+        super().__init__()
+        self.feature_map = feature_map or elu_feature_map
+        self.eps, self.normaliser_operand, self.context_axis = eps, normaliser_operand, context_axis
+        self.context_first = context_first
+
+    def forward(self, queries, keys, values):
+        Q, K = self.feature_map(queries), self.feature_map(keys)
+        context = torch.einsum("nlhd,nlhm->nlhdm", K, values).cumsum(self.context_axis)
+        Z = 1 / (torch.einsum("nlhi,nlhi->nlh", Q, K.cumsum(1)) + self.eps)
+        if self.normaliser_operand:
+            return torch.einsum("nlhd,nlhdm,nlh->nlhm", Q, context, Z)
+        if self.context_first:
+            return Z.unsqueeze(-1) * torch.einsum("nlhdm,nlhd->nlhm", context, Q)
+        return torch.einsum("nlhd,nlhdm->nlhm", Q, context) * Z[:, :, :, None]
+
+
+class AllPrefixSumsNormaliser(PrefixSumCausal):
+    """Z sums φ(q_l)·Σ_{j≤m}φ(k_j) over every m (`nlhi,nmhi->nlh`): each axis named, but not causal attention."""
+
+    def forward(self, queries, keys, values):
+        Q, K = self.feature_map(queries), self.feature_map(keys)
+        context = torch.einsum("nlhd,nlhm->nlhdm", K, values).cumsum(1)
+        Z = 1 / (torch.einsum("nlhi,nmhi->nlh", Q, K.cumsum(1)) + self.eps)
+        return torch.einsum("nlhd,nlhdm->nlhm", Q, context) * Z[:, :, :, None]
+
+
+FORMS = {
+    "bidirectional": LinearAttention,
+    "causal": CausalLinearAttention,
+    "prefix_sum": PrefixSumCausal,
+    "prefix_sum_operand": lambda feature_map: PrefixSumCausal(feature_map, normaliser_operand=True),
+    "prefix_sum_context_first": lambda feature_map: PrefixSumCausal(feature_map, context_first=True),
+}
+
+
 class AttentionLayer(nn.Module):
     """fast-transformers' `AttentionLayer`: projections, (N, L, H, D) views, inner attention, output projection."""
 
@@ -138,16 +183,18 @@ def _rewrite(model, inputs):
 
 
 @pytest.mark.parametrize("feature_map", sorted(FEATURE_MAPS))
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("form", sorted(FORMS))
 @pytest.mark.parametrize("length", [1, 37, 300])
-def test_written_form_parity(feature_map, causal, length):
-    model = (CausalLinearAttention if causal else LinearAttention)(FEATURE_MAPS[feature_map]).eval()
+def test_written_form_parity(feature_map, form, length):
+    """Each written form (the package's two, and the causal product as einsum·cumsum, Z multiplied or an operand)."""
+    model = FORMS[form](FEATURE_MAPS[feature_map]).eval()
     inputs = _nlhd(length, value_dim=5)
     gm, report, found = _rewrite(model, inputs)
     assert len(found) == 1 and found[0].rewritten, report.summary()
     [call] = _op_calls(gm)
     assert call.args[4] == ("elu_plus_one" if feature_map == "elu" else "relu")
-    assert call.args[5] is causal and call.args[8] == 1e-6 and call.args[11] == 0.0  # ε after φ(q)·Σφ(k)
+    # ε after φ(q)·Σφ(k): normalizer_epsilon, not key_sum_epsilon
+    assert call.args[5] is (form != "bidirectional") and call.args[8] == 1e-6 and call.args[11] == 0.0
     assert found[0].spec.q_layout == "BLHD" and found[0].spec.out_layout == "BLHD"
     ops = {str(node.target) for node in gm.graph.nodes if node.op == "call_function"}
     assert not any("einsum" in op or "cumsum" in op for op in ops), ops
@@ -253,3 +300,19 @@ def test_export_onnx(tmp_path, causal):
     session = ort.InferenceSession(str(tmp_path / "layer.onnx"), providers=["CPUExecutionProvider"])
     [got] = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     np.testing.assert_allclose(got, model(x).detach().numpy(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("normaliser_operand", [False, True])
+def test_prefix_sum_over_heads_is_left_alone(normaliser_operand):
+    """The context prefix-summed over the heads, the normaliser over the sequence: not one attention."""
+    model = PrefixSumCausal(normaliser_operand=normaliser_operand, context_axis=2).eval()
+    gm, report, found = _rewrite(model, _nlhd(9))
+    assert len(found) == 1 and not found[0].rewritten, report.summary()
+    assert "keys" in found[0].reason and "φ(q)'s features" not in found[0].reason, found[0].reason
+    assert not _op_calls(gm)
+
+
+def test_normaliser_over_every_prefix_sum_is_left_alone():
+    gm, report, found = _rewrite(AllPrefixSumsNormaliser().eval(), _nlhd(9))
+    assert len(found) == 1 and not found[0].rewritten and "two labels" in found[0].reason, report.summary()
+    assert not _op_calls(gm)

@@ -30,6 +30,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from passes.core.attention_spec import AttentionSpec
+from passes.core.linear_roles import layout_name
 from passes.fx import aten_vocabulary as ops
 from passes.fx.constant_values import scalar_constant
 from passes.fx.detect_softmax_attention import Operand
@@ -403,16 +404,13 @@ def _match_sequence_major(gm, anchor: Node) -> FxLinearAttentionMatch:
 def _spec(nodes, causal, fmap: FeatureMapMatch, value, permutations=None) -> AttentionSpec:
     """The spec; `permutations` (q, k, v to (B, H, L, D), out from it) give the model's layouts."""
     q_perm, k_perm, v_perm, out_perm = permutations or ((0, 1, 2, 3),) * 4
-
-    def layout(to_bhld):  # model axis to_bhld[i] holds "BHLD"[i]
-        return "".join("BHLD"[to_bhld.index(axis)] for axis in range(4))
-
     q = [ops.tensor_meta(fmap.source).shape[axis] for axis in q_perm]
     return AttentionSpec(
         "performer", tuple(n.name for n in nodes), causal=causal, feature_map=fmap.kind,
         batch_size=q[0], num_heads=q[1], seq_len_q=q[2], head_dim=q[3],
-        value_head_dim=ops.tensor_meta(value).shape[v_perm[3]], q_layout=layout(q_perm), k_layout=layout(k_perm),
-        v_layout=layout(v_perm), out_layout="".join("BHLD"[axis] for axis in out_perm), scale=fmap.data_scale,
+        value_head_dim=ops.tensor_meta(value).shape[v_perm[3]], q_layout=layout_name(q_perm),
+        k_layout=layout_name(k_perm), v_layout=layout_name(v_perm),
+        out_layout="".join("BHLD"[axis] for axis in out_perm), scale=fmap.data_scale,
     )
 
 

@@ -15,6 +15,8 @@ The node goes in right before the block's output node; its result takes over the
 type, shape and uses (graph outputs included), and the matched nodes, with whatever only they kept
 alive (constants, scale arithmetic), are removed. Target `chunked` is the standard-op slice loop;
 `com.microsoft.LinearAttention` (causal only) is ONNX Runtime's contrib op, fed φ(Q), φ(K) formed whole.
+A block written in another layout (fast-transformers' (N, L, H, D)) gets Transposes of q, k, v to
+(B, H, L, D) before the node and of its result back after it.
 """
 
 from __future__ import annotations
@@ -66,6 +68,15 @@ def _projection_operand(tape: ir.tape.Tape, match: OnnxLinearAttentionMatch, nam
     return out
 
 
+def _transposed(w: Emitter, value: ir.Value, perm: tuple[int, ...] | None) -> ir.Value:
+    """`value` with its axes permuted by `perm` (dtype and dims carried over); itself for None or the identity."""
+    if perm is None or list(perm) == sorted(perm):
+        return value
+    dims = list(value.shape) if value.shape is not None else None
+    return w.op("Transpose", value, perm=list(perm), dtype=value.dtype,
+                shape=None if dims is None else [dims[axis] for axis in perm])
+
+
 class CanonicalizeLinearAttention(onnx_ir.passes.InPlacePass):
     """Replaces each `PlannedLinearRewrite` with its canonical node and records in `targets` the target
     each new node is lowered to (by `LowerRewriterOps`); `writers` hold the dtype/shape annotations of
@@ -88,12 +99,15 @@ class CanonicalizeLinearAttention(onnx_ir.passes.InPlacePass):
             for value in (q, k, v):  # the lowering reads their dtype and static head counts
                 w.annotate(value, value.dtype or self.ctx.facts.dtype(value),
                            None if value.shape is not None else self.ctx.facts.dims(value))
+            q_perm, k_perm, v_perm, out_perm = match.permutations or (None,) * 4
+            q, k, v = (_transposed(w, x, perm) for x, perm in ((q, q_perm), (k, k_perm), (v, v_perm)))
             attributes = {"feature_map": match.query.kind, "causal": int(match.causal),
                           "data_scale": float(match.query.data_scale), "epsilon": float(match.query.epsilon),
-                          "normalizer_epsilon": 0.0, "stabilizer_grad": 0, "slice_size": int(plan.slice_size),
-                          "key_sum_epsilon": float(match.key_sum_epsilon)}
+                          "normalizer_epsilon": float(match.normalizer_epsilon), "stabilizer_grad": 0,
+                          "slice_size": int(plan.slice_size), "key_sum_epsilon": float(match.key_sum_epsilon)}
             node_out = w.op(LINEAR_ATTENTION_OP, q, k, v, _projection_operand(w.tape, match, name),
                             domain=REWRITER_DOMAIN, dtype=q.dtype, **attributes)
+            node_out = _transposed(w, node_out, out_perm)
             anchor = match.anchor
             anchor.graph.insert_before(anchor, w.tape.nodes)
             for initializer in w.tape.initializers:

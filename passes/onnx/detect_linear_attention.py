@@ -28,6 +28,7 @@ from passes.onnx.chunked_linear_attention import is_chunked_anchor, match_chunke
 from passes.onnx.graph_values import attribute, is_op, producer_op
 from passes.onnx.labelled_ops import rank_of
 from passes.onnx.linear_block import (
+    LAYOUT_REJECTION as _LAYOUT_REJECTION,
     OnnxLinearAttentionMatch,
     finish_block,
     key_sum_epsilon_of,
@@ -40,6 +41,7 @@ from passes.onnx.linear_block import (
 )
 from passes.onnx.linear_feature_maps import split_scale
 from passes.onnx.onnx_match import AnalysisContext, Rejected
+from passes.onnx.sequence_major_linear import is_product_times_normaliser, match_sequence_major
 
 __all__ = ["OnnxLinearAttentionMatch", "detect_linear_attention"]
 
@@ -120,6 +122,16 @@ def _match_matmul(ctx: AnalysisContext, anchor: ir.Node) -> OnnxLinearAttentionM
     return finish_block(ctx, anchor, nodes, False, phi_q, phi_k, value)
 
 
+def _match_any_layout(ctx: AnalysisContext, anchor: ir.Node) -> OnnxLinearAttentionMatch:
+    """performer-pytorch's (B, H, L, D) output product, else one in another layout (fast-transformers')."""
+    try:
+        return _match_einsum(ctx, anchor)
+    except Rejected as rejection:
+        if not str(rejection).endswith(_LAYOUT_REJECTION):
+            raise
+        return match_sequence_major(ctx, anchor)
+
+
 def _is_einsum_anchor(ctx: AnalysisContext, node: ir.Node) -> bool:
     return is_op(node, "Einsum") and len(node.inputs) == 3
 
@@ -156,9 +168,11 @@ def detect_linear_attention(ctx: AnalysisContext) -> list[OnnxLinearAttentionMat
         if is_chunked_anchor(node):
             attempt = match_chunked
         elif _is_einsum_anchor(ctx, node) and node not in covered:
-            attempt = _match_einsum
+            attempt = _match_any_layout
         elif _is_matmul_anchor(ctx, node):
             attempt = _match_matmul
+        elif is_product_times_normaliser(ctx, node):
+            attempt = match_sequence_major
         else:
             continue
         try:

@@ -16,17 +16,21 @@ import numpy as np
 import onnx_ir as ir
 
 from passes.core.attention_spec import AttentionSpec
+from passes.core.linear_roles import layout_name
 from passes.onnx.graph_values import attribute, const_array, producer_op
 from passes.onnx.labelled_ops import axes_of, einsum_labels, rank_of
 from passes.onnx.linear_feature_maps import OnnxFeatureMap, match_feature_map, require_closed, split_scale
 from passes.onnx.onnx_match import AnalysisContext, Rejected
 from passes.onnx.shape_facts import ShapeFacts
 
-__all__ = ["OnnxLinearAttentionMatch", "OutputProduct", "finish_block", "output_product", "key_sum_epsilon_of", "key_sum_of",
+__all__ = ["LAYOUT_REJECTION", "OnnxLinearAttentionMatch", "OutputProduct", "finish_block", "output_product",
+           "key_sum_epsilon_of", "key_sum_of",
            "prefix_sum_of", "reciprocal_of", "strip_casts",
            "two_operand_einsum"]
 
 logger = logging.getLogger(__name__)
+
+LAYOUT_REJECTION = "is not over (φ(q), D⁻¹) rows"  # an output product in another layout (`sequence_major_linear`)
 
 
 @dataclasses.dataclass
@@ -42,6 +46,9 @@ class OnnxLinearAttentionMatch:
     causal: bool = False
     nodes: list[ir.Node] = dataclasses.field(default_factory=list)  # dead once `output` is replaced
     key_sum_epsilon: float = 0.0  # added to every (prefix-)summed key feature: φ(q)·(Σφ(k) + ε)
+    normalizer_epsilon: float = 0.0  # added after the product: φ(q)·Σφ(k) + ε (fast-transformers)
+    # (q, k, v to (B, H, L, D), the (B, H, L, Dv) result back to the output's layout); None: all (B, H, L, D)
+    permutations: tuple[tuple[int, ...], ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +74,7 @@ def output_product(ctx: AnalysisContext, anchor: ir.Node, what: str) -> OutputPr
     (context, phi_q, d_inv), (c_lab, q_lab, n_lab), out = parsed
     batch, n, e, d = out[:-2], out[-2:-1], out[-1:], q_lab[-1:]
     if q_lab != batch + n + d or n_lab != batch + n:
-        raise Rejected(f"{what} is not over (φ(q), D⁻¹) rows")
+        raise Rejected(f"{what} {LAYOUT_REJECTION}")
     return OutputProduct(context, phi_q, d_inv, c_lab, batch, n, e, d)
 
 
@@ -146,16 +153,23 @@ def _same_projection(a: ir.Value | None, b: ir.Value | None) -> bool:
 
 
 def finish_block(ctx: AnalysisContext, anchor: ir.Node, nodes: list[ir.Node], causal: bool, phi_q: ir.Value,
-                 phi_k: ir.Value, value: ir.Value, key_sum_epsilon: float = 0.0) -> OnnxLinearAttentionMatch:
-    """Prove both feature maps and the q, k, v axes, check that the block is closed, build the match."""
+                 phi_k: ir.Value, value: ir.Value, key_sum_epsilon: float = 0.0, normalizer_epsilon: float = 0.0,
+                 permutations: tuple[tuple[int, ...], ...] | None = None) -> OnnxLinearAttentionMatch:
+    """Prove both feature maps and the q, k, v axes, check that the block is closed, build the match.
+
+    `permutations` (q, k, v to (B, H, L, D), the result back) give a block written in another layout.
+    """
     query, key = match_feature_map(ctx, phi_q, True), match_feature_map(ctx, phi_k, False)
     if (query.kind, query.data_scale, query.epsilon) != (key.kind, key.data_scale, key.epsilon) or \
             not _same_projection(query.projection, key.projection):
         raise Rejected("φ(q) and φ(k) are different feature maps")
+    if permutations is not None and (query.projection is not None or query.kind == "favor_softmax"):
+        raise Rejected("a projected feature map outside the (batch, heads, length, dim) layout")
     dims = [ctx.facts.dims(x) for x in (query.source, key.source, value)]
     if any(d is None or len(d) != 4 for d in dims):
         raise Rejected("q, k, v are not 4-D (batch, heads, length, dim)")
-    (q, k, v) = dims
+    q_perm, k_perm, v_perm, out_perm = permutations or ((0, 1, 2, 3),) * 4
+    (q, k, v) = ([d[a] for a in perm] for d, perm in zip(dims, (q_perm, k_perm, v_perm)))
     shared = [(q[0], k[0]), (k[0], v[0]), (q[1], k[1]), (k[1], v[1]), (k[2], v[2])]
     if not all(ShapeFacts.same(a, b) for a, b in shared):
         raise Rejected("cannot prove that q, k and v share batch and head axes")
@@ -167,9 +181,11 @@ def finish_block(ctx: AnalysisContext, anchor: ir.Node, nodes: list[ir.Node], ca
         "performer", tuple(node.name for node in block), causal=causal, feature_map=query.kind,
         batch_size=_static(q[0]), num_heads=_static(q[1]), num_kv_heads=_static(k[1]), seq_len_q=_static(q[2]),
         seq_len_k=_static(k[2]), head_dim=_static(q[3]), value_head_dim=_static(v[3]),
-        q_layout="BHLD", k_layout="BHLD", v_layout="BHLD", out_layout="BHLD", scale=query.data_scale,
+        q_layout=layout_name(q_perm), k_layout=layout_name(k_perm), v_layout=layout_name(v_perm),
+        out_layout="".join("BHLD"[axis] for axis in out_perm), scale=query.data_scale,
     )
-    return OnnxLinearAttentionMatch(spec, anchor, anchor.outputs[0], query, key, value, causal, block, key_sum_epsilon)
+    return OnnxLinearAttentionMatch(spec, anchor, anchor.outputs[0], query, key, value, causal, block, key_sum_epsilon,
+                                    normalizer_epsilon, permutations)
 
 
 def _static(dim) -> int | None:
