@@ -35,6 +35,8 @@ fails. Times are wall-clock times of single calls: other load on the 2 cores ske
     PYTHONPATH=. python benchmarks/performer_attention.py --quick    # L = 1024, 2048; flat line to 8192
     PYTHONPATH=. python benchmarks/performer_attention.py --modes ort --sizes 4096 16384   # ORT rows only
     PYTHONPATH=. python benchmarks/performer_attention.py --modes package inference      # the package, and the op's flat line
+    PYTHONPATH=. python benchmarks/performer_attention.py --modes package --package-modes training --sizes 16384
+                                                   # the 50x target's points, both memory figures
     PYTHONPATH=. python benchmarks/performer_attention.py --modes package --device cuda  # the package on a GPU
 """
 
