@@ -6,7 +6,10 @@ installed: `causal_linear_attention_noncuda`, 128 chunks each materialising chun
 sums (and autograd keeps every chunk's); "rewritten" runs `rewriter.optimize_module` of the same
 model, its attention block replaced by `rewriter::linear_attention`. Inference is a `no_grad`
 forward; training a forward and backward of the logits' sum. `prepare_call` is imported by the
-fresh child process of `rewriter.tools.measure.measure_in_fresh_process`.
+fresh child process of `rewriter.tools.measure.measure_in_fresh_process`. On device "cuda" the same
+model, tokens and call run on the GPU (the package has no CUDA kernel of its own without
+fast-transformers, so it runs the same `causal_linear_attention_noncuda`), and the call ends with
+`torch.cuda.synchronize()` so that its wall time covers the work.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ NUM_TOKENS, DIM, HEADS, HEAD_DIM, FEATURES = 32, 32, 1, 64, 256
 CONTEXT_COPIES = {"inference": 0.2, "training": 2.5}  # measured 0.14 and 2.2 at L = 4096
 
 
-def _model(length: int, rewritten: bool):
+def _model(length: int, rewritten: bool, device: str = "cpu"):
     from performer_pytorch import PerformerLM
 
     torch.manual_seed(0)
@@ -36,7 +39,8 @@ def _model(length: int, rewritten: bool):
         model = PerformerLM(num_tokens=NUM_TOKENS, max_seq_len=length, dim=DIM, depth=1, heads=HEADS,
                             dim_head=HEAD_DIM, nb_features=FEATURES, ff_mult=1, causal=True).eval()
     model.fix_projection_matrices_()
-    tokens = torch.randint(0, NUM_TOKENS, (1, length), generator=torch.Generator().manual_seed(1))
+    model.to(device)
+    tokens = torch.randint(0, NUM_TOKENS, (1, length), generator=torch.Generator().manual_seed(1)).to(device)
     if not rewritten:
         return model, tokens
     import rewriter
@@ -47,20 +51,23 @@ def _model(length: int, rewritten: bool):
     return graph, tokens
 
 
-def prepare_call(impl: str, mode: str, length: int, threads: int, warmup: int):
-    """The call to measure: `impl` ("package" or "rewritten") at `length`, "inference" or "training"."""
+def prepare_call(impl: str, mode: str, length: int, threads: int, warmup: int, device: str = "cpu"):
+    """The call to measure: `impl` ("package" or "rewritten") at `length`, "inference" or "training",
+    on `device` ("cpu" or "cuda")."""
     torch.set_num_threads(threads)
     training = mode == "training"
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def make_call(n):
-        model, tokens = _model(n, impl == "rewritten")
-        if training:
-            return lambda: model(tokens).sum().backward()
+        model, tokens = _model(n, impl == "rewritten", device)
 
-        def infer():
-            with torch.no_grad():
-                model(tokens)
-        return infer
+        def call():
+            with torch.set_grad_enabled(training):
+                out = model(tokens).sum()
+            if training:
+                out.backward()
+            synchronize()
+        return call
 
     make_call(warmup)()  # loads kernels, starts the thread pool
     return make_call(length)

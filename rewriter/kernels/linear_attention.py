@@ -98,29 +98,35 @@ def _features(x, projection, fmap: FeatureMap, key_max=None, for_backward=False)
     """φ(x) of one slice (rows of x), and with `for_backward` what `_features_vjp` needs.
 
     `key_max` (.., 1, 1) is the FAVOR+ key stabiliser; without it x are queries (row max).
-    Without `for_backward` the pre-activation is overwritten in place, to keep the forward lean.
+    The pre-activation is overwritten in place unless the backward needs it (the ReLU and ELU
+    masks, the FAVOR+ stabiliser's argmax when its gradient flows): one slice × M buffer less.
     """
     a = x * fmap.data_scale
     if projection is not None:
         a = torch.matmul(a, projection.transpose(0, 1))
-    pre = a if not for_backward else a.clone()
+    keep_pre = for_backward and (fmap.kind != "favor_softmax" or fmap.stabilizer_grad)
+    pre = a.clone() if keep_pre else a
     if fmap.kind == "favor_softmax":
         diag = (x * x).sum(-1, keepdim=True) / 2.0 * fmap.data_scale**2
         stab = a.amax(-1, keepdim=True) if key_max is None else key_max
         e = pre.sub_(diag).sub_(stab).exp_()
-        phi = (e + fmap.epsilon if for_backward else e.add_(fmap.epsilon)).mul_(a.size(-1) ** -0.5)
-        return phi, (a, e, stab)
+        phi = (e + fmap.epsilon if for_backward else e.add_(fmap.epsilon)).mul_(e.size(-1) ** -0.5)
+        return phi, (a if keep_pre else None, e, stab)
     if fmap.kind == "relu":
         return torch.relu_(pre).add_(fmap.epsilon), (a,)
     return F.elu(pre, inplace=True).add_(1.0).add_(fmap.epsilon), (a,)
 
 
 def _features_vjp(grad_phi, x, projection, fmap: FeatureMap, saved, is_query: bool, want_projection: bool):
-    """(grad of x, grad of the projection or None, grad of the key stabiliser per row or None)."""
+    """(grad of x, grad of the projection or None, grad of the key stabiliser per row or None).
+
+    `grad_phi` is a temporary of the caller's and is overwritten (the FAVOR+ and ReLU maps scale it
+    in place, in the order the out-of-place products would).
+    """
     c, grad_x, grad_key_max = fmap.data_scale, None, None
     if fmap.kind == "favor_softmax":
         a, e, stab = saved
-        grad_a = grad_phi * e * a.size(-1) ** -0.5
+        grad_a = grad_phi.mul_(e).mul_(e.size(-1) ** -0.5)
         grad_diag = -grad_a.sum(-1, keepdim=True)  # also the gradient of the stabiliser
         if fmap.stabilizer_grad and is_query:
             ties = (a == stab).to(a.dtype)  # amax shares its gradient evenly among ties
@@ -129,7 +135,7 @@ def _features_vjp(grad_phi, x, projection, fmap: FeatureMap, saved, is_query: bo
             grad_key_max = grad_diag.squeeze(-1)
         grad_x = grad_diag * (c * c) * x
     elif fmap.kind == "relu":
-        grad_a = grad_phi * (saved[0] > 0)
+        grad_a = grad_phi.mul_(saved[0] > 0)
     else:
         grad_a = torch.where(saved[0] > 0, grad_phi, grad_phi * torch.exp(saved[0]))
     grad_in = c * (grad_a if projection is None else torch.matmul(grad_a, projection))
@@ -240,9 +246,10 @@ class _Grads:
 
     def __init__(self, lay: _Layout, q, k, v, want_projection: bool):
         self.lay, self.want_projection = lay, want_projection
-        self.dq = torch.zeros(lay.qg.shape, dtype=lay.dtype, device=q.device)
-        self.dk = torch.zeros(k.shape, dtype=lay.dtype, device=q.device)
-        self.dv = torch.zeros(v.shape, dtype=lay.dtype, device=q.device)
+        # Not zeroed: every slice writes its rows (the key stabiliser's gradient is added after).
+        self.dq = torch.empty(lay.qg.shape, dtype=lay.dtype, device=q.device)
+        self.dk = torch.empty(k.shape, dtype=lay.dtype, device=q.device)
+        self.dv = torch.empty(v.shape, dtype=lay.dtype, device=q.device)
         self.dprojection = None
         if want_projection and lay.projection is not None:
             self.dprojection = torch.zeros(lay.projection.shape, dtype=lay.dtype, device=q.device)
@@ -375,11 +382,22 @@ def _causal_backward(lay, grads, grad_out, state, key_max, opts: LinearOptions, 
         num = torch.matmul(phi_q, start)
         num += torch.matmul(scores, vb)  # as in the forward, so the recomputed output is the forward's
         grad_num = _output_grad(lay.query(grad_out, l0, l1), num, opts.normalizer_epsilon)
+        del num
+        # Sums of two products accumulate in place (the same additions, one slice buffer fewer), and
+        # each slice temporary is dropped once read, so that a slice holds few buffers at a time.
         grad_scores = torch.matmul(grad_num, vb.transpose(-1, -2)).masked_fill_(drop, 0.0)
-        grad_phi_q = torch.matmul(grad_num, start.transpose(-1, -2)) + torch.matmul(grad_scores, phi_k)
-        grad_phi_k = torch.matmul(grad_scores.transpose(-1, -2), phi_q) + torch.matmul(vb, grad_state.transpose(-1, -2))
-        grad_v = torch.matmul(scores.transpose(-1, -2), grad_num) + torch.matmul(phi_k, grad_state)
+        grad_v = torch.matmul(scores.transpose(-1, -2), grad_num)
+        grad_v += torch.matmul(phi_k, grad_state)
         grads.dv[:, :, l0:l1] = grad_v[..., :-1]
-        grad_state = grad_state + torch.matmul(phi_q.transpose(-1, -2), grad_num)
+        del grad_v, scores
+        grad_phi_q = torch.matmul(grad_num, start.transpose(-1, -2))
+        grad_phi_q += torch.matmul(grad_scores, phi_k)
+        del phi_k
         grads.query(grad_phi_q, qb, saved_q, fmap, l0, l1)
+        del grad_phi_q, saved_q
+        grad_phi_k = torch.matmul(grad_scores.transpose(-1, -2), phi_q)
+        grad_phi_k += torch.matmul(vb, grad_state.transpose(-1, -2))
+        del grad_scores
+        grad_state += torch.matmul(phi_q.transpose(-1, -2), grad_num)
+        del phi_q
         grads.key(grad_phi_k, kb, saved_k, fmap, key_max, l0, l1)

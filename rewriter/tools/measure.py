@@ -91,22 +91,25 @@ def measure_call(call: Callable[[], object]) -> Measurement:
     return Measurement(max(0, _status_kib("VmHWM") - before) * 1024, seconds, cpu_seconds, before * 1024)
 
 
-def _child(queue, setup, args) -> None:
+def _child(queue, setup, args, measure) -> None:
     try:
-        queue.put(measure_call(setup(*args)))
+        queue.put(measure(setup(*args)))
     except BaseException as error:  # reported to the parent, which raises it
         queue.put(error)
 
 
-def measure_in_fresh_process(setup: Callable[..., Callable[[], object]], *args) -> Measurement:
-    """`setup(*args)` runs in a new process and returns the call to measure there.
+def measure_in_fresh_process(setup: Callable[..., Callable[[], object]], *args,
+                             measure: Callable[[Callable[[], object]], object] = measure_call):
+    """`setup(*args)` runs in a new process and returns the call to measure there; `measure(call)`'s
+    result (by default `measure_call`'s `Measurement`) comes back.
 
-    `setup` must be importable (a module-level function): the child is spawned, not forked.
+    `setup` and `measure` must be picklable (module-level functions, or partials of them): the
+    child is spawned, not forked.
     A child that dies without reporting (killed for memory, say) raises `ChildProcessError`.
     """
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_child, args=(queue, setup, args))
+    process = context.Process(target=_child, args=(queue, setup, args, measure))
     process.start()
     while True:
         try:
