@@ -6,6 +6,7 @@ followed by softmax gives NaN; forward and gradients, and on ONNX Runtime for ev
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -171,3 +172,70 @@ def test_fully_masked_rows_of_a_skipping_loop(fill, row_value, tmp_path):
         assert (np.isnan(rows).all() if math.isnan(row_value) else (rows == row_value).all())
     grid = math.ceil(length / 2) * math.ceil(length / 3)
     assert blocks_run(path.read_bytes(), feeds, tmp_path, "chunked") < grid
+
+
+class RelativeBiasPaddingCausal(nn.Module):
+    """A learned relative bias, a padding `masked_fill(-inf)`, then causal: as a `masked_fill` (the flag
+    hides keys passing no gradient on) or as an added −∞ (which passes a key-less row's NaN on)."""
+
+    def __init__(self, causal_added: bool):
+        super().__init__()
+        self.relative = nn.Embedding(65, 4)
+        self.causal_added = causal_added
+
+    def forward(self, q, k, v, keep):
+        length = q.size(-2)
+        position = torch.arange(length)
+        buckets = (position[None] - position[:, None]).clamp(-32, 32) + 32
+        scores = q @ k.transpose(-1, -2) * 0.25 + self.relative(buckets).permute(2, 0, 1)[None]
+        scores = scores.masked_fill(~keep[:, None, None, :], -math.inf)
+        if self.causal_added:
+            scores = scores + torch.full((length, length), -math.inf).triu(1)
+        else:
+            scores = scores.masked_fill(torch.ones(length, length, dtype=torch.bool).triu(1), -math.inf)
+        return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("causal_added", [False, True])
+def test_rows_with_no_key_keep_the_original_gradient_nan_pattern(causal_added):
+    """Left padding before causal hides every key of the first rows; a loss that leaves their NaN out
+    gets finite gradients from the masked_fill form and NaN from the added form, in both the original
+    and the rewrite (new-user trial: the flag passed NaN on where the model's masked_fill gives 0)."""
+    torch.manual_seed(0)
+    model = RelativeBiasPaddingCausal(causal_added)
+    q, k, v = (torch.randn(2, 4, 40, 16, requires_grad=True) for _ in range(3))
+    keep = torch.ones(2, 40, dtype=torch.bool)
+    keep[0, :3] = False
+    optimized, report = rewriter.optimize_module(copy.deepcopy(model), (q, k, v, keep))
+    assert op_count(optimized) == 1, report.summary()
+    grads = []
+    for module in (model, optimized):
+        out = module(q, k, v, keep)
+        params = [q, k, v, dict(module.named_parameters())["relative.weight"]]
+        grads.append((out, torch.autograd.grad(out.masked_fill(out.isnan(), 0).sum(), params)))
+    (want, want_grads), (got, got_grads) = grads
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, equal_nan=True)
+    for got_grad, want_grad in zip(got_grads, want_grads):
+        torch.testing.assert_close(got_grad, want_grad, atol=1e-4, rtol=1e-3, equal_nan=True)
+
+
+def test_a_sliding_window_bias_with_small_chunks():
+    """An added −∞ sliding window, then a causal masked_fill, at chunks smaller than the length: a part
+    of a chunk with nothing added there crashed the fused rows' bias check (new-user trial)."""
+
+    class Window(nn.Module):
+        def forward(self, q, k, v):
+            length = q.size(-2)
+            position = torch.arange(length)
+            window = torch.zeros(length, length).masked_fill(position[:, None] - position[None, :] >= 37, -math.inf)
+            scores = (q @ k.transpose(-1, -2) * 0.25 + window).masked_fill(
+                torch.ones(length, length, dtype=torch.bool).triu(1), -math.inf)
+            return scores.softmax(-1) @ v
+
+    q, k, v = (torch.randn(2, 4, 100, 16, requires_grad=True) for _ in range(3))
+    optimized, report = rewriter.optimize_module(Window(), (q, k, v), chunk_size=(32, 64))
+    assert op_count(optimized) == 1, report.summary()
+    got, want = optimized(q, k, v), Window()(q, k, v)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for got_grad, want_grad in zip(torch.autograd.grad(got.sum(), (q, k, v)), torch.autograd.grad(want.sum(), (q, k, v))):
+        torch.testing.assert_close(got_grad, want_grad, atol=1e-4, rtol=1e-3)

@@ -352,7 +352,15 @@ class _Builder:
         def aligned(node, what):
             return dataclasses.replace(self._score_operand(node, scores_info, what), order=canonical)
 
-        def bias_offset(operand, factor, only_masking):  # a recovered program is never evaluated densely
+        def bias_offset(operand, factor, only_masking):
+            # The causal flag passes no gradient to the keys it hides, as masked_fill does, where an added
+            # −∞ passes on the NaN of a row with no key: a causal bias is the flag only where no row can be.
+            offset = proven_bias_offset(operand, factor, only_masking)
+            if offset is None or match.zero_masked_rows or (only_masking and offset >= 0):
+                return offset
+            return None
+
+        def proven_bias_offset(operand, factor, only_masking):  # a recovered program is never evaluated densely
             if isinstance(operand, ConstantBias):
                 return None
             if isinstance(operand, ProgramTerm):

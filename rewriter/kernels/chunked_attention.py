@@ -11,6 +11,9 @@ Scores are formed per block in fp32, in the order the `rewriter::attention` op d
     S = where(key ≤ query + causal_offset, S, −∞) (when causal)
     out = softmax(S) · V
 
+The mask and the causal flag act as ``masked_fill`` does, gradients included: the entries they hide
+pass no gradient on, also in a row whose every key is hidden (whose probabilities are NaN).
+
 The forward keeps a running max, sum and weighted sum per query row (Rabe & Staats) and returns
 the output with the row statistics (max, sum); the backward recomputes each block's probabilities
 as exp(S − max) / sum, so nothing of size Lq × Lk is ever held. (Max and sum are kept apart
@@ -211,12 +214,18 @@ def _block_scores(qb, kb, bias_b: list, hidden_b, opts: ScoreOptions, q0: int, k
         scores = torch.where(hidden_b, fill_b.float(), scores)
     elif hidden_b is not None:
         scores.masked_fill_(hidden_b, opts.mask_fill)
-    query_rows, key_cols = qb.size(-2), kb.size(-2)
-    if opts.causal and k0 + key_cols - 1 > q0 + opts.causal_offset:
-        rows = torch.arange(q0, q0 + query_rows, device=qb.device).unsqueeze(1) + opts.causal_offset
-        cols = torch.arange(k0, k0 + key_cols, device=qb.device).unsqueeze(0)
-        scores.masked_fill_(cols > rows, -math.inf)
+    causal_b = _causal_hidden(opts, q0, qb.size(-2), k0, kb.size(-2), qb.device)
+    if causal_b is not None:
+        scores.masked_fill_(causal_b, -math.inf)
     return scores, capped
+
+
+def _causal_hidden(opts: ScoreOptions, q0: int, rows: int, k0: int, cols: int, device) -> torch.Tensor | None:
+    """(rows, cols) True where the causal flag hides key k0 + j from query q0 + i; None where it hides none."""
+    if not opts.causal or k0 + cols - 1 <= q0 + opts.causal_offset:
+        return None
+    query = torch.arange(q0, q0 + rows, device=device).unsqueeze(1) + opts.causal_offset
+    return torch.arange(k0, k0 + cols, device=device).unsqueeze(0) > query
 
 
 def _query_factor(opts: ScoreOptions) -> float:
@@ -346,6 +355,9 @@ def chunked_attention_backward(grad_out, q, k, v, terms: ScoreTerms, out, stats,
                 leaf_grads.accumulate(terms.fill_program, fill_traced, torch.where(hidden_b, grad_scores, 0.0))
             if hidden_b is not None:  # masked entries pass no gradient on to the scores and the bias
                 grad_scores.masked_fill_(hidden_b, 0.0)
+            causal_b = _causal_hidden(opts, q0, q1 - q0, k0, k1 - k0, q.device)
+            if causal_b is not None:  # nor do causally hidden ones (only a row with no key has NaN there)
+                grad_scores.masked_fill_(causal_b, 0.0)
             if dbias is not None:
                 _accumulate_bias_grad(dbias, grad_scores, q0, q1, k0, k1)
             if traced is not None:

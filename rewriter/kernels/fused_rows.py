@@ -171,10 +171,13 @@ class FusedRows:
         if self.terms.bias is not None or self.terms.terms.bias_program is not None:
             largest = None
             for part in parts:
-                most = row_max(part.additive)
+                if part.additive is None:  # nothing is added on these keys: every row's largest term there is 0
+                    most = torch.zeros((), device=self.q.device)
+                else:
+                    most = row_max(part.additive)
+                    # A row at −∞ on all of this part's keys weighs 0 in the merge (the kernel reports lse 0 there).
+                    part.kept = most > -math.inf if part.kept is None else part.kept & (most > -math.inf)
                 largest = most if largest is None else torch.maximum(largest, most)
-                # A row at −∞ on all of this part's keys weighs 0 in the merge (the kernel reports lse 0 there).
-                part.kept = most > -math.inf if part.kept is None else part.kept & (most > -math.inf)
             if not bool((largest >= _MIN_ROW_BIAS).all()):
                 return None
         return parts
