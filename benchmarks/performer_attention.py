@@ -14,7 +14,7 @@ scaling, ε = 1e-4, detached stabiliser):
 
 in inference (no_grad forward) and training (forward + backward of out.sum()); mode "package" runs
 performer-pytorch's own causal `PerformerLM` (its CPU path as shipped) against its rewrite by
-`optimize_module`, both modes, at the sizes and 65536 (`performer_package.py`), and gives each point
+`optimize_module`, both modes, at the sizes (and 65536 when no --sizes are given; `performer_package.py`), and gives each point
 a second memory figure from another fresh process: torch's own allocator peak above what was
 allocated before the call (`rewriter.tools.allocator_peak`: on CPU the peak of the running sum of
 the allocations and frees `torch.profiler(profile_memory=True)` records, on CUDA
@@ -298,7 +298,7 @@ def flat_lines(sizes, repeats: int = 3) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--sizes", type=int, nargs="+", help="sequence lengths (default: 4096 16384)")
+    parser.add_argument("--sizes", type=int, nargs="+", help="sequence lengths (default: 4096 16384; the package mode adds 65536 unless --sizes or --quick)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                         help="the op's flat-memory check runs with inference (or package inference), on CPU")
     parser.add_argument("--package-modes", nargs="+", choices=("inference", "training"),
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                 for n in sizes for impl in IMPLS[mode]]
     lines = verdicts(rows, sizes[-1])
     if "package" in args.modes:
-        package_sizes = sizes if args.quick else tuple(dict.fromkeys(sizes + (65536,)))
+        package_sizes = sizes if args.quick or args.sizes else tuple(dict.fromkeys(sizes + (65536,)))
         rows += [run_package_point(impl, mode, n, args.device) for mode in args.package_modes
                  for n in package_sizes for impl in performer_package.IMPLS]
         if "training" in args.package_modes:
