@@ -5,7 +5,8 @@
 except the last axis of a floating-point input (its feature axis, which weights fix) and axes of
 size 1 in the example (torch.export specialises sizes 0 and 1). AUTO lets torch.export keep an axis
 dynamic where the model's code allows and fix it where the code depends on its size. Where dynamic
-capture fails, or fixes every axis, the example's shapes are kept and one WARNING says why.
+capture fails, or fixes every axis, the example's shapes are kept and one WARNING says why; a float input whose
+last axis looks like a length (a float padding mask) gets one WARNING that its length stays static.
 
 A call whose shapes the captured graph cannot take fails torch.export's guard with a bare
 ``AssertionError: Guard failed: idx.size()[1] <= 256``; `explain_guard_failures` turns it into an
@@ -70,6 +71,37 @@ def auto_dynamic_shapes(module: torch.nn.Module, args: tuple, kwargs: dict | Non
     return specs if any(isinstance(leaf, dict) for leaf in leaves) else None
 
 
+def _named_inputs(module: torch.nn.Module, args: tuple, kwargs: dict | None) -> dict[str, torch.Tensor]:
+    """The tensor inputs by `forward`'s parameter names (positions where it has no signature)."""
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **(kwargs or {})).arguments
+    except (TypeError, ValueError):
+        bound = {**{str(position): arg for position, arg in enumerate(args)}, **(kwargs or {})}
+    named = {}
+    for name, value in bound.items():
+        leaves = [leaf for leaf in pytree.tree_leaves(value) if isinstance(leaf, torch.Tensor)]
+        named.update({name if len(leaves) == 1 else f"{name}[{i}]": leaf for i, leaf in enumerate(leaves)})
+    return named
+
+
+def _warn_static_last_axes(name: str, module: torch.nn.Module, args: tuple, kwargs: dict | None) -> None:
+    """One WARNING per floating-point input whose last axis, kept static as a feature axis, looks like a
+    sequence axis: its size is that of another input's non-last axis and of no other input's last axis
+    (a float padding mask (B, L) beside q (B, H, L, D); q, k and v share their feature size)."""
+    tensors = _named_inputs(module, args, kwargs)
+    for input_name, tensor in tensors.items():
+        if not tensor.is_floating_point() or tensor.dim() == 0 or tensor.size(-1) < 2:
+            continue
+        others = [other for other_name, other in tensors.items() if other_name != input_name and other.dim()]
+        size = tensor.size(-1)
+        if any(other.size(-1) == size for other in others):
+            continue
+        if any(size in other.shape[:-1] for other in others):
+            logger.warning("optimize_module(%s): the last axis of floating-point input '%s' (size %d) is captured "
+                           "static, as a feature axis, though another input has an axis of that size; if it is a "
+                           "sequence axis, pass dynamic_shapes= marking it (e.g. Dim.AUTO)", name, input_name, size)
+
+
 def cache_off_kwargs(module: torch.nn.Module, args: tuple, kwargs: dict | None) -> dict | None:
     """`kwargs` with ``use_cache=False`` added, or None to leave them as they are.
 
@@ -132,6 +164,7 @@ def export_program(module: torch.nn.Module, args: tuple, kwargs: dict | None, dy
         return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     shapes = auto_dynamic_shapes(module, args, kwargs)
     name = type(module).__name__
+    _warn_static_last_axes(name, module, args, kwargs)
     if shapes is None:
         logger.warning("optimize_module(%s): the result takes only the example's shapes: no input axis could be "
                        "dynamic (every non-feature axis has size 1 in the example)", name)

@@ -143,3 +143,26 @@ def test_a_block_proven_only_at_fixed_shapes_keeps_the_fixed_capture(caplog):
     [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "only the example's shapes" in warning and "1 more can" in warning, warning
     torch.testing.assert_close(gm(*inputs), model(*inputs), atol=1e-5, rtol=1e-4)
+
+
+class FloatPaddingMask(torch.nn.Module):
+    """Older model code: a float (B, L) padding mask, used as (1 − m)·(−10000)."""
+
+    def forward(self, q, k, v, m):
+        scores = q @ k.transpose(-1, -2) * 0.25 + (1.0 - m[:, None, None, :]) * -10000.0
+        return scores.softmax(-1) @ v
+
+
+def test_a_float_input_whose_last_axis_looks_like_a_length_warns(caplog):
+    """The last axis of a float input is captured static (a feature axis); a float padding mask's is the
+    key length, so the result takes only that length: one WARNING names the input (new-user trial)."""
+    q, k, v = (torch.randn(2, 4, 40, 16) for _ in range(3))
+    with caplog.at_level(logging.WARNING, logger="rewriter.dynamic_capture"):
+        rewriter.optimize_module(FloatPaddingMask(), (q, k, v, torch.ones(2, 40)))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "'m' (size 40)" in warnings[0] and "dynamic_shapes=" in warnings[0], warnings
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rewriter.dynamic_capture"):
+        rewriter.optimize_module(FloatPaddingMask(), (q, k, v, torch.ones(2, 40)),
+                        dynamic_shapes=({2: torch.export.Dim.AUTO},) * 3 + ({1: torch.export.Dim.AUTO},))
+    assert not caplog.records
