@@ -26,6 +26,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 __all__ = ["ChainError", "ConstantBias", "MaskStep", "ReducedScores", "reduce_score_steps", "scores_side_of_sum"]
 
 
@@ -42,6 +44,26 @@ class MaskStep:
     # What the model does to the masked entries after the mask, in its order: ("bias", value, factor,
     # dtype of the sum) and ("scale", c). Empty: the fill is the constant `fill`.
     fill_terms: tuple = ()
+
+    def __post_init__(self):
+        # The fill as the masked scores hold it: fp32's finfo.min written into bf16/fp16 scores is −∞ there.
+        object.__setattr__(self, "fill", held_as(self.fill, self.dtype))
+
+
+def held_as(value: float, dtype: str | None) -> float:
+    """`value` rounded to nearest even in `dtype` ("float32", "float16", "bfloat16"; others and None:
+    as it is), past the dtype's range ±∞, as storing it in a tensor of that dtype does."""
+    if dtype not in ("float32", "float16", "bfloat16") or not math.isfinite(value):
+        return value
+    with np.errstate(over="ignore"):
+        if dtype == "float16":
+            return float(np.float16(value))
+        single = np.float32(value)
+    if dtype == "float32":
+        return float(single)
+    bits = int(np.array(single).view(np.uint32))
+    bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    return float(np.array(bits & 0xFFFFFFFF, dtype=np.uint32).view(np.float32))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -372,9 +372,24 @@ def chunked_attention_backward(grad_out, q, k, v, terms: ScoreTerms, out, stats,
     if key_grads is not None:
         dk += key_grads[0]
         dv += key_grads[1]
+    if not opts.zero_masked_rows:
+        _poison_values(dv, stats_g[..., 1])
     dbias = None if dbias is None else dbias.reshape(bias.shape).to(bias.dtype)
     dleaves = leaf_grads.results() if leaf_grads is not None else [None] * len(terms.leaves)
     return dq.flatten(1, 2).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, dleaves
+
+
+def _poison_values(dv: torch.Tensor, row_sum: torch.Tensor) -> None:
+    """NaN in dv (B|1, Hkv, Lk, Dv) for every key of a K/V head one of whose query rows keeps no key.
+
+    Such a row's probabilities are NaN on every key, so the model's backward of ``probs @ v`` gives
+    NaN to every key's dv (0 · NaN), also to keys that no row sees, whose blocks are skipped here.
+    `row_sum` is (B, Hkv, G, Lq); a row with no key sums to 0."""
+    poisoned = (row_sum == 0).any(-1).any(-1)  # (B, Hkv)
+    if dv.size(0) == 1:
+        poisoned = poisoned.any(0, keepdim=True)
+    if bool(poisoned.any()):
+        dv.masked_fill_(poisoned[:, :, None, None], math.nan)
 
 
 class _LeafGradients:

@@ -43,7 +43,8 @@ class Case:
     seq_first: bool = False  # inputs (B, L, H, D), transposed in the program
     scale: str = "scores_div"  # scores_mul | scores_div | query | split | none | parameter | input | per_head
     bias: str = "none"  # none | per_head | relative | alibi | padding ((1 − m)·finfo.min, m a (B, Lk) input)
-    mask: str = "none"  # none | padding | causal | band | all_masked_row
+    mask: str = "none"  # none | padding | causal | band | all_masked_row | padding_causal (left padding, then a
+    #                     causal masked_fill(−∞): the first rows of a padded batch row lose every key)
     mask_form: str = "masked_fill"  # masked_fill | where | additive
     fill: float = float("-inf")
     causal_offset: int = 0
@@ -67,6 +68,9 @@ def _keep_mask(case: Case, generator: torch.Generator) -> torch.Tensor | None:
         return (cols <= rows + case.causal_offset)[None, None]
     if case.mask == "band":
         return ((rows - cols).abs() <= 1 + case.causal_offset % 3)[None, None]
+    if case.mask == "padding_causal":
+        lengths = torch.randint(1, lk + 1, (case.batch,), generator=generator)
+        return (torch.arange(lk)[None, :] >= lk - lengths[:, None])[:, None, None, :]
     if case.mask == "all_masked_row":
         keep = torch.rand(case.batch, 1, lq, lk, generator=generator) > 0.3
         keep[..., lq // 2, :] = False
@@ -184,6 +188,8 @@ class AttentionProgram(nn.Module):
         else:
             scores = scores if bias is None else scores + bias.to(scores.dtype)
             scores = self._apply_mask(scores + c.shift if c.shift else scores, keep4)
+        if c.mask == "padding_causal":
+            scores = scores.masked_fill(torch.ones(lq, lk, dtype=torch.bool).triu(1 + c.causal_offset), float("-inf"))
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
         if merged:
             out = torch.bmm(probs.reshape(b * h, lq, lk), v3).view(b, h, lq, -1)
@@ -241,7 +247,8 @@ def cases(draw) -> Case:
         kv_order = "sdpa"
     query_len = draw(st.sampled_from(LENGTHS))
     key_len = draw(st.sampled_from(LENGTHS)) if draw(st.booleans()) else query_len
-    mask = draw(st.sampled_from(["none", "padding", "causal", "band", "all_masked_row"]))
+    mask = draw(st.sampled_from(["none", "padding", "causal", "band", "all_masked_row"] +
+                                ([] if product == "sdpa" else ["padding_causal"])))
     scale_choices = ["scores_mul", "none"] if product == "sdpa" else [
         "scores_mul", "scores_div", "query", "split", "none", "parameter", "input", "per_head"]
     dtype = draw(st.sampled_from(["float32", "float32", "float32", "bfloat16", "float16"]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 
@@ -57,6 +58,26 @@ GPT2_MASK_THEN_PADDING = Case(
     product="matmul", batch=3, heads=2, kv_heads=2, kv_batch=3, query_len=7, key_len=7, scale="scores_div", bias="padding",
     mask="causal", mask_form="where", fill=-3.4028234663852886e38, mask_then_bias=True, chunks=(3, 2), seed=4)
 SHIFT_BEFORE_FINITE_FILL = Case(mask="padding", mask_form="masked_fill", fill=-5.0, shift=3.0, chunks=(2, 3), seed=9)
+# Left padding, then a causal masked_fill: the first rows lose every key (new-user trial, then this mask kind).
+PADDING_CAUSAL_NAN_ROWS = Case(
+    product="matmul", batch=2, heads=2, kv_heads=2, kv_batch=2, query_len=7, key_len=7, scale="scores_div",
+    mask="padding_causal", mask_form="masked_fill", fill=-math.inf, causal_offset=-1, chunks=(16, 3), seed=44)
+PADDING_CAUSAL_BF16_FINFO_MIN = Case(
+    product="matmul", batch=2, heads=2, kv_heads=2, kv_batch=2, query_len=7, key_len=7, scale="scores_div",
+    mask="padding_causal", mask_form="where", fill=-3.4028234663852886e38, causal_offset=-1, dtype="bfloat16",
+    chunks=(4, 16), seed=3)
+
+
+@pytest.mark.parametrize("case", [
+    PADDING_CAUSAL_NAN_ROWS, dataclasses.replace(PADDING_CAUSAL_NAN_ROWS, causal_offset=0, bias="relative"),
+    dataclasses.replace(PADDING_CAUSAL_NAN_ROWS, mask_form="additive", bias="padding"),
+    PADDING_CAUSAL_BF16_FINFO_MIN, dataclasses.replace(PADDING_CAUSAL_BF16_FINFO_MIN, product="baddbmm", causal_offset=1),
+])
+def test_rows_left_without_keys_by_padding_and_causal(case):
+    """Gradients where padding and a causal mask leave rows with no key: the entries a masked_fill hides
+    pass no gradient, an added −∞ passes NaN on, every key's dV is NaN as the model's probs @ v gives
+    it; and fp32's finfo.min written into bf16 scores is −∞ there (the rows are NaN, not averaged)."""
+    assert run_case(case).kind == "rewritten"
 
 
 @pytest.mark.parametrize("case", [
