@@ -22,6 +22,7 @@ import rewriter
 from tests.test_fast_transformers_linear import (
     FEATURE_MAPS,
     FORMS,
+    QUOTIENT_NEAR_MISSES,
     AllPrefixSumsNormaliser,
     AttentionLayer,
     CausalLinearAttention,
@@ -97,8 +98,9 @@ def test_attention_layer_at_other_lengths(exporter, causal):
 
 
 def test_epsilon_is_exact():
-    """A large ε shows that the ONNX rewrite adds it after φ(q)·Σφ(k), not to the key sum."""
-    for model in (LinearAttention(eps=0.5), CausalLinearAttention(eps=0.5), PrefixSumCausal(eps=0.5)):
+    """A large ε shows that the ONNX rewrite adds it after φ(q)·Σφ(k), not to the key sum (the quotient: also none)."""
+    for model in (LinearAttention(eps=0.5), CausalLinearAttention(eps=0.5), PrefixSumCausal(eps=0.5),
+                  PrefixSumCausal(eps=0.5, divide=True), PrefixSumCausal(eps=None, divide=True, swapped=True)):
         inputs = _nlhd(19)
         _, optimized, report, found = _optimize(model.eval(), inputs, "dynamo18")
         assert found[0].rewritten, report.summary()
@@ -138,6 +140,7 @@ NEAR_MISSES = {
     "causal normaliser of the keys": (lambda: _KeyNormaliser(True), "φ(q)"),
     "normaliser of other features": (_OtherFeatures, "φ(q)"),
     "φ(q) used outside": (QueryFeaturesReturned, "also used"),
+    **QUOTIENT_NEAR_MISSES,
 }
 
 

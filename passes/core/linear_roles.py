@@ -116,9 +116,10 @@ def _normaliser(graph: LinearGraph, z, form: LinearForm, roles: dict, nodes: lis
     if parsed is None or len(parsed[0]) != 2:
         raise LinearFormError("the normaliser is not an einsum of φ(q) and Σφ(k)")
     reduce = graph.prefix_sum if form.causal else graph.key_sum
-    sides = parsed[0] if reduce(parsed[0][1]) is not None else parsed[0][::-1]
-    if graph.unview(sides[0], [])[0] is not form.phi_q:
+    roots = [graph.unview(side, [])[0] for side in parsed[0]]
+    if form.phi_q not in roots:
         raise LinearFormError("the normaliser does not use the output product's φ(q)")
+    sides = parsed[0] if roots[0] is form.phi_q else parsed[0][::-1]
     reduced = reduce(sides[1])
     if reduced is None:
         raise LinearFormError("the normaliser's keys are not " + ("prefix-summed" if form.causal else "summed"))
