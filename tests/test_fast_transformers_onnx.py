@@ -40,15 +40,15 @@ EXPORTERS = {"dynamo18": {"dynamo": True, "opset_version": 18}, "dynamo23": {"dy
              "torchscript17": {"dynamo": False, "opset_version": 17}}
 
 
-def _export(model, inputs, exporter: str, dynamic: bool = False) -> onnx.ModelProto:
+def _export(model, inputs, exporter: str, dynamic: bool = False, length_name: str = "length") -> onnx.ModelProto:
     buffer = io.BytesIO()
     names = [f"x{i}" for i in range(len(inputs))]
     options = dict(EXPORTERS[exporter])
     if dynamic and options["dynamo"]:
-        length = torch.export.Dim("length")
+        length = torch.export.Dim(length_name)
         options["dynamic_shapes"] = tuple({1: length} for _ in inputs)
     elif dynamic:
-        options["dynamic_axes"] = {name: {1: "length"} for name in names}
+        options["dynamic_axes"] = {name: {1: length_name} for name in names}
     quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
     with warnings.catch_warnings(), quiet[0], quiet[1]:
         warnings.simplefilter("ignore")
@@ -95,6 +95,20 @@ def test_attention_layer_at_other_lengths(exporter, causal):
     for length in (1, 300):
         x = torch.randn(2, length, 32)
         np.testing.assert_allclose(_ort(optimized, (x,))[0], model(x).detach().numpy(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("exporter", ["dynamo18", "torchscript17"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_length_symbol_of_the_layout(exporter, causal):
+    """The (N, L, H, D) block's length is its axis 1: a dim named `L` (not like a length) is the one the
+    memory estimate binds, as for softmax blocks."""
+    from rewriter.onnx_api import detect_onnx
+
+    model = AttentionLayer(CausalLinearAttention() if causal else LinearAttention()).eval()
+    exported = _export(model, (torch.randn(2, 40, 32),), exporter, dynamic=True, length_name="L")
+    report = detect_onnx(exported)
+    assert [m.spec.accepted for m in report.matches if m.kind == "performer"] == [True], report.summary()
+    assert report.sequence_dims == ["L"]
 
 
 def test_epsilon_is_exact():
