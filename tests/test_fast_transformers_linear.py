@@ -146,6 +146,16 @@ class AllPrefixSumsNormaliser(PrefixSumCausal):
         return torch.einsum("nlhd,nlhdm->nlhm", Q, context) * Z[:, :, :, None]
 
 
+class EpsilonAfterTheView(PrefixSumCausal):
+    """num / ((φ(q)·Σφ(k))[..., None] + ε): ε added to the broadcast denominator."""
+
+    def forward(self, queries, keys, values):
+        Q, K = self.feature_map(queries), self.feature_map(keys)
+        context = torch.einsum("nlhd,nlhm->nlhdm", K, values).cumsum(self.context_axis)
+        den = torch.einsum("nlhi,nlhi->nlh", Q, K.cumsum(1))
+        return self.numerator(Q, context) / (den[..., None] + self.eps)
+
+
 FORMS = {
     "bidirectional": LinearAttention,
     "causal": CausalLinearAttention,
@@ -155,6 +165,7 @@ FORMS = {
     "prefix_sum_swapped": lambda feature_map: PrefixSumCausal(feature_map, swapped=True),
     "prefix_sum_quotient": lambda feature_map: PrefixSumCausal(feature_map, divide=True),
     "prefix_sum_quotient_swapped": lambda feature_map: PrefixSumCausal(feature_map, divide=True, swapped=True),
+    "prefix_sum_quotient_late_epsilon": EpsilonAfterTheView,
 }
 
 

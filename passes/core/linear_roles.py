@@ -108,10 +108,12 @@ def _product_roles(graph: LinearGraph, value, roles: dict, nodes: list) -> list[
     return [known[label] for label in parsed[2]]
 
 
-def _normaliser(graph: LinearGraph, z, form: LinearForm, roles: dict, nodes: list, divisor: bool = False) -> list[str]:
+def _normaliser(graph: LinearGraph, z, form: LinearForm, roles: dict, nodes: list,
+                divisor: bool = False) -> list[str | None]:
     """The roles of Z = 1/(φ(q)·Σφ(k) + ε) (prefix sum when causal), or of the divisor φ(q)·Σφ(k) + ε
-    when `divisor`; sets the form's ε."""
-    denominator, form.normalizer_epsilon = (graph.shifted if divisor else graph.reciprocal)(z, nodes)
+    when `divisor` (None: an axis unsqueezed before ε is added); sets the form's ε."""
+    shifted, form.normalizer_epsilon = (graph.shifted if divisor else graph.reciprocal)(z, nodes)
+    denominator, view_axes = graph.unview(shifted, nodes)
     parsed = graph.einsum(denominator)
     if parsed is None or len(parsed[0]) != 2:
         raise LinearFormError("the normaliser is not an einsum of φ(q) and Σφ(k)")
@@ -137,7 +139,7 @@ def _normaliser(graph: LinearGraph, z, form: LinearForm, roles: dict, nodes: lis
     out = _product_roles(graph, denominator, roles, nodes)
     if sorted(out) != sorted("bhs"):
         raise LinearFormError("the normaliser is not one number per (batch, query, head)")
-    return out
+    return [None if a is None else out[a] for a in view_axes]
 
 
 def _output_product(graph: LinearGraph, q_view, context, q_lab: str, c_lab: str, out: str, nodes: list):
