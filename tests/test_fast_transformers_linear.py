@@ -380,6 +380,20 @@ def test_quotient_without_epsilon():
     assert_module_parity(model, gm, inputs, atol=1e-4, grad_atol=1e-3)
 
 
+class ScaledEpsilon(PrefixSumCausal):
+    """φ(q)·Σφ(k) + alpha·ε written `torch.add(·, ε, alpha=3)`: ε is not the constant as written."""
+
+    def denominator(self, Q, K, values):
+        return torch.add(torch.einsum("nlhi,nlhi->nlh", Q, K.cumsum(1)), 0.5, alpha=3.0)
+
+
+@pytest.mark.parametrize("divide", [False, True])
+def test_epsilon_scaled_by_alpha_is_left_alone(divide):
+    gm, report, found = _rewrite(ScaledEpsilon(divide=divide).eval(), _nlhd(9))
+    assert len(found) == 1 and not found[0].rewritten and "alpha=3.0" in found[0].reason, report.summary()
+    assert not _op_calls(gm)
+
+
 QUOTIENT_NEAR_MISSES = {
     "quotient over every key": (lambda: QuotientOverAllKeys(divide=True), "prefix-summed"),
     "product over every key": (QuotientOverAllKeys, "prefix-summed"),

@@ -15,8 +15,8 @@ Katharopoulos et al., "Transformers are RNNs" (`fast_transformers/attention/line
 
 The proof is the IR-neutral `passes.core.linear_roles` (every label of every product gets a role
 through the views between the products); this module says how ATen spells einsums, views (permutes,
-copies, full slices, unsqueezes), sums, prefix sums, `1/(x + ε)`, `x + ε`, products and quotients. ε becomes the op's
-`normalizer_epsilon`, and q, k, v reach the op permuted to (B, H, L, D), its output permuted back.
+copies, full slices, unsqueezes), sums, prefix sums, `1/(x + ε)`, `x + ε`, products and quotients. ε
+becomes the op's `normalizer_epsilon`, and q, k, v reach the op permuted to (B, H, L, D), its output permuted back.
 φ must be elementwise (`elu_plus_one`, `relu` without a projection): a projection or FAVOR+
 stabiliser over a layout other than (B, H, L, D) is not proven here.
 """
@@ -98,6 +98,8 @@ class _AtenGraph:
     def shifted(self, node: Node, nodes: list[Node]):
         if not ops.is_call(node, ops.ADD) or isinstance(node.args[1], Node):
             return node, 0.0
+        if node.kwargs.get("alpha", 1) != 1:
+            raise NotProven(f"the normaliser adds ε times alpha={node.kwargs['alpha']} ({node.name})")
         epsilon = scalar_constant(self.gm, node.args[1])
         if epsilon is None:
             raise NotProven("the normaliser adds a term that is not a scalar constant")
