@@ -93,24 +93,47 @@ class PrefixSumCausal(nn.Module):
 
     `normaliser_operand`: Z as the output product's third operand instead of a broadcast multiply;
     `context_first`: the context as the product's first operand, Z multiplied on the left;
-    `context_axis`: the axis the context is prefix-summed over (1 as written; 2, the heads, a near-miss).
+    `context_axis`: the axis the context is prefix-summed over (1 as written; 2, the heads, a near-miss);
+    `swapped`: every einsum's operands in the other order (v before φ(k), the keys' prefix sum before φ(q),
+    the context before φ(q));
+    `divide`: the output written `num / (φ(q)·Σφ(k) + ε)[..., None]` instead of times 1/(·); ε None: none added.
     """
 
-    def __init__(self, feature_map=None, eps=1e-6, normaliser_operand=False, context_axis=1, context_first=False):
+    def __init__(self, feature_map=None, eps=1e-6, normaliser_operand=False, context_axis=1, context_first=False,
+                 swapped=False, divide=False):
         super().__init__()
         self.feature_map = feature_map or elu_feature_map
         self.eps, self.normaliser_operand, self.context_axis = eps, normaliser_operand, context_axis
-        self.context_first = context_first
+        self.context_first, self.swapped, self.divide = context_first, swapped, divide
+
+    def denominator(self, Q, K, values):
+        """φ(q)·Σ_{j≤l}φ(k_j) (+ ε), (N, L, H)."""
+        if self.swapped:
+            den = torch.einsum("nlhd,nlhd->nlh", K.cumsum(1), Q)
+        else:
+            den = torch.einsum("nlhi,nlhi->nlh", Q, K.cumsum(1))
+        return den if self.eps is None else den + self.eps
 
     def forward(self, queries, keys, values):
         Q, K = self.feature_map(queries), self.feature_map(keys)
-        context = torch.einsum("nlhd,nlhm->nlhdm", K, values).cumsum(self.context_axis)
-        Z = 1 / (torch.einsum("nlhi,nlhi->nlh", Q, K.cumsum(1)) + self.eps)
+        if self.swapped:
+            context = torch.einsum("nlhm,nlhd->nlhdm", values, K).cumsum(self.context_axis)
+        else:
+            context = torch.einsum("nlhd,nlhm->nlhdm", K, values).cumsum(self.context_axis)
+        den = self.denominator(Q, K, values)
+        if self.divide:
+            return self.numerator(Q, context) / den[..., None]
+        Z = 1 / den
         if self.normaliser_operand:
             return torch.einsum("nlhd,nlhdm,nlh->nlhm", Q, context, Z)
         if self.context_first:
             return Z.unsqueeze(-1) * torch.einsum("nlhdm,nlhd->nlhm", context, Q)
-        return torch.einsum("nlhd,nlhdm->nlhm", Q, context) * Z[:, :, :, None]
+        return self.numerator(Q, context) * Z[:, :, :, None]
+
+    def numerator(self, Q, context):
+        if self.swapped:
+            return torch.einsum("nlhdm,nlhd->nlhm", context, Q)
+        return torch.einsum("nlhd,nlhdm->nlhm", Q, context)
 
 
 class AllPrefixSumsNormaliser(PrefixSumCausal):
@@ -123,13 +146,48 @@ class AllPrefixSumsNormaliser(PrefixSumCausal):
         return torch.einsum("nlhd,nlhdm->nlhm", Q, context) * Z[:, :, :, None]
 
 
+class EpsilonAfterTheView(PrefixSumCausal):
+    """num / ((φ(q)·Σφ(k))[..., None] + ε): ε added to the broadcast denominator."""
+
+    def forward(self, queries, keys, values):
+        Q, K = self.feature_map(queries), self.feature_map(keys)
+        context = torch.einsum("nlhd,nlhm->nlhdm", K, values).cumsum(self.context_axis)
+        den = torch.einsum("nlhi,nlhi->nlh", Q, K.cumsum(1))
+        return self.numerator(Q, context) / (den[..., None] + self.eps)
+
+
 FORMS = {
     "bidirectional": LinearAttention,
     "causal": CausalLinearAttention,
     "prefix_sum": PrefixSumCausal,
     "prefix_sum_operand": lambda feature_map: PrefixSumCausal(feature_map, normaliser_operand=True),
     "prefix_sum_context_first": lambda feature_map: PrefixSumCausal(feature_map, context_first=True),
+    "prefix_sum_swapped": lambda feature_map: PrefixSumCausal(feature_map, swapped=True),
+    "prefix_sum_quotient": lambda feature_map: PrefixSumCausal(feature_map, divide=True),
+    "prefix_sum_quotient_swapped": lambda feature_map: PrefixSumCausal(feature_map, divide=True, swapped=True),
+    "prefix_sum_quotient_late_epsilon": EpsilonAfterTheView,
 }
+
+
+class QuotientOverAllKeys(PrefixSumCausal):
+    """num / (φ(q)·Σ_j φ(k_j) + ε): the causal numerator over a normaliser of every key, not of the prefix."""
+
+    def denominator(self, Q, K, values):
+        return torch.einsum("nlhd,nhd->nlh", Q, K.sum(dim=1)) + self.eps
+
+
+class QuotientOfTheKeys(PrefixSumCausal):
+    """num / (φ(k)·Σ_{j≤l}φ(k_j) + ε): the roles of φ(q)·Σφ(k), but not the numerator's queries."""
+
+    def denominator(self, Q, K, values):
+        return torch.einsum("nlhd,nlhd->nlh", K.cumsum(1), K) + self.eps
+
+
+class ValueNormaliser(PrefixSumCausal):
+    """Operands swapped, Z from v's prefix sum (v as wide as φ(k)): not the context's φ(k)."""
+
+    def denominator(self, Q, K, values):
+        return torch.einsum("nlhd,nlhd->nlh", values.cumsum(1), Q) + self.eps
 
 
 class AttentionLayer(nn.Module):
@@ -309,6 +367,46 @@ def test_prefix_sum_over_heads_is_left_alone(normaliser_operand):
     gm, report, found = _rewrite(model, _nlhd(9))
     assert len(found) == 1 and not found[0].rewritten, report.summary()
     assert "keys" in found[0].reason and "φ(q)'s features" not in found[0].reason, found[0].reason
+    assert not _op_calls(gm)
+
+
+def test_quotient_without_epsilon():
+    """num / (φ(q)·Σφ(k))[..., None], no ε: normalizer_epsilon 0, the op's quotient as written."""
+    model = PrefixSumCausal(divide=True, eps=None).eval()
+    inputs = _nlhd(29)
+    gm, report, found = _rewrite(model, inputs)
+    assert len(found) == 1 and found[0].rewritten, report.summary()
+    assert _op_calls(gm)[0].args[8] == 0.0
+    assert_module_parity(model, gm, inputs, atol=1e-4, grad_atol=1e-3)
+
+
+class ScaledEpsilon(PrefixSumCausal):
+    """φ(q)·Σφ(k) + alpha·ε written `torch.add(·, ε, alpha=3)`: ε is not the constant as written."""
+
+    def denominator(self, Q, K, values):
+        return torch.add(torch.einsum("nlhi,nlhi->nlh", Q, K.cumsum(1)), 0.5, alpha=3.0)
+
+
+@pytest.mark.parametrize("divide", [False, True])
+def test_epsilon_scaled_by_alpha_is_left_alone(divide):
+    gm, report, found = _rewrite(ScaledEpsilon(divide=divide).eval(), _nlhd(9))
+    assert len(found) == 1 and not found[0].rewritten and "alpha=3.0" in found[0].reason, report.summary()
+    assert not _op_calls(gm)
+
+
+QUOTIENT_NEAR_MISSES = {
+    "quotient over every key": (lambda: QuotientOverAllKeys(divide=True), "prefix-summed"),
+    "product over every key": (QuotientOverAllKeys, "prefix-summed"),
+    "quotient of the keys": (lambda: QuotientOfTheKeys(divide=True), "φ(q)"),
+    "normaliser of the values": (lambda: ValueNormaliser(swapped=True), "not the context's φ(k)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(QUOTIENT_NEAR_MISSES))
+def test_quotient_and_swapped_near_misses(case):
+    factory, reason = QUOTIENT_NEAR_MISSES[case]
+    gm, report, found = _rewrite(factory().eval(), _nlhd(9))
+    assert len(found) == 1 and not found[0].rewritten and reason in found[0].reason, report.summary()
     assert not _op_calls(gm)
 
 

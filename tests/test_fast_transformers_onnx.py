@@ -22,6 +22,7 @@ import rewriter
 from tests.test_fast_transformers_linear import (
     FEATURE_MAPS,
     FORMS,
+    QUOTIENT_NEAR_MISSES,
     AllPrefixSumsNormaliser,
     AttentionLayer,
     CausalLinearAttention,
@@ -39,15 +40,15 @@ EXPORTERS = {"dynamo18": {"dynamo": True, "opset_version": 18}, "dynamo23": {"dy
              "torchscript17": {"dynamo": False, "opset_version": 17}}
 
 
-def _export(model, inputs, exporter: str, dynamic: bool = False) -> onnx.ModelProto:
+def _export(model, inputs, exporter: str, dynamic: bool = False, length_name: str = "length") -> onnx.ModelProto:
     buffer = io.BytesIO()
     names = [f"x{i}" for i in range(len(inputs))]
     options = dict(EXPORTERS[exporter])
     if dynamic and options["dynamo"]:
-        length = torch.export.Dim("length")
+        length = torch.export.Dim(length_name)
         options["dynamic_shapes"] = tuple({1: length} for _ in inputs)
     elif dynamic:
-        options["dynamic_axes"] = {name: {1: "length"} for name in names}
+        options["dynamic_axes"] = {name: {1: length_name} for name in names}
     quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
     with warnings.catch_warnings(), quiet[0], quiet[1]:
         warnings.simplefilter("ignore")
@@ -96,9 +97,24 @@ def test_attention_layer_at_other_lengths(exporter, causal):
         np.testing.assert_allclose(_ort(optimized, (x,))[0], model(x).detach().numpy(), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("exporter", ["dynamo18", "torchscript17"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_length_symbol_of_the_layout(exporter, causal):
+    """The (N, L, H, D) block's length is its axis 1: a dim named `L` (not like a length) is the one the
+    memory estimate binds, as for softmax blocks."""
+    from rewriter.onnx_api import detect_onnx
+
+    model = AttentionLayer(CausalLinearAttention() if causal else LinearAttention()).eval()
+    exported = _export(model, (torch.randn(2, 40, 32),), exporter, dynamic=True, length_name="L")
+    report = detect_onnx(exported)
+    assert [m.spec.accepted for m in report.matches if m.kind == "performer"] == [True], report.summary()
+    assert report.sequence_dims == ["L"]
+
+
 def test_epsilon_is_exact():
-    """A large ε shows that the ONNX rewrite adds it after φ(q)·Σφ(k), not to the key sum."""
-    for model in (LinearAttention(eps=0.5), CausalLinearAttention(eps=0.5), PrefixSumCausal(eps=0.5)):
+    """A large ε shows that the ONNX rewrite adds it after φ(q)·Σφ(k), not to the key sum (the quotient: also none)."""
+    for model in (LinearAttention(eps=0.5), CausalLinearAttention(eps=0.5), PrefixSumCausal(eps=0.5),
+                  PrefixSumCausal(eps=0.5, divide=True), PrefixSumCausal(eps=None, divide=True, swapped=True)):
         inputs = _nlhd(19)
         _, optimized, report, found = _optimize(model.eval(), inputs, "dynamo18")
         assert found[0].rewritten, report.summary()
@@ -138,6 +154,7 @@ NEAR_MISSES = {
     "causal normaliser of the keys": (lambda: _KeyNormaliser(True), "φ(q)"),
     "normaliser of other features": (_OtherFeatures, "φ(q)"),
     "φ(q) used outside": (QueryFeaturesReturned, "also used"),
+    **QUOTIENT_NEAR_MISSES,
 }
 
 

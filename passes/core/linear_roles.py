@@ -6,7 +6,12 @@ Katharopoulos et al., "Transformers are RNNs" (fast-transformers' `linear_attent
     bidirectional   out = einsum(φQ, einsum(φK, V) contracted over the keys, Z)       (any operand order)
     causal          out = einsum(φQ, cumsum_s(einsum(φK ⊗ V)), Z)
                     or  view(einsum(φQ, cumsum_s(einsum(φK ⊗ V)))) * view(Z)         (Z broadcast over values)
+                    or  view(einsum(φQ, cumsum_s(einsum(φK ⊗ V)))) / view(einsum(φQ, cumsum_s φK) + ε)
                     Z   = 1/(einsum(φQ, Σ_s φK) + ε)      (causal: cumsum_s φK instead of the sum)
+
+(the quotient is what the op computes, num / (φ(q)·Σφ(k) + normalizer_epsilon), ε 0 when absent). Which
+operand of each einsum is which (φ(q) or the context, φ(k) or v) is read from the labels' roles, not
+from the operands' order.
 
 Every label of every product gets a role, b (batch), h (heads), s (sequence), f (features) or
 e (value), from the output product and through the views between products (permutes, unsqueezes,
@@ -50,8 +55,14 @@ class LinearGraph(Protocol):
     def reciprocal(self, value, nodes: list) -> tuple[Any, float]:
         """(x, ε) for `value` = 1/(x + ε) (ε 0 when absent); raises the IR's rejection otherwise."""
 
+    def shifted(self, value, nodes: list) -> tuple[Any, float]:
+        """(x, ε) for `value` = x + ε with ε a scalar constant; (value, 0.0) when it adds none."""
+
     def factors(self, value) -> tuple[Any, Any] | None:
         """The two tensor operands of the elementwise product producing `value`."""
+
+    def quotient(self, value) -> tuple[Any, Any] | None:
+        """(numerator, denominator), both tensors, of the elementwise division producing `value`."""
 
     def node(self, value) -> Any:
         """What the block's node list records for `value` (its producer)."""
@@ -97,16 +108,20 @@ def _product_roles(graph: LinearGraph, value, roles: dict, nodes: list) -> list[
     return [known[label] for label in parsed[2]]
 
 
-def _normaliser(graph: LinearGraph, z, form: LinearForm, roles: dict, nodes: list) -> list[str]:
-    """The roles of Z = 1/(φ(q)·Σφ(k) + ε) (prefix sum when causal); sets the form's ε."""
-    denominator, form.normalizer_epsilon = graph.reciprocal(z, nodes)
+def _normaliser(graph: LinearGraph, z, form: LinearForm, roles: dict, nodes: list,
+                divisor: bool = False) -> list[str | None]:
+    """The roles of Z = 1/(φ(q)·Σφ(k) + ε) (prefix sum when causal), or of the divisor φ(q)·Σφ(k) + ε
+    when `divisor` (None: an axis unsqueezed before ε is added); sets the form's ε."""
+    shifted, form.normalizer_epsilon = (graph.shifted if divisor else graph.reciprocal)(z, nodes)
+    denominator, view_axes = graph.unview(shifted, nodes)
     parsed = graph.einsum(denominator)
     if parsed is None or len(parsed[0]) != 2:
         raise LinearFormError("the normaliser is not an einsum of φ(q) and Σφ(k)")
     reduce = graph.prefix_sum if form.causal else graph.key_sum
-    sides = parsed[0] if reduce(parsed[0][1]) is not None else parsed[0][::-1]
-    if graph.unview(sides[0], [])[0] is not form.phi_q:
+    roots = [graph.unview(side, [])[0] for side in parsed[0]]
+    if form.phi_q not in roots:
         raise LinearFormError("the normaliser does not use the output product's φ(q)")
+    sides = parsed[0] if roots[0] is form.phi_q else parsed[0][::-1]
     reduced = reduce(sides[1])
     if reduced is None:
         raise LinearFormError("the normaliser's keys are not " + ("prefix-summed" if form.causal else "summed"))
@@ -124,7 +139,7 @@ def _normaliser(graph: LinearGraph, z, form: LinearForm, roles: dict, nodes: lis
     out = _product_roles(graph, denominator, roles, nodes)
     if sorted(out) != sorted("bhs"):
         raise LinearFormError("the normaliser is not one number per (batch, query, head)")
-    return out
+    return [None if a is None else out[a] for a in view_axes]
 
 
 def _output_product(graph: LinearGraph, q_view, context, q_lab: str, c_lab: str, out: str, nodes: list):
@@ -150,6 +165,9 @@ def _output_product(graph: LinearGraph, q_view, context, q_lab: str, c_lab: str,
         raise LinearFormError("the context is not an einsum of φ(k) and v" + (" per position" if causal else ""))
     (k_view, v_view), (k_lab, v_lab), kv_out = kv
     inner = dict(zip(kv_out, (role[lab] for lab in c_lab)))
+    value_label = next((lab for lab in kv_out if inner.get(lab) == "e"), None)
+    if value_label in k_lab and value_label not in v_lab:  # einsum(v, φ(k)): φ(k) is the operand with the features
+        (k_view, v_view), (k_lab, v_lab) = (v_view, k_view), (v_lab, k_lab)
     if causal and set(k_lab) | set(v_lab) != set(kv_out):
         raise LinearFormError("the prefix-summed context is not φ(k) ⊗ v per position")
     if not causal:
@@ -199,7 +217,7 @@ def _split_three(graph: LinearGraph, parsed):
 
 
 def match_linear_form(graph: LinearGraph, anchor) -> LinearForm:
-    """Prove linear attention at `anchor`: a three-operand output product, or the causal `num * Z`.
+    """Prove linear attention at `anchor`: a three-operand output product, or the causal `num * Z` or `num / D`.
 
     Raises `LinearFormError` (or the IR's own rejection, from `graph`) with the reason otherwise.
     """
@@ -217,9 +235,10 @@ def match_linear_form(graph: LinearGraph, anchor) -> LinearForm:
             raise LinearFormError("the normaliser's axes are not the output product's")
     else:
         pair = graph.factors(anchor)
+        divided = pair is None and (pair := graph.quotient(anchor)) is not None
         if pair is None:
-            raise LinearFormError("not the numerator times the normaliser")
-        for num, z in (pair, pair[::-1]):
+            raise LinearFormError("not the numerator times (or over) the normaliser")
+        for num, z in (pair,) if divided else (pair, pair[::-1]):
             num_root, num_axes = graph.unview(num, [])
             product = graph.einsum(num_root)
             summed = [] if product is None or len(product[0]) != 2 else \
@@ -234,7 +253,7 @@ def match_linear_form(graph: LinearGraph, anchor) -> LinearForm:
         out = product[2]
         form, roles, product_roles = _output_product(graph, q_view, context, q_lab, c_lab, out, nodes)
         z_root, z_axes = graph.unview(z, nodes)
-        z_roles = _normaliser(graph, z_root, form, roles, nodes)
+        z_roles = _normaliser(graph, z_root, form, roles, nodes, divided)
         out_roles = [None if a is None else product_roles[a] for a in num_axes]
         z_view = [None if a is None else z_roles[a] for a in z_axes]
         if None in out_roles or out_roles != [r if r is not None else "e" for r in z_view] or z_view.count(None) != 1:

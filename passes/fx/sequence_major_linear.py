@@ -6,7 +6,7 @@ Katharopoulos et al., "Transformers are RNNs" (`fast_transformers/attention/line
     bidirectional   KV  = einsum("nshd,nshm->nhmd", φK, V)
                     Z   = 1/(einsum("nlhd,nhd->nlh", φQ, φK.sum(dim=1)) + ε)
                     out = einsum("nlhd,nhmd,nlh->nlhm", φQ, KV, Z)
-    causal          Z   = 1/(einsum("nlhi,nlhi->nlh", φQ, φK.cumsum(1)) + ε)
+    causal          Z   = 1/(einsum("nlhi,nlhi->nlh", φQ, φK.cumsum(1)) + ε)     (or num / (φQ·ΣφK + ε)[..., None])
                     num = causal_product(φQᵖ, φKᵖ, Vᵖ)ᵖ     (ᵖ: permute(0, 2, 1, 3).contiguous();
                           its C++/CUDA kernel, in PyTorch: einsum(φQᵖ, cumsum(einsum(φKᵖ ⊗ Vᵖ), l)))
                     out = num * Z[:, :, :, None]
@@ -15,8 +15,8 @@ Katharopoulos et al., "Transformers are RNNs" (`fast_transformers/attention/line
 
 The proof is the IR-neutral `passes.core.linear_roles` (every label of every product gets a role
 through the views between the products); this module says how ATen spells einsums, views (permutes,
-copies, full slices, unsqueezes), sums, prefix sums, `1/(x + ε)` and products. ε becomes the op's
-`normalizer_epsilon`, and q, k, v reach the op permuted to (B, H, L, D), its output permuted back.
+copies, full slices, unsqueezes), sums, prefix sums, `1/(x + ε)`, `x + ε`, products and quotients. ε
+becomes the op's `normalizer_epsilon`, and q, k, v reach the op permuted to (B, H, L, D), its output permuted back.
 φ must be elementwise (`elu_plus_one`, `relu` without a projection): a projection or FAVOR+
 stabiliser over a layout other than (B, H, L, D) is not proven here.
 """
@@ -93,18 +93,28 @@ class _AtenGraph:
         if factor != 1.0 or not ops.is_call(inner, {aten.reciprocal.default}):
             raise NotProven("the normaliser is not 1 / (φ(q)·Σφ(k) + ε)")
         nodes += [node, inner] if inner is not node else [inner]
-        denominator, epsilon = inner.args[0], 0.0
-        if ops.is_call(denominator, ops.ADD) and not isinstance(denominator.args[1], Node):
-            epsilon = scalar_constant(self.gm, denominator.args[1])
-            if epsilon is None:
-                raise NotProven("the normaliser adds a term that is not a scalar constant")
-            nodes.append(denominator)
-            denominator = denominator.args[0]
-        return denominator, epsilon
+        return self.shifted(inner.args[0], nodes)
+
+    def shifted(self, node: Node, nodes: list[Node]):
+        if not ops.is_call(node, ops.ADD) or isinstance(node.args[1], Node):
+            return node, 0.0
+        if node.kwargs.get("alpha", 1) != 1:
+            raise NotProven(f"the normaliser adds ε times alpha={node.kwargs['alpha']} ({node.name})")
+        epsilon = scalar_constant(self.gm, node.args[1])
+        if epsilon is None:
+            raise NotProven("the normaliser adds a term that is not a scalar constant")
+        nodes.append(node)
+        return node.args[0], epsilon
 
     @staticmethod
     def factors(node):
         if not ops.is_call(node, {aten.mul.Tensor}) or not all(isinstance(x, Node) for x in node.args[:2]):
+            return None
+        return node.args[0], node.args[1]
+
+    @staticmethod
+    def quotient(node):
+        if not ops.is_call(node, {aten.div.Tensor}) or not all(isinstance(x, Node) for x in node.args[:2]):
             return None
         return node.args[0], node.args[1]
 
@@ -132,10 +142,15 @@ def match_sequence_major(gm: GraphModule, anchor: Node, finish):
 
 
 def is_causal_product_anchor(node: Node) -> bool:
-    """`num * Z[..., None]` where num is (a view of) a two-operand einsum with a prefix-summed operand."""
-    if not ops.is_call(node, {aten.mul.Tensor}) or len(node.args) < 2:
+    """`num * Z[..., None]` or `num / D[..., None]` where num is (a view of) a two-operand einsum with a
+    prefix-summed operand."""
+    if _AtenGraph.factors(node) is not None:
+        sides = node.args[:2]
+    elif _AtenGraph.quotient(node) is not None:
+        sides = node.args[:1]
+    else:
         return False
-    for side in node.args[:2]:
+    for side in sides:
         while ops.is_call(side, _VIEWS):
             side = side.args[0]
         parsed = einsum_labels(side)

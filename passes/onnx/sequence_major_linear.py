@@ -9,11 +9,12 @@ fast-transformers (Katharopoulos et al., `LinearAttention`, `CausalLinearAttenti
     causal
         φQ, φK, V ─ Transpose(0, 2, 1, 3) ─ Einsum("nhld,nhlm->nhldm") ─ CumSum(l) ─ Einsum(φQᵖ, ·) ─ Transpose ─┐
         φK ─ CumSum(l) ─ Einsum("nlhi,nlhi->nlh", φQ, ·) ─ Add ε ─ Reciprocal ─ Unsqueeze ───────────── Mul ─ out
+        (or ─ Add ε ─ Unsqueeze ─ Div(num, ·): the quotient the op computes)
 
 (also the causal product written without permutes, `einsum("nlhd,nlhdm->nlhm", φQ, einsum("nlhd,nlhm->nlhdm",
 φK, V).cumsum(1))`, times Z or with Z as a third operand). The proof is `passes.core.linear_roles`, the
 same one FX uses; this module says how ONNX spells einsums, views (Transpose, Unsqueeze, Identity),
-ReduceSum, CumSum (inclusive, forward), `1/(x + ε)` and Mul. The block then goes through
+ReduceSum, CumSum (inclusive, forward), `1/(x + ε)`, `x + ε`, Mul and Div. The block then goes through
 `linear_block.finish_block` with the permutations that take q, k, v to (B, H, L, D) and the output
 back; the canonical node gets Transposes around it. φ must be elementwise (elu + 1 or ReLU without a
 projection): a projection or a FAVOR+ stabiliser over another layout is not proven here.
@@ -85,10 +86,19 @@ class _OnnxGraph:
         return node.inputs[0], axes
 
     def reciprocal(self, value: ir.Value, nodes: list[ir.Node]):
-        return key_sum_epsilon_of(self.ctx, reciprocal_of(self.ctx, value, nodes), nodes)
+        return self.shifted(reciprocal_of(self.ctx, value, nodes), nodes)
+
+    def shifted(self, value: ir.Value, nodes: list[ir.Node]):
+        return key_sum_epsilon_of(self.ctx, value, nodes)
 
     def factors(self, value: ir.Value):
         node = producer_op(value, "Mul")
+        if node is None or any(self.ctx.folder.scalar(x) is not None for x in node.inputs):
+            return None
+        return node.inputs[0], node.inputs[1]
+
+    def quotient(self, value: ir.Value):
+        node = producer_op(value, "Div")
         if node is None or any(self.ctx.folder.scalar(x) is not None for x in node.inputs):
             return None
         return node.inputs[0], node.inputs[1]
@@ -114,11 +124,16 @@ def match_sequence_major(ctx: AnalysisContext, anchor: ir.Node) -> OnnxLinearAtt
 
 
 def is_product_times_normaliser(ctx: AnalysisContext, node: ir.Node) -> bool:
-    """`Mul(view(Einsum(φq, CumSum(·))), Z)`: the causal numerator times its normaliser."""
+    """`Mul(view(Einsum(φq, CumSum(·))), Z)` or `Div(view(Einsum(φq, CumSum(·))), D)`: the causal
+    numerator times its normaliser, or over its denominator."""
     graph = _OnnxGraph(ctx)
-    if graph.factors(node.outputs[0]) is None:
+    if graph.factors(node.outputs[0]) is not None:
+        sides = node.inputs
+    elif graph.quotient(node.outputs[0]) is not None:
+        sides = node.inputs[:1]
+    else:
         return False
-    for side in node.inputs:
+    for side in sides:
         while (view := producer_op(side, *_VIEWS)) is not None:
             side = view.inputs[0]
         einsum = producer_op(side, "Einsum")
