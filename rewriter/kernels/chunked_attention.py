@@ -351,13 +351,13 @@ def chunked_attention_backward(grad_out, q, k, v, terms: ScoreTerms, out, stats,
             dv[..., k0:k1, :] += _reduce_to(torch.matmul(probs.transpose(-1, -2), dob).sum(2), dv.shape)
             grad_probs = torch.matmul(dob, vb.transpose(-1, -2)).sub_(delta[..., q0:q1].unsqueeze(-1))
             grad_scores = probs.mul_(grad_probs)
+            causal_b = _causal_hidden(opts, q0, q1 - q0, k0, k1 - k0, q.device)
+            if causal_b is not None:  # causally hidden entries pass nothing on (NaN only in a row with no key)
+                grad_scores.masked_fill_(causal_b, 0.0)
             if fill_traced is not None:  # the masked entries' gradients reach the fill program's leaves
                 leaf_grads.accumulate(terms.fill_program, fill_traced, torch.where(hidden_b, grad_scores, 0.0))
             if hidden_b is not None:  # masked entries pass no gradient on to the scores and the bias
                 grad_scores.masked_fill_(hidden_b, 0.0)
-            causal_b = _causal_hidden(opts, q0, q1 - q0, k0, k1 - k0, q.device)
-            if causal_b is not None:  # nor do causally hidden ones (only a row with no key has NaN there)
-                grad_scores.masked_fill_(causal_b, 0.0)
             if dbias is not None:
                 _accumulate_bias_grad(dbias, grad_scores, q0, q1, k0, k1)
             if traced is not None:

@@ -72,6 +72,10 @@ PADDING_CAUSAL_BF16_FINFO_MIN = Case(
     PADDING_CAUSAL_NAN_ROWS, dataclasses.replace(PADDING_CAUSAL_NAN_ROWS, causal_offset=0, bias="relative"),
     dataclasses.replace(PADDING_CAUSAL_NAN_ROWS, mask_form="additive", bias="padding"),
     PADDING_CAUSAL_BF16_FINFO_MIN, dataclasses.replace(PADDING_CAUSAL_BF16_FINFO_MIN, product="baddbmm", causal_offset=1),
+    Case(product="bmm", batch=2, heads=1, kv_heads=1, kv_order="broadcast", kv_batch=2, query_len=7, key_len=7,
+         head_dim=4, value_dim=6, seq_first=True, scale="scores_mul", bias="relative", mask="padding_causal",
+         mask_form="where", fill=-10000.0, causal_offset=-1, mask_then_bias=True, shift=-2.5, batch_view=True,
+         chunks=(16, 2), seed=14689),  # fuzzer seed 505: a fill program's leaves got the causally hidden NaN
 ])
 def test_rows_left_without_keys_by_padding_and_causal(case):
     """Gradients where padding and a causal mask leave rows with no key: the entries a masked_fill hides
