@@ -195,7 +195,8 @@ def _key_stop(opts: ScoreOptions, q1: int, key_len: int) -> int:
 
 def _block_scores(qb, kb, bias_b: list, hidden_b, opts: ScoreOptions, q0: int, k0: int, keep_tanh: bool = False,
                   fill_b=None):
-    """Final scores of one block, and with soft-capping and `keep_tanh` the tanh values too.
+    """(final scores of one block, with soft-capping and `keep_tanh` the tanh values too (else None),
+    where the causal flag hides a key (None: nowhere)).
 
     `qb` arrives already multiplied by `_query_factor(opts)`; `bias_b` holds the bias's addends, added
     one after another as the model rounds them; `hidden_b` is True where the mask hides a key, `fill_b`
@@ -217,7 +218,7 @@ def _block_scores(qb, kb, bias_b: list, hidden_b, opts: ScoreOptions, q0: int, k
     causal_b = _causal_hidden(opts, q0, qb.size(-2), k0, kb.size(-2), qb.device)
     if causal_b is not None:
         scores.masked_fill_(causal_b, -math.inf)
-    return scores, capped
+    return scores, capped, causal_b
 
 
 def _causal_hidden(opts: ScoreOptions, q0: int, rows: int, k0: int, cols: int, device) -> torch.Tensor | None:
@@ -269,7 +270,7 @@ def chunked_attention_forward(q, k, v, terms: ScoreTerms, opts: ScoreOptions, fu
             fill_b = None if hidden_b is None else block_terms.fill_block(q0, q1, k0, k1)
             if _skippable(hidden_b, row_max, opts, False, fill_b):
                 continue
-            scores, _ = _block_scores(
+            scores, _, _ = _block_scores(
                 qb, kg[..., k0:k1, :], block_terms.bias_blocks(q0, q1, k0, k1), hidden_b, opts, q0, k0, fill_b=fill_b)
             new_max = torch.maximum(row_max, scores.amax(-1))
             reference = _finite_reference(new_max)
@@ -346,12 +347,11 @@ def chunked_attention_backward(grad_out, q, k, v, terms: ScoreTerms, out, stats,
                 bias_b = block_terms.traced_addends(terms.bias_program, traced)
             else:
                 bias_b, traced = block_terms.bias_blocks(q0, q1, k0, k1), None
-            scores, capped = _block_scores(qb_scaled, kb, bias_b, hidden_b, opts, q0, k0, True, fill_b)
+            scores, capped, causal_b = _block_scores(qb_scaled, kb, bias_b, hidden_b, opts, q0, k0, True, fill_b)
             probs = scores.sub_(row_reference[..., q0:q1, :]).exp_().div_(row_sum[..., q0:q1, :])
             dv[..., k0:k1, :] += _reduce_to(torch.matmul(probs.transpose(-1, -2), dob).sum(2), dv.shape)
             grad_probs = torch.matmul(dob, vb.transpose(-1, -2)).sub_(delta[..., q0:q1].unsqueeze(-1))
             grad_scores = probs.mul_(grad_probs)
-            causal_b = _causal_hidden(opts, q0, q1 - q0, k0, k1 - k0, q.device)
             if causal_b is not None:  # causally hidden entries pass nothing on (NaN only in a row with no key)
                 grad_scores.masked_fill_(causal_b, 0.0)
             if fill_traced is not None:  # the masked entries' gradients reach the fill program's leaves
@@ -367,7 +367,7 @@ def chunked_attention_backward(grad_out, q, k, v, terms: ScoreTerms, out, stats,
             dq[..., q0:q1, :] += torch.matmul(grad_scores, kb).mul_(opts.scale)
             dk[..., k0:k1, :] += _reduce_to(torch.matmul(grad_scores.transpose(-1, -2), qb).sum(2), dk.shape).mul_(
                 opts.scale)
-            del scores, capped, probs, grad_probs, grad_scores, bias_b, traced, fill_b, fill_traced  # free this block before the next
+            del scores, capped, causal_b, probs, grad_probs, grad_scores, bias_b, traced, fill_b, fill_traced  # free this block before the next
     key_grads = None if fused is None else fused.key_grads()
     if key_grads is not None:
         dk += key_grads[0]
