@@ -38,6 +38,7 @@ fails. Times are wall-clock times of single calls: other load on the 2 cores ske
     PYTHONPATH=. python benchmarks/performer_attention.py --modes package --package-modes training --sizes 16384
                                                    # the 50x target's points, both memory figures
     PYTHONPATH=. python benchmarks/performer_attention.py --modes package --device cuda  # the package on a GPU
+    PYTHONPATH=. python benchmarks/performer_attention.py --modes package --package-kernel no_projection --sizes 16384
 """
 
 from __future__ import annotations
@@ -161,16 +162,17 @@ def run_point(impl: str, mode: str, length: int, onnx_models: dict | None = None
     return row
 
 
-def run_package_point(impl: str, mode: str, length: int, device: str = "cpu") -> dict:
-    """performer-pytorch's PerformerLM ("package") or its rewrite ("rewritten") on `device`: extra peak
-    RSS and time in one fresh process, the allocator's peak (`allocator_peak_bytes`) in another."""
+def run_package_point(impl: str, mode: str, length: int, device: str = "cpu", kernel: str = "favor") -> dict:
+    """performer-pytorch's PerformerLM ("package") or its rewrite ("rewritten") on `device`, with the
+    feature map `kernel`: extra peak RSS and time in one fresh process, the allocator's peak
+    (`allocator_peak_bytes`) in another."""
     row = {"impl": impl, "mode": f"package {mode}", "L": length, "mib": None, "alloc_mib": None, "s": None,
            "note": ""}
-    estimate = performer_package.estimate_gib(impl, mode, length)
+    estimate = performer_package.estimate_gib(impl, mode, length, kernel)
     if estimate > PACKAGE_MAX_GIB[device]:
         row["note"] = f"skipped: needs ~{estimate:.0f} GiB > {PACKAGE_MAX_GIB[device]} GiB"
     else:
-        args = (performer_package.prepare_call, impl, mode, length, THREADS, WARMUP_L, device)
+        args = (performer_package.prepare_call, impl, mode, length, THREADS, WARMUP_L, device, kernel)
         try:
             result = measure_in_fresh_process(*args)
             row["mib"], row["s"] = result.extra_peak_mib, result.seconds
@@ -179,7 +181,7 @@ def run_package_point(impl: str, mode: str, length: int, device: str = "cpu") ->
         except ChildProcessError as error:
             row["note"] = f"failed: {error}"
     text = row["note"] or f"{row['mib']:.1f} MiB RSS, {row['alloc_mib']:.1f} MiB allocator, {row['s']:.3f} s"
-    print(f"package {mode:>9} L={length:<6} {impl:>9} ({device}): {text}", file=sys.stderr, flush=True)
+    print(f"package {mode:>9} L={length:<6} {impl:>9} ({device}, {kernel}): {text}", file=sys.stderr, flush=True)
     return row
 
 
@@ -303,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the op's flat-memory check runs with inference (or package inference), on CPU")
     parser.add_argument("--package-modes", nargs="+", choices=("inference", "training"),
                         default=["inference", "training"], help="what the package mode runs")
+    parser.add_argument("--package-kernel", choices=performer_package.KERNELS, default="favor",
+                        help="the package model's feature map: FAVOR+ (M = 256) or no_projection (M = D = 64)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where the package mode runs; cuda needs --modes package")
     args = parser.parse_args(argv)
@@ -326,9 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     lines = verdicts(rows, sizes[-1])
     if "package" in args.modes:
         package_sizes = sizes if args.quick or args.sizes else tuple(dict.fromkeys(sizes + (65536,)))
-        rows += [run_package_point(impl, mode, n, args.device) for mode in args.package_modes
+        rows += [run_package_point(impl, mode, n, args.device, args.package_kernel) for mode in args.package_modes
                  for n in package_sizes for impl in performer_package.IMPLS]
-        if "training" in args.package_modes:
+        if "training" in args.package_modes and args.package_kernel == "favor":  # the issue's target model
             lines += package_verdict(rows, 16384 if 16384 in package_sizes else package_sizes[-1])
     inference = "inference" in args.modes or ("package" in args.modes and "inference" in args.package_modes)
     if args.device == "cpu" and inference:

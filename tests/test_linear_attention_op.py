@@ -16,7 +16,7 @@ from rewriter.kernels.linear_attention import (
     linear_attention_forward,
 )
 
-FEATURE_EPSILON = {"favor_softmax": 1e-4, "relu": 1e-3, "elu_plus_one": 0.0}
+FEATURE_EPSILON = {"favor_softmax": 1e-4, "relu": 1e-3, "elu_plus_one": 0.0, "identity": 0.0}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,7 +57,7 @@ def naive(q, k, v, projection, kind, causal, scale, eps, stabilizer_grad=False):
     def features(x, is_query):
         if kind == "favor_softmax":
             return softmax_kernel(x, projection, is_query, eps, scale, not stabilizer_grad)
-        fn = F.relu if kind == "relu" else (lambda t: F.elu(t) + 1)
+        fn = {"relu": F.relu, "elu_plus_one": lambda t: F.elu(t) + 1, "identity": lambda t: t}[kind]
         return generalized_kernel(x, projection, fn, eps, scale)
 
     groups = q.size(1) // k.size(1)
@@ -96,11 +96,15 @@ def assert_parity(expected, actual, leaves, fwd_atol, bwd_atol, rtol):
 
 @pytest.mark.parametrize("kind,with_projection", [
     ("favor_softmax", True), ("relu", True), ("relu", False), ("elu_plus_one", False), ("elu_plus_one", True),
+    ("identity", False),
 ])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("length,slice_size,groups", [(24, 8, 1), (37, 10, 2), (1, 4, 2), (9, 64, 1)])
 def test_matches_performer_pytorch_fp32(kind, with_projection, causal, length, slice_size, groups):
     q, k, v, proj = make_inputs(2, 2, groups, length, length, 8, 16, 6, with_projection, seed=length)
+    if kind == "identity":  # features the model computed itself, positive as no_projection's softmax and exp
+        with torch.no_grad():
+            q.exp_(), k.exp_()
     leaves = [t for t in (q, k, v, proj) if t is not None]
     scale, eps = 8**-0.25, FEATURE_EPSILON[kind]
     expected = naive(q, k, v, proj, kind, causal, scale, eps)

@@ -33,7 +33,7 @@ from rewriter.kernels.onnx_linear_attention import build_linear_attention, make_
 HEADS, KV_HEADS, HEAD_DIM, V_DIM, FEATURES = 4, 2, 8, 6, 16
 # (feature map, with a projection, epsilon)
 MAPS = [("favor_softmax", True, 1e-4), ("relu", True, 1e-3), ("relu", False, 1e-3),
-        ("elu_plus_one", True, 0.0), ("elu_plus_one", False, 0.0)]
+        ("elu_plus_one", True, 0.0), ("elu_plus_one", False, 0.0), ("identity", False, 0.0)]
 
 
 def _session(model: onnx.ModelProto, profile_prefix: str | None = None) -> ort.InferenceSession:

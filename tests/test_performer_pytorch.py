@@ -1,7 +1,7 @@
 """The `performer-pytorch` package's own modules (1.1.4): every Performer block found and rewritten, exactly.
 
 `SelfAttention`, `FastAttention` and `PerformerLM`, causal and bidirectional, with the FAVOR+
-`softmax_kernel` and the `generalized_attention` ReLU kernel, with and without local heads, through
+`softmax_kernel`, the `generalized_attention` ReLU kernel and `no_projection`, with and without local heads, through
 `optimize_module`: outputs and gradients (inputs and parameters) equal to eager, fp32, 1e-4 / 1e-3;
 `export_onnx`, and `optimize_onnx` on the package's own ONNX exports (dynamo opset 18 and 23,
 TorchScript opset 17), on ONNX Runtime against eager.
@@ -34,7 +34,7 @@ performer_pytorch = pytest.importorskip("performer_pytorch")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 OP = torch.ops.rewriter.linear_attention.default
-KERNELS = {"favor": {}, "relu": {"generalized_attention": True}}
+KERNELS = {"favor": {}, "relu": {"generalized_attention": True}, "no_projection": {"no_projection": True}}
 
 
 def _quiet(factory, **kwargs):
@@ -118,21 +118,28 @@ def test_performer_lm(kernel, causal, local_heads):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_no_projection_is_left_alone(causal):
-    """`no_projection=True` (softmax over features for q, over keys or exp for k) is no feature map the op has.
-
-    Bidirectional it is "efficient attention" (Shen et al.): φ(k) is normalised per feature over all
-    keys, so φ(k)ᵀv needs every key before any row is known, and φ(q) is a softmax over the head dim;
-    causal, φ(k) = exp(k). The op maps q and k row-wise with one map (FAVOR+, relu, elu + 1)."""
+def test_no_projection_features_reach_the_op_as_the_model_computes_them(causal):
+    """`no_projection=True`: softmax over the head dim for q; exp for causal k, softmax over the keys for
+    bidirectional k ("efficient attention", Shen et al.). These features are L × D, no larger than q and k:
+    they stay in the graph and reach the op unchanged (feature map "identity", no projection). exp(k) is
+    unstabilised: where it overflows, the rewrite gives NaN and inf exactly where the package does."""
     torch.manual_seed(10)
     model = _quiet(performer_pytorch.SelfAttention, dim=32, heads=2, dim_head=16, causal=causal,
                    no_projection=True).eval()
-    x = torch.randn(1, 20, 32)
+    x = torch.randn(1, 200, 32)
     gm, report = optimize_module(model, (x,), dynamic_shapes=None)  # the blocks at these shapes
-    [match] = _performer_matches(report)
-    assert not match.rewritten and "no_projection" in match.reason and "not a known feature map" in match.reason
-    assert not _op_calls(gm)
-    assert_module_parity(model, gm, (x,))
+    _assert_all_rewritten(report, gm, 1)
+    [call] = _op_calls(gm)
+    q, k, projection, feature_map = call.args[0], call.args[1], call.args[3], call.args[4]
+    assert projection is None and feature_map == "identity"
+    assert q.target is torch.ops.aten.softmax.int and q.args[1] == -1
+    assert (k.target, k.args[1:]) == ((torch.ops.aten.exp.default, ()) if causal else (torch.ops.aten.softmax.int, (-2,)))
+    assert assert_module_parity(model, gm, (x,), atol=1e-4, grad_atol=1e-3) > 0
+    x[0, 150:] *= 300.0  # exp(k) overflows from row 150 on: inf / inf
+    with torch.no_grad():
+        expected, got = model(x), gm(x)
+    assert expected.isnan().any() == causal
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4, equal_nan=True)
 
 
 def test_training_mode_with_redraw_fixed():
@@ -250,7 +257,8 @@ def test_export_onnx(tmp_path, causal, target):
 
 
 @pytest.mark.parametrize("exporter", sorted(EXPORTERS))
-@pytest.mark.parametrize("causal,kernel", [(False, "favor"), (True, "favor"), (True, "relu")])
+@pytest.mark.parametrize("causal,kernel", [(False, "favor"), (True, "favor"), (True, "relu"), (False, "no_projection"),
+                                           (True, "no_projection")])
 def test_optimize_the_package_export(exporter, causal, kernel):
     """Every block of the package's own export found and rewritten; on ORT equal to eager (and the original)."""
     # TorchScript's export runs on ORT only with exactly 128 chunks (see the test below)

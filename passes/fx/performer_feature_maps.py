@@ -5,6 +5,9 @@
                    i.e. per batch·head)
     relu           relu(c·x·Ωᵀ) + ε   or relu(c·x) + ε   (`generalized_kernel`)
     elu_plus_one   elu(c·x·Ωᵀ) + 1 (+ ε)                  (Katharopoulos et al.)
+    identity       a softmax or exp the model computes itself, over any axis (performer-pytorch
+                   `no_projection`: softmax over the head dim for q; exp for causal k, softmax over
+                   the keys for bidirectional k): φ stays in the graph, the op reads it as q or k
 
 Ω must be a buffer or parameter (a `get_attr`) or a graph input (`torch.compile` lifts the
 module's buffers to inputs): the op takes Ω as an operand, so its value need not be known, only
@@ -220,13 +223,6 @@ def _favor(gm, phi: Node, is_query: bool) -> FeatureMapMatch:
     return FeatureMapMatch(x, projection, "favor_softmax", c, eps, stab_grad, tuple(nodes))
 
 
-# performer-pytorch's `no_projection=True`: φ(q) = softmax over the head dim; φ(k) = softmax over the
-# keys (bidirectional: "efficient attention", a normaliser per feature that needs every key) or
-# exp(k) (causal). The op maps q and k row-wise with one map, so neither form is one of its maps.
-_NO_PROJECTION = ("{name} is {what} (performer-pytorch no_projection: softmax over the head dim for q, over the"
-                  " keys or exp for k): not a known feature map; the op applies one row-wise map to q and k")
-
-
 def _generalized(gm, phi: Node) -> FeatureMapMatch:
     nodes, eps, node = [], 0.0, phi
     inner = node.args[0] if ops.is_call(node, ops.ADD) else None
@@ -243,11 +239,12 @@ def _generalized(gm, phi: Node) -> FeatureMapMatch:
             raise NotProven("elu features with alpha ≠ 1")
     elif ops.is_call(node, {aten.relu.default}):
         kind = "relu"
-    elif ops.is_call(node, ops.SOFTMAX) or ops.is_call(node, ops.EXP):
-        raise NotProven(_NO_PROJECTION.format(name=phi.name, what=(
-            f"a softmax over axis {node.args[1]}" if ops.is_call(node, ops.SOFTMAX) else "exp(x) with no stabiliser")))
+    elif not nodes and (ops.is_call(node, ops.SOFTMAX) or ops.is_call(node, ops.EXP)):
+        # features the model computes itself, positive and no larger than x (performer-pytorch
+        # no_projection): they stay in the graph and reach the op as they are
+        return FeatureMapMatch(node, None, "identity", 1.0, 0.0, False, ())
     else:
-        raise NotProven(f"{phi.name} is not a known feature map (FAVOR+, relu + ε, elu + 1)")
+        raise NotProven(f"{phi.name} is not a known feature map (FAVOR+, relu + ε, elu + 1, softmax, exp)")
     nodes.append(node)
     x, projection, c = _projected(gm, node.args[0], nodes)
     for inner in nodes[1:]:

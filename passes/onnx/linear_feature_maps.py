@@ -5,6 +5,8 @@
                    keys: over features and keys, i.e. per batch·head)
     relu           Relu(x·c·Ωᵀ) + ε   or Relu(c·x) + ε     (`generalized_kernel`)
     elu_plus_one   Elu(x·c·Ωᵀ) + 1 (+ ε)                   (Katharopoulos et al.)
+    identity       a Softmax (any axis) or Exp the model computes itself (performer-pytorch
+                   `no_projection`): φ stays in the graph, the op reads it as q or k
 
     x ─ Mul c ─ Einsum('…id,…jd->…ij', ·, Ω) ─┬─ Sub ─ Sub ─ Exp ─ Add ε ─ Mul ratio ─ φ(x)
     x ─ Pow 2 ─ ReduceSum ─ Div 2 ─ Mul c² ─ Unsqueeze ┘     │
@@ -228,6 +230,11 @@ def _generalized(ctx: AnalysisContext, phi: ir.Value) -> OnnxFeatureMap:
         constants.append(constant)
         nodes.append(node)
     relu, elu = producer_op(value, "Relu"), producer_op(value, "Elu")
+    own = producer_op(value, "Softmax") or producer_op(value, "Exp")
+    if own is not None and not constants:
+        # features the model computes itself, positive (performer-pytorch no_projection): they stay
+        # in the graph and reach the op as they are
+        return OnnxFeatureMap(value, None, "identity", 1.0, 0.0, ())
     if relu is not None and len(constants) <= 1:
         kind, eps, node = "relu", (constants or [0.0])[0], relu
     elif elu is not None and constants and constants[-1] == 1.0:
@@ -235,7 +242,7 @@ def _generalized(ctx: AnalysisContext, phi: ir.Value) -> OnnxFeatureMap:
         if attribute(elu, "alpha", 1.0) != 1.0:
             raise Rejected("elu features with alpha ≠ 1")
     else:
-        raise Rejected(f"'{phi.name}' is not a known feature map (FAVOR+, Relu + ε, Elu + 1)")
+        raise Rejected(f"'{phi.name}' is not a known feature map (FAVOR+, Relu + ε, Elu + 1, Softmax, Exp)")
     nodes.append(node)
     x, projection, c = _projected(ctx, node.inputs[0], nodes)
     require_closed(nodes[1:], set(nodes), "feature-map")

@@ -3,4 +3,4 @@
 Names both kinds share live here, so the ONNX builders import without torch.
 """
 
-FEATURE_MAPS = ("favor_softmax", "relu", "elu_plus_one")  # linear-attention feature maps φ
+FEATURE_MAPS = ("favor_softmax", "relu", "elu_plus_one", "identity")  # linear-attention feature maps φ

@@ -18,6 +18,9 @@ Feature maps (x scaled by `data_scale` c first; Ω the (M, D) projection):
                    of current performer-pytorch)
     relu           relu(c·x·Ωᵀ) + ε, or relu(c·x) + ε without Ω (performer-pytorch `generalized_kernel`)
     elu_plus_one   elu(c·x·Ωᵀ) + 1 + ε, or elu(c·x) + 1 + ε (Katharopoulos et al.)
+    identity       c·x·Ωᵀ + ε, or c·x + ε: q and k are already features the model computed itself
+                   (performer-pytorch `no_projection`: softmax over the head dim for q, exp or
+                   softmax over the keys for k; each is L × D, no larger than q and k)
 
 φ(Q), φ(K) are formed one slice of `slice_size` positions at a time; what crosses slices is the
 state (Σφ(k)vᵀ | Σφ(k)) of shape (M, Dv + 1): v gets a column of ones so that numerator and
@@ -104,7 +107,7 @@ def _features(x, projection, fmap: FeatureMap, key_max=None, for_backward=False)
     a = x * fmap.data_scale
     if projection is not None:
         a = torch.matmul(a, projection.transpose(0, 1))
-    keep_pre = for_backward and (fmap.kind != "favor_softmax" or fmap.stabilizer_grad)
+    keep_pre = for_backward and (fmap.kind in ("relu", "elu_plus_one") or fmap.stabilizer_grad)
     pre = a.clone() if keep_pre else a
     if fmap.kind == "favor_softmax":
         diag = (x * x).sum(-1, keepdim=True) / 2.0 * fmap.data_scale**2
@@ -114,6 +117,8 @@ def _features(x, projection, fmap: FeatureMap, key_max=None, for_backward=False)
         return phi, (a if keep_pre else None, e, stab)
     if fmap.kind == "relu":
         return torch.relu_(pre).add_(fmap.epsilon), (a,)
+    if fmap.kind == "identity":
+        return pre.add_(fmap.epsilon), ()
     return F.elu(pre, inplace=True).add_(1.0).add_(fmap.epsilon), (a,)
 
 
@@ -136,6 +141,8 @@ def _features_vjp(grad_phi, x, projection, fmap: FeatureMap, saved, is_query: bo
         grad_x = grad_diag * (c * c) * x
     elif fmap.kind == "relu":
         grad_a = grad_phi.mul_(saved[0] > 0)
+    elif fmap.kind == "identity":
+        grad_a = grad_phi
     else:
         grad_a = torch.where(saved[0] > 0, grad_phi, grad_phi * torch.exp(saved[0]))
     grad_in = c * (grad_a if projection is None else torch.matmul(grad_a, projection))

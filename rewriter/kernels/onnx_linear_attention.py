@@ -84,6 +84,8 @@ class _LinearBuilder:
         a = self.pre_activation(e, x) if a is None else a
         if self.kind == "relu":
             return e("Add", e("Relu", a), self.const(self.epsilon))
+        if self.kind == "identity":
+            return e("Add", a, self.const(self.epsilon))
         if self.kind == "elu_plus_one":
             return e("Add", e("Add", e("Elu", a, alpha=1.0), self.const(1.0)), self.const(self.epsilon))
         sum_sq = e("ReduceSum", e("Mul", x, x), e.const([-1]), keepdims=1)
@@ -247,7 +249,7 @@ def build_linear_attention(tape: ir.tape.Tape, q: ir.Value, k: ir.Value, v: ir.V
                            target: str = "chunked", key_sum_epsilon: float = 0.0, opset: int = 18) -> ir.Value:
     """Append linear attention over q (B,H,L,D), k (B,Hkv,L,D), v (B,Hkv,L,Dv) to `tape`; returns out (B,H,L,Dv).
 
-    `projection` is the (M, D) random-feature matrix Ω, or None for "relu" / "elu_plus_one" applied
+    `projection` is the (M, D) random-feature matrix Ω, or None for "relu" / "elu_plus_one" / "identity" applied
     to c·x directly. Arithmetic is in fp32 (float64 for double q); the output has q's dtype. Batch
     and length may be symbolic. `target="ort"` (causal only) uses `com.microsoft.LinearAttention`
     and needs static head counts. `key_sum_epsilon` is added to every (prefix-)summed key feature
