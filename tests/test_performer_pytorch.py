@@ -142,6 +142,33 @@ def test_no_projection_features_reach_the_op_as_the_model_computes_them(causal):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4, equal_nan=True)
 
 
+class _MixedFeatures(nn.Module):
+    """The package's `linear_attention` on softmax(q) and relu(k) + ε: two different maps, one of them the op's own."""
+
+    def forward(self, q, k, v):
+        return performer_pytorch.performer_pytorch.linear_attention(q.softmax(dim=-1), torch.relu(k) + 1e-3, v)
+
+
+class _RawFeatures(nn.Module):
+    """The package's `linear_attention` on tanh(q): features of either sign, no map the op knows."""
+
+    def forward(self, q, k, v):
+        return performer_pytorch.performer_pytorch.linear_attention(torch.tanh(q), k.softmax(dim=-2), v)
+
+
+@pytest.mark.parametrize(("model", "reason"), [(_MixedFeatures(), "different feature maps"),
+                                               (_RawFeatures(), "not a known feature map")])
+def test_features_that_are_not_the_models_own_positive_map_are_left_alone(model, reason):
+    qkv = tuple(torch.randn(1, 2, 30, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    gm, report = optimize_module(model, qkv, dynamic_shapes=None)
+    [match] = _performer_matches(report)
+    assert not match.rewritten and reason in match.reason, match.reason
+    assert not _op_calls(gm)
+    optimized, onnx_report = rewriter.optimize_onnx(_module_export(model, qkv))
+    [onnx_match] = _performer_matches(onnx_report)
+    assert not onnx_match.rewritten and reason in onnx_match.reason, onnx_match.reason
+
+
 def test_training_mode_with_redraw_fixed():
     """In training mode the package would redraw Ω every `feature_redraw_interval` calls: fixed, the rewrite matches."""
     torch.manual_seed(5)
@@ -225,6 +252,14 @@ def _package_export(model, tokens, exporter: str) -> onnx.ModelProto:
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (tokens,), buffer, input_names=["tokens"], **EXPORTERS[exporter])
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _module_export(model, inputs) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, inputs, buffer, dynamo=True, opset_version=18)
     return onnx.load_from_string(buffer.getvalue())
 
 
