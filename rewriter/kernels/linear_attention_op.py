@@ -5,8 +5,8 @@
         stabilizer_grad, slice_size, key_sum_epsilon=0.0)
 
 Semantics are those of `rewriter.kernels.linear_attention` (feature maps `favor_softmax`, `relu`,
-`elu_plus_one`, and `identity` for features the model computed itself; φ is computed inside the op from q, k and the (M, D) projection, so gradients reach
-all four). `state` (B, Hkv, M, Dv + 1) is Σφ(k)vᵀ with Σφ(k) as its last column, over all keys;
+`elu_plus_one`, and `identity` for features the model computed itself; φ is computed inside the op
+from q, k and the (M, D) projection, so gradients reach all four). `state` (B, Hkv, M, Dv + 1) is Σφ(k)vᵀ with Σφ(k) as its last column, over all keys;
 `key_sum_epsilon` is added to every (prefix-)summed feature of the normaliser (the state's last
 column starts at it). `key_max` (B, Hkv) is the FAVOR+ key stabiliser (zeros for the other maps). Both are auxiliary
 outputs without gradients. The backward is its own custom op, so compilers treat both directions as
