@@ -39,6 +39,8 @@ fails. Times are wall-clock times of single calls: other load on the 2 cores ske
                                                    # the 50x target's points, both memory figures
     PYTHONPATH=. python benchmarks/performer_attention.py --modes package --device cuda  # the package on a GPU
     PYTHONPATH=. python benchmarks/performer_attention.py --modes package --package-kernel no_projection --sizes 16384
+    PYTHONPATH=. python benchmarks/performer_attention.py --modes package --package-modes training --sizes 16384 \
+        --package-head-dim 128 --package-features 621          # D = 128 with the package's default M = D·ln D
 """
 
 from __future__ import annotations
@@ -162,17 +164,18 @@ def run_point(impl: str, mode: str, length: int, onnx_models: dict | None = None
     return row
 
 
-def run_package_point(impl: str, mode: str, length: int, device: str = "cpu", kernel: str = "favor") -> dict:
-    """performer-pytorch's PerformerLM ("package") or its rewrite ("rewritten") on `device`, with the
-    feature map `kernel`: extra peak RSS and time in one fresh process, the allocator's peak
-    (`allocator_peak_bytes`) in another."""
+def run_package_point(impl: str, mode: str, length: int, device: str = "cpu",
+                      config: performer_package.PackageModel = performer_package.PackageModel()) -> dict:
+    """performer-pytorch's PerformerLM ("package") or its rewrite ("rewritten") of `config` on `device`:
+    extra peak RSS and time in one fresh process, the allocator's peak (`allocator_peak_bytes`) in
+    another."""
     row = {"impl": impl, "mode": f"package {mode}", "L": length, "mib": None, "alloc_mib": None, "s": None,
            "note": ""}
-    estimate = performer_package.estimate_gib(impl, mode, length, kernel)
+    estimate = performer_package.estimate_gib(impl, mode, length, config)
     if estimate > PACKAGE_MAX_GIB[device]:
         row["note"] = f"skipped: needs ~{estimate:.0f} GiB > {PACKAGE_MAX_GIB[device]} GiB"
     else:
-        args = (performer_package.prepare_call, impl, mode, length, THREADS, WARMUP_L, device, kernel)
+        args = (performer_package.prepare_call, impl, mode, length, THREADS, WARMUP_L, device, config)
         try:
             result = measure_in_fresh_process(*args)
             row["mib"], row["s"] = result.extra_peak_mib, result.seconds
@@ -181,7 +184,7 @@ def run_package_point(impl: str, mode: str, length: int, device: str = "cpu", ke
         except ChildProcessError as error:
             row["note"] = f"failed: {error}"
     text = row["note"] or f"{row['mib']:.1f} MiB RSS, {row['alloc_mib']:.1f} MiB allocator, {row['s']:.3f} s"
-    print(f"package {mode:>9} L={length:<6} {impl:>9} ({device}, {kernel}): {text}", file=sys.stderr, flush=True)
+    print(f"package {mode:>9} L={length:<6} {impl:>9} ({device}; {config.describe()}): {text}", file=sys.stderr, flush=True)
     return row
 
 
@@ -306,7 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--package-modes", nargs="+", choices=("inference", "training"),
                         default=["inference", "training"], help="what the package mode runs")
     parser.add_argument("--package-kernel", choices=performer_package.KERNELS, default="favor",
-                        help="the package model's feature map: FAVOR+ (M = 256) or no_projection (M = D = 64)")
+                        help="the package model's feature map: FAVOR+ or no_projection (M = D)")
+    parser.add_argument("--package-head-dim", type=int, default=64, metavar="D", help="the package model's head dim")
+    parser.add_argument("--package-features", type=int, default=256, metavar="M",
+                        help="the package model's FAVOR+ feature count (its own default is D·ln D)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where the package mode runs; cuda needs --modes package")
     args = parser.parse_args(argv)
@@ -330,9 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     lines = verdicts(rows, sizes[-1])
     if "package" in args.modes:
         package_sizes = sizes if args.quick or args.sizes else tuple(dict.fromkeys(sizes + (65536,)))
-        rows += [run_package_point(impl, mode, n, args.device, args.package_kernel) for mode in args.package_modes
+        config = performer_package.PackageModel(args.package_kernel, args.package_head_dim, args.package_features)
+        rows += [run_package_point(impl, mode, n, args.device, config) for mode in args.package_modes
                  for n in package_sizes for impl in performer_package.IMPLS]
-        if "training" in args.package_modes and args.package_kernel == "favor":  # the issue's target model
+        if "training" in args.package_modes and config == performer_package.PackageModel():  # the target's model
             lines += package_verdict(rows, 16384 if 16384 in package_sizes else package_sizes[-1])
     inference = "inference" in args.modes or ("package" in args.modes and "inference" in args.package_modes)
     if args.device == "cpu" and inference:

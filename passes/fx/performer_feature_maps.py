@@ -239,7 +239,7 @@ def _generalized(gm, phi: Node) -> FeatureMapMatch:
             raise NotProven("elu features with alpha ≠ 1")
     elif ops.is_call(node, {aten.relu.default}):
         kind = "relu"
-    elif not nodes and (ops.is_call(node, ops.SOFTMAX) or ops.is_call(node, ops.EXP)):
+    elif ops.is_call(node, ops.SOFTMAX) or ops.is_call(node, ops.EXP):
         # features the model computes itself, positive and no larger than x (performer-pytorch
         # no_projection): they stay in the graph and reach the op as they are
         return FeatureMapMatch(node, None, "identity", 1.0, 0.0, False, ())
