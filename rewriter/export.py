@@ -33,6 +33,7 @@ from rewriter.export_axes import export_dynamic_shapes, sequence_axes
 from rewriter.onnx_io import check_output_path, save_model
 from rewriter.report import Report
 from rewriter.torch_api import optimize_module
+from rewriter.verify import ort_failure, ort_session
 from rewriter.verify_blocks import CHECK_CHUNK_CHOICES, lengths_spanning_blocks, with_check_blocks
 
 __all__ = ["ExportVerificationError", "export_onnx", "to_onnx"]
@@ -123,11 +124,7 @@ def _check_blocks(module, example_inputs: tuple, shapes) -> tuple[tuple[int, int
 
 
 def _run_ort(model: onnx.ModelProto, inputs: tuple) -> list[np.ndarray]:
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3
-    session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort_session(model, log_severity=4)
     tensors = [t for t in torch.utils._pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]
     names = [i.name for i in session.get_inputs()]
     if len(names) != len(tensors):
@@ -136,10 +133,15 @@ def _run_ort(model: onnx.ModelProto, inputs: tuple) -> list[np.ndarray]:
 
 
 def _compare(module, model: onnx.ModelProto, inputs: tuple, atol: float, rtol: float) -> str | None:
-    """None when ORT's outputs equal eager's within tolerance (NaN equals NaN), else why not."""
+    """None when ORT's outputs equal eager's within tolerance (NaN equals NaN), else why not (ORT's
+    own failure to run the model included)."""
     with torch.no_grad():
         expected = [t for t in torch.utils._pytree.tree_leaves(module(*inputs)) if isinstance(t, torch.Tensor)]
-    actual = _run_ort(model, inputs)
+    try:
+        actual = _run_ort(model, inputs)
+    except Exception as error:  # noqa: BLE001 - ORT raises its own exception types
+        return (f"ONNX Runtime cannot run it ({ort_failure(error)}); if the model runs only at the example's "
+                "shapes, export them with dynamic_shapes=None")
     if len(expected) != len(actual):
         return f"{len(actual)} outputs instead of {len(expected)}"
     for index, (want, got) in enumerate(zip(expected, actual)):
@@ -288,8 +290,8 @@ def export_onnx(module, example_inputs, path: str, *, target: str = "auto", dyna
                 problem = _compare(eager, checked, inputs, atol, rtol)
                 if problem:
                     shapes_text = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
-                    raise ExportVerificationError(f"ONNX Runtime differs from eager ({name}) at input shapes "
-                                                  f"{shapes_text}: {problem}; nothing written")
+                    raise ExportVerificationError(f"ONNX Runtime check against eager failed ({name}) at input "
+                                                  f"shapes {shapes_text}: {problem}; nothing written")
         report.verification = "verified on ONNX Runtime against eager: " + " and ".join(
             f"{name} {spoken}" for name, _, _, spoken in checks)
     save_model(model, path)

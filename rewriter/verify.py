@@ -18,7 +18,7 @@ import re
 import numpy as np
 import onnx
 
-__all__ = ["VerifyResult", "ort_session", "random_inputs", "verify_onnx"]
+__all__ = ["VerifyResult", "ort_failure", "ort_session", "random_inputs", "verify_onnx"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +73,7 @@ def ort_session(model: onnx.ModelProto, log_severity: int = 3):
     return onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def _runtime_error(error: Exception) -> str:
+def ort_failure(error: Exception) -> str:
     """ONNX Runtime's failure in one line: the node and the check that failed."""
     text = " ".join(str(error).split())
     node = re.search(r"running (\w+) node\. Name:'([^']*)'", text)
@@ -85,7 +85,7 @@ def _unverifiable(original_error: str, rewritten: onnx.ModelProto, feeds) -> Ver
     try:
         outputs = ort_session(rewritten).run(None, feeds)
     except Exception as error:  # noqa: BLE001 - ORT raises its own exception types
-        runs = f"the rewritten model does not run either ({_runtime_error(error)})"
+        runs = f"the rewritten model does not run either ({ort_failure(error)})"
     else:
         finite = all(np.isfinite(np.asarray(out, dtype=np.float64)).all() for out in outputs
                      if np.issubdtype(np.asarray(out).dtype, np.number))
@@ -114,7 +114,7 @@ def verify_onnx(original: onnx.ModelProto, rewritten: onnx.ModelProto, dims: dic
         except ImportError:
             raise
         except Exception as error:  # noqa: BLE001 - ORT raises its own exception types
-            return _unverifiable(_runtime_error(error), rewritten, feeds)
+            return _unverifiable(ort_failure(error), rewritten, feeds)
     actual = ort_session(rewritten).run(None, feeds)
     worst_abs = worst_rel = 0.0
     failures = []
