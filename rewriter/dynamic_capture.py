@@ -19,9 +19,10 @@ import inspect
 import logging
 
 import torch
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.utils import _pytree as pytree
 
-__all__ = ["AUTO", "InputShapeError", "auto_dynamic_shapes", "cache_off_kwargs", "dynamic_input_axes",
+__all__ = ["AUTO", "CaptureError", "InputShapeError", "auto_dynamic_shapes", "cache_off_kwargs", "dynamic_input_axes",
            "explain_guard_failures", "export_program", "export_static", "pass_cache_off"]
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,26 @@ AUTO = "auto"
 
 class InputShapeError(ValueError):
     """The optimised module was called with shapes its captured graph cannot take."""
+
+
+class CaptureError(ValueError):
+    """torch.export cannot capture the module: its Python code branches on a tensor's value."""
+
+
+def _export(module: torch.nn.Module, args: tuple, kwargs: dict | None, **options):
+    """torch.export.export (non-strict); a branch on a tensor's value raises `CaptureError` in one line.
+
+    Raises:
+        CaptureError: torch.export could not guard on a data-dependent value (e.g. performer-pytorch's
+            projection-redraw counter, a buffer its forward compares in training mode).
+    """
+    try:
+        return torch.export.export(module, args, kwargs, strict=False, **options)
+    except GuardOnDataDependentSymNode as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CaptureError(f"torch.export cannot capture {type(module).__name__}: its forward branches on a "
+                           f"tensor's value ({reason}); state kept in a buffer and checked in training mode is a "
+                           "common cause: try module.eval(), or fix that state first") from error
 
 
 def _tensor_spec(value):
@@ -155,20 +176,20 @@ def export_static(module: torch.nn.Module, args: tuple, kwargs: dict | None):
     (2.13) keeps an earlier dynamic attempt's symbolic sizes for the tensors it saw, and exporting the
     same tensors again can fail the same way."""
     args, kwargs = pytree.tree_map_only(torch.Tensor, torch.clone, (args, kwargs or {}))
-    return torch.export.export(module, args, kwargs, strict=False)
+    return _export(module, args, kwargs)
 
 
 def export_program(module: torch.nn.Module, args: tuple, kwargs: dict | None, dynamic_shapes):
     """torch.export (non-strict) of `module`; `dynamic_shapes="auto"` as in the module docstring."""
     if not (isinstance(dynamic_shapes, str) and dynamic_shapes == AUTO):
-        return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        return _export(module, args, kwargs, dynamic_shapes=dynamic_shapes)
     shapes = auto_dynamic_shapes(module, args, kwargs)
     name = type(module).__name__
     _warn_static_last_axes(name, module, args, kwargs)
     if shapes is None:
         logger.warning("optimize_module(%s): the result takes only the example's shapes: no input axis could be "
                        "dynamic (every non-feature axis has size 1 in the example)", name)
-        return torch.export.export(module, args, kwargs, strict=False)
+        return _export(module, args, kwargs)
     try:
         program = torch.export.export(module, args, kwargs, dynamic_shapes=shapes, strict=False)
     except Exception as error:  # noqa: BLE001 - any failure of the dynamic capture falls back to static

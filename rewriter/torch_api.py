@@ -137,7 +137,8 @@ def optimize_module(
     the graph cannot take raises `rewriter.dynamic_capture.InputShapeError`. Masks and biases the
     model builds from O(n) pieces reach the op as score programs (`score_programs=False`: as tensors).
     A call whose mask or bias input has another dtype than the example's raises
-    `rewriter.operand_dtypes.OperandDtypeError`.
+    `rewriter.operand_dtypes.OperandDtypeError`. A module whose forward branches on a tensor's value
+    (which torch.export cannot capture) raises `rewriter.dynamic_capture.CaptureError`.
     """
     gm = capture(module, example_inputs, example_kwargs, dynamic_shapes)
     report = rewrite_graph_module(gm, memory_budget, chunk_size, type(module).__name__, score_programs)

@@ -26,6 +26,7 @@ from torch import nn
 
 import rewriter
 from passes.onnx.einsum_ellipsis import spelt_out
+from rewriter.dynamic_capture import CaptureError
 from rewriter.export import ExportVerificationError
 from rewriter.torch_api import optimize_module
 from rewriter.verify import verify_onnx
@@ -169,6 +170,20 @@ def test_features_that_are_not_the_models_own_positive_map_are_left_alone(model,
     optimized, onnx_report = rewriter.optimize_onnx(_module_export(model, qkv))
     [onnx_match] = _performer_matches(onnx_report)
     assert not onnx_match.rewritten and reason in onnx_match.reason, onnx_match.reason
+
+
+def test_training_mode_with_its_redraw_counter_is_refused_in_one_line():
+    """In training mode the package's forward compares its redraw counter (a buffer) with the interval: torch.export
+    cannot capture that branch, and `optimize_module` says so in one line with what to try."""
+    model = _quiet(performer_pytorch.PerformerLM, num_tokens=40, max_seq_len=64, dim=32, depth=1, heads=2, dim_head=16,
+                   nb_features=16).train()
+    tokens = torch.randint(0, 40, (1, 64), generator=torch.Generator().manual_seed(6))
+    with pytest.raises(CaptureError, match=r"^torch.export cannot capture PerformerLM: its forward branches on a "
+                                           r"tensor's value \(Could not guard .*try module.eval\(\)") as raised:
+        optimize_module(model, (tokens,), dynamic_shapes=None)
+    assert "\n" not in str(raised.value)
+    gm, report = optimize_module(model.eval(), (tokens,), dynamic_shapes=None)
+    _assert_all_rewritten(report, gm, 1)
 
 
 def test_training_mode_with_redraw_fixed():
