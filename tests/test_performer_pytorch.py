@@ -226,13 +226,15 @@ def test_projection_is_an_operand(causal):
     torch.testing.assert_close(gm(x), model(x), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kernel", ["favor", "no_projection"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_compile_backend(causal):
+def test_compile_backend(causal, kernel):
     """Under torch.compile the projection buffer is a graph input: still the op's operand, block rewritten.
 
     After `redraw_projection_matrix` the compiled model reads the new buffer (it is an input, not a constant)."""
     torch.manual_seed(9)
-    model = _quiet(performer_pytorch.SelfAttention, dim=32, heads=2, dim_head=16, causal=causal, nb_features=24).eval()
+    model = _quiet(performer_pytorch.SelfAttention, dim=32, heads=2, dim_head=16, causal=causal, nb_features=24,
+                   **KERNELS[kernel]).eval()
     compiled = torch.compile(model, backend="rewriter", options={"compiler": "eager"}, dynamic=False)
     rewriter.compile_reports(clear=True)
     x = torch.randn(2, 37, 32)
