@@ -138,9 +138,12 @@ class Report:
         if self.memory:
             from rewriter.tools.memory_estimate import format_bytes
 
+            more = self.memory.after_bytes > self.memory.before_bytes
             lines.append(f"estimated peak activation memory at {self.memory.describe()}: "
                          f"{format_bytes(self.memory.before_bytes)}"
-                         f" before, {format_bytes(self.memory.after_bytes)} after")
+                         f" before, {format_bytes(self.memory.after_bytes)} after"
+                         + (" (more: at this size the rewrite's per-block buffers outweigh the tensors it removes)"
+                            if more else ""))
         if self.verification:
             lines.append(self.verification)
         return "\n".join(lines)
