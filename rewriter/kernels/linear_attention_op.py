@@ -6,7 +6,8 @@
 
 Semantics are those of `rewriter.kernels.linear_attention` (feature maps `favor_softmax`, `relu`,
 `elu_plus_one`, and `identity` for features the model computed itself; φ is computed inside the op
-from q, k and the (M, D) projection, so gradients reach all four). `state` (B, Hkv, M, Dv + 1) is Σφ(k)vᵀ with Σφ(k) as its last column, over all keys;
+from q, k and the (M, D) projection, so gradients reach all four). `state` (B, Hkv, M, Dv + 1) is
+Σφ(k)vᵀ with Σφ(k) as its last column, over all keys;
 `key_sum_epsilon` is added to every (prefix-)summed feature of the normaliser (the state's last
 column starts at it). `key_max` (B, Hkv) is the FAVOR+ key stabiliser (zeros for the other maps). Both are auxiliary
 outputs without gradients. The backward is its own custom op, so compilers treat both directions as
@@ -17,7 +18,8 @@ Mapping performer-pytorch: `softmax_kernel(normalize_data=True, eps=1e-4)` → f
 "favor_softmax", data_scale D^-¼, epsilon 1e-4, stabilizer_grad False for the current `.detach()`ed
 stabiliser (True for versions that let the gradient through `amax`); `generalized_kernel` with ReLU →
 "relu", epsilon 1e-3; `no_projection` → "identity" on the model's own softmax(q) and exp(k) (causal)
-or softmax over the keys (bidirectional); `linear_attention` → causal False, normalizer_epsilon 0, key_sum_epsilon 0;
+or softmax over the keys (bidirectional); `linear_attention` → causal False, normalizer_epsilon 0,
+key_sum_epsilon 0;
 `causal_linear_attention_noncuda` / `causal_linear_attention` (`k_cumsum + eps`) → causal True,
 key_sum_epsilon 1e-6.
 """

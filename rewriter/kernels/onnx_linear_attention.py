@@ -249,8 +249,8 @@ def build_linear_attention(tape: ir.tape.Tape, q: ir.Value, k: ir.Value, v: ir.V
                            target: str = "chunked", key_sum_epsilon: float = 0.0, opset: int = 18) -> ir.Value:
     """Append linear attention over q (B,H,L,D), k (B,Hkv,L,D), v (B,Hkv,L,Dv) to `tape`; returns out (B,H,L,Dv).
 
-    `projection` is the (M, D) random-feature matrix Ω, or None for "relu" / "elu_plus_one" / "identity" applied
-    to c·x directly. Arithmetic is in fp32 (float64 for double q); the output has q's dtype. Batch
+    `projection` is the (M, D) random-feature matrix Ω, or None for "relu" / "elu_plus_one" /
+    "identity" applied to c·x directly. Arithmetic is in fp32 (float64 for double q); the output has q's dtype. Batch
     and length may be symbolic. `target="ort"` (causal only) uses `com.microsoft.LinearAttention`
     and needs static head counts. `key_sum_epsilon` is added to every (prefix-)summed key feature
     of the normaliser (performer-pytorch's `k_cumsum + eps`). Values are named `<name>/...`, so `name` must be unique.
