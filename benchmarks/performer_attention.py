@@ -1,4 +1,4 @@
-"""Memory and time of causal Performer (FAVOR+) attention: naive cumsum, hand-chunked, our op.
+"""Memory and time of causal Performer attention: naive cumsum, hand-chunked, our op; performer-pytorch itself.
 
 Batch 1, 2 heads, head dim 64, M = 256 random features, fp32, 2 threads. Each implementation is
 the whole attention block, feature map included (performer-pytorch `softmax_kernel`, D^-¼ input
@@ -303,23 +303,37 @@ def flat_lines(sizes, repeats: int = 3) -> list[str]:
     ]
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--sizes", type=int, nargs="+", help="sequence lengths (default: 4096 16384; the package mode adds 65536 unless --sizes or --quick)")
+    parser.add_argument("--sizes", type=_positive, nargs="+",
+                        help="sequence lengths (default: 4096 16384; the package mode adds 65536 unless --sizes or"
+                             " --quick)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
-                        help="the op's flat-memory check runs with inference (or package inference), on CPU")
+                        help="inference and training: the FAVOR+ block alone (naive cumsum, hand-chunked, our op);"
+                             " ort: its ONNX forms on ONNX Runtime; package: performer-pytorch's PerformerLM and its"
+                             " rewrite (default: all). The op's flat-memory check runs with inference (or package"
+                             " inference), on CPU")
     parser.add_argument("--package-modes", nargs="+", choices=("inference", "training"),
-                        default=["inference", "training"], help="what the package mode runs")
+                        default=["inference", "training"], help="what the package mode runs (default: both)")
     parser.add_argument("--package-kernel", choices=performer_package.KERNELS, default="favor",
-                        help="the package model's feature map: FAVOR+ or no_projection (M = D)")
-    parser.add_argument("--package-head-dim", type=int, default=64, metavar="D", help="the package model's head dim")
-    parser.add_argument("--package-features", type=int, default=256, metavar="M",
-                        help="the package model's FAVOR+ feature count (its own default is D·ln D)")
+                        help="the package model's feature map: FAVOR+ (default), or no_projection (M = D)")
+    parser.add_argument("--package-head-dim", type=_positive, default=64, metavar="D",
+                        help="the package model's head dim (default: 64)")
+    parser.add_argument("--package-features", type=_positive, default=256, metavar="M",
+                        help="the package model's FAVOR+ feature count (default: 256; the package's own default"
+                             " would be D·ln D)")
     parser.add_argument("--package-max-gib", type=float, metavar="GIB",
                         help="skip package points estimated above this (default: 5 on CPU, 60 on CUDA)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="where the package mode runs; cuda needs --modes package")
+                        help="where the package mode runs (default: cpu); cuda needs --modes package")
     args = parser.parse_args(argv)
     if args.device == "cuda":
         if args.modes != ["package"]:

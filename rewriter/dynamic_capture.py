@@ -49,9 +49,10 @@ def _export(module: torch.nn.Module, args: tuple, kwargs: dict | None, **options
         return torch.export.export(module, args, kwargs, strict=False, **options)
     except GuardOnDataDependentSymNode as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        hint = ("state kept in a buffer and checked in training mode is a common cause: try module.eval(), or "
+                "fix that state first") if module.training else "write that branch with torch.where or torch.cond"
         raise CaptureError(f"torch.export cannot capture {type(module).__name__}: its forward branches on a "
-                           f"tensor's value ({reason}); state kept in a buffer and checked in training mode is a "
-                           "common cause: try module.eval(), or fix that state first") from error
+                           f"tensor's value ({reason}); {hint}") from error
 
 
 def _tensor_spec(value):
@@ -105,11 +106,12 @@ def _named_inputs(module: torch.nn.Module, args: tuple, kwargs: dict | None) -> 
     return named
 
 
-def _warn_static_last_axes(name: str, module: torch.nn.Module, args: tuple, kwargs: dict | None) -> None:
+def _warn_static_last_axes(name: str, module: torch.nn.Module, args: tuple, kwargs: dict | None) -> bool:
     """One WARNING per floating-point input whose last axis, kept static as a feature axis, looks like a
     sequence axis: its size is that of another input's non-last axis and of no other input's last axis
-    (a float padding mask (B, L) beside q (B, H, L, D); q, k and v share their feature size)."""
-    tensors = _named_inputs(module, args, kwargs)
+    (a float padding mask (B, L) beside q (B, H, L, D); q, k and v share their feature size). Returns
+    whether it warned."""
+    tensors, warned = _named_inputs(module, args, kwargs), False
     for input_name, tensor in tensors.items():
         if not tensor.is_floating_point() or tensor.dim() == 0 or tensor.size(-1) < 2:
             continue
@@ -121,6 +123,8 @@ def _warn_static_last_axes(name: str, module: torch.nn.Module, args: tuple, kwar
             logger.warning("optimize_module(%s): the last axis of floating-point input '%s' (size %d) is captured "
                            "static, as a feature axis, though another input has an axis of that size; if it is a "
                            "sequence axis, pass dynamic_shapes= marking it (e.g. Dim.AUTO)", name, input_name, size)
+            warned = True
+    return warned
 
 
 def cache_off_kwargs(module: torch.nn.Module, args: tuple, kwargs: dict | None) -> dict | None:
@@ -185,7 +189,7 @@ def export_program(module: torch.nn.Module, args: tuple, kwargs: dict | None, dy
         return _export(module, args, kwargs, dynamic_shapes=dynamic_shapes)
     shapes = auto_dynamic_shapes(module, args, kwargs)
     name = type(module).__name__
-    _warn_static_last_axes(name, module, args, kwargs)
+    static_last_axis = _warn_static_last_axes(name, module, args, kwargs)
     if shapes is None:
         logger.warning("optimize_module(%s): the result takes only the example's shapes: no input axis could be "
                        "dynamic (every non-feature axis has size 1 in the example)", name)
@@ -198,13 +202,28 @@ def export_program(module: torch.nn.Module, args: tuple, kwargs: dict | None, dy
                        "batch and sequence axes failed (%s: %s); pass dynamic_shapes= to choose the axes",
                        name, type(error).__name__, reason)
         return export_static(module, args, kwargs)
-    if not dynamic_input_axes(program):
+    kept = dynamic_input_axes(program)
+    if not kept:
         logger.warning("optimize_module(%s): the result takes only the example's shapes: torch.export fixed every "
                        "input axis (the model's code depends on those sizes)", name)
         # Captured again at those shapes: the specialised capture can keep shape queries of intermediates
         # that a static capture folds to numbers (and that would keep a block from being rewritten).
         return export_static(module, args, kwargs)
+    asked = sum(leaf is torch.export.Dim.AUTO for leaf in pytree.tree_leaves(shapes))
+    if kept < asked and not static_last_axis:  # that WARNING already says why axes were fixed
+        logger.warning("optimize_module(%s): torch.export fixed %d of the %d input axes asked to stay dynamic (the "
+                       "model's code depends on those sizes): the result takes inputs of shapes %s only",
+                       name, asked - kept, asked, _input_shapes(program))
     return program
+
+
+def _input_shapes(program: torch.export.ExportedProgram) -> str:
+    """The user inputs' shapes as captured, symbolic sizes by name: ``(s77, 256, 32)``."""
+    placeholders = {node.name: node for node in program.graph.find_nodes(op="placeholder")}
+    values = [placeholders[name].meta.get("val") for name in program.graph_signature.user_inputs
+              if name in placeholders]
+    return ", ".join("(" + ", ".join(str(size) for size in value.shape) + ")"
+                     for value in values if isinstance(value, torch.Tensor))
 
 
 def explain_guard_failures(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

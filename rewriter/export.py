@@ -103,6 +103,13 @@ def _resized(example_inputs: tuple, shapes, length: int) -> tuple:
     return tuple(resized)
 
 
+def _axis_word(shapes) -> str:
+    """How the checked axes are spoken of: "length" for the blocks' sequence axes (`sequence_axes`
+    marks them so), "size" for other dynamic axes (a batch axis, where the length was fixed)."""
+    return "length" if any(dim == "length" for spec in shapes or () if isinstance(spec, dict)
+                           for dim in spec.values()) else "size"
+
+
 def _example_length(example_inputs: tuple, shapes) -> int | None:
     return next((value.size(axis) for value, spec in zip(example_inputs, shapes or ())
                  for axis in _dynamic_axes(spec) if isinstance(value, torch.Tensor)), None)
@@ -150,7 +157,8 @@ def _compare(module, model: onnx.ModelProto, inputs: tuple, atol: float, rtol: f
             return f"output {index}: shape {got.shape} instead of {want.shape}"
         if not np.allclose(got.astype(np.float64), want, rtol=rtol, atol=atol, equal_nan=True):
             worst = float(np.nanmax(np.abs(got.astype(np.float64) - want)))
-            return f"output {index}: max |difference| {worst:.3g}"
+            return (f"output {index}: max |difference| {worst:.3g} (atol {atol:g}, rtol {rtol:g}; where eager itself "
+                    "is that far from exact, as float64 shows, pass larger atol=/rtol=)")
     return None
 
 
@@ -272,8 +280,8 @@ def export_onnx(module, example_inputs, path: str, *, target: str = "auto", dyna
     check_ir = with_check_blocks(model_ir, REWRITER_DOMAIN, forced[0]) if forced else None
     model = _lower(model_ir, report, lowered)
     if verify:
-        length = _example_length(example_inputs, shapes)
-        checks = [("the exported model", model, [example_inputs], f"at the example length {length}" if length else
+        length, word = _example_length(example_inputs, shapes), _axis_word(shapes)
+        checks = [("the exported model", model, [example_inputs], f"at the example {word} {length}" if length else
                    "at the example's shapes")]
         if forced:
             (q_chunk, k_chunk), lengths = forced
@@ -281,7 +289,7 @@ def export_onnx(module, example_inputs, path: str, *, target: str = "auto", dyna
             if shapes:
                 checks.append((f"a copy with {q_chunk}×{k_chunk} blocks", copy,
                                [_resized(example_inputs, shapes, n) for n in lengths],
-                               "at lengths " + ", ".join(map(str, lengths))))
+                               f"at {word}s " + ", ".join(map(str, lengths))))
             else:
                 checks.append((f"a copy with {q_chunk}×{k_chunk} blocks", copy, [example_inputs],
                                "at the example's shapes"))

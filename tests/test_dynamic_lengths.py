@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import rewriter
-from rewriter.dynamic_capture import InputShapeError
+from rewriter.dynamic_capture import CaptureError, InputShapeError
 
 BLOCK_SIZE, EMBED, HEADS, VOCAB = 128, 32, 4, 50
 
@@ -166,3 +166,15 @@ def test_a_float_input_whose_last_axis_looks_like_a_length_warns(caplog):
         rewriter.optimize_module(FloatPaddingMask(), (q, k, v, torch.ones(2, 40)),
                         dynamic_shapes=({2: torch.export.Dim.AUTO},) * 3 + ({1: torch.export.Dim.AUTO},))
     assert not caplog.records
+
+
+class _BranchOnValue(torch.nn.Module):
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x
+
+
+def test_a_branch_on_a_tensors_value_is_refused_in_one_line():
+    """In eval mode no training-state hint: the line says how to write the branch so torch.export can capture it."""
+    with pytest.raises(CaptureError, match=r"^torch.export cannot capture _BranchOnValue: its forward branches on a "
+                                           r"tensor's value \(.*\); write that branch with torch.where or torch.cond$"):
+        rewriter.optimize_module(_BranchOnValue().eval(), (torch.randn(2, 8, 4),))

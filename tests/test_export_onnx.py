@@ -353,3 +353,29 @@ def test_example_kwargs_are_refused_with_a_reason(tmp_path):
     with pytest.raises(TypeError, match="positionally"):
         rewriter.export_onnx(SoftCappedAttention().eval(), example, str(tmp_path / "m.onnx"), example_kwargs={})
     assert not (tmp_path / "m.onnx").exists()
+
+
+class _LengthAsPythonInt(torch.nn.Module):
+    """Reshapes by `int(x.shape[1])`: torch.export fixes the length, the batch axis stays dynamic."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(32, 96)
+
+    def forward(self, x):
+        length = int(x.shape[1])
+        q, k, v = self.qkv(x).reshape(x.shape[0], length, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return out.transpose(1, 2).reshape(x.shape[0], length, 32)
+
+
+def test_a_length_the_capture_fixes_is_said_and_not_called_the_length_checked(tmp_path, caplog):
+    """One WARNING names the fixed axis by the captured input shape; the verification speaks of the batch
+    sizes it checks as sizes, not lengths."""
+    torch.manual_seed(0)
+    model, x = _LengthAsPythonInt().eval(), torch.randn(2, 64, 32)
+    with caplog.at_level("WARNING", logger="rewriter"):
+        report = rewriter.export_onnx(model, (x,), str(tmp_path / "m.onnx"))
+    assert any("torch.export fixed 1 of the 2 input axes asked to stay dynamic" in record.getMessage()
+               and ", 64, 32) only" in record.getMessage() for record in caplog.records), caplog.text
+    assert "at the example size 2" in report.verification and "length" not in report.verification
