@@ -22,8 +22,8 @@ import torch
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.utils import _pytree as pytree
 
-__all__ = ["AUTO", "CaptureError", "InputShapeError", "auto_dynamic_shapes", "cache_off_kwargs", "dynamic_input_axes",
-           "explain_guard_failures", "export_program", "export_static", "pass_cache_off"]
+__all__ = ["AUTO", "CaptureError", "InputShapeError", "auto_dynamic_shapes", "cache_off_kwargs",
+           "dynamic_input_axes", "explain_guard_failures", "export_program", "export_static", "pass_cache_off"]
 
 logger = logging.getLogger(__name__)
 
