@@ -162,17 +162,19 @@ def pass_cache_off(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return gm
 
 
+def _user_input_tensors(program: torch.export.ExportedProgram) -> list[torch.Tensor]:
+    """The program's user inputs as captured (fake tensors; symbolic sizes where they stayed dynamic)."""
+    placeholders = {node.name: node for node in program.graph.find_nodes(op="placeholder")}
+    # a non-tensor input (use_cache=False, say) is a constant, not a placeholder
+    values = [placeholders[name].meta.get("val") for name in program.graph_signature.user_inputs
+              if name in placeholders]
+    return [value for value in values if isinstance(value, torch.Tensor)]
+
+
 def dynamic_input_axes(program: torch.export.ExportedProgram) -> int:
     """How many axes of the program's user inputs stayed symbolic (a specialised SymInt is a number)."""
-    placeholders = {node.name: node for node in program.graph.find_nodes(op="placeholder")}
-    count = 0
-    for name in program.graph_signature.user_inputs:
-        if name not in placeholders:  # a non-tensor input (use_cache=False, say) is a constant, not a placeholder
-            continue
-        value = placeholders[name].meta.get("val")
-        if isinstance(value, torch.Tensor):
-            count += sum(isinstance(size, torch.SymInt) and not size.node.expr.is_number for size in value.shape)
-    return count
+    return sum(isinstance(size, torch.SymInt) and not size.node.expr.is_number
+               for value in _user_input_tensors(program) for size in value.shape)
 
 
 def export_static(module: torch.nn.Module, args: tuple, kwargs: dict | None):
@@ -219,11 +221,7 @@ def export_program(module: torch.nn.Module, args: tuple, kwargs: dict | None, dy
 
 def _input_shapes(program: torch.export.ExportedProgram) -> str:
     """The user inputs' shapes as captured, symbolic sizes by name: ``(s77, 256, 32)``."""
-    placeholders = {node.name: node for node in program.graph.find_nodes(op="placeholder")}
-    values = [placeholders[name].meta.get("val") for name in program.graph_signature.user_inputs
-              if name in placeholders]
-    return ", ".join("(" + ", ".join(str(size) for size in value.shape) + ")"
-                     for value in values if isinstance(value, torch.Tensor))
+    return ", ".join("(" + ", ".join(str(size) for size in value.shape) + ")" for value in _user_input_tensors(program))
 
 
 def explain_guard_failures(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
